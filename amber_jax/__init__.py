@@ -1,0 +1,17 @@
+"""amber_jax: training-free N:M activation sparsity for LLM prefill (Amber Pruner), in JAX."""
+
+from amber_jax.patterns import NMPattern
+from amber_jax.plan import SparsityPlan, dense_plan, make_plan
+from amber_jax.sparsity import nm_mask, nm_scores, sparsify
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "NMPattern",
+  "SparsityPlan",
+  "dense_plan",
+  "make_plan",
+  "nm_mask",
+  "nm_scores",
+  "sparsify",
+]

@@ -1,0 +1,49 @@
+"""Evaluation texts: gensim's test data (fetched from the package registry) or any UTF-8 file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from amber_jax.io.registry import WheelFile, fetch_wheel_file
+
+# gensim's wheels carry their test data; any platform's wheel has the same files,
+# so one platform is pinned to make the download work from any OS.
+_GENSIM_PIP_ARGS = (
+  "--only-binary=:all:",
+  "--platform",
+  "manylinux_2_28_x86_64",
+  "--python-version",
+  "3.11",
+  "--implementation",
+  "cp",
+)
+
+KNOWN_TEXTS: dict[str, WheelFile] = {
+  # 300 short news articles (Lee et al. corpus), 360 KB of prose.
+  "lee_background": WheelFile(
+    requirement="gensim==4.4.0",
+    member="gensim/test/test_data/lee_background.cor",
+    sha256="5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+    pip_args=_GENSIM_PIP_ARGS,
+  ),
+}
+DEFAULT_TEXT = "lee_background"
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+  """Reads a UTF-8 text file; raises ValueError naming the file when it cannot be read."""
+  path = Path(path)
+  if not path.is_file():
+    raise ValueError(f"text_file {os.fspath(path)!r} does not exist")
+  try:
+    return path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"text_file {os.fspath(path)!r} is not valid UTF-8: {e}") from e
+
+
+def load_text(name_or_path: str, cache_dir: str | os.PathLike, *, log=print) -> str:
+  """A known text name (fetched into ``cache_dir`` on first use) or a path to a UTF-8 file."""
+  if name_or_path in KNOWN_TEXTS:
+    return read_text_file(fetch_wheel_file(KNOWN_TEXTS[name_or_path], cache_dir, log=log))
+  return read_text_file(name_or_path)

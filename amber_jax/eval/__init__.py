@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (multiple choice and generation build on the same forward pass)."""

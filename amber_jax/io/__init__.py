@@ -1,0 +1,1 @@
+"""Model loading: GGUF files, HF safetensors directories, named registry models, orbax cache."""

@@ -1,0 +1,521 @@
+"""Hugging Face checkpoint directories (config.json + safetensors) <-> (LlamaConfig, params).
+
+Reads the directories that `save_pretrained` writes for `LlamaForCausalLM` (Llama 2/3/3.1/3.2,
+SmolLM2), `MistralForCausalLM` and `Qwen2ForCausalLM`: `config.json`, then either one
+`model.safetensors` or the shards named by `model.safetensors.index.json`. Both config styles are
+read: transformers 4 (`rope_theta` + `rope_scaling`) and transformers 5 (`rope_parameters`).
+
+Supported: grouped-query attention, `head_dim` given in the config or hidden_size / heads, tied
+or untied embeddings, Qwen2's q/k/v biases, RoPE without scaling or with Llama-3 scaling
+(`rope_type` "llama3"); every other RoPE type, activation, bias or quantization raises
+`UnsupportedArchitectureError`.
+
+Not implemented: sliding-window attention. Mistral v0.1 configs set `sliding_window` 4096 and Qwen2
+configs may set `use_sliding_window`; the window is ignored (attention is fully causal), which is
+exact for sequences no longer than the window. Mistral v0.2+ and most Qwen2 configs use full
+attention anyway. The config keeps no record of the window.
+
+Safetensors files are parsed here (8-byte header length, JSON header, raw little-endian data)
+and memory-mapped, so bfloat16 and float16 checkpoints load without torch; every tensor's
+offsets are checked against its dtype, shape and the file size, so a truncated or corrupt file
+raises `ModelFileError` naming the file.
+
+Weights are returned as [d_in, d_out] (the transpose of HF's `weight`), layers stacked along a
+leading axis, as float32 numpy arrays (see `amber_jax.model`). HF q/k rows are used as-is: the
+model uses HF's rotate-half RoPE convention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import struct
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from amber_jax.io.errors import ModelFileError, UnsupportedArchitectureError
+from amber_jax.model.config import PROJECTIONS, LlamaConfig, RopeScaling
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+_HF_PROJ = {
+  "q": "self_attn.q_proj",
+  "k": "self_attn.k_proj",
+  "v": "self_attn.v_proj",
+  "o": "self_attn.o_proj",
+  "gate": "mlp.gate_proj",
+  "up": "mlp.up_proj",
+  "down": "mlp.down_proj",
+}
+_HF_NORM = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_BIASED = ("q", "k", "v")  # Qwen2.
+
+_ST_DTYPES = {
+  "F64": np.dtype("<f8"),
+  "F32": np.dtype("<f4"),
+  "F16": np.dtype("<f2"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype("<i8"),
+  "I32": np.dtype("<i4"),
+  "I16": np.dtype("<i2"),
+  "I8": np.dtype("i1"),
+  "U8": np.dtype("u1"),
+  "BOOL": np.dtype("?"),
+}
+_MAX_HEADER = 100 * 1024 * 1024  # The safetensors format's own limit.
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+
+
+def _required(config_dict: Mapping[str, Any], key: str) -> Any:
+  value = config_dict.get(key)
+  if value is None:
+    raise ModelFileError(f"HF config lacks the required field {key!r}")
+  return value
+
+
+def _rope(config_dict: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+  """(rope_theta, scaling) from transformers-4 or transformers-5 style fields."""
+  params = config_dict.get("rope_parameters")  # transformers >= 5
+  if params is None:
+    params = config_dict.get("rope_scaling")  # transformers 4
+  params = dict(params or {})
+  if "full_attention" in params and isinstance(params["full_attention"], Mapping):
+    params = dict(params["full_attention"])  # transformers-5 per-layer-type form.
+  theta = params.get("rope_theta", config_dict.get("rope_theta", 10000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type not in SUPPORTED_ROPE_TYPES:
+    raise UnsupportedArchitectureError(
+      f"RoPE scaling rope_type={rope_type!r} is not supported; valid: {SUPPORTED_ROPE_TYPES}"
+    )
+  factor = float(config_dict.get("partial_rotary_factor") or params.get("partial_rotary_factor", 1))
+  if factor != 1.0:
+    raise UnsupportedArchitectureError(f"partial_rotary_factor={factor} is not supported (only 1)")
+  if rope_type == "default":
+    return float(theta), None
+  try:
+    scaling = RopeScaling(
+      factor=float(params["factor"]),
+      low_freq_factor=float(params["low_freq_factor"]),
+      high_freq_factor=float(params["high_freq_factor"]),
+      original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    )
+  except KeyError as e:
+    raise ModelFileError(f"HF config: llama3 rope scaling lacks the field {e.args[0]!r}") from e
+  return float(theta), scaling
+
+
+def config_from_hf(config_dict: Mapping[str, Any]) -> LlamaConfig:
+  """`LlamaConfig` of an HF `config.json` (parsed) of model_type llama, mistral or qwen2.
+
+  Raises `UnsupportedArchitectureError` for another model_type or an unsupported variant
+  (activation, biases, RoPE type, quantization) and `ModelFileError` for a missing field.
+  """
+  model_type = config_dict.get("model_type")
+  if model_type not in SUPPORTED_ARCHITECTURES:
+    raise UnsupportedArchitectureError(
+      f"HF model_type={model_type!r} is not supported; valid: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+  act = config_dict.get("hidden_act", "silu")
+  if act != "silu":
+    raise UnsupportedArchitectureError(f"{model_type}: hidden_act={act!r} is not supported (silu)")
+  if config_dict.get("quantization_config"):
+    method = config_dict["quantization_config"].get("quant_method")
+    raise UnsupportedArchitectureError(
+      f"{model_type}: quantized checkpoints (quant_method={method!r}) are not supported; "
+      "use an unquantized (float32/bfloat16/float16) checkpoint"
+    )
+  for flag in ("attention_bias", "mlp_bias"):
+    if model_type == "llama" and config_dict.get(flag):
+      raise UnsupportedArchitectureError(f"llama: {flag}=True is not supported")
+
+  d_model = int(_required(config_dict, "hidden_size"))
+  n_heads = int(_required(config_dict, "num_attention_heads"))
+  n_kv = int(config_dict.get("num_key_value_heads") or n_heads)
+  head_dim = config_dict.get("head_dim") or d_model // n_heads
+  theta, scaling = _rope(config_dict)
+  return LlamaConfig(
+    vocab_size=int(_required(config_dict, "vocab_size")),
+    d_model=d_model,
+    n_layers=int(_required(config_dict, "num_hidden_layers")),
+    n_heads=n_heads,
+    n_kv_heads=n_kv,
+    head_dim=int(head_dim),
+    d_ff=int(_required(config_dict, "intermediate_size")),
+    rope_theta=theta,
+    rope_scaling=scaling,
+    norm_eps=float(config_dict.get("rms_norm_eps", 1e-6)),
+    tie_embeddings=bool(config_dict.get("tie_word_embeddings", False)),
+    qkv_bias=model_type == "qwen2",
+    max_seq_len=int(config_dict.get("max_position_embeddings", 8192)),
+    architecture=model_type,
+  )
+
+
+def config_to_hf(config: LlamaConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """HF `config.json` dict for `config`: Qwen2 when it has q/k/v biases, else Llama.
+
+  Written in the transformers-4 style (`rope_theta`, `rope_scaling`), which transformers 4 and 5
+  both read. `extra` (e.g. bos_token_id, eos_token_id) is merged in last.
+  """
+  model_type = "qwen2" if config.qkv_bias else "llama"
+  d = {
+    "architectures": ["Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"],
+    "model_type": model_type,
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.d_model,
+    "intermediate_size": config.d_ff,
+    "num_hidden_layers": config.n_layers,
+    "num_attention_heads": config.n_heads,
+    "num_key_value_heads": config.n_kv_heads,
+    "head_dim": config.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": config.max_seq_len,
+    "rms_norm_eps": config.norm_eps,
+    "rope_theta": config.rope_theta,
+    "rope_scaling": None,
+    "tie_word_embeddings": config.tie_embeddings,
+    "torch_dtype": "float32",
+  }
+  if config.rope_scaling is not None:
+    s = config.rope_scaling
+    d["rope_scaling"] = {
+      "rope_type": "llama3",
+      "factor": s.factor,
+      "low_freq_factor": s.low_freq_factor,
+      "high_freq_factor": s.high_freq_factor,
+      "original_max_position_embeddings": s.original_max_position_embeddings,
+    }
+  if config.qkv_bias:
+    d.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+  else:
+    d.update(attention_bias=False, mlp_bias=False)
+  d.update(extra or {})
+  return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Safetensors.
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All tensors of one safetensors file, memory-mapped read-only (bf16 via ml_dtypes).
+
+  Raises `ModelFileError` naming the file when it is missing, truncated or corrupt (bad header,
+  offsets outside the file or not matching dtype x shape, unknown dtype).
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ModelFileError(f"safetensors file not found: {os.fspath(path)!r}")
+  size = path.stat().st_size
+
+  def bad(why: str) -> ModelFileError:
+    return ModelFileError(f"corrupt or truncated safetensors file {os.fspath(path)!r}: {why}")
+
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+      raise bad(f"header length {n} does not fit the file size {size}")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise bad(f"header is not valid JSON ({e})") from e
+  if not isinstance(header, dict):
+    raise bad("header is not a JSON object")
+  header.pop("__metadata__", None)
+  data_start = 8 + n
+  data_len = size - data_start
+  end_max = 0
+  specs = {}
+  for name, info in header.items():
+    try:
+      dtype = _ST_DTYPES[info["dtype"]]
+      shape = tuple(int(s) for s in info["shape"])
+      begin, end = (int(o) for o in info["data_offsets"])
+    except KeyError as e:
+      raise bad(f"tensor {name!r}: unknown dtype or missing field {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+      raise bad(f"tensor {name!r}: malformed entry {info!r}") from e
+    if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
+      raise bad(f"tensor {name!r}: offsets {begin}..{end} do not match {info['dtype']}{shape}")
+    if end > data_len:
+      raise bad(f"tensor {name!r} ends at byte {data_start + end}, past the end ({size} bytes)")
+    end_max = max(end_max, end)
+    specs[name] = (dtype, shape, begin)
+  if end_max != data_len:
+    raise bad(f"data section is {data_len} bytes but tensors cover {end_max}")
+  if not specs:
+    return {}
+  buf = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,))
+  out = {}
+  for name, (dtype, shape, begin) in specs.items():
+    count = math.prod(shape)
+    out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=begin).reshape(shape)
+  return out
+
+
+def _weight_files(path: pathlib.Path) -> tuple[list[str], dict[str, str] | None]:
+  """(file names, weight_map or None) of the checkpoint in directory `path`."""
+  index = path / INDEX_FILE
+  if index.is_file():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+      if not isinstance(weight_map, dict):
+        raise TypeError("weight_map is not an object")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ModelFileError(f"corrupt index file {os.fspath(index)!r}: {e!r}") from e
+    files = sorted(set(weight_map.values()))
+    for name in files:
+      if not (path / name).is_file():
+        raise ModelFileError(
+          f"shard {name!r} named in {os.fspath(index)!r} is missing: {os.fspath(path / name)!r}"
+        )
+    return files, weight_map
+  if (path / SINGLE_FILE).is_file():
+    return [SINGLE_FILE], None
+  others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+  hint = f" (found {others}: pickled PyTorch weights are not read; convert to safetensors)"
+  raise ModelFileError(
+    f"no {SINGLE_FILE!r} or {INDEX_FILE!r} in {os.fspath(path)!r}" + (hint if others else "")
+  )
+
+
+def _read_tensors(path: pathlib.Path) -> dict[str, tuple[str, np.ndarray]]:
+  """name -> (file name, array) of every tensor of the checkpoint in `path`."""
+  files, weight_map = _weight_files(path)
+  tensors: dict[str, tuple[str, np.ndarray]] = {}
+  for name in files:
+    for key, arr in read_safetensors(path / name).items():
+      tensors[key] = (name, arr)
+  if weight_map is not None:
+    for key, name in weight_map.items():
+      if tensors.get(key, (None,))[0] != name:
+        raise ModelFileError(
+          f"tensor {key!r} is listed in {INDEX_FILE!r} under {name!r} but that file lacks it"
+        )
+  return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Load / save.
+
+
+def _hf_names(config: LlamaConfig) -> dict[str, Any]:
+  """Our params tree with HF tensor names (per layer: a format string) at the leaves."""
+  layers: dict[str, Any] = {k: f"model.layers.{{i}}.{v}.weight" for k, v in _HF_NORM.items()}
+  for p in PROJECTIONS:
+    layers[p] = {"w": f"model.layers.{{i}}.{_HF_PROJ[p]}.weight"}
+    if config.qkv_bias and p in _BIASED:
+      layers[p]["b"] = f"model.layers.{{i}}.{_HF_PROJ[p]}.bias"
+  names = {
+    "embed": "model.embed_tokens.weight",
+    "layers": layers,
+    "final_norm": "model.norm.weight",
+  }
+  if not config.tie_embeddings:
+    names["lm_head"] = "lm_head.weight"
+  return names
+
+
+def _expected_shapes(config: LlamaConfig) -> dict[str, Any]:
+  """Our params tree with each leaf's shape (layer leaves without the leading L)."""
+  d, v = config.d_model, config.vocab_size
+  layers: dict[str, Any] = {"attn_norm": (d,), "mlp_norm": (d,)}
+  for p, (d_in, d_out) in config.linear_shapes().items():
+    layers[p] = {"w": (d_in, d_out)}
+    if config.qkv_bias and p in _BIASED:
+      layers[p]["b"] = (d_out,)
+  shapes = {"embed": (v, d), "layers": layers, "final_norm": (d,)}
+  if not config.tie_embeddings:
+    shapes["lm_head"] = (d, v)
+  return shapes
+
+
+def _is_weight_matrix(key: str, shape: tuple[int, ...]) -> bool:
+  """True for leaves stored transposed relative to HF (linear weights and lm_head)."""
+  return key in ("w", "lm_head") and len(shape) == 2
+
+
+def read_hf_config(path: str | os.PathLike) -> LlamaConfig:
+  """The `LlamaConfig` of the HF checkpoint directory `path`, read from config.json alone.
+
+  Raises `ModelFileError` for a missing directory or a missing/corrupt config and
+  `UnsupportedArchitectureError` for an unsupported model_type or variant.
+  """
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise ModelFileError(f"HF checkpoint directory not found: {os.fspath(path)!r}")
+  config_path = path / CONFIG_FILE
+  if not config_path.is_file():
+    raise ModelFileError(f"HF checkpoint has no config: {os.fspath(config_path)!r} is missing")
+  try:
+    config_dict = json.loads(config_path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ModelFileError(f"corrupt config file {os.fspath(config_path)!r}: {e}") from e
+  if not isinstance(config_dict, dict):
+    raise ModelFileError(f"corrupt config file {os.fspath(config_path)!r}: not a JSON object")
+  try:
+    config = config_from_hf(config_dict)
+  except ValueError as e:
+    raise type(e)(f"{os.fspath(config_path)!r}: {e}") from e
+  except TypeError as e:  # e.g. a field of the wrong JSON type.
+    raise ModelFileError(f"{os.fspath(config_path)!r}: {e}") from e
+
+  return config
+
+
+def load_hf_checkpoint(
+  path: str | os.PathLike, *, dtype: Any = np.float32
+) -> tuple[LlamaConfig, dict[str, Any]]:
+  """(config, params) of the HF checkpoint directory `path` (llama, mistral or qwen2).
+
+  Params are numpy arrays of `dtype` (float32 by default), layers stacked along axis 0, linear
+  weights [d_in, d_out]. Raises `ModelFileError` naming the file for a missing directory, config,
+  shard or tensor, a truncated or corrupt file, or a tensor whose shape disagrees with the config;
+  `UnsupportedArchitectureError` for an unsupported model_type or variant.
+  """
+  path = pathlib.Path(path)
+  config = read_hf_config(path)
+
+  tensors = _read_tensors(path)
+  used: set[str] = set()
+
+  def fetch(name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+    if name not in tensors:
+      raise ModelFileError(f"tensor {name!r} is missing from the checkpoint in {os.fspath(path)!r}")
+    file, arr = tensors[name]
+    hf_shape = shape[::-1] if transpose else shape
+    if arr.shape != hf_shape:
+      raise ModelFileError(
+        f"{os.fspath(path / file)!r}: tensor {name!r} has shape {arr.shape}, "
+        f"expected {hf_shape} from {CONFIG_FILE}"
+      )
+    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != ml_dtypes.bfloat16:
+      raise ModelFileError(f"{os.fspath(path / file)!r}: tensor {name!r} has dtype {arr.dtype}")
+    used.add(name)
+    return np.asarray(arr.T if transpose else arr, dtype=dtype)
+
+  def build(names: Any, shapes: Any, key: str, per_layer: bool) -> Any:
+    if isinstance(names, dict):
+      return {k: build(names[k], shapes[k], k, per_layer or k == "layers") for k in names}
+    transpose = _is_weight_matrix(key, shapes)
+    if not per_layer:
+      return fetch(names, shapes, transpose)
+    return np.stack([fetch(names.format(i=i), shapes, transpose) for i in range(config.n_layers)])
+
+  params = build(_hf_names(config), _expected_shapes(config), "", False)
+  ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
+  extra = sorted(
+    k for k in tensors if k not in used and k not in ignorable and not k.endswith("inv_freq")
+  )
+  if extra:
+    shown = ", ".join(repr(k) for k in extra[:5]) + (", ..." if len(extra) > 5 else "")
+    raise ModelFileError(
+      f"checkpoint in {os.fspath(path)!r} has {len(extra)} tensor(s) a {config.architecture} "
+      f"model does not use (unsupported variant?): {shown}"
+    )
+  return config, params
+
+
+def _tokenizer_text(tokenizer_json: Any) -> str:
+  if hasattr(tokenizer_json, "to_str"):  # tokenizers.Tokenizer
+    return tokenizer_json.to_str()
+  if isinstance(tokenizer_json, os.PathLike):
+    return pathlib.Path(tokenizer_json).read_text()
+  if isinstance(tokenizer_json, str):
+    try:
+      json.loads(tokenizer_json)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+        "tokenizer_json must be a tokenizers.Tokenizer, a pathlib.Path to a tokenizer.json, or "
+        f"the JSON text itself; got a str that is not JSON: {tokenizer_json[:80]!r}"
+      ) from e
+    return tokenizer_json
+  raise TypeError(f"tokenizer_json: unsupported type {type(tokenizer_json).__name__}")
+
+
+def save_hf_checkpoint(
+  config: LlamaConfig,
+  params: Mapping[str, Any],
+  path: str | os.PathLike,
+  tokenizer_json: Any = None,
+  *,
+  extra_config: Mapping[str, Any] | None = None,
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes `params` as an HF Llama (or, with q/k/v biases, Qwen2) directory at `path`.
+
+  Files: `config.json` (see `config_to_hf`; `extra_config` such as bos/eos token ids is merged
+  in), one float32 `model.safetensors`, and `tokenizer.json` when `tokenizer_json` is given (a
+  `tokenizers.Tokenizer`, a `pathlib.Path` to a tokenizer.json, or its JSON text). Loadable by
+  `transformers.AutoModelForCausalLM.from_pretrained` and by `load_hf_checkpoint`.
+
+  Atomic: everything is written into a temporary directory next to `path`, then renamed. An
+  existing `path` raises `FileExistsError` unless `overwrite`. Returns `path`.
+  """
+  from safetensors.numpy import save_file
+
+  path = pathlib.Path(path)
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{os.fspath(path)!r} exists; pass overwrite=True to replace it")
+  tok_text = None if tokenizer_json is None else _tokenizer_text(tokenizer_json)
+
+  tensors: dict[str, np.ndarray] = {}
+
+  def put(names: Any, shapes: Any, tree: Any, key: str, where: str, per_layer: bool) -> None:
+    if isinstance(names, dict):
+      if not isinstance(tree, Mapping):
+        raise ValueError(f"params{where} must be a dict, got {type(tree).__name__}")
+      for k in names:
+        if k not in tree:
+          raise ValueError(f"params{where} lacks {k!r} (needed by {config})")
+        put(names[k], shapes[k], tree[k], k, f"{where}[{k!r}]", per_layer or k == "layers")
+      return
+    arr = np.asarray(tree, dtype=np.float32)
+    want = ((config.n_layers,) if per_layer else ()) + tuple(shapes)
+    if arr.shape != want:
+      raise ValueError(f"params{where} has shape {arr.shape}, expected {want} from the config")
+    transpose = _is_weight_matrix(key, shapes)
+    for i, a in enumerate(arr if per_layer else [arr]):
+      name = names.format(i=i) if per_layer else names
+      tensors[name] = np.ascontiguousarray(a.T if transpose else a)
+
+  put(_hf_names(config), _expected_shapes(config), params, "", "", False)
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+  old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+  try:
+    tmp.mkdir()
+    (tmp / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, extra_config), indent=2) + "\n")
+    save_file(tensors, os.fspath(tmp / SINGLE_FILE), metadata={"format": "pt"})
+    if tok_text is not None:
+      (tmp / TOKENIZER_FILE).write_text(tok_text)
+    if path.exists():
+      path.rename(old)
+    tmp.rename(path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not path.exists():
+      old.rename(path)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+  return path

@@ -1,0 +1,98 @@
+"""The sparsity plan: per-site choices as data (a pytree next to params).
+
+A site is one linear projection of one layer (``q, k, v, o, gate, up, down``).
+For every projection the plan holds, stacked over layers:
+
+* ``enabled[proj]``: bool ``[L]``, whether that site's input is sparsified in prefill;
+* ``factors[proj]``: float32 ``[L, d_in]``, the per-input-channel score factors
+  (all ones for the naive |x| score).
+
+Only the N:M pattern is static (it fixes shapes inside the mask computation);
+changing which sites are enabled or the factors re-uses the compiled function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.patterns import NMPattern
+
+
+@struct.dataclass
+class SparsityPlan:
+  """Which linear inputs are sparsified in prefill, and with which score factors."""
+
+  enabled: dict[str, jax.Array]  # proj -> bool [L]
+  factors: dict[str, jax.Array]  # proj -> float32 [L, d_in]
+  pattern: NMPattern | None = struct.field(pytree_node=False, default=None)
+
+  def enabled_sites(self) -> list[tuple[int, str]]:
+    """(layer, projection) pairs that are sparsified, in layer-major order."""
+    flags = {p: np.asarray(v) for p, v in self.enabled.items()}
+    n_layers = len(next(iter(flags.values())))
+    return [(l, p) for l in range(n_layers) for p in PROJECTIONS if flags[p][l]]
+
+
+def dense_plan(config: LlamaConfig) -> SparsityPlan:
+  """A plan that sparsifies nothing (pattern None): exactly the dense model."""
+  return make_plan(config, None, sites=())
+
+
+def make_plan(
+  config: LlamaConfig,
+  pattern: NMPattern | str | None,
+  *,
+  sites: Iterable[tuple[int, str]] | str = "all",
+  factors: Mapping[str, np.ndarray] | None = None,
+) -> SparsityPlan:
+  """Builds a plan.
+
+  Args:
+    config: the model configuration (gives L and each projection's input width).
+    pattern: N:M pattern, "N:M", or None for dense.
+    sites: "all" (every projection of every layer) or an iterable of
+      (layer, projection) pairs to sparsify.
+    factors: optional proj -> [L, d_in] score factors (default: ones, the |x| score).
+
+  Raises:
+    ValueError: naming the projection, if M does not divide a sparsified input
+      width, or if a site is out of range.
+  """
+  pattern = None if pattern is None else NMPattern.parse(pattern)
+  n_layers = config.n_layers
+  shapes = config.linear_shapes()
+  enabled = {p: np.zeros((n_layers,), bool) for p in PROJECTIONS}
+  if pattern is not None:
+    if isinstance(sites, str):
+      if sites != "all":
+        raise ValueError(f"sites must be 'all' or (layer, projection) pairs, got {sites!r}")
+      sites = [(l, p) for l in range(n_layers) for p in PROJECTIONS]
+    for layer, proj in sites:
+      if proj not in PROJECTIONS:
+        raise ValueError(f"unknown projection {proj!r}; valid: {', '.join(PROJECTIONS)}")
+      if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
+      enabled[proj][layer] = True
+    for proj in PROJECTIONS:
+      if enabled[proj].any():
+        pattern.check_width(shapes[proj][0], where=f"{proj}-projection input")
+  out_factors = {}
+  for proj in PROJECTIONS:
+    d_in = shapes[proj][0]
+    f = np.ones((n_layers, d_in), np.float32)
+    if factors is not None and proj in factors:
+      f = np.asarray(factors[proj], np.float32)
+      if f.shape != (n_layers, d_in):
+        raise ValueError(f"factors[{proj!r}] must have shape {(n_layers, d_in)}, got {f.shape}")
+    out_factors[proj] = jnp.asarray(f)
+  return SparsityPlan(
+    enabled={p: jnp.asarray(v) for p, v in enabled.items()},
+    factors=out_factors,
+    pattern=pattern,
+  )

@@ -1,0 +1,95 @@
+"""N:M activation sparsification: scores, masks and the ``sparsify`` transform.
+
+The mask is chosen per token and per group of M consecutive entries along the
+last (input-channel, i.e. contraction) axis: the N entries with the largest
+score survive, the others are zeroed. Ties are broken by position (the lower
+index wins), so exactly N entries survive in every group, always.
+
+NaN and inf: a NaN score counts as larger than every finite score, so a NaN
+activation is kept and propagates into the matmul exactly as in the dense
+computation (sparsity never hides a NaN); +inf scores (from inf activations)
+are kept likewise. Among several NaN/inf entries the lower index wins.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from amber_jax.patterns import NMPattern
+
+# Up to this M, ranks are computed by all-pairs comparison inside the group
+# (M^2 cheap elementwise ops that XLA fuses into one reduction); above it,
+# lax.top_k is used, whose cost grows as M log M.
+_PAIRWISE_MAX_M = 32
+
+
+def nm_scores(x: jax.Array, factors: jax.Array | None = None) -> jax.Array:
+  """Selection score: |x|, or |x| * factors (factors broadcast over the last axis).
+
+  Computed in float32 (bf16 inputs are upcast exactly), NaN mapped to +inf.
+  """
+  score = jnp.abs(x.astype(jnp.float32))
+  if factors is not None:
+    score = score * factors.astype(jnp.float32)
+  return jnp.where(jnp.isnan(score), jnp.inf, score)
+
+
+def _keep_mask_pairwise(score_GxM: jax.Array, n: int) -> jax.Array:
+  m = score_GxM.shape[-1]
+  s_i = score_GxM[..., :, None]  # candidate
+  s_j = score_GxM[..., None, :]  # competitor
+  idx = jnp.arange(m)
+  lower_index = idx[None, :] < idx[:, None]  # [i, j]: j precedes i
+  beats = (s_j > s_i) | ((s_j == s_i) & lower_index)
+  rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
+  return rank < n
+
+
+def _keep_mask_topk(score_GxM: jax.Array, n: int) -> jax.Array:
+  # lax.top_k is stable: among equal values, the lower index comes first.
+  _, idx = jax.lax.top_k(score_GxM, n)
+  m = score_GxM.shape[-1]
+  return jnp.any(idx[..., :, None] == jnp.arange(m), axis=-2)
+
+
+def nm_mask(score: jax.Array, pattern: NMPattern) -> jax.Array:
+  """Boolean keep-mask, same shape as ``score``: top-N per group of M on the last axis."""
+  *lead, width = score.shape
+  pattern.check_width(width, where="last-axis")
+  score_GxM = score.reshape(*lead, width // pattern.m, pattern.m)
+  if pattern.m <= _PAIRWISE_MAX_M:
+    keep = _keep_mask_pairwise(score_GxM, pattern.n)
+  else:
+    keep = _keep_mask_topk(score_GxM, pattern.n)
+  return keep.reshape(score.shape)
+
+
+def sparsify(
+  x: jax.Array,
+  pattern: NMPattern | str | None,
+  factors: jax.Array | None = None,
+) -> jax.Array:
+  """Keeps the N largest-score entries of every M consecutive ones on the last axis.
+
+  Args:
+    x: activations, any leading shape; the last axis is the input-channel axis.
+    pattern: an NMPattern or "N:M"; None returns ``x`` unchanged (dense).
+    factors: optional per-channel score factors, shape ``[x.shape[-1]]``
+      (score = |x| * factors, e.g. the weight-aware score of Amber Pruner).
+
+  Returns:
+    An array of the same shape and dtype; kept values are bit-identical to ``x``.
+  """
+  if pattern is None:
+    return x
+  pattern = NMPattern.parse(pattern)
+  if x.ndim < 1:
+    raise ValueError(f"sparsify needs at least 1 axis, got x.shape={x.shape}")
+  if factors is not None and factors.shape != (x.shape[-1],):
+    raise ValueError(
+      f"factors must have shape ({x.shape[-1]},) to match x's last axis, "
+      f"got factors.shape={factors.shape}"
+    )
+  keep = nm_mask(nm_scores(x, factors), pattern)
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
