@@ -1,0 +1,44 @@
+"""Coverage: the share of per-token linear multiply-adds whose input is sparsified.
+
+Counted over the projections q, k, v, o, gate, up and down of every layer; the
+LM head is excluded (as in the paper). Depends on the config and the set of
+sparsified sites only, so it can be computed for models that are not loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.patterns import NMPattern
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+  covered: float  # share of linear multiply-adds whose input is sparsified
+  removed: float  # share actually removed: covered * (1 - N/M)
+  covered_macs: int  # per token
+  total_macs: int  # per token, all 7 projections of all layers
+
+
+def site_macs(config: LlamaConfig) -> dict[str, int]:
+  """Per-token multiply-adds of one layer's projection: d_in * d_out."""
+  return {p: d_in * d_out for p, (d_in, d_out) in config.linear_shapes().items()}
+
+
+def coverage(
+  config: LlamaConfig, sites: Iterable[tuple[int, str]], pattern: NMPattern | None
+) -> Coverage:
+  """Coverage of sparsifying ``sites`` ((layer, projection) pairs) with ``pattern``."""
+  macs = site_macs(config)
+  total = config.n_layers * sum(macs[p] for p in PROJECTIONS)
+  covered = 0 if pattern is None else sum(macs[p] for _, p in set(sites))
+  share = covered / total
+  removed = 0.0 if pattern is None else share * (1 - pattern.density)
+  return Coverage(covered=share, removed=removed, covered_macs=covered, total_macs=total)
+
+
+def plan_coverage(config: LlamaConfig, plan) -> Coverage:
+  """Coverage of a SparsityPlan (its enabled sites and pattern)."""
+  return coverage(config, plan.enabled_sites() if plan.pattern else (), plan.pattern)

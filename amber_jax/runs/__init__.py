@@ -1,0 +1,1 @@
+"""Whole jobs behind the experiment scripts: frozen config in, results dict out."""

