@@ -31,7 +31,7 @@ def nm_scores(x: jax.Array, factors: jax.Array | None = None) -> jax.Array:
   """
   score = jnp.abs(x.astype(jnp.float32))
   if factors is not None:
-    score = score * factors.astype(jnp.float32)
+    score = score * factors.astype(jnp.float32).reshape((1,) * (score.ndim - 1) + (-1,))
   return jnp.where(jnp.isnan(score), jnp.inf, score)
 
 
@@ -40,7 +40,8 @@ def _keep_mask_pairwise(score_GxM: jax.Array, n: int) -> jax.Array:
   s_i = score_GxM[..., :, None]  # candidate
   s_j = score_GxM[..., None, :]  # competitor
   idx = jnp.arange(m)
-  lower_index = idx[None, :] < idx[:, None]  # [i, j]: j precedes i
+  # [..., i, j]: j precedes i (leading unit axes: rank promotion may be set to raise).
+  lower_index = (idx[None, :] < idx[:, None]).reshape((1,) * (s_i.ndim - 2) + (m, m))
   beats = (s_j > s_i) | ((s_j == s_i) & lower_index)
   rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
   return rank < n
@@ -50,7 +51,7 @@ def _keep_mask_topk(score_GxM: jax.Array, n: int) -> jax.Array:
   # lax.top_k is stable: among equal values, the lower index comes first.
   _, idx = jax.lax.top_k(score_GxM, n)
   m = score_GxM.shape[-1]
-  return jnp.any(idx[..., :, None] == jnp.arange(m), axis=-2)
+  return jnp.any(idx[..., :, None] == jnp.arange(m).reshape((1,) * idx.ndim + (m,)), axis=-2)
 
 
 def nm_mask(score: jax.Array, pattern: NMPattern) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Helpers shared by the experiment scripts (they read flags and environment; the library never does)."""
+"""Helpers shared by the experiment scripts (the environment is read here, not in the library)."""
 
 from __future__ import annotations
 
@@ -12,3 +12,17 @@ def default_cache_dir() -> str:
     return os.environ["AMBER_JAX_CACHE"]
   base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
   return str(Path(base) / "amber_jax")
+
+
+def cpu_model_name() -> str:
+  """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor(), else ""."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+
+  return platform.processor()

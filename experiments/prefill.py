@@ -14,6 +14,11 @@ perplexity (dense 33.31; 8:16 about 87.5), coverage (100% of linear MACs sparsif
 about 1-2 minutes on 2 CPU cores after the first run.
 
     python experiments/prefill.py --pattern=2:4 --output=/tmp/prefill.json
+
+The Amber Pruner plan (robust score, paper rules, q/gate skip layers chosen
+automatically on 8 calibration windows so that coverage stays >= 55%):
+
+    python experiments/prefill.py --pattern=8:16 --score=robust --policy=auto
 """
 
 from __future__ import annotations
@@ -29,13 +34,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import default_cache_dir  # noqa: E402
 
 from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.policy import POLICIES, parse_layer_list  # noqa: E402
 from amber_jax.runs.prefill import DTYPES, PrefillRunConfig, format_table, run_prefill  # noqa: E402
+from amber_jax.scores import SCORES  # noqa: E402
 
 _MODEL = flags.DEFINE_string(
   "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
 )
 _PATTERN = flags.DEFINE_string(
   "pattern", "8:16", "'dense' or N:M with 1 <= N < M (e.g. 2:4, 8:16)."
+)
+_SCORE = flags.DEFINE_enum("score", "naive", list(SCORES), "Selection score: |x|, |x|*f, robust f.")
+_POLICY = flags.DEFINE_enum("policy", "all", list(POLICIES), "Which projections are sparsified.")
+_SKIP_LAYERS = flags.DEFINE_string(
+  "skip_layers", "", "Comma-separated layers whose q/gate stay dense (policy all or paper)."
+)
+_COVERAGE = flags.DEFINE_float(
+  "coverage", 0.55, "policy=auto: minimum share of linear MACs sparsified, in (0, 1]."
+)
+_CALIB_WINDOWS = flags.DEFINE_integer(
+  "calib_windows", 8, "Calibration windows for policy=auto (after the evaluation windows)."
+)
+_ROBUST_KEEP = flags.DEFINE_bool(
+  "robust_keep_outliers", False, "score=robust: keep entries outside the 0.5/99.5 range."
+)
+_GEN_PROMPTS = flags.DEFINE_integer(
+  "gen_prompts", 4, "Prompts for the generation-agreement check (0: skip it)."
 )
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Predicted tokens per window.")
 _NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Number of non-overlapping windows.")
@@ -59,6 +83,13 @@ def main(argv):
     cfg = PrefillRunConfig(
       model=_MODEL.value,
       pattern=_PATTERN.value,
+      score=_SCORE.value,
+      policy=_POLICY.value,
+      skip_layers=parse_layer_list(_SKIP_LAYERS.value),
+      coverage=_COVERAGE.value,
+      calib_windows=_CALIB_WINDOWS.value,
+      robust_clip=not _ROBUST_KEEP.value,
+      gen_prompts=_GEN_PROMPTS.value,
       seq_len=_SEQ_LEN.value,
       num_windows=_NUM_WINDOWS.value,
       batch_size=_BATCH_SIZE.value,

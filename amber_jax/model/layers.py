@@ -15,7 +15,8 @@ def rms_norm(x_BxTxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
   """RMSNorm computed in float32, cast back to the input dtype (HF Llama convention)."""
   x = x_BxTxD.astype(jnp.float32)
   x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-  return (x.astype(x_BxTxD.dtype) * w_D.astype(x_BxTxD.dtype)).astype(x_BxTxD.dtype)
+  w_11D = w_D.astype(x_BxTxD.dtype).reshape((1,) * (x_BxTxD.ndim - 1) + (-1,))
+  return x.astype(x_BxTxD.dtype) * w_11D
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -44,7 +45,7 @@ def _llama3_scale(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
 
 def rope_tables(positions_BxT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
   """cos and sin tables [B, T, head_dim] for the rotate-half convention."""
-  angles = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  angles = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 

@@ -61,28 +61,19 @@ def project(
   w = weights["w"]
   y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
   if "b" in weights:
-    y = y + weights["b"].astype(y.dtype)
+    y = y + weights["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
   return y
 
 
-def _plan_xs(plan: SparsityPlan | None):
-  if plan is None or plan.pattern is None:
-    return None
-  return {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in plan.enabled}
+def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
+  """One pre-norm decoder layer.
 
-
-def _decoder_layer(config, pattern, h, layer_params, plan_layer, layer, cos, sin, kv_in, mask):
-  """One pre-norm decoder layer. kv_in: None (attend over own keys) or (k_cache, v_cache, index)."""
+  ``lin(x, proj)`` is this layer's injection point; ``kv_in`` is None (attend
+  over the layer's own keys) or (k_cache, v_cache, index).
+  """
   b, t, _ = h.shape
-  lin = lambda x, proj: project(
-    x,
-    layer_params[proj],
-    proj=proj,
-    layer=layer,
-    plan_slice=None if plan_layer is None else plan_layer[proj],
-    pattern=pattern,
-  )
-  x = rms_norm(h, layer_params["attn_norm"], config.norm_eps)
+  attn_norm, mlp_norm = norms
+  x = rms_norm(h, attn_norm, config.norm_eps)
   q = lin(x, "q").reshape(b, t, config.n_heads, config.head_dim)
   k = lin(x, "k").reshape(b, t, config.n_kv_heads, config.head_dim)
   v = lin(x, "v").reshape(b, t, config.n_kv_heads, config.head_dim)
@@ -97,28 +88,66 @@ def _decoder_layer(config, pattern, h, layer_params, plan_layer, layer, cos, sin
     kv_out = (k_all, v_all)
   attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
   h = h + lin(attn, "o")
-  x = rms_norm(h, layer_params["mlp_norm"], config.norm_eps)
+  x = rms_norm(h, mlp_norm, config.norm_eps)
   gated = jax.nn.silu(lin(x, "gate")) * lin(x, "up")
   h = h + lin(gated, "down")
   return h, kv_out
 
 
-def _run_layers(config, params, plan, h, positions, mask, cache: KVCache | None):
-  cos, sin = rope_tables(positions, rope_inv_freq(config))
-  plan_xs = _plan_xs(plan)
+def plan_injection(plan: SparsityPlan | None):
+  """The default injection point factory: (layer_params, plan row, layer) -> lin(x, proj).
+
+  Also returns the per-layer rows of the plan to scan over (None for dense).
+  """
+  if plan is None or plan.pattern is None:
+    plan_xs = None
+  else:
+    plan_xs = {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in plan.enabled}
   pattern = None if plan is None else plan.pattern
+
+  def make_lin(layer_params, plan_layer, layer):
+    def lin(x, proj):
+      return project(
+        x,
+        layer_params[proj],
+        proj=proj,
+        layer=layer,
+        plan_slice=None if plan_layer is None else plan_layer[proj],
+        pattern=pattern,
+      )
+
+    return lin, {}
+
+  return make_lin, plan_xs
+
+
+def run_layers(config, params, h, positions, mask, cache: KVCache | None, make_lin, layer_xs):
+  """Scans the decoder layers. ``make_lin(layer_params, layer_x, layer) -> (lin, records)``.
+
+  ``records`` is a dict the injection point may fill while the layer is traced
+  (e.g. per-site statistics); it is returned stacked over layers.
+  Returns (h, (k, v) per layer, records).
+  """
+  cos, sin = rope_tables(positions, rope_inv_freq(config))
   layer_ids = jnp.arange(config.n_layers)
 
   def body(h, xs):
-    layer_params, plan_layer, layer, kv = xs
+    layer_params, layer_x, layer, kv = xs
+    lin, records = make_lin(layer_params, layer_x, layer)
     kv_in = None if kv is None else (kv[0], kv[1], cache.length)
-    h, kv_out = _decoder_layer(
-      config, pattern, h, layer_params, plan_layer, layer, cos, sin, kv_in, mask
-    )
-    return h, kv_out
+    norms = (layer_params["attn_norm"], layer_params["mlp_norm"])
+    h, kv_out = _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms)
+    return h, (kv_out, records)
 
   kv_xs = None if cache is None else (cache.k, cache.v)
-  return jax.lax.scan(body, h, (params["layers"], plan_xs, layer_ids, kv_xs))
+  h, (kv, records) = jax.lax.scan(body, h, (params["layers"], layer_xs, layer_ids, kv_xs))
+  return h, kv, records
+
+
+def _run_layers(config, params, plan, h, positions, mask, cache: KVCache | None):
+  make_lin, plan_xs = plan_injection(plan)
+  h, kv, _ = run_layers(config, params, h, positions, mask, cache, make_lin, plan_xs)
+  return h, kv
 
 
 def _logits(config, params, h):
@@ -130,11 +159,11 @@ def _logits(config, params, h):
   return jnp.einsum("btd,dv->btv", h, w_DxV.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
-def _embed(params, tokens, dtype):
+def embed(params, tokens, dtype):
   return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
 
 
-def _causal_mask(t: int, valid_BxT: jax.Array | None, b: int) -> jax.Array:
+def causal_mask(t: int, valid_BxT: jax.Array | None, b: int) -> jax.Array:
   causal = jnp.tril(jnp.ones((t, t), bool))[None]
   if valid_BxT is None:
     return jnp.broadcast_to(causal, (b, t, t))
@@ -153,8 +182,8 @@ def forward_hidden(
   """Prefill pass up to the last layer: (hidden [B,T,D] before the final norm, (K, V) per layer)."""
   b, t = tokens_BxT.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  h = _embed(params, tokens_BxT, dtype)
-  mask = _causal_mask(t, valid_BxT, b)
+  h = embed(params, tokens_BxT, dtype)
+  mask = causal_mask(t, valid_BxT, b)
   return _run_layers(config, params, plan, h, positions, mask, None)
 
 
@@ -212,7 +241,7 @@ def decode_step(
   positions = cache.length + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   key_pos = jnp.arange(s_max, dtype=jnp.int32)
   mask = key_pos[None, None, :] <= positions[:, :, None]
-  h = _embed(params, tokens_BxT, dtype)
+  h = embed(params, tokens_BxT, dtype)
   # Decode is always dense: no plan is passed to the layers.
   h, (k, v) = _run_layers(config, params, None, h, positions, mask, cache)
   new_cache = KVCache(k=k, v=v, length=cache.length + t)

@@ -1,4 +1,4 @@
-"""The main job: perplexity and prefill throughput, dense vs an N:M pattern, side by side."""
+"""The main job: perplexity and prefill throughput, dense vs an N:M plan, side by side."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.coverage import plan_coverage
 from amber_jax.data.texts import DEFAULT_TEXT, load_text
+from amber_jax.eval.generation import generation_agreement
 from amber_jax.eval.perplexity import make_windows, perplexity
 from amber_jax.io.loading import load_model, load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, read_config, resolve_model
 from amber_jax.patterns import parse_pattern_or_dense
-from amber_jax.plan import make_plan
+from amber_jax.pruner import AmberConfig, build_plan
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -27,25 +27,46 @@ class PrefillRunConfig:
 
   model: str = DEFAULT_MODEL
   pattern: str = "8:16"
+  score: str = "naive"
+  policy: str = "all"
+  skip_layers: tuple[int, ...] = ()
+  coverage: float = 0.55
+  robust_clip: bool = True
   seq_len: int = 512
   num_windows: int = 8
+  calib_windows: int = 8  # taken after the evaluation windows, never overlapping them
   batch_size: int = 4
   dtype: str = "float32"
   text: str = DEFAULT_TEXT  # a known text name or a path to a UTF-8 file
+  gen_prompts: int = 4  # prompts for the generation-agreement check (0 disables it)
+  gen_prompt_len: int = 64
+  gen_tokens: int = 32
   cache_dir: str = ""
 
   def __post_init__(self):
-    parse_pattern_or_dense(self.pattern)  # raises ValueError naming what is valid
-    if self.seq_len < 1:
-      raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
-    if self.num_windows < 1:
-      raise ValueError(f"num_windows must be >= 1, got {self.num_windows}")
-    if self.batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    self.amber()  # validates pattern, score, policy, coverage, skip_layers
+    for name in ("seq_len", "num_windows", "batch_size", "gen_prompt_len", "gen_tokens"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("calib_windows", "gen_prompts"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if self.policy == "auto" and self.calib_windows < 1:
+      raise ValueError("policy=auto needs calib_windows >= 1")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
     if not self.cache_dir:
       raise ValueError("cache_dir must be given (where the model and text are cached)")
+
+  def amber(self) -> AmberConfig:
+    return AmberConfig(
+      pattern=parse_pattern_or_dense(self.pattern),
+      score=self.score,
+      policy=self.policy,
+      skip_layers=tuple(self.skip_layers),
+      coverage=self.coverage,
+      robust_clip=self.robust_clip,
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -67,22 +88,39 @@ def _versions() -> dict[str, str]:
   return out
 
 
-def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True) -> dict:
-  """Evaluates the dense baseline and ``cfg.pattern`` on the same windows.
+def _split_text(ids: np.ndarray, cfg: PrefillRunConfig):
+  """Evaluation windows first, then calibration windows, then generation prompts."""
+  n_eval_calib = cfg.num_windows + cfg.calib_windows
+  windows = make_windows(ids, cfg.seq_len, n_eval_calib)
+  used = n_eval_calib * (cfg.seq_len + 1)
+  rest = ids[used:]
+  prompts = None
+  if cfg.gen_prompts:
+    need = cfg.gen_prompts * cfg.gen_prompt_len
+    if len(rest) < need:
+      raise ValueError(
+        f"text too short for {cfg.gen_prompts} generation prompts of {cfg.gen_prompt_len} "
+        f"tokens after the evaluation and calibration windows ({len(rest)} tokens left)"
+      )
+    prompts = rest[:need].reshape(cfg.gen_prompts, cfg.gen_prompt_len)
+  return windows[: cfg.num_windows], windows[cfg.num_windows :], prompts
 
-  Bad input (pattern, M not dividing a width, missing model, short text) fails
-  before the weights are loaded. Returns a JSON-ready dict with "dense",
-  "sparse" (absent when pattern is dense), "coverage", "config", "versions",
-  "device".
+
+def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True) -> dict:
+  """Evaluates the dense baseline and the configured plan on the same windows.
+
+  Bad input (pattern, M not dividing a width, skip layers, missing model, short
+  text) fails before the weights are loaded. Returns a JSON-ready dict with
+  "dense", "sparse" (absent when pattern is dense), "coverage", "removed",
+  "skip_layers", "generation", "config", "versions", "device".
   """
-  pattern = parse_pattern_or_dense(cfg.pattern)
+  amber = cfg.amber()
   source = resolve_model(cfg.model, cfg.cache_dir, log=log)
-  model_config = read_config(source)
-  sparse_plan = make_plan(model_config, pattern) if pattern is not None else None
+  amber.validate_for(read_config(source))
   tokenizer = load_tokenizer(source)
   text = load_text(cfg.text, cfg.cache_dir, log=log)
   ids = np.asarray(tokenizer.encode(text).ids, np.int32)
-  windows = make_windows(ids, cfg.seq_len, cfg.num_windows)
+  eval_windows, calib_windows, prompts = _split_text(ids, cfg)
 
   loaded = load_model(source, cfg.cache_dir, show_progress=show_progress, log=log)
   dtype = DTYPES[cfg.dtype]
@@ -102,18 +140,46 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       **extra,
     }
 
-  dense = perplexity(params, windows, plan=None, desc="dense", **common)
-  result = {"dense": as_dict(dense)}
-  if sparse_plan is not None:
-    sparse = perplexity(params, windows, plan=sparse_plan, desc=f"sparse {pattern}", **common)
-    cov = plan_coverage(loaded.config, sparse_plan)
-    result["sparse"] = as_dict(sparse, pattern=str(pattern), policy="all", score="naive")
-    result["coverage"] = cov.covered
-    result["removed"] = cov.removed
+  dense = perplexity(params, eval_windows, plan=None, desc="dense", **common)
+  result = {"dense": as_dict(dense), "coverage": 0.0, "removed": 0.0, "skip_layers": []}
+  if amber.pattern is not None:
+    info = build_plan(
+      params,
+      loaded.config,
+      amber,
+      calib_windows=calib_windows,
+      batch_size=cfg.batch_size,
+      dtype=dtype,
+      show_progress=show_progress,
+    )
+    sparse = perplexity(
+      params, eval_windows, plan=info.plan, desc=f"sparse {amber.pattern}", **common
+    )
+    result["sparse"] = as_dict(
+      sparse, pattern=str(amber.pattern), policy=amber.policy, score=amber.score
+    )
+    result["coverage"] = info.coverage.covered
+    result["removed"] = info.coverage.removed
+    result["skip_layers"] = list(info.skip_layers)
+    result["plan_seconds"] = info.seconds
     result["time_ratio"] = sparse.seconds / dense.seconds
-  else:
-    result["coverage"] = 0.0
-    result["removed"] = 0.0
+    if info.sensitivity is not None:
+      result["sensitivity"] = info.sensitivity.errors.tolist()
+    if prompts is not None:
+      gen = generation_agreement(
+        params,
+        prompts,
+        config=loaded.config,
+        plan=info.plan,
+        new_tokens=cfg.gen_tokens,
+        dtype=dtype,
+      )
+      result["generation"] = {
+        "agreement": gen.agreement,
+        "prefix_agreement": gen.prefix_agreement,
+        "prompts": gen.prompts,
+        "new_tokens": gen.new_tokens,
+      }
   result["config"] = dataclasses.asdict(cfg)
   result["model_config"] = dataclasses.asdict(loaded.config)
   result["params_from_cache"] = loaded.from_cache
@@ -131,26 +197,32 @@ def format_table(result: dict) -> str:
   """The side-by-side table printed by experiments/prefill.py."""
   rows = [("dense", result["dense"], "0.0%")]
   if "sparse" in result:
+    s = result["sparse"]
     rows.append(
-      (
-        f"{result['sparse']['pattern']} (all, |x|)",
-        result["sparse"],
-        f"{100 * result['coverage']:.1f}%",
-      )
+      (f"{s['pattern']} {s['policy']}/{s['score']}", s, f"{100 * result['coverage']:.1f}%")
     )
   header = (
-    f"{'run':<22} {'perplexity':>10} {'tokens':>7} {'coverage':>9} {'tok/s':>8} {'time/dense':>10}"
+    f"{'run':<24} {'perplexity':>10} {'tokens':>7} {'coverage':>9} {'tok/s':>8} {'time/dense':>10}"
   )
   lines = [header, "-" * len(header)]
   dense_s = result["dense"]["seconds"]
   for name, r, cov in rows:
     lines.append(
-      f"{name:<22} {r['perplexity']:>10.3f} {r['tokens']:>7d} {cov:>9} "
+      f"{name:<24} {r['perplexity']:>10.3f} {r['tokens']:>7d} {cov:>9} "
       f"{r['tokens_per_second']:>8.1f} {r['seconds'] / dense_s:>10.3f}"
     )
   if "sparse" in result:
     lines.append(
-      f"multiply-adds removed: {100 * result['removed']:.1f}% of linear MACs "
-      f"(coverage x (1 - N/M)); LM head excluded"
+      f"coverage: {100 * result['coverage']:.1f}% of linear multiply-adds sparsified, "
+      f"{100 * result['removed']:.1f}% removed (x (1 - N/M)); LM head excluded"
     )
+    if result["sparse"]["policy"] != "all":
+      lines.append(f"q/gate dense in layers: {result['skip_layers'] or 'none'}")
+    if "generation" in result:
+      g = result["generation"]
+      lines.append(
+        f"generation ({g['prompts']} prompts x {g['new_tokens']} tokens, sparse "
+        f"prefill + dense decode): {100 * g['agreement']:.1f}% of tokens equal to "
+        f"dense, {100 * g['prefix_agreement']:.1f}% before the first divergence"
+      )
   return "\n".join(lines)

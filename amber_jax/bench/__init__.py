@@ -1,0 +1,1 @@
+"""Benchmarks: measuring logic that experiments/bench_*.py call with explicit arguments."""

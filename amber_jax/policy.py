@@ -1,0 +1,196 @@
+"""Which sites are sparsified: the paper's rules, explicit skip lists, and automatic selection.
+
+Policies:
+
+* ``all``: every projection of every layer;
+* ``paper``: q, gate and down sparse in every layer; k, v (small under GQA), o and
+  up (most sensitive) dense; ``skip_layers`` keeps q and gate dense in those layers;
+* ``auto``: the paper's rules, with the q/gate skip layers chosen from measured
+  sensitivities: as many of the most sensitive layers as the coverage target
+  allows (every layer's q+gate costs the same multiply-adds, so taking the
+  largest errors first minimises the total error of the sparse sites).
+
+Sensitivity of a site = ||Y - Y'|| / ||Y|| for that projection alone, with Y the
+dense output and Y' the output with its input sparsified, accumulated over the
+calibration windows on the dense model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amber_jax.coverage import coverage as coverage_of
+from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.model.llama import causal_mask, embed, run_layers
+from amber_jax.patterns import NMPattern
+from amber_jax.progress import progress_bar
+from amber_jax.sparsity import sparsify
+
+POLICIES = ("all", "paper", "auto")
+PAPER_SPARSE = ("q", "gate", "down")
+SKIPPABLE = ("q", "gate")
+
+
+def check_policy(policy: str) -> str:
+  if policy not in POLICIES:
+    raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+  return policy
+
+
+def check_skip_layers(config: LlamaConfig, skip_layers: Iterable[int]) -> tuple[int, ...]:
+  out = tuple(sorted(set(int(l) for l in skip_layers)))
+  for layer in out:
+    if not 0 <= layer < config.n_layers:
+      raise ValueError(
+        f"skip layer {layer} is out of range: the model has layers 0..{config.n_layers - 1}"
+      )
+  return out
+
+
+def check_coverage_target(target: float) -> float:
+  if not 0.0 < target <= 1.0:
+    raise ValueError(f"coverage must be in (0, 1], got {target}")
+  return float(target)
+
+
+def policy_sites(
+  config: LlamaConfig, policy: str, skip_layers: Iterable[int] = ()
+) -> list[tuple[int, str]]:
+  """(layer, projection) pairs sparsified under ``policy`` ("all" or "paper") with q/gate of
+  ``skip_layers`` kept dense."""
+  check_policy(policy)
+  skip = set(check_skip_layers(config, skip_layers))
+  projections = PROJECTIONS if policy == "all" else PAPER_SPARSE
+  return [
+    (l, p)
+    for l in range(config.n_layers)
+    for p in projections
+    if not (l in skip and p in SKIPPABLE)
+  ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sensitivity:
+  """Relative output error per site, [n_layers, 7] in PROJECTIONS order."""
+
+  errors: np.ndarray
+  pattern: str
+  score: str
+  tokens: int
+
+  def table(self) -> str:
+    header = "layer " + " ".join(f"{p:>7}" for p in PROJECTIONS)
+    rows = [header]
+    for l, row in enumerate(self.errors):
+      rows.append(f"{l:>5} " + " ".join(f"{e:>7.4f}" for e in row))
+    rows.append(" mean " + " ".join(f"{e:>7.4f}" for e in self.errors.mean(axis=0)))
+    return "\n".join(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "pattern", "dtype"))
+def _sensitivity_sums(params, tokens_BxT, factors, *, config, pattern, dtype):
+  b, t = tokens_BxT.shape
+  h = embed(params, tokens_BxT, dtype)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  mask = causal_mask(t, None, b)
+
+  def make_lin(layer_params, layer_factors, layer):
+    del layer
+    records = {}
+
+    def lin(x, proj):
+      w = layer_params[proj]["w"].astype(x.dtype)
+      y = jnp.einsum("...i,io->...o", x, w)
+      dropped = x - sparsify(x, pattern, layer_factors[proj])
+      err = jnp.einsum("...i,io->...o", dropped, w).astype(jnp.float32)
+      records[proj] = (jnp.sum(err * err), jnp.sum(jnp.square(y.astype(jnp.float32))))
+      if "b" in layer_params[proj]:
+        bias = layer_params[proj]["b"].astype(y.dtype)
+        y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+      return y
+
+    return lin, records
+
+  _, _, records = run_layers(config, params, h, positions, mask, None, make_lin, factors)
+  return records
+
+
+def measure_sensitivity(
+  params,
+  windows: np.ndarray,
+  *,
+  config: LlamaConfig,
+  pattern: NMPattern,
+  factors: dict[str, np.ndarray],
+  score: str = "",
+  batch_size: int = 4,
+  dtype=jnp.float32,
+  show_progress: bool = True,
+) -> Sensitivity:
+  """Per-site relative output error of sparsifying that site alone, on ``windows`` (dense model).
+
+  ``windows`` [W, T] token ids; ``factors`` proj -> [L, d_in] score factors.
+  """
+  windows = np.asarray(windows, np.int32)
+  factors = {p: jnp.asarray(factors[p]) for p in PROJECTIONS}
+  err2 = np.zeros((config.n_layers, len(PROJECTIONS)))
+  ref2 = np.zeros_like(err2)
+  with progress_bar(
+    total=len(windows), desc="sensitivity", unit="window", disable=not show_progress
+  ) as bar:
+    for start in range(0, len(windows), batch_size):
+      rows = jnp.asarray(windows[start : start + batch_size])
+      records = _sensitivity_sums(
+        params, rows, factors, config=config, pattern=pattern, dtype=dtype
+      )
+      for j, proj in enumerate(PROJECTIONS):
+        err2[:, j] += np.asarray(records[proj][0], np.float64)
+        ref2[:, j] += np.asarray(records[proj][1], np.float64)
+      bar.update(len(rows))
+  errors = np.sqrt(err2) / (np.sqrt(ref2) + 1e-12)
+  return Sensitivity(errors=errors, pattern=str(pattern), score=score, tokens=int(windows.size))
+
+
+def max_skips_for_coverage(config: LlamaConfig, target: float) -> int:
+  """How many layers can keep q/gate dense under the paper's rules with coverage >= target."""
+  check_coverage_target(target)
+  pattern = NMPattern(n=1, m=2)  # coverage does not depend on N:M
+  base = coverage_of(config, policy_sites(config, "paper"), pattern).covered
+  if base < target - 1e-12:
+    raise ValueError(
+      f"coverage target {target:.3f} is unreachable with the paper's rules on this model "
+      f"(at most {base:.3f} with no skipped layers); lower --coverage or use --policy=all"
+    )
+  for k in range(config.n_layers, -1, -1):
+    sites = policy_sites(config, "paper", range(k))
+    if coverage_of(config, sites, pattern).covered >= target - 1e-12:
+      return k
+  return 0
+
+
+def select_skip_layers(
+  sensitivity: Sensitivity, config: LlamaConfig, coverage_target: float
+) -> tuple[int, ...]:
+  """The q/gate skip layers of the ``auto`` policy: the most sensitive that the target allows."""
+  k = max_skips_for_coverage(config, coverage_target)
+  q, gate = PROJECTIONS.index("q"), PROJECTIONS.index("gate")
+  benefit = sensitivity.errors[:, q] + sensitivity.errors[:, gate]
+  order = np.argsort(-benefit, kind="stable")
+  return tuple(sorted(int(l) for l in order[:k]))
+
+
+def parse_layer_list(spec: str | Sequence[int]) -> tuple[int, ...]:
+  """ "19,21,28" -> (19, 21, 28); empty string -> ()."""
+  if not isinstance(spec, str):
+    return tuple(int(x) for x in spec)
+  parts = [p.strip() for p in spec.split(",") if p.strip()]
+  try:
+    return tuple(int(p) for p in parts)
+  except ValueError as e:
+    raise ValueError(f"skip_layers must be comma-separated integers, got {spec!r}") from e

@@ -1,0 +1,98 @@
+"""Amber Pruner as one call: score factors + site policy (+ calibration) -> SparsityPlan."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from amber_jax.coverage import Coverage, plan_coverage
+from amber_jax.model.config import LlamaConfig
+from amber_jax.patterns import NMPattern
+from amber_jax.plan import SparsityPlan, make_plan
+from amber_jax.policy import (
+  Sensitivity,
+  check_coverage_target,
+  check_policy,
+  check_skip_layers,
+  measure_sensitivity,
+  policy_sites,
+  select_skip_layers,
+)
+from amber_jax.scores import check_score, model_factors
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AmberConfig:
+  """How to build a plan. Validated on construction (ValueError naming the field)."""
+
+  pattern: NMPattern | None
+  score: str = "naive"
+  policy: str = "all"
+  skip_layers: tuple[int, ...] = ()
+  coverage: float = 0.55  # target for policy="auto"
+  robust_clip: bool = True
+
+  def __post_init__(self):
+    check_score(self.score)
+    check_policy(self.policy)
+    check_coverage_target(self.coverage)
+    if self.policy == "auto" and self.skip_layers:
+      raise ValueError("skip_layers cannot be given with policy='auto' (auto chooses them)")
+
+  def validate_for(self, config: LlamaConfig) -> None:
+    """Model-dependent checks (skip layers in range, M divides widths), before loading weights."""
+    check_skip_layers(config, self.skip_layers)
+    if self.pattern is not None:
+      policy = "paper" if self.policy == "auto" else self.policy
+      make_plan(config, self.pattern, sites=policy_sites(config, policy, self.skip_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanInfo:
+  plan: SparsityPlan
+  coverage: Coverage
+  skip_layers: tuple[int, ...]
+  sensitivity: Sensitivity | None
+  seconds: float  # factors + calibration + search
+
+
+def build_plan(
+  params,
+  config: LlamaConfig,
+  amber: AmberConfig,
+  *,
+  calib_windows: np.ndarray | None = None,
+  batch_size: int = 4,
+  dtype=jnp.float32,
+  show_progress: bool = True,
+) -> PlanInfo:
+  """The plan of ``amber`` for this model; ``calib_windows`` [W, T] are needed for "auto"."""
+  start = time.perf_counter()
+  amber.validate_for(config)
+  if amber.pattern is None:
+    plan = make_plan(config, None)
+    return PlanInfo(plan, plan_coverage(config, plan), (), None, time.perf_counter() - start)
+  factors = model_factors(params, amber.score, robust_clip=amber.robust_clip)
+  sensitivity = None
+  skip = tuple(amber.skip_layers)
+  if amber.policy == "auto":
+    if calib_windows is None or len(calib_windows) == 0:
+      raise ValueError("policy='auto' needs calibration windows (calib_windows >= 1)")
+    sensitivity = measure_sensitivity(
+      params,
+      calib_windows,
+      config=config,
+      pattern=amber.pattern,
+      factors=factors,
+      score=amber.score,
+      batch_size=batch_size,
+      dtype=dtype,
+      show_progress=show_progress,
+    )
+    skip = select_skip_layers(sensitivity, config, amber.coverage)
+  policy = "paper" if amber.policy == "auto" else amber.policy
+  plan = make_plan(config, amber.pattern, sites=policy_sites(config, policy, skip), factors=factors)
+  return PlanInfo(plan, plan_coverage(config, plan), skip, sensitivity, time.perf_counter() - start)

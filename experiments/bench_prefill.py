@@ -1,0 +1,145 @@
+"""Prefill throughput: JAX dense vs N:M sparse vs HF transformers, side by side in one run.
+
+Command (on CPU; the table in BENCHMARKS.md):
+
+    python experiments/bench_prefill.py --markdown
+
+It loads SmolLM2-135M-Instruct (fetched and converted on first use, as in
+experiments/prefill.py), tokenizes gensim's lee_background.cor, and for every
+batch x seq_len of the grid (default 1,4 x 128,512) times the jitted prefill
+(logits and KV cache) dense and with 8:16 (naive |x| score, every linear input)
+and, when torch and transformers import, HF transformers' dense prefill of the
+same weights on the same tokens (the params are written to a temporary HF
+directory and loaded with AutoModelForCausalLM, float32, eval mode,
+inference_mode, torch threads = os.cpu_count()). Each is warmed up once, then
+run --repeats times interleaved; medians. It prints the versions, the max abs
+difference between HF's logits and ours on the first grid point, then one table:
+batch, seq_len, GFLOP per prefill, dense ms, sparse ms, sparse/dense, HF ms,
+HF/dense (the speedup of our dense prefill over HF), tokens/s, achieved GFLOP/s,
+and at the end the peak RSS of the process. Takes about 3 minutes on 2 CPU cores
+with the default grid and --repeats=3 (about 4 with the default 5).
+
+On a GPU machine (JAX backend gpu) the HF column runs on CUDA when torch sees a
+GPU and is skipped with a note otherwise (a CPU torch time would not compare):
+
+    python experiments/bench_prefill.py --batch_sizes=1,8 --seq_lens=512,2048 \\
+        --output=/tmp/bench_prefill_gpu.json
+
+--matmul_precision=highest (default) makes JAX and torch both compute float32
+matmuls in full float32 (JAX would otherwise use TF32 on recent GPUs and torch
+would not); tf32 makes both use TF32. So that torch has room on a GPU, JAX's
+preallocation is capped at half the device memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
+is set. --device_info prints the machine and JAX devices and exits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+# Leave GPU memory for torch's HF column (set before JAX starts; an explicit setting wins).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+
+from absl import app, flags  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import cpu_model_name, default_cache_dir  # noqa: E402
+
+from amber_jax.bench.prefill_bench import (  # noqa: E402
+  DTYPES,
+  MATMUL_PRECISIONS,
+  PrefillBenchConfig,
+  format_table,
+  machine_info,
+  peak_memory,
+  run_prefill_bench,
+)
+from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+
+_MODEL = flags.DEFINE_string(
+  "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
+)
+_PATTERN = flags.DEFINE_string(
+  "pattern", "8:16", "N:M pattern of the sparse column ('dense' drops the column)."
+)
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes (comma list).")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["128", "512"], "Sequence lengths (comma list).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per column after a warm-up.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
+_MATMUL_PRECISION = flags.DEFINE_enum(
+  "matmul_precision",
+  "highest",
+  sorted(MATMUL_PRECISIONS),
+  "float32 matmul precision for JAX and torch alike ('default': each library's own).",
+)
+_HF = flags.DEFINE_bool("hf", True, "Time HF transformers too (when torch imports).")
+_TEXT_FILE = flags.DEFINE_string(
+  "text_file", None, "UTF-8 text for the token ids (default: gensim's lee_background.cor)."
+)
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
+_MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (BENCHMARKS.md).")
+_DEVICE_INFO = flags.DEFINE_bool("device_info", False, "Print machine and JAX devices, then exit.")
+_CACHE_DIR = flags.DEFINE_string(
+  "cache_dir",
+  None,
+  "Cache for the model, text and converted params "
+  "(default: $AMBER_JAX_CACHE or ~/.cache/amber_jax).",
+)
+
+
+def _ints(name: str, values: list[str]) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    sys.exit(f"error: --{name} must be a comma list of integers, got {','.join(values)!r}")
+
+
+def main(argv):
+  del argv
+  import jax
+
+  machine = machine_info(cpu_model_name())
+  print(
+    f"device: {jax.devices()} (backend {machine['jax_backend']}, {machine['cpu_count']} CPUs: "
+    f"{machine['cpu_model'] or machine['machine']})"
+  )
+  if _DEVICE_INFO.value:
+    return
+  try:
+    cfg = PrefillBenchConfig(
+      model=_MODEL.value,
+      pattern=_PATTERN.value,
+      batch_sizes=_ints("batch_sizes", _BATCH_SIZES.value),
+      seq_lens=_ints("seq_lens", _SEQ_LENS.value),
+      repeats=_REPEATS.value,
+      dtype=_DTYPE.value,
+      text=_TEXT_FILE.value or "lee_background",
+      hf=_HF.value,
+      torch_threads=os.cpu_count(),  # XLA:CPU uses one thread per core.
+      matmul_precision=_MATMUL_PRECISION.value,
+      cache_dir=_CACHE_DIR.value or default_cache_dir(),
+    )
+    result = run_prefill_bench(cfg)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  result["machine"] = machine
+  result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  print()
+  print(format_table(result, markdown=_MARKDOWN.value))
+  result["memory"] = peak_memory()
+  mem = result["memory"]
+  print(
+    f"\npeak RSS {mem['peak_rss_mb']:.0f} MB"
+    + "".join(f", {k} {v:.0f}" for k, v in mem.items() if k != "peak_rss_mb")
+  )
+  if _OUTPUT.value:
+    write_json_atomic(_OUTPUT.value, result)
+    print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
