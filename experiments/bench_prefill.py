@@ -42,7 +42,7 @@ from pathlib import Path
 # Leave GPU memory for torch's HF column (set before JAX starts; an explicit setting wins).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -100,6 +100,7 @@ def _ints(name: str, values: list[str]) -> tuple[int, ...]:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
   import jax
 
   machine = machine_info(cpu_model_name())

@@ -35,7 +35,8 @@ from _common import default_cache_dir  # noqa: E402
 
 from amber_jax.io.atomic import write_json_atomic  # noqa: E402
 from amber_jax.policy import POLICIES, parse_layer_list  # noqa: E402
-from amber_jax.runs.prefill import DTYPES, PrefillRunConfig, format_table, run_prefill  # noqa: E402
+from amber_jax.runs.common import DTYPES  # noqa: E402
+from amber_jax.runs.prefill import PrefillRunConfig, format_table, run_prefill  # noqa: E402
 from amber_jax.scores import SCORES  # noqa: E402
 
 _MODEL = flags.DEFINE_string(

@@ -43,12 +43,16 @@ def resolve_model(model: str, cache_dir: str | os.PathLike, *, log=print) -> Mod
   path = Path(model).expanduser()
   if path.is_dir():
     if not (path / "config.json").is_file():
-      raise ModelFileError(f"{model!r} is a directory without config.json (not an HF checkpoint)")
+      raise ModelFileError(
+        f"{model!r} is a directory without config.json (not an HF checkpoint); "
+        f"known model names: {', '.join(KNOWN_MODELS)}"
+      )
     return ModelSource(kind="hf", path=path, name=path.name)
   if path.is_file():
     if path.suffix.lower() != ".gguf":
       raise ModelFileError(
-        f"{model!r}: a model file must be a .gguf file (or pass an HF directory)"
+        f"{model!r}: a model file must be a .gguf file (or pass an HF directory, or one of "
+        f"the known model names: {', '.join(KNOWN_MODELS)})"
       )
     return ModelSource(kind="gguf", path=path, name=path.stem)
   raise ModelFileError(

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
-from importlib import metadata
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from amber_jax.data.texts import DEFAULT_TEXT, load_text
+from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.generation import generation_agreement
-from amber_jax.eval.perplexity import make_windows, perplexity
-from amber_jax.io.loading import load_model, load_tokenizer
-from amber_jax.io.sources import DEFAULT_MODEL, read_config, resolve_model
+from amber_jax.eval.perplexity import perplexity
+from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.pruner import AmberConfig, build_plan
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,8 +45,7 @@ class PrefillRunConfig:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.policy == "auto" and self.calib_windows < 1:
       raise ValueError("policy=auto needs calib_windows >= 1")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+    check_dtype(self.dtype)
     if not self.cache_dir:
       raise ValueError("cache_dir must be given (where the model and text are cached)")
 
@@ -69,41 +60,16 @@ class PrefillRunConfig:
     )
 
 
-def _versions() -> dict[str, str]:
-  out = {"python": platform.python_version()}
-  for pkg in (
-    "amber_jax",
-    "jax",
-    "jaxlib",
-    "flax",
-    "numpy",
-    "orbax-checkpoint",
-    "gguf",
-    "tokenizers",
-  ):
-    try:
-      out[pkg] = metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-      out[pkg] = "not installed"
-  return out
-
-
-def _split_text(ids: np.ndarray, cfg: PrefillRunConfig):
-  """Evaluation windows first, then calibration windows, then generation prompts."""
-  n_eval_calib = cfg.num_windows + cfg.calib_windows
-  windows = make_windows(ids, cfg.seq_len, n_eval_calib)
-  used = n_eval_calib * (cfg.seq_len + 1)
-  rest = ids[used:]
-  prompts = None
-  if cfg.gen_prompts:
-    need = cfg.gen_prompts * cfg.gen_prompt_len
-    if len(rest) < need:
-      raise ValueError(
-        f"text too short for {cfg.gen_prompts} generation prompts of {cfg.gen_prompt_len} "
-        f"tokens after the evaluation and calibration windows ({len(rest)} tokens left)"
-      )
-    prompts = rest[:need].reshape(cfg.gen_prompts, cfg.gen_prompt_len)
-  return windows[: cfg.num_windows], windows[cfg.num_windows :], prompts
+def _result_row(r, **extra) -> dict:
+  return {
+    "perplexity": r.perplexity,
+    "nll": r.nll,
+    "tokens": r.tokens,
+    "windows": r.windows,
+    "seconds": r.seconds,
+    "tokens_per_second": r.tokens_per_second,
+    **extra,
+  }
 
 
 def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True) -> dict:
@@ -115,47 +81,47 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
   "skip_layers", "generation", "config", "versions", "device".
   """
   amber = cfg.amber()
-  source = resolve_model(cfg.model, cfg.cache_dir, log=log)
-  amber.validate_for(read_config(source))
-  tokenizer = load_tokenizer(source)
-  text = load_text(cfg.text, cfg.cache_dir, log=log)
-  ids = np.asarray(tokenizer.encode(text).ids, np.int32)
-  eval_windows, calib_windows, prompts = _split_text(ids, cfg)
-
-  loaded = load_model(source, cfg.cache_dir, show_progress=show_progress, log=log)
-  dtype = DTYPES[cfg.dtype]
-  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), loaded.params)
-  common = dict(
-    config=loaded.config, batch_size=cfg.batch_size, dtype=dtype, show_progress=show_progress
+  setup = prepare_eval(
+    model=cfg.model,
+    text=cfg.text,
+    cache_dir=cfg.cache_dir,
+    seq_len=cfg.seq_len,
+    num_windows=cfg.num_windows,
+    calib_windows=cfg.calib_windows,
+    dtype=cfg.dtype,
+    validate=amber.validate_for,
+    show_progress=show_progress,
+    log=log,
   )
+  prompts = None
+  if cfg.gen_prompts and amber.pattern is not None:
+    need = cfg.gen_prompts * cfg.gen_prompt_len
+    if len(setup.rest_tokens) < need:
+      raise ValueError(
+        f"text too short for {cfg.gen_prompts} generation prompts of {cfg.gen_prompt_len} "
+        "tokens after the evaluation and calibration windows (use --gen_prompts=0)"
+      )
+    prompts = setup.rest_tokens[:need].reshape(cfg.gen_prompts, cfg.gen_prompt_len)
+  dtype = DTYPES[cfg.dtype]
+  params, config = setup.params, setup.config
+  common = dict(config=config, batch_size=cfg.batch_size, dtype=dtype, show_progress=show_progress)
 
-  def as_dict(r, **extra):
-    return {
-      "perplexity": r.perplexity,
-      "nll": r.nll,
-      "tokens": r.tokens,
-      "windows": r.windows,
-      "seconds": r.seconds,
-      "tokens_per_second": r.tokens_per_second,
-      **extra,
-    }
-
-  dense = perplexity(params, eval_windows, plan=None, desc="dense", **common)
-  result = {"dense": as_dict(dense), "coverage": 0.0, "removed": 0.0, "skip_layers": []}
+  dense = perplexity(params, setup.eval_windows, plan=None, desc="dense", **common)
+  result = {"dense": _result_row(dense), "coverage": 0.0, "removed": 0.0, "skip_layers": []}
   if amber.pattern is not None:
     info = build_plan(
       params,
-      loaded.config,
+      config,
       amber,
-      calib_windows=calib_windows,
+      calib_windows=setup.calib_windows,
       batch_size=cfg.batch_size,
       dtype=dtype,
       show_progress=show_progress,
     )
     sparse = perplexity(
-      params, eval_windows, plan=info.plan, desc=f"sparse {amber.pattern}", **common
+      params, setup.eval_windows, plan=info.plan, desc=f"sparse {amber.pattern}", **common
     )
-    result["sparse"] = as_dict(
+    result["sparse"] = _result_row(
       sparse, pattern=str(amber.pattern), policy=amber.policy, score=amber.score
     )
     result["coverage"] = info.coverage.covered
@@ -167,12 +133,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       result["sensitivity"] = info.sensitivity.errors.tolist()
     if prompts is not None:
       gen = generation_agreement(
-        params,
-        prompts,
-        config=loaded.config,
-        plan=info.plan,
-        new_tokens=cfg.gen_tokens,
-        dtype=dtype,
+        params, prompts, config=config, plan=info.plan, new_tokens=cfg.gen_tokens, dtype=dtype
       )
       result["generation"] = {
         "agreement": gen.agreement,
@@ -181,15 +142,9 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
         "new_tokens": gen.new_tokens,
       }
   result["config"] = dataclasses.asdict(cfg)
-  result["model_config"] = dataclasses.asdict(loaded.config)
-  result["params_from_cache"] = loaded.from_cache
-  result["versions"] = _versions()
-  result["device"] = {
-    "backend": jax.default_backend(),
-    "devices": [str(d) for d in jax.devices()],
-    "machine": platform.machine(),
-    "processor": platform.processor(),
-  }
+  result["model_config"] = dataclasses.asdict(config)
+  result["params_from_cache"] = setup.params_from_cache
+  result.update(environment())
   return result
 
 

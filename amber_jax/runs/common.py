@@ -1,0 +1,95 @@
+"""Shared setup of evaluation jobs: model, tokenizer, text windows, params on device."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amber_jax.data.texts import load_text
+from amber_jax.eval.perplexity import make_windows
+from amber_jax.io.loading import load_model, load_tokenizer
+from amber_jax.io.sources import read_config, resolve_model
+from amber_jax.model.config import LlamaConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_dtype(dtype: str) -> str:
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSetup:
+  config: LlamaConfig
+  params: dict  # jax arrays of the compute dtype
+  eval_windows: np.ndarray  # [W, seq_len + 1]
+  calib_windows: np.ndarray  # [C, seq_len + 1], after the evaluation windows
+  rest_tokens: np.ndarray  # what follows (e.g. generation prompts)
+  params_from_cache: bool
+
+
+def prepare_eval(
+  *,
+  model: str,
+  text: str,
+  cache_dir: str,
+  seq_len: int,
+  num_windows: int,
+  calib_windows: int,
+  dtype: str,
+  validate=None,
+  show_progress: bool = True,
+  log=print,
+) -> EvalSetup:
+  """Resolves the model, runs ``validate(config)`` (before any weights are loaded), tokenizes
+  the text into evaluation then calibration windows, and loads the params."""
+  source = resolve_model(model, cache_dir, log=log)
+  if validate is not None:
+    validate(read_config(source))
+  tokenizer = load_tokenizer(source)
+  ids = np.asarray(tokenizer.encode(load_text(text, cache_dir, log=log)).ids, np.int32)
+  windows = make_windows(ids, seq_len, num_windows + calib_windows)
+  rest = ids[len(windows) * (seq_len + 1) :]
+  loaded = load_model(source, cache_dir, show_progress=show_progress, log=log)
+  params = jax.tree.map(lambda a: jnp.asarray(a, DTYPES[dtype]), loaded.params)
+  return EvalSetup(
+    config=loaded.config,
+    params=params,
+    eval_windows=windows[:num_windows],
+    calib_windows=windows[num_windows:],
+    rest_tokens=rest,
+    params_from_cache=loaded.from_cache,
+  )
+
+
+def environment() -> dict:
+  """Package versions and device, for result files."""
+  versions = {"python": platform.python_version()}
+  for pkg in (
+    "amber_jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "numpy",
+    "orbax-checkpoint",
+    "gguf",
+    "tokenizers",
+  ):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      versions[pkg] = "not installed"
+  device = {
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "machine": platform.machine(),
+    "processor": platform.processor(),
+  }
+  return {"versions": versions, "device": device}

@@ -1,0 +1,398 @@
+"""Kernel benchmark: fused N:M matmul and W8A8 int8 matmul vs XLA, side by side in one run.
+
+Command (GPU, the full prefill sweep, about 2-4 minutes on one H200 including compiles):
+
+    python experiments/bench_kernels.py --output=/tmp/bench_kernels.json
+
+    python experiments/bench_kernels.py --autotune   # also tries block sizes per shape
+
+Quick CPU run (Pallas columns are left out: Pallas only interprets on CPU; --interpret
+adds them, slowly):
+
+    python experiments/bench_kernels.py --shapes=small --repeats=2
+
+Shapes ``full``: prefill tokens M in {2048, 8192} x (K, N) in {(4096, 4096), (4096, 14336),
+(14336, 4096)}; ``small``: M in {128, 512} x (K, N) in {(576, 1536), (1536, 576)}. bf16
+activations and weights. For every shape it times (median of --repeats runs after
+--warmup, each ``block_until_ready``; the first call, with its compile, is timed apart):
+
+* ``xla_dense``     ``jnp.dot(x, w)`` (fp32 accumulation, bf16 out): the baseline.
+* ``xla_mask_dot``  ``sparsify(x, pattern)`` then the dot, one jit (the unfused path: the
+                    masked activation goes through memory unless XLA fuses it).
+* ``pallas_nm``     ``pallas_kernels.nm_matmul``: mask computed in the kernel (Triton on GPU).
+* ``xla_int8``      ``lax.dot_general`` int8 x int8 -> int32, then the per-token x
+                    per-channel rescale (quantized inputs made beforehand, untimed).
+* ``pallas_int8``   ``pallas_kernels.int8_matmul`` on the same inputs (rescale fused).
+* ``pallas_nm_int8`` ``nm_int8_matmul`` end to end: fused sparsify + per-token quantize pass
+                    over x, then the int8 kernel.
+
+It prints the device and versions, then one table: shape, method, ms, TFLOP/s (dense-
+equivalent 2*M*K*N; TOPS for int8), ratio to xla_dense, the floor (the larger of FLOPs at
+peak and the unavoidable HBM bytes at peak bandwidth, with which one binds), achieved % of
+that floor, and the max abs error against the method's reference on the first
+--check_rows rows (``nm_matmul_reference``, ``int8_matmul_reference``,
+``nm_int8_matmul_reference``). Peaks default to an H200: 989 TFLOP/s dense bf16, 1979 TOPS
+dense int8, 4.8 TB/s (flags). A method that fails to compile prints its error and the run
+goes on. --autotune times a handful of BlockSizes per shape for the two Pallas kernels (best
+used in the table) and prints entries for the TUNED_BLOCK_SIZES tables. --output writes all
+rows as JSON (temporary file + os.replace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.patterns import NMPattern  # noqa: E402
+from amber_jax.sparsity import sparsify  # noqa: E402
+from pallas_kernels.int8_matmul import default_block_sizes as int8_default_block_sizes  # noqa: E402
+from pallas_kernels.int8_matmul import (  # noqa: E402
+  int8_matmul,
+  int8_matmul_reference,
+  nm_int8_matmul,
+  nm_int8_matmul_reference,
+  quantize_per_channel,
+  quantize_per_token,
+)
+from pallas_kernels.nm_matmul import (  # noqa: E402
+  BlockSizes,
+  default_block_sizes,
+  nm_matmul,
+  nm_matmul_reference,
+)
+
+SHAPES = {
+  "full": [
+    (m, k, n) for m in (2048, 8192) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096))
+  ],
+  "small": [(m, k, n) for m in (128, 512) for k, n in ((576, 1536), (1536, 576))],
+}
+METHODS = ("xla_dense", "xla_mask_dot", "pallas_nm", "xla_int8", "pallas_int8", "pallas_nm_int8")
+_PALLAS = ("pallas_nm", "pallas_int8", "pallas_nm_int8")
+_INT8 = ("xla_int8", "pallas_int8", "pallas_nm_int8")
+
+# Autotune candidates (Triton). Each compiled for sm_90 with Triton 3.9 offline without
+# spills at <= 208 KB of shared memory; the first ones are the tables' defaults.
+NM_CANDIDATES = [
+  BlockSizes(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+  BlockSizes(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
+  BlockSizes(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3),
+  BlockSizes(block_m=64, block_n=256, block_k=128, num_warps=8, num_stages=3),
+  BlockSizes(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3),
+]
+INT8_CANDIDATES = [
+  BlockSizes(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+  BlockSizes(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4),
+  BlockSizes(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
+  BlockSizes(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3),
+  BlockSizes(block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=3),
+]
+
+_SHAPES = flags.DEFINE_enum("shapes", "full", sorted(SHAPES), "Shape set (small: quick CPU run).")
+_PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern of the sparse methods.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), f"Subset of {', '.join(METHODS)}.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per method (median) after warm-up.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs after the first (compiling) call.")
+_CHECK_ROWS = flags.DEFINE_integer("check_rows", 256, "Rows checked against the references.")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 peak, TFLOP/s (H200).")
+_PEAK_INT8_TOPS = flags.DEFINE_float("peak_int8_tops", 1979.0, "Dense int8 peak, TOPS (H200).")
+_PEAK_TBPS = flags.DEFINE_float("peak_tbps", 4.8, "HBM bandwidth, TB/s (H200).")
+_AUTOTUNE = flags.DEFINE_bool("autotune", False, "Try NM/INT8_CANDIDATES per shape first.")
+_AUTOTUNE_REPEATS = flags.DEFINE_integer("autotune_repeats", 3, "Timed runs per candidate.")
+_INTERPRET = flags.DEFINE_bool(
+  "interpret", False, "On CPU, run the Pallas methods in the interpreter (slow)."
+)
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
+
+
+def _median_time(fn, args, repeats: int, warmup: int) -> tuple[float, float]:
+  """(first-call seconds incl. compile, median seconds of ``repeats`` runs after warm-up)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - t0
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return first, statistics.median(times)
+
+
+def _max_abs_err(out, ref) -> float:
+  return float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+
+
+def _floor(method: str, m: int, k: int, n: int) -> tuple[float, str]:
+  """Seconds at peak compute or peak bandwidth, whichever is larger, and which it is."""
+  flops = 2.0 * m * k * n
+  if method in _INT8:
+    compute = flops / (_PEAK_INT8_TOPS.value * 1e12)
+    nbytes = m * k + k * n + 2 * m * n + 4 * (m + n)  # int8 in, bf16 out, fp32 scales
+    if method == "pallas_nm_int8":
+      nbytes += 2 * m * k + m * k  # the sparsify+quantize pass: read bf16 x, write int8 x
+  else:
+    compute = flops / (_PEAK_TFLOPS.value * 1e12)
+    nbytes = 2 * (m * k + k * n + m * n)
+  memory = nbytes / (_PEAK_TBPS.value * 1e12)
+  return (compute, "compute") if compute >= memory else (memory, "memory")
+
+
+def _short_error(e: BaseException) -> str:
+  text = f"{type(e).__name__}: {e}".strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:300]
+
+
+class _Bench:
+  def __init__(self, pattern: NMPattern, interpret: bool):
+    self.pattern = pattern
+    self.interpret = interpret
+
+  def inputs(self, m: int, k: int, n: int):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = (jax.random.normal(kw, (k, n), jnp.float32) / (k**0.5)).astype(jnp.bfloat16)
+    x_q, x_s = jax.jit(quantize_per_token)(x)
+    w_q, w_s = jax.jit(quantize_per_channel)(w)
+    return dict(x=x, w=w, x_q=x_q, x_s=x_s, w_q=w_q, w_s=w_s)
+
+  def build(self, method: str, block_sizes: BlockSizes | None = None):
+    """(jitted fn, names of its inputs)."""
+    pat = self.pattern
+    if method == "xla_dense":
+      fn = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+      return jax.jit(fn), ("x", "w")
+    if method == "xla_mask_dot":
+      fn = lambda x, w: jnp.dot(sparsify(x, pat), w, preferred_element_type=jnp.float32).astype(
+        x.dtype
+      )
+      return jax.jit(fn), ("x", "w")
+    if method == "pallas_nm":
+      fn = functools.partial(
+        nm_matmul, pattern=pat, block_sizes=block_sizes, interpret=self.interpret
+      )
+      return jax.jit(fn), ("x", "w")
+    if method == "xla_int8":
+
+      def fn(x_q, w_q, x_s, w_s):
+        acc = lax.dot_general(x_q, w_q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        return (acc.astype(jnp.float32) * x_s * w_s).astype(jnp.bfloat16)
+
+      return jax.jit(fn), ("x_q", "w_q", "x_s", "w_s")
+    if method == "pallas_int8":
+      fn = functools.partial(
+        int8_matmul, out_dtype=jnp.bfloat16, block_sizes=block_sizes, interpret=self.interpret
+      )
+      return jax.jit(fn), ("x_q", "w_q", "x_s", "w_s")
+    if method == "pallas_nm_int8":
+      fn = functools.partial(
+        nm_int8_matmul, pattern=pat, block_sizes=block_sizes, interpret=self.interpret
+      )
+      return jax.jit(fn), ("x", "w_q", "w_s")
+    raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+
+  def check(self, method: str, out, data, rows: int) -> float | None:
+    pat = self.pattern
+    r = min(rows, out.shape[0])
+    if method in ("xla_mask_dot", "pallas_nm"):
+      ref = nm_matmul_reference(data["x"][:r], data["w"], pattern=pat)
+    elif method in ("xla_int8", "pallas_int8"):
+      ref = int8_matmul_reference(
+        data["x_q"][:r], data["w_q"], data["x_s"][:r], data["w_s"], out_dtype=jnp.bfloat16
+      )
+    elif method == "pallas_nm_int8":
+      ref = nm_int8_matmul_reference(data["x"][:r], data["w_q"], data["w_s"], pattern=pat)
+    else:
+      return None
+    return _max_abs_err(out[:r], ref)
+
+
+def _block_sizes_for(method: str, bench: _Bench, m: int, k: int, n: int, tuned: dict):
+  if method == "pallas_nm":
+    if ("nm", k, n) in tuned:
+      return tuned[("nm", k, n)]
+    backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+    return default_block_sizes(backend, jnp.bfloat16, m, k, n, bench.pattern)
+  if method in ("pallas_int8", "pallas_nm_int8"):
+    if ("int8", k, n) in tuned:
+      return tuned[("int8", k, n)]
+    backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+    return int8_default_block_sizes(backend, m, k, n)
+  return None
+
+
+def _autotune(bench: _Bench, shapes, repeats: int) -> tuple[dict, list]:
+  """Best candidate per (kernel, K, N), by total median time over the M values."""
+  totals: dict = {}
+  log = []
+  for kernel, method, cands in (
+    ("nm", "pallas_nm", NM_CANDIDATES),
+    ("int8", "pallas_int8", INT8_CANDIDATES),
+  ):
+    for m, k, n in shapes:
+      data = bench.inputs(m, k, n)
+      for bs in cands:
+        try:
+          fn, names = bench.build(method, bs)
+          _, t = _median_time(fn, [data[a] for a in names], repeats, 1)
+          status = f"{t * 1e3:8.3f} ms"
+        except Exception as e:  # noqa: BLE001 - report and go on
+          t, status = float("inf"), f"failed: {_short_error(e)}"
+        totals.setdefault((kernel, k, n), {}).setdefault(bs, 0.0)
+        totals[(kernel, k, n)][bs] += t
+        log.append(dict(kernel=kernel, m=m, k=k, n=n, block_sizes=dataclasses.asdict(bs), s=t))
+        print(f"  autotune {kernel:4s} {m}x{k}x{n} {_bs_str(bs):28s} {status}", flush=True)
+      del data
+  best = {}
+  for key, by_bs in totals.items():
+    bs, t = min(by_bs.items(), key=lambda kv: kv[1])
+    if t < float("inf"):
+      best[key] = bs
+  return best, log
+
+
+def _bs_str(bs: BlockSizes | None) -> str:
+  if bs is None:
+    return "-"
+  return f"{bs.block_m}x{bs.block_n}x{bs.block_k} w{bs.num_warps} s{bs.num_stages}"
+
+
+def _versions() -> dict:
+  out = {"python": platform.python_version(), "jax": jax.__version__}
+  try:
+    import jaxlib
+
+    out["jaxlib"] = jaxlib.__version__
+  except ImportError:
+    pass
+  try:
+    import triton
+
+    out["triton"] = triton.__version__
+  except ImportError:
+    pass
+  return out
+
+
+def main(argv):
+  del argv
+  pattern = NMPattern.parse(_PATTERN.value)
+  methods = [m for m in _METHODS.value if m]
+  bad = [m for m in methods if m not in METHODS]
+  if bad:
+    sys.exit(f"error: unknown --methods {bad}; valid: {', '.join(METHODS)}")
+  backend = jax.default_backend()
+  devices = jax.devices()
+  versions = _versions()
+  print(f"device: {devices[0].device_kind} x{len(devices)} (backend {backend}); {versions}")
+  on_cpu = backend == "cpu"
+  interpret = on_cpu and _INTERPRET.value
+  if on_cpu and not interpret:
+    left_out = [m for m in methods if m in _PALLAS]
+    methods = [m for m in methods if m not in _PALLAS]
+    if left_out:
+      print(f"cpu: Pallas only interprets here; left out {left_out} (--interpret adds them)")
+  bench = _Bench(pattern, interpret)
+  shapes = SHAPES[_SHAPES.value]
+  peaks = f"{_PEAK_TFLOPS.value} TFLOP/s bf16, {_PEAK_INT8_TOPS.value} TOPS int8, "
+  print(f"pattern {pattern}; peaks {peaks}{_PEAK_TBPS.value} TB/s; repeats {_REPEATS.value}")
+
+  tuned, tune_log = {}, []
+  if _AUTOTUNE.value and (not on_cpu or interpret):
+    print("autotune:")
+    tuned, tune_log = _autotune(bench, shapes, _AUTOTUNE_REPEATS.value)
+
+  rows = []
+  header = (
+    f"{'M x K x N':>20s} {'method':>15s} {'ms':>9s} {'TFLOP/s':>8s} {'vs dense':>8s} "
+    f"{'floor ms':>9s} {'bound':>7s} {'%floor':>7s} {'max_err':>9s} {'compile s':>9s}  blocks"
+  )
+  print(header)
+  for m, k, n in shapes:
+    data = bench.inputs(m, k, n)
+    dense_s = None
+    for method in methods:
+      shape_s = f"{m}x{k}x{n}"
+      floor_s, bound = _floor(method, m, k, n)
+      bs = _block_sizes_for(method, bench, m, k, n, tuned)
+      row = dict(m=m, k=k, n=n, method=method, floor_ms=floor_s * 1e3, bound=bound)
+      row["block_sizes"] = None if bs is None else dataclasses.asdict(bs)
+      try:
+        fn, names = bench.build(method, bs)
+        args = [data[a] for a in names]
+        first_s, t = _median_time(fn, args, _REPEATS.value, _WARMUP.value)
+        err = bench.check(method, fn(*args), data, _CHECK_ROWS.value)
+      except Exception as e:  # noqa: BLE001 - report and go on with the other methods
+        row["error"] = _short_error(e)
+        rows.append(row)
+        print(f"{shape_s:>20s} {method:>15s} FAILED {row['error']}", flush=True)
+        traceback.print_exc(limit=3, file=sys.stderr)
+        continue
+      if method == "xla_dense":
+        dense_s = t
+      flops = 2.0 * m * k * n
+      row.update(
+        ms=t * 1e3,
+        tflops=flops / t / 1e12,
+        vs_dense=None if dense_s is None else t / dense_s,
+        pct_floor=100.0 * floor_s / t,
+        max_abs_err=err,
+        compile_s=first_s,
+      )
+      rows.append(row)
+      vs = "-" if row["vs_dense"] is None else f"{row['vs_dense']:.2f}x"
+      err_s = "-" if err is None else f"{err:.2e}"
+      print(
+        f"{shape_s:>20s} {method:>15s} {t * 1e3:9.3f} {row['tflops']:8.1f} {vs:>8s} "
+        f"{floor_s * 1e3:9.4f} {bound:>7s} {row['pct_floor']:6.1f}% {err_s:>9s} "
+        f"{first_s:9.2f}  {_bs_str(bs)}",
+        flush=True,
+      )
+    del data
+
+  if tuned:
+    print("\nautotuned block sizes (paste into the TUNED_BLOCK_SIZES tables; key ranges cover")
+    print("exactly the benchmarked (K, N)):")
+    for (kernel, k, n), bs in sorted(tuned.items()):
+      table = "nm_matmul" if kernel == "nm" else "int8_matmul"
+      dtype = "bfloat16" if kernel == "nm" else "int8"
+      print(f"  {table}: (TRITON, {dtype!r}, ({k}, {k + 1}), ({n}, {n + 1})): {bs!r},")
+
+  if _OUTPUT.value:
+    result = dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      device=devices[0].device_kind,
+      backend=backend,
+      versions=versions,
+      pattern=str(pattern),
+      peaks=dict(tflops=_PEAK_TFLOPS.value, int8_tops=_PEAK_INT8_TOPS.value, tbps=_PEAK_TBPS.value),
+      repeats=_REPEATS.value,
+      rows=rows,
+      autotune=dict(
+        log=tune_log,
+        best={f"{kk}:{k}x{n}": dataclasses.asdict(bs) for (kk, k, n), bs in tuned.items()},
+      ),
+    )
+    write_json_atomic(_OUTPUT.value, result)
+    print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
