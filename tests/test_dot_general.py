@@ -1,0 +1,110 @@
+"""nm_dot_general inside Flax layers that are not ours (linen Dense and nnx Linear)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import amber_jax
+from amber_jax.dot_general import nm_dot_general
+from amber_jax.scores import channel_factors
+
+
+@pytest.fixture(autouse=True)
+def _allow_rank_promotion():
+  # Flax's own Dense/Linear add a [F] bias to [..., F] outputs: allow implicit rank
+  # promotion for these third-party layers (conftest makes it an error elsewhere).
+  with jax.numpy_rank_promotion("allow"):
+    yield
+
+
+class LinenMLP(nn.Module):
+  dot_general: object = None
+
+  @nn.compact
+  def __call__(self, x):
+    kw = {} if self.dot_general is None else {"dot_general": self.dot_general}
+    h = nn.relu(nn.Dense(64, **kw)(x))
+    return nn.Dense(16, **kw)(h)
+
+
+def _x():
+  return jax.random.normal(jax.random.key(0), (3, 5, 32))
+
+
+def test_linen_dense_equality_when_pattern_none():
+  x = _x()
+  model_plain = LinenMLP()
+  params = model_plain.init(jax.random.key(1), x)
+  model_none = LinenMLP(dot_general=nm_dot_general(pattern=None))
+  assert nm_dot_general(pattern=None) is jax.lax.dot_general
+  np.testing.assert_array_equal(
+    jax.jit(model_plain.apply)(params, x), jax.jit(model_none.apply)(params, x)
+  )
+
+
+@pytest.mark.parametrize("score", ["naive", "weight", "robust"])
+def test_linen_sparse_matches_manual(score):
+  x = _x()
+  dg = nm_dot_general(pattern="8:16", score=score)
+  model = LinenMLP(dot_general=dg)
+  params = LinenMLP().init(jax.random.key(1), x)
+  out = jax.jit(model.apply)(params, x)
+  k0 = params["params"]["Dense_0"]["kernel"]
+  k1 = params["params"]["Dense_1"]["kernel"]
+  f0 = channel_factors(k0, score)
+  f1 = channel_factors(k1, score)
+  h = nn.relu(amber_jax.sparsify(x, "8:16", f0) @ k0 + params["params"]["Dense_0"]["bias"])
+  want = amber_jax.sparsify(h, "8:16", f1) @ k1 + params["params"]["Dense_1"]["bias"]
+  err = float(jnp.max(jnp.abs(out - want)))
+  print(f"linen {score}: max abs error vs manual {err:.2e}")
+  assert err < 1e-4
+  dense = LinenMLP().apply(params, x)
+  assert float(jnp.max(jnp.abs(out - dense))) > 1e-3  # sparsity really happened
+
+
+def test_nnx_linear_sparse():
+  rngs = nnx.Rngs(0)
+  dg = nm_dot_general(pattern="2:4")
+  layer = nnx.Linear(32, 8, dot_general=dg, rngs=rngs)
+  x = _x()
+
+  @nnx.jit
+  def run(layer, x):
+    return layer(x)
+
+  out = run(layer, x)
+  want = amber_jax.sparsify(x, "2:4") @ layer.kernel[...] + layer.bias[...]
+  np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_contracting_axis_not_last():
+  x = jax.random.normal(jax.random.key(2), (16, 3))  # contract over axis 0
+  w = jax.random.normal(jax.random.key(3), (16, 4))
+  dg = nm_dot_general(pattern="4:8")
+  out = dg(x, w, (((0,), (0,)), ((), ())))
+  want = amber_jax.sparsify(x.T, "4:8") @ w
+  np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match="score must be one of"):
+    nm_dot_general(pattern="8:16", score="nope")
+  with pytest.raises(ValueError, match="pattern"):
+    nm_dot_general(pattern="8:4")
+  dg = nm_dot_general(pattern="2:4")
+  x = jnp.ones((2, 4, 4))
+  w = jnp.ones((4, 4, 3))
+  with pytest.raises(ValueError, match="exactly one contracting axis"):
+    dg(x, w, (((1, 2), (0, 1)), ((), ())))
+  with pytest.raises(ValueError, match="M=4 must divide"):
+    dg(jnp.ones((2, 6)), jnp.ones((6, 3)), (((1,), (0,)), ((), ())))
+
+
+def test_frozen_and_hashable():
+  assert nm_dot_general("8:16", "weight") == nm_dot_general("8:16", "weight")
+  assert hash(nm_dot_general("8:16")) == hash(nm_dot_general("8:16"))
