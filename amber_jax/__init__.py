@@ -1,5 +1,6 @@
 """amber_jax: training-free N:M activation sparsity for LLM prefill (Amber Pruner), in JAX."""
 
+from amber_jax.dot_general import nm_dot_general
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import SparsityPlan, dense_plan, make_plan
 from amber_jax.sparsity import nm_mask, nm_scores, sparsify
@@ -11,6 +12,7 @@ __all__ = [
   "SparsityPlan",
   "dense_plan",
   "make_plan",
+  "nm_dot_general",
   "nm_mask",
   "nm_scores",
   "sparsify",

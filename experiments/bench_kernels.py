@@ -29,13 +29,14 @@ activations and weights. For every shape it times (median of --repeats runs afte
 It prints the device and versions, then one table: shape, method, ms, TFLOP/s (dense-
 equivalent 2*M*K*N; TOPS for int8), ratio to xla_dense, the floor (the larger of FLOPs at
 peak and the unavoidable HBM bytes at peak bandwidth, with which one binds), achieved % of
-that floor, and the max abs error against the method's reference on the first
---check_rows rows (``nm_matmul_reference``, ``int8_matmul_reference``,
-``nm_int8_matmul_reference``). Peaks default to an H200: 989 TFLOP/s dense bf16, 1979 TOPS
-dense int8, 4.8 TB/s (flags). A method that fails to compile prints its error and the run
-goes on. --autotune times a handful of BlockSizes per shape for the two Pallas kernels (best
-used in the table) and prints entries for the TUNED_BLOCK_SIZES tables. --output writes all
-rows as JSON (temporary file + os.replace).
+that floor, the max abs error against the method's reference on the first --check_rows
+rows (``nm_matmul_reference``, ``int8_matmul_reference``, ``nm_int8_matmul_reference``), the
+first-call (compile) seconds and the block sizes. Peaks default to an H200: 989 TFLOP/s
+dense bf16, 1979 TOPS dense int8, 4.8 TB/s (flags). A method that fails to compile prints
+its error and the run goes on. --autotune first times 5 BlockSizes for each of the two
+Pallas kernels at the largest M of every (K, N) (about 30 extra compiles: 1-3 more minutes
+on a GPU), uses the best in the table and prints entries for the TUNED_BLOCK_SIZES tables.
+--output writes all rows as JSON (temporary file + os.replace).
 """
 
 from __future__ import annotations
@@ -239,7 +240,12 @@ def _block_sizes_for(method: str, bench: _Bench, m: int, k: int, n: int, tuned: 
 
 
 def _autotune(bench: _Bench, shapes, repeats: int) -> tuple[dict, list]:
-  """Best candidate per (kernel, K, N), by total median time over the M values."""
+  """Best candidate per (kernel, K, N), timed at the largest M of that (K, N) (the tables
+  are not keyed by M); a candidate that fails to compile is reported and skipped."""
+  largest = {}
+  for m, k, n in shapes:
+    largest[(k, n)] = max(m, largest.get((k, n), 0))
+  shapes = [(m, k, n) for (k, n), m in largest.items()]
   totals: dict = {}
   log = []
   for kernel, method, cands in (

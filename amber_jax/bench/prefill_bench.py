@@ -332,9 +332,10 @@ def bench_prefill(
 
   Returns:
     A JSON-ready dict: "rows" (one per grid point: flops, "dense"/"sparse"/"hf" timing stats
-    or None, "sparse_over_dense" and "hf_over_dense", the speedup of our dense prefill over
-    HF), "hf" (versions, device, threads; or status "skipped" with the reason), "logit_check"
-    (HF vs our dense logits on the first grid point), the settings and FLOP_COUNTING.
+    or None, "sparse_over_dense" and "hf_over_dense" (the speedup of our dense prefill over
+    HF) as ratios of medians, and the same as medians of per-round ratios, "*_paired"), "hf"
+    (versions, device, threads; or status "skipped" with the reason), "logit_check" (HF vs our
+    dense logits on the first grid point), the settings and FLOP_COUNTING.
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -395,6 +396,12 @@ def bench_prefill(
         flops = prefill_flops(config, b, t)
         stats = {n: _stats(times[n], b * t, flops.total, first[n]) for n in fns}
         dense_ms = stats["dense"]["median_ms"]
+        # Per-round ratios (the calls of one round run back to back): robust to slow drifts.
+        paired = {
+          n: statistics.median(a / d for a, d in zip(times[n], times["dense"], strict=True))
+          for n in fns
+          if n != "dense"
+        }
         row = {
           "batch": b,
           "seq_len": t,
@@ -407,6 +414,8 @@ def bench_prefill(
           if "sparse" in stats
           else None,
           "hf_over_dense": stats["hf"]["median_ms"] / dense_ms if "hf" in stats else None,
+          "sparse_over_dense_paired": paired.get("sparse"),
+          "hf_over_dense_paired": paired.get("hf"),
         }
         rows.append(row)
         log(
@@ -627,6 +636,16 @@ def format_table(result: Mapping[str, Any], *, markdown: bool = False) -> str:
     f"sparse = {result['pattern']} on {result['sparse_sites']}/{result['total_sites']} linear "
     "inputs, naive |x| score (dense matmuls on the zeroed inputs)",
   ]
+  for key, name in (
+    ("sparse_over_dense_paired", "sparse/dense"),
+    ("hf_over_dense_paired", "HF/dense"),
+  ):
+    values = [r.get(key) for r in result["rows"]]
+    if any(v is not None for v in values):
+      notes.append(
+        f"{name} as the median of per-round ratios (robust to load drifts), row by row: "
+        + ", ".join(_fmt(v, ".3f") for v in values)
+      )
   hf = result["hf"]
   if hf.get("status") == "ran":
     notes.append(
