@@ -1,10 +1,11 @@
 """Kernel benchmark: fused N:M matmul and W8A8 int8 matmul vs XLA, side by side in one run.
 
-Command (GPU, the full prefill sweep, about 2-4 minutes on one H200 including compiles):
+Command (GPU, the full prefill sweep; estimated 2-4 minutes on one H200 with compiles, not
+yet timed on a GPU):
 
-    python experiments/bench_kernels.py --output=/tmp/bench_kernels.json
+    python experiments/bench_kernels.py --output=bench_kernels.json
 
-    python experiments/bench_kernels.py --autotune   # also tries block sizes per shape
+    python experiments/bench_kernels.py --autotune   # + block-size search: estimated 3-5 min
 
 Quick CPU run (Pallas columns are left out: Pallas only interprets on CPU; --interpret
 adds them, slowly):

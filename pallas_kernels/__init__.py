@@ -1,0 +1,37 @@
+"""Pallas kernels of amber_jax: fused N:M-sparse matmul and W8A8 int8 matmul.
+
+Each op has a plain-jnp ``*_reference``, takes a frozen ``BlockSizes`` and ``interpret=``;
+see each module's docstring for its backends (Triton on GPU, Mosaic on TPU).
+
+The op functions exported here shadow their modules as attributes of the package
+(``pallas_kernels.nm_matmul`` is the function); reach the rest of a module with
+``from pallas_kernels.nm_matmul import BlockSizes, TUNED_BLOCK_SIZES``.
+"""
+
+from pallas_kernels.int8_matmul import (
+  int8_matmul,
+  int8_matmul_reference,
+  nm_int8_matmul,
+  nm_int8_matmul_reference,
+  quantize_per_channel,
+  quantize_per_token,
+)
+from pallas_kernels.nm_matmul import (
+  BlockSizes,
+  nm_mask_in_kernel,
+  nm_matmul,
+  nm_matmul_reference,
+)
+
+__all__ = [
+  "BlockSizes",
+  "int8_matmul",
+  "int8_matmul_reference",
+  "nm_int8_matmul",
+  "nm_int8_matmul_reference",
+  "nm_mask_in_kernel",
+  "nm_matmul",
+  "nm_matmul_reference",
+  "quantize_per_channel",
+  "quantize_per_token",
+]
