@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from amber_jax.impl import check_impl, default_impl
 from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.patterns import NMPattern
 
@@ -31,6 +32,7 @@ class SparsityPlan:
   enabled: dict[str, jax.Array]  # proj -> bool [L]
   factors: dict[str, jax.Array]  # proj -> float32 [L, d_in]
   pattern: NMPattern | None = struct.field(pytree_node=False, default=None)
+  impl: str = struct.field(pytree_node=False, default="xla")  # see amber_jax.impl
 
   def enabled_sites(self) -> list[tuple[int, str]]:
     """(layer, projection) pairs that are sparsified, in layer-major order."""
@@ -50,6 +52,7 @@ def make_plan(
   *,
   sites: Iterable[tuple[int, str]] | str = "all",
   factors: Mapping[str, np.ndarray] | None = None,
+  impl: str | None = None,
 ) -> SparsityPlan:
   """Builds a plan.
 
@@ -59,12 +62,15 @@ def make_plan(
     sites: "all" (every projection of every layer) or an iterable of
       (layer, projection) pairs to sparsify.
     factors: optional proj -> [L, d_in] score factors (default: ones, the |x| score).
+    impl: "xla" or "pallas" (the fused kernel); None picks the backend's default
+      (pallas on GPU/TPU, xla on CPU). An impl that cannot run raises ValueError.
 
   Raises:
     ValueError: naming the projection, if M does not divide a sparsified input
       width, or if a site is out of range.
   """
   pattern = None if pattern is None else NMPattern.parse(pattern)
+  impl = check_impl(default_impl() if impl is None else impl, pattern)
   n_layers = config.n_layers
   shapes = config.linear_shapes()
   enabled = {p: np.zeros((n_layers,), bool) for p in PROJECTIONS}
@@ -95,4 +101,5 @@ def make_plan(
     enabled={p: jnp.asarray(v) for p, v in enabled.items()},
     factors=out_factors,
     pattern=pattern,
+    impl=impl,
   )

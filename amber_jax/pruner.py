@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.coverage import Coverage, plan_coverage
+from amber_jax.impl import check_impl
 from amber_jax.model.config import LlamaConfig
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import SparsityPlan, make_plan
@@ -34,8 +35,11 @@ class AmberConfig:
   skip_layers: tuple[int, ...] = ()
   coverage: float = 0.55  # target for policy="auto"
   robust_clip: bool = True
+  impl: str | None = None  # "xla" | "pallas"; None: the backend's default (amber_jax.impl)
 
   def __post_init__(self):
+    if self.impl is not None:
+      check_impl(self.impl, self.pattern)
     check_score(self.score)
     check_policy(self.policy)
     check_coverage_target(self.coverage)
@@ -73,7 +77,7 @@ def build_plan(
   start = time.perf_counter()
   amber.validate_for(config)
   if amber.pattern is None:
-    plan = make_plan(config, None)
+    plan = make_plan(config, None, impl=amber.impl)
     return PlanInfo(plan, plan_coverage(config, plan), (), None, time.perf_counter() - start)
   factors = model_factors(params, amber.score, robust_clip=amber.robust_clip)
   sensitivity = None
@@ -94,5 +98,11 @@ def build_plan(
     )
     skip = select_skip_layers(sensitivity, config, amber.coverage)
   policy = "paper" if amber.policy == "auto" else amber.policy
-  plan = make_plan(config, amber.pattern, sites=policy_sites(config, policy, skip), factors=factors)
+  plan = make_plan(
+    config,
+    amber.pattern,
+    sites=policy_sites(config, policy, skip),
+    factors=factors,
+    impl=amber.impl,
+  )
   return PlanInfo(plan, plan_coverage(config, plan), skip, sensitivity, time.perf_counter() - start)

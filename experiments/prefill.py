@@ -62,6 +62,13 @@ _ROBUST_KEEP = flags.DEFINE_bool(
 _GEN_PROMPTS = flags.DEFINE_integer(
   "gen_prompts", 4, "Prompts for the generation-agreement check (0: skip it)."
 )
+_IMPL = flags.DEFINE_enum(
+  "impl",
+  None,
+  ["xla", "pallas"],
+  "Sparse matmul: xla (jnp mask + XLA dot) or pallas (fused kernel; interpret mode on CPU). "
+  "Default: pallas on GPU/TPU, xla on CPU.",
+)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Predicted tokens per window.")
 _NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Number of non-overlapping windows.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Windows per forward pass.")
@@ -91,6 +98,7 @@ def main(argv):
       calib_windows=_CALIB_WINDOWS.value,
       robust_clip=not _ROBUST_KEEP.value,
       gen_prompts=_GEN_PROMPTS.value,
+      impl=_IMPL.value,
       seq_len=_SEQ_LEN.value,
       num_windows=_NUM_WINDOWS.value,
       batch_size=_BATCH_SIZE.value,

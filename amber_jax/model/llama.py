@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from amber_jax.impl import kernel_options, pallas_nm_matmul
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
 from amber_jax.sparsity import sparsify
@@ -42,24 +43,38 @@ def project(
   layer: jax.Array,
   plan_slice: dict[str, jax.Array] | None,
   pattern,
+  impl: str = "xla",
 ) -> jax.Array:
   """The injection point: ``transform(x) @ w (+ b)`` for site (layer, proj).
 
   ``plan_slice`` holds this layer's ``enabled`` flag and ``factors`` for ``proj``;
-  None (decode, or a dense plan) means the input is used as is. ``layer`` is the
-  traced layer index (kept for transforms that need the site identity).
+  None (decode, or a dense plan) means the input is used as is. ``impl`` "xla"
+  sparsifies in jnp then calls XLA's dot; "pallas" calls the fused kernel (the
+  mask is computed on each tile inside the matmul). ``layer`` is the traced layer
+  index (kept for transforms that need the site identity).
   """
   del layer  # The plan slice is already this layer's row.
-  if plan_slice is not None and pattern is not None:
+  w = weights["w"].astype(x.dtype)
+  dense = lambda x_: jnp.einsum("...i,io->...o", x_, w)
+  if plan_slice is None or pattern is None:
+    y = dense(x)
+  elif impl == "pallas":
+    factors = plan_slice["factors"]
+
+    def fused(x_):
+      lead = x_.shape[:-1]
+      y2d = pallas_nm_matmul(
+        x_.reshape(-1, x_.shape[-1]), w, pattern=pattern, factors=factors, options=kernel_options()
+      )
+      return y2d.reshape(*lead, w.shape[1])
+
+    y = jax.lax.cond(plan_slice["enabled"], fused, dense, x)
+  else:
     factors = plan_slice["factors"]
     x = jax.lax.cond(
-      plan_slice["enabled"],
-      lambda x_: sparsify(x_, pattern, factors),
-      lambda x_: x_,
-      x,
+      plan_slice["enabled"], lambda x_: sparsify(x_, pattern, factors), lambda x_: x_, x
     )
-  w = weights["w"]
-  y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+    y = dense(x)
   if "b" in weights:
     y = y + weights["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
   return y
@@ -104,6 +119,7 @@ def plan_injection(plan: SparsityPlan | None):
   else:
     plan_xs = {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in plan.enabled}
   pattern = None if plan is None else plan.pattern
+  impl = "xla" if plan is None else plan.impl
 
   def make_lin(layer_params, plan_layer, layer):
     def lin(x, proj):
@@ -114,6 +130,7 @@ def plan_injection(plan: SparsityPlan | None):
         layer=layer,
         plan_slice=None if plan_layer is None else plan_layer[proj],
         pattern=pattern,
+        impl=impl,
       )
 
     return lin, {}

@@ -24,6 +24,7 @@ class PrefillRunConfig:
   skip_layers: tuple[int, ...] = ()
   coverage: float = 0.55
   robust_clip: bool = True
+  impl: str | None = None  # "xla" | "pallas"; None: pallas on GPU/TPU, xla on CPU
   seq_len: int = 512
   num_windows: int = 8
   calib_windows: int = 8  # taken after the evaluation windows, never overlapping them
@@ -57,6 +58,7 @@ class PrefillRunConfig:
       skip_layers=tuple(self.skip_layers),
       coverage=self.coverage,
       robust_clip=self.robust_clip,
+      impl=self.impl,
     )
 
 
@@ -122,7 +124,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       params, setup.eval_windows, plan=info.plan, desc=f"sparse {amber.pattern}", **common
     )
     result["sparse"] = _result_row(
-      sparse, pattern=str(amber.pattern), policy=amber.policy, score=amber.score
+      sparse, pattern=str(amber.pattern), policy=amber.policy, score=amber.score, impl=info.plan.impl
     )
     result["coverage"] = info.coverage.covered
     result["removed"] = info.coverage.removed

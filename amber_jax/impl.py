@@ -1,0 +1,79 @@
+"""Implementation choice of the sparse matmul at the injection point: ``xla`` or ``pallas``.
+
+* ``xla``: the mask in plain jnp (``sparsify``), then an XLA dot. Runs everywhere.
+* ``pallas``: the fused kernel of ``pallas_kernels.nm_matmul`` (mask computed on each
+  activation tile, never written to memory): Triton on GPU, Mosaic on TPU, the Pallas
+  interpreter on CPU (slow: for tests).
+
+The default is ``pallas`` on GPU/TPU and ``xla`` on CPU. Asking by name for an
+implementation that cannot run is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from amber_jax.patterns import NMPattern
+
+IMPLS = ("xla", "pallas")
+
+
+def default_impl(backend: str | None = None) -> str:
+  backend = backend or jax.default_backend()
+  return "pallas" if backend in ("gpu", "cuda", "rocm", "tpu") else "xla"
+
+
+def check_impl(impl: str, pattern: NMPattern | None, backend: str | None = None) -> str:
+  """Validates ``impl`` for this pattern on this backend; raises ValueError naming why not."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+  backend = backend or jax.default_backend()
+  if impl == "pallas" and pattern is not None:
+    if backend == "rocm":
+      raise ValueError("impl='pallas' has no kernel for ROCm here; use impl='xla'")
+    if backend in ("gpu", "cuda", "cpu") and pattern.m & (pattern.m - 1):
+      raise ValueError(
+        f"impl='pallas' (the Triton kernel) needs a power-of-2 M, got pattern {pattern}; "
+        "use impl='xla' for this pattern"
+      )
+  return impl
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """Static options of the Pallas path (part of the plan's static fields)."""
+
+  interpret: bool
+  # On CPU (interpret mode) every grid step costs milliseconds: use coarse tiles.
+  coarse_blocks: bool
+
+
+def kernel_options(backend: str | None = None) -> KernelOptions:
+  backend = backend or jax.default_backend()
+  on_cpu = backend == "cpu"
+  return KernelOptions(interpret=on_cpu, coarse_blocks=on_cpu)
+
+
+def pallas_nm_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelOptions):
+  """[tokens, K] x [K, N] through the fused kernel (imported lazily: optional dependency)."""
+  from pallas_kernels.nm_matmul import BlockSizes, next_power_of_2, nm_matmul
+
+  block_sizes = None
+  if options.coarse_blocks:
+    tokens, k = x_2d.shape
+    block_sizes = BlockSizes(
+      block_m=max(16, next_power_of_2(min(tokens, 512))),
+      block_n=max(16, next_power_of_2(min(w.shape[1], 2048))),
+      block_k=max(16, pattern.m, next_power_of_2(min(k, 1024))),
+    )
+  return nm_matmul(
+    x_2d,
+    w.astype(x_2d.dtype),
+    pattern=pattern,
+    factors=factors,
+    block_sizes=block_sizes,
+    interpret=options.interpret,
+    backend="triton" if options.interpret else None,
+  )

@@ -1,0 +1,94 @@
+"""The injection point's implementation choice: xla (jnp mask + dot) vs pallas (fused kernel)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amber_jax.impl import check_impl, default_impl
+from amber_jax.model import LlamaConfig, forward
+from amber_jax.patterns import NMPattern
+from amber_jax.plan import make_plan
+from amber_jax.pruner import AmberConfig
+from amber_jax.scores import model_factors
+
+CFG = LlamaConfig(
+  vocab_size=97,
+  d_model=64,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  head_dim=16,
+  d_ff=128,
+  qkv_bias=True,
+)
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  L, D, F = CFG.n_layers, CFG.d_model, CFG.d_ff
+
+  def w(*s):
+    return rng.normal(size=s).astype(np.float32) * 0.2
+
+  return {
+    "embed": w(97, D),
+    "final_norm": 1 + w(D),
+    "lm_head": w(D, 97),
+    "layers": {
+      "attn_norm": 1 + w(L, D),
+      "mlp_norm": 1 + w(L, D),
+      "q": {"w": w(L, D, 64), "b": w(L, 64)},
+      "k": {"w": w(L, D, 32), "b": w(L, 32)},
+      "v": {"w": w(L, D, 32), "b": w(L, 32)},
+      "o": {"w": w(L, 64, D)},
+      "gate": {"w": w(L, D, F)},
+      "up": {"w": w(L, D, F)},
+      "down": {"w": w(L, F, D)},
+    },
+  }
+
+
+@pytest.mark.parametrize("pattern,score", [("8:16", "weight"), ("2:4", "naive")])
+def test_pallas_forward_equals_xla(pattern, score):
+  params = _params()
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 12)), jnp.int32)
+  f = model_factors(params, score)
+  sites = [(0, "q"), (0, "down"), (1, "gate"), (1, "o")]
+  xla = forward(
+    params, tokens, config=CFG, plan=make_plan(CFG, pattern, sites=sites, factors=f, impl="xla")
+  )
+  pallas = forward(
+    params, tokens, config=CFG, plan=make_plan(CFG, pattern, sites=sites, factors=f, impl="pallas")
+  )
+  err = float(jnp.max(jnp.abs(xla - pallas)))
+  print(f"{pattern} {score}: max |pallas - xla| logits = {err:.2e}")
+  assert err < 1e-4
+
+
+def test_default_impl_by_backend():
+  assert default_impl("cpu") == "xla"
+  assert default_impl("gpu") == "pallas"
+  assert default_impl("tpu") == "pallas"
+  assert make_plan(CFG, "8:16").impl == default_impl()
+
+
+def test_impl_that_cannot_run_is_an_error():
+  with pytest.raises(ValueError, match="impl must be one of xla, pallas"):
+    make_plan(CFG, "8:16", impl="cuda")
+  with pytest.raises(ValueError, match="power-of-2 M"):
+    check_impl("pallas", NMPattern.parse("2:6"), backend="gpu")
+  with pytest.raises(ValueError, match="power-of-2 M"):
+    AmberConfig(pattern=NMPattern.parse("3:6"), impl="pallas")
+  assert check_impl("xla", NMPattern.parse("3:6"), backend="gpu") == "xla"
+  assert check_impl("pallas", NMPattern.parse("3:6"), backend="tpu") == "pallas"
+
+
+def test_changing_impl_changes_only_static_part():
+  a = make_plan(CFG, "8:16", impl="xla")
+  b = make_plan(CFG, "8:16", impl="pallas")
+  assert jax.tree.structure(a) != jax.tree.structure(b)  # impl is static: a new compile
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
