@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.coverage import coverage as coverage_of
+from amber_jax.coverage import site_macs
 from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.model.llama import causal_mask, embed, run_layers
 from amber_jax.patterns import NMPattern
@@ -183,6 +185,45 @@ def select_skip_layers(
   benefit = sensitivity.errors[:, q] + sensitivity.errors[:, gate]
   order = np.argsort(-benefit, kind="stable")
   return tuple(sorted(int(l) for l in order[:k]))
+
+
+def select_dense_sites(
+  sensitivity: Sensitivity, config: LlamaConfig, coverage_target: float
+) -> tuple[tuple[int, str], ...]:
+  """Site-granular ``auto``: which q and gate sites (independently) stay dense.
+
+  A 0/1 knapsack: each q or gate site kept dense costs its multiply-adds of
+  coverage and removes its sensitivity from the total error; the budget is the
+  coverage above the target under the paper's rules. Exact by dynamic programming
+  over multiply-add units (the gcd of the site costs).
+  """
+  check_coverage_target(coverage_target)
+  macs = site_macs(config)
+  total = config.n_layers * sum(macs.values())
+  paper = sum(macs[p] for _, p in policy_sites(config, "paper"))
+  budget = paper - coverage_target * total
+  if budget < -1e-9 * total:
+    max_skips_for_coverage(config, coverage_target)  # raises the unreachable-target error
+  unit = math.gcd(*(macs[p] for p in SKIPPABLE))
+  capacity = max(0, int(math.floor(budget / unit + 1e-9)))
+  items = [(l, p) for l in range(config.n_layers) for p in SKIPPABLE]
+  costs = [macs[p] // unit for _, p in items]
+  values = [float(sensitivity.errors[l, PROJECTIONS.index(p)]) for l, p in items]
+  best = np.zeros(capacity + 1)
+  take = np.zeros((len(items), capacity + 1), bool)
+  for i, (cost, value) in enumerate(zip(costs, values, strict=True)):
+    if cost > capacity:
+      continue
+    candidate = best[: capacity + 1 - cost] + value
+    better = candidate > best[cost:] + 1e-15
+    take[i, cost:] = better
+    best[cost:] = np.where(better, candidate, best[cost:])
+  chosen, c = [], capacity
+  for i in range(len(items) - 1, -1, -1):
+    if take[i, c]:
+      chosen.append(items[i])
+      c -= costs[i]
+  return tuple(sorted(chosen))
 
 
 def parse_layer_list(spec: str | Sequence[int]) -> tuple[int, ...]:

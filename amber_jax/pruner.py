@@ -20,9 +20,12 @@ from amber_jax.policy import (
   check_skip_layers,
   measure_sensitivity,
   policy_sites,
+  select_dense_sites,
   select_skip_layers,
 )
 from amber_jax.scores import check_score, model_factors
+
+GRANULARITIES = ("layer", "site")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,6 +36,9 @@ class AmberConfig:
   score: str = "naive"
   policy: str = "all"
   skip_layers: tuple[int, ...] = ()
+  # auto: "layer" keeps q and gate dense together in whole layers (the paper's rule);
+  # "site" chooses q and gate sites independently (a knapsack on the coverage budget).
+  granularity: str = "layer"
   coverage: float = 0.55  # target for policy="auto"
   robust_clip: bool = True
   impl: str | None = None  # "xla" | "pallas"; None: the backend's default (amber_jax.impl)
@@ -43,6 +49,10 @@ class AmberConfig:
     check_score(self.score)
     check_policy(self.policy)
     check_coverage_target(self.coverage)
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(
+        f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
+      )
     if self.policy == "auto" and self.skip_layers:
       raise ValueError("skip_layers cannot be given with policy='auto' (auto chooses them)")
 
@@ -58,9 +68,10 @@ class AmberConfig:
 class PlanInfo:
   plan: SparsityPlan
   coverage: Coverage
-  skip_layers: tuple[int, ...]
+  skip_layers: tuple[int, ...]  # layers whose q and gate both stay dense
   sensitivity: Sensitivity | None
   seconds: float  # factors + calibration + search
+  dense_sites: tuple[tuple[int, str], ...] = ()  # granularity="site": q/gate sites kept dense
 
 
 def build_plan(
@@ -82,6 +93,7 @@ def build_plan(
   factors = model_factors(params, amber.score, robust_clip=amber.robust_clip)
   sensitivity = None
   skip = tuple(amber.skip_layers)
+  dense_sites: set[tuple[int, str]] = set()
   if amber.policy == "auto":
     if calib_windows is None or len(calib_windows) == 0:
       raise ValueError("policy='auto' needs calibration windows (calib_windows >= 1)")
@@ -96,13 +108,25 @@ def build_plan(
       dtype=dtype,
       show_progress=show_progress,
     )
-    skip = select_skip_layers(sensitivity, config, amber.coverage)
+    if amber.granularity == "layer":
+      skip = select_skip_layers(sensitivity, config, amber.coverage)
+    else:
+      dense_sites = set(select_dense_sites(sensitivity, config, amber.coverage))
   policy = "paper" if amber.policy == "auto" else amber.policy
   plan = make_plan(
     config,
     amber.pattern,
-    sites=policy_sites(config, policy, skip),
+    sites=[s for s in policy_sites(config, policy, skip) if s not in dense_sites],
     factors=factors,
     impl=amber.impl,
   )
-  return PlanInfo(plan, plan_coverage(config, plan), skip, sensitivity, time.perf_counter() - start)
+  if dense_sites:  # report whole layers where both q and gate stayed dense
+    skip = tuple(l for l in range(config.n_layers) if {(l, "q"), (l, "gate")} <= dense_sites)
+  return PlanInfo(
+    plan,
+    plan_coverage(config, plan),
+    skip,
+    sensitivity,
+    time.perf_counter() - start,
+    tuple(sorted(dense_sites)),
+  )

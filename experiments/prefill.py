@@ -62,6 +62,12 @@ _ROBUST_KEEP = flags.DEFINE_bool(
 _GEN_PROMPTS = flags.DEFINE_integer(
   "gen_prompts", 4, "Prompts for the generation-agreement check (0: skip it)."
 )
+_GRANULARITY = flags.DEFINE_enum(
+  "granularity",
+  "layer",
+  ["layer", "site"],
+  "policy=auto: keep q and gate dense in whole layers (paper) or choose q/gate sites separately.",
+)
 _IMPL = flags.DEFINE_enum(
   "impl",
   None,
@@ -99,6 +105,7 @@ def main(argv):
       robust_clip=not _ROBUST_KEEP.value,
       gen_prompts=_GEN_PROMPTS.value,
       impl=_IMPL.value,
+      granularity=_GRANULARITY.value,
       seq_len=_SEQ_LEN.value,
       num_windows=_NUM_WINDOWS.value,
       batch_size=_BATCH_SIZE.value,

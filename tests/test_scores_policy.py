@@ -145,3 +145,32 @@ def test_bad_skip_layers_and_widths_fail_before_loading():
   with pytest.raises(ValueError, match="comma-separated integers"):
     parse_layer_list("1,x")
   assert parse_layer_list("19, 21,") == (19, 21)
+
+
+def test_site_granular_auto_is_an_exact_knapsack():
+  from itertools import combinations
+
+  from amber_jax.coverage import coverage as cov
+  from amber_jax.policy import select_dense_sites
+
+  cfg = LlamaConfig(
+    vocab_size=8, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+  )
+  rng = np.random.default_rng(5)
+  sens = Sensitivity(errors=rng.uniform(size=(3, 7)), pattern="2:4", score="naive", tokens=1)
+  target = 0.45
+  chosen = select_dense_sites(sens, cfg, target)
+  sites = [(l, p) for l in range(3) for p in ("q", "gate")]
+
+  def value(subset):
+    return sum(sens.errors[l, PROJECTIONS.index(p)] for l, p in subset)
+
+  def feasible(subset):
+    kept = [s for s in policy_sites(cfg, "paper") if s not in set(subset)]
+    return cov(cfg, kept, P816).covered >= target - 1e-12
+
+  best = max(
+    (c for r in range(len(sites) + 1) for c in combinations(sites, r) if feasible(c)), key=value
+  )
+  assert feasible(chosen)
+  assert value(chosen) == pytest.approx(value(best))

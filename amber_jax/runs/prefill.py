@@ -25,6 +25,7 @@ class PrefillRunConfig:
   coverage: float = 0.55
   robust_clip: bool = True
   impl: str | None = None  # "xla" | "pallas"; None: pallas on GPU/TPU, xla on CPU
+  granularity: str = "layer"  # auto policy: "layer" (q+gate together) or "site"
   seq_len: int = 512
   num_windows: int = 8
   calib_windows: int = 8  # taken after the evaluation windows, never overlapping them
@@ -59,6 +60,7 @@ class PrefillRunConfig:
       coverage=self.coverage,
       robust_clip=self.robust_clip,
       impl=self.impl,
+      granularity=self.granularity,
     )
 
 
@@ -124,11 +126,16 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       params, setup.eval_windows, plan=info.plan, desc=f"sparse {amber.pattern}", **common
     )
     result["sparse"] = _result_row(
-      sparse, pattern=str(amber.pattern), policy=amber.policy, score=amber.score, impl=info.plan.impl
+      sparse,
+      pattern=str(amber.pattern),
+      policy=amber.policy,
+      score=amber.score,
+      impl=info.plan.impl,
     )
     result["coverage"] = info.coverage.covered
     result["removed"] = info.coverage.removed
     result["skip_layers"] = list(info.skip_layers)
+    result["dense_sites"] = [f"{p}{l}" for l, p in info.dense_sites]
     result["plan_seconds"] = info.seconds
     result["time_ratio"] = sparse.seconds / dense.seconds
     if info.sensitivity is not None:
@@ -175,6 +182,8 @@ def format_table(result: dict) -> str:
     )
     if result["sparse"]["policy"] != "all":
       lines.append(f"q/gate dense in layers: {result['skip_layers'] or 'none'}")
+      if result.get("dense_sites"):
+        lines.append(f"q/gate sites kept dense: {', '.join(result['dense_sites'])}")
     if "generation" in result:
       g = result["generation"]
       lines.append(
