@@ -1,0 +1,86 @@
+"""Configurations of well-known checkpoints (for coverage accounting and random-weight benchmarks).
+
+These are the published shapes; no weights come with them. ``init_random_params``
+draws weights of the right shapes, for throughput measurements where the values do
+not matter (e.g. on a machine that cannot fetch the real checkpoint).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from amber_jax.model.config import PROJECTIONS, LlamaConfig, RopeScaling
+
+PRESETS: dict[str, LlamaConfig] = {
+  "smollm2-135m": LlamaConfig(
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    d_ff=1536,
+    rope_theta=100000.0,
+    norm_eps=1e-5,
+    tie_embeddings=True,
+  ),
+  "llama-3.1-8b": LlamaConfig(
+    vocab_size=128256,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    d_ff=14336,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling(),
+    norm_eps=1e-5,
+  ),
+  "qwen2-7b": LlamaConfig(
+    vocab_size=152064,
+    d_model=3584,
+    n_layers=28,
+    n_heads=28,
+    n_kv_heads=4,
+    head_dim=128,
+    d_ff=18944,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qkv_bias=True,
+    architecture="qwen2",
+  ),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+  return PRESETS[name]
+
+
+def init_random_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict:
+  """Random params in our layout (normal, std 0.02; norms 1), created on the default device."""
+  keys = iter(jax.random.split(key, 16))
+  L = config.n_layers
+
+  def normal(*shape):
+    return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+  layers = {
+    "attn_norm": jnp.ones((L, config.d_model), dtype),
+    "mlp_norm": jnp.ones((L, config.d_model), dtype),
+  }
+  for proj, (d_in, d_out) in config.linear_shapes().items():
+    layers[proj] = {"w": normal(L, d_in, d_out)}
+    if config.qkv_bias and proj in ("q", "k", "v"):
+      layers[proj]["b"] = normal(L, d_out)
+  assert set(PROJECTIONS) <= set(layers)
+  params = {
+    "embed": normal(config.vocab_size, config.d_model),
+    "layers": layers,
+    "final_norm": jnp.ones((config.d_model,), dtype),
+  }
+  if not config.tie_embeddings:
+    params["lm_head"] = normal(config.d_model, config.vocab_size)
+  return params
