@@ -26,3 +26,11 @@ def cpu_model_name() -> str:
   import platform
 
   return platform.processor()
+
+
+def usable_cpus() -> int:
+  """CPUs this process may run on (its affinity mask, as under taskset): what XLA:CPU uses."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1

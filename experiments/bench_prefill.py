@@ -1,8 +1,9 @@
 """Prefill throughput: JAX dense vs N:M sparse vs HF transformers, side by side in one run.
 
-Command (on CPU; the table in BENCHMARKS.md):
+Command (on CPU; the tables in BENCHMARKS.md, the second pinned to one core):
 
-    python experiments/bench_prefill.py --markdown
+    python experiments/bench_prefill.py --markdown --repeats=3
+    taskset -c 0 python experiments/bench_prefill.py --markdown --repeats=3
 
 It loads SmolLM2-135M-Instruct (fetched and converted on first use, as in
 experiments/prefill.py), tokenizes gensim's lee_background.cor, and for every
@@ -11,13 +12,16 @@ batch x seq_len of the grid (default 1,4 x 128,512) times the jitted prefill
 and, when torch and transformers import, HF transformers' dense prefill of the
 same weights on the same tokens (the params are written to a temporary HF
 directory and loaded with AutoModelForCausalLM, float32, eval mode,
-inference_mode, torch threads = os.cpu_count()). Each is warmed up once, then
-run --repeats times interleaved; medians. It prints the versions, the max abs
-difference between HF's logits and ours on the first grid point, then one table:
-batch, seq_len, GFLOP per prefill, dense ms, sparse ms, sparse/dense, HF ms,
-HF/dense (the speedup of our dense prefill over HF), tokens/s, achieved GFLOP/s,
-and at the end the peak RSS of the process. Takes about 3 minutes on 2 CPU cores
-with the default grid and --repeats=3 (about 4 with the default 5).
+inference_mode, torch threads = the CPUs this process may use, which is what
+XLA:CPU uses). Each is warmed up once, then run --repeats times interleaved;
+medians. It prints the versions, the max abs difference between HF's logits and
+ours on the first grid point (about 1e-4; logits reach 35), then one table:
+batch, seq_len, GFLOP per prefill, dense ms, sparse ms, sparse/dense (about 2 on
+CPU: the mask is extra work, the matmuls stay dense), HF ms, HF/dense (the
+speedup of our dense prefill over HF), tokens/s, achieved GFLOP/s, and at the end
+the peak RSS of the process (about 3.2 GB). Takes 3-5 minutes with --repeats=3 on
+a shared 2-core machine (up to 7 with the default 5 when other jobs load it: torch's
+2-thread runs slow down most under load; see BENCHMARKS.md).
 
 On a GPU machine (JAX backend gpu) the HF column runs on CUDA when torch sees a
 GPU and is skipped with a note otherwise (a CPU torch time would not compare):
@@ -47,12 +51,14 @@ from absl import app, flags, logging  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import cpu_model_name, default_cache_dir  # noqa: E402
+from _common import cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
 
 from amber_jax.bench.prefill_bench import (  # noqa: E402
   DTYPES,
   MATMUL_PRECISIONS,
   PrefillBenchConfig,
+  bench_random_preset,
+  format_random_preset_table,
   format_table,
   machine_info,
   peak_memory,
@@ -77,8 +83,22 @@ _MATMUL_PRECISION = flags.DEFINE_enum(
   "float32 matmul precision for JAX and torch alike ('default': each library's own).",
 )
 _HF = flags.DEFINE_bool("hf", True, "Time HF transformers too (when torch imports).")
+_TORCH_THREADS = flags.DEFINE_integer(
+  "torch_threads",
+  None,
+  "torch intra-op threads (default: the CPUs this process may run on, as many as XLA:CPU uses).",
+)
 _TEXT_FILE = flags.DEFINE_string(
   "text_file", None, "UTF-8 text for the token ids (default: gensim's lee_background.cor)."
+)
+_RANDOM_INIT = flags.DEFINE_string(
+  "random_init",
+  None,
+  "Benchmark random weights of a preset (smollm2-135m, llama-3.1-8b, qwen2-7b) instead of "
+  "loading --model: for machines that cannot fetch the checkpoint (no HF column).",
+)
+_IMPLS = flags.DEFINE_list(
+  "impls", ["xla"], "With --random_init: sparse implementations to time (xla, pallas)."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (BENCHMARKS.md).")
@@ -105,10 +125,29 @@ def main(argv):
 
   machine = machine_info(cpu_model_name())
   print(
-    f"device: {jax.devices()} (backend {machine['jax_backend']}, {machine['cpu_count']} CPUs: "
-    f"{machine['cpu_model'] or machine['machine']})"
+    f"device: {jax.devices()} (backend {machine['jax_backend']}, {machine['cpu_count']} CPUs, "
+    f"{usable_cpus()} usable: {machine['cpu_model'] or machine['machine']})"
   )
   if _DEVICE_INFO.value:
+    return
+  if _RANDOM_INIT.value:
+    try:
+      result = bench_random_preset(
+        _RANDOM_INIT.value,
+        pattern=_PATTERN.value,
+        impls=_IMPLS.value,
+        batch_sizes=_ints("batch_sizes", _BATCH_SIZES.value),
+        seq_lens=_ints("seq_lens", _SEQ_LENS.value),
+        repeats=_REPEATS.value,
+        dtype=_DTYPE.value,
+      )
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    result["machine"] = machine
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(format_random_preset_table(result))
+    if _OUTPUT.value:
+      write_json_atomic(_OUTPUT.value, result)
     return
   try:
     cfg = PrefillBenchConfig(
@@ -120,14 +159,14 @@ def main(argv):
       dtype=_DTYPE.value,
       text=_TEXT_FILE.value or "lee_background",
       hf=_HF.value,
-      torch_threads=os.cpu_count(),  # XLA:CPU uses one thread per core.
+      torch_threads=_TORCH_THREADS.value or usable_cpus(),
       matmul_precision=_MATMUL_PRECISION.value,
       cache_dir=_CACHE_DIR.value or default_cache_dir(),
     )
     result = run_prefill_bench(cfg)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  result["machine"] = machine
+  result["machine"] = {**machine, "usable_cpus": usable_cpus()}
   result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   print()
   print(format_table(result, markdown=_MARKDOWN.value))

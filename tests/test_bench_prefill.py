@@ -7,7 +7,9 @@ experiments/bench_prefill.py and its numbers live in BENCHMARKS.md.
 from __future__ import annotations
 
 import json
+import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -195,3 +197,21 @@ def test_bench_prefill_with_hf_transformers():
   assert row["hf_over_dense"] == pytest.approx(row["hf"]["median_ms"] / row["dense"]["median_ms"])
   assert row["hf_over_dense"] > 0 and row["hf_over_dense_paired"] > 0
   assert "HF vs our dense logits" in format_table(result)
+
+
+def test_hf_unavailable_says_why(monkeypatch):
+  params = _random_params(TINY)
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError.
+    with pytest.raises(HFUnavailable, match="torch/transformers do not import"):
+      load_hf_prefill(TINY, params)
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  if torch.cuda.is_available():
+    return
+  with pytest.raises(HFUnavailable, match="no CUDA device"):
+    load_hf_prefill(TINY, params, device="cuda")
+  # JAX on a GPU with a CPU-only torch: skipped rather than timing torch on the CPU.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(HFUnavailable, match="JAX computes on gpu"):
+    load_hf_prefill(TINY, params)

@@ -630,11 +630,16 @@ def format_table(result: Mapping[str, Any], *, markdown: bool = False) -> str:
     fmt_row = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
     header = fmt_row(TABLE_COLUMNS)
     lines = [header, "-" * len(header)] + [fmt_row(row) for row in cells]
+  if result["pattern"] is None:
+    sparse = "no sparse column (dense pattern)"
+  else:
+    sparse = (
+      f"sparse = {result['pattern']} on {result['sparse_sites']}/{result['total_sites']} linear "
+      "inputs, |x| score (dense matmuls on the zeroed inputs)"
+    )
   notes = [
     f"median of {result['repeats']} interleaved repetitions after a warm-up call; "
-    f"{result['dtype']}, matmul precision {result['matmul_precision']}; "
-    f"sparse = {result['pattern']} on {result['sparse_sites']}/{result['total_sites']} linear "
-    "inputs, naive |x| score (dense matmuls on the zeroed inputs)",
+    f"{result['dtype']}, matmul precision {result['matmul_precision']}; {sparse}",
   ]
   for key, name in (
     ("sparse_over_dense_paired", "sparse/dense"),
@@ -665,3 +670,101 @@ def format_table(result: Mapping[str, Any], *, markdown: bool = False) -> str:
   notes.append(result["flop_counting"])
   sep = "\n\n" if markdown else "\n"
   return "\n".join(lines) + sep + sep.join(notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random weights of a preset, several sparse implementations (for accelerators, where the real
+# checkpoint may not be reachable and the throughput does not depend on the weight values).
+
+
+def bench_random_preset(
+  preset_name: str,
+  *,
+  pattern: str,
+  impls: Sequence[str],
+  batch_sizes: Sequence[int],
+  seq_lens: Sequence[int],
+  repeats: int = 5,
+  dtype: str = "bfloat16",
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+  """Dense vs one sparse column per ``impl`` ("xla", "pallas") on random weights of a preset.
+
+  Every linear input is sparsified (the "all" policy, naive |x| score). Returns rows with the
+  median ms of each column, its ratio to dense, tokens/s and achieved TFLOP/s of dense.
+  """
+  from amber_jax.model.presets import init_random_params, preset
+
+  config = preset(preset_name)
+  jdtype = DTYPES[dtype]
+  params = init_random_params(config, jax.random.key(0), dtype=jdtype)
+  plans = {f"sparse_{impl}": make_plan(config, pattern, impl=impl) for impl in impls}
+  rng = np.random.default_rng(0)
+  rows = []
+  for b in batch_sizes:
+    for t in seq_lens:
+      tokens = jax.device_put(jnp.asarray(rng.integers(0, config.vocab_size, (b, t)), jnp.int32))
+      fns = {
+        "dense": lambda tokens=tokens: jax.block_until_ready(
+          _PREFILL(params, tokens, plan=None, config=config, dtype=jdtype)
+        )
+      }
+      for name, plan in plans.items():
+        fns[name] = lambda tokens=tokens, plan=plan: jax.block_until_ready(
+          _PREFILL(params, tokens, plan=plan, config=config, dtype=jdtype)
+        )
+      first = {}
+      for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+      times = time_interleaved(fns, repeats)
+      flops = prefill_flops(config, b, t).total
+      med = {n: statistics.median(v) for n, v in times.items()}
+      row = {
+        "batch": b,
+        "seq_len": t,
+        "tokens": b * t,
+        "flops": flops,
+        "median_ms": {n: 1e3 * v for n, v in med.items()},
+        "first_call_s": first,
+        "over_dense": {n: med[n] / med["dense"] for n in fns if n != "dense"},
+        "dense_tflop_per_s": flops / med["dense"] / 1e12,
+      }
+      rows.append(row)
+      log(
+        f"{preset_name} batch {b} x {t}: "
+        + ", ".join(f"{n} {1e3 * v:.2f} ms" for n, v in med.items())
+      )
+  return {
+    "preset": preset_name,
+    "pattern": pattern,
+    "impls": list(impls),
+    "dtype": dtype,
+    "repeats": repeats,
+    "param_bytes": param_bytes(params),
+    "jax": {
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      **_versions("jax", "jaxlib"),
+    },
+    "rows": rows,
+  }
+
+
+def format_random_preset_table(result: Mapping[str, Any]) -> str:
+  names = ["dense", *[f"sparse_{i}" for i in result["impls"]]]
+  header = (
+    ["batch", "seq_len"]
+    + [f"{n} ms" for n in names]
+    + [f"{n}/dense" for n in names[1:]]
+    + ["dense TFLOP/s"]
+  )
+  lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+  for r in result["rows"]:
+    cells = [str(r["batch"]), str(r["seq_len"])]
+    cells += [f"{r['median_ms'][n]:.2f}" for n in names]
+    cells += [f"{r['over_dense'][n]:.3f}" for n in names[1:]]
+    cells += [f"{r['dense_tflop_per_s']:.1f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
