@@ -23,6 +23,7 @@ from flax import struct
 from amber_jax.impl import check_impl, default_impl
 from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.patterns import NMPattern
+from amber_jax.sparsity import MASK_METHODS
 
 
 @struct.dataclass
@@ -33,6 +34,8 @@ class SparsityPlan:
   factors: dict[str, jax.Array]  # proj -> float32 [L, d_in]
   pattern: NMPattern | None = struct.field(pytree_node=False, default=None)
   impl: str = struct.field(pytree_node=False, default="xla")  # see amber_jax.impl
+  # impl="xla": the mask algorithm (amber_jax.sparsity.nm_mask); all give the same mask.
+  mask_method: str = struct.field(pytree_node=False, default="auto")
 
   def enabled_sites(self) -> list[tuple[int, str]]:
     """(layer, projection) pairs that are sparsified, in layer-major order."""
@@ -53,6 +56,7 @@ def make_plan(
   sites: Iterable[tuple[int, str]] | str = "all",
   factors: Mapping[str, np.ndarray] | None = None,
   impl: str | None = None,
+  mask_method: str = "auto",
 ) -> SparsityPlan:
   """Builds a plan.
 
@@ -71,6 +75,8 @@ def make_plan(
   """
   pattern = None if pattern is None else NMPattern.parse(pattern)
   impl = check_impl(default_impl() if impl is None else impl, pattern)
+  if mask_method not in ("auto", *MASK_METHODS):
+    raise ValueError(f"mask_method must be 'auto' or one of {MASK_METHODS}, got {mask_method!r}")
   n_layers = config.n_layers
   shapes = config.linear_shapes()
   enabled = {p: np.zeros((n_layers,), bool) for p in PROJECTIONS}
@@ -102,4 +108,5 @@ def make_plan(
     factors=out_factors,
     pattern=pattern,
     impl=impl,
+    mask_method=mask_method,
   )

@@ -54,15 +54,63 @@ def _keep_mask_topk(score_GxM: jax.Array, n: int) -> jax.Array:
   return jnp.any(idx[..., :, None] == jnp.arange(m).reshape((1,) * idx.ndim + (m,)), axis=-2)
 
 
-def nm_mask(score: jax.Array, pattern: NMPattern) -> jax.Array:
-  """Boolean keep-mask, same shape as ``score``: top-N per group of M on the last axis."""
+def _batcher_pairs(n: int) -> list[tuple[int, int]]:
+  """Comparators of Batcher's odd-even merge sort for n a power of two."""
+  pairs = []
+  p = 1
+  while p < n:
+    k = p
+    while k >= 1:
+      for j in range(k % p, n - k, 2 * k):
+        for i in range(min(k, n - j - k)):
+          if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+            pairs.append((i + j, i + j + k))
+      k //= 2
+    p *= 2
+  return pairs
+
+
+def _keep_mask_sortnet(score_GxM: jax.Array, n: int) -> jax.Array:
+  # The N-th largest score of each group by a sorting network (min/max on the group's
+  # columns), then: keep scores above it, and of those equal to it the lowest-index ones
+  # until N are kept. Exact, and only ~M log^2 M min/max per group.
+  m = score_GxM.shape[-1]
+  width = 1 << (m - 1).bit_length()
+  cols = [score_GxM[..., j] for j in range(m)]
+  cols += [jnp.full_like(cols[0], -1.0)] * (width - m)  # scores are >= 0
+  for a, b in _batcher_pairs(width):
+    cols[a], cols[b] = jnp.maximum(cols[a], cols[b]), jnp.minimum(cols[a], cols[b])
+  threshold = cols[n - 1][..., None]
+  above = score_GxM > threshold
+  equal = score_GxM == threshold
+  n_above = jnp.sum(above, axis=-1, dtype=jnp.int32, keepdims=True)
+  equal_before = jnp.cumsum(equal, axis=-1, dtype=jnp.int32) - equal
+  return above | (equal & (equal_before < n - n_above))
+
+
+MASK_METHODS = ("pairwise", "topk", "sortnet")
+
+
+def nm_mask(score: jax.Array, pattern: NMPattern, *, method: str = "auto") -> jax.Array:
+  """Boolean keep-mask, same shape as ``score``: top-N per group of M on the last axis.
+
+  ``method`` picks the algorithm (all exact, same result): "pairwise" ranks by all-pairs
+  comparison in the group, "topk" uses lax.top_k, "sortnet" finds the N-th largest score
+  with a sorting network; "auto" is pairwise up to M = 32, top_k above.
+  """
   *lead, width = score.shape
   pattern.check_width(width, where="last-axis")
   score_GxM = score.reshape(*lead, width // pattern.m, pattern.m)
-  if pattern.m <= _PAIRWISE_MAX_M:
+  if method == "auto":
+    method = "pairwise" if pattern.m <= _PAIRWISE_MAX_M else "topk"
+  if method == "pairwise":
     keep = _keep_mask_pairwise(score_GxM, pattern.n)
-  else:
+  elif method == "topk":
     keep = _keep_mask_topk(score_GxM, pattern.n)
+  elif method == "sortnet":
+    keep = _keep_mask_sortnet(score_GxM, pattern.n)
+  else:
+    raise ValueError(f"method must be 'auto' or one of {MASK_METHODS}, got {method!r}")
   return keep.reshape(score.shape)
 
 
@@ -70,6 +118,8 @@ def sparsify(
   x: jax.Array,
   pattern: NMPattern | str | None,
   factors: jax.Array | None = None,
+  *,
+  method: str = "auto",
 ) -> jax.Array:
   """Keeps the N largest-score entries of every M consecutive ones on the last axis.
 
@@ -78,6 +128,7 @@ def sparsify(
     pattern: an NMPattern or "N:M"; None returns ``x`` unchanged (dense).
     factors: optional per-channel score factors, shape ``[x.shape[-1]]``
       (score = |x| * factors, e.g. the weight-aware score of Amber Pruner).
+    method: the mask algorithm (see ``nm_mask``); every method gives the same result.
 
   Returns:
     An array of the same shape and dtype; kept values are bit-identical to ``x``.
@@ -92,5 +143,5 @@ def sparsify(
       f"factors must have shape ({x.shape[-1]},) to match x's last axis, "
       f"got factors.shape={factors.shape}"
     )
-  keep = nm_mask(nm_scores(x, factors), pattern)
+  keep = nm_mask(nm_scores(x, factors), pattern, method=method)
   return jnp.where(keep, x, jnp.zeros((), x.dtype))

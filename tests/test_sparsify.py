@@ -285,3 +285,18 @@ def test_scalar_input_is_an_error():
 def test_bad_pattern_string():
   with pytest.raises(ValueError, match="1 <= N < M"):
     sparsify(jnp.ones((4,)), "4:2")
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 8), (8, 16), (5, 12), (16, 32), (20, 64)])
+def test_mask_methods_agree_with_ties(n, m):
+  from amber_jax.sparsity import MASK_METHODS, nm_mask, nm_scores
+
+  x = jax.random.randint(jax.random.key(n * 100 + m), (7, 3 * m), -2, 3).astype(jnp.float32)
+  x = x.at[0, :m].set(jnp.nan).at[1, 1].set(jnp.inf)
+  pattern = NMPattern(n=n, m=m)
+  masks = [np.asarray(nm_mask(nm_scores(x), pattern, method=k)) for k in MASK_METHODS]
+  for mask in masks[1:]:
+    np.testing.assert_array_equal(mask, masks[0])
+  assert (masks[0].reshape(7, 3, m).sum(-1) == n).all()
+  with pytest.raises(ValueError, match="method must be"):
+    nm_mask(nm_scores(x), pattern, method="bitonic")

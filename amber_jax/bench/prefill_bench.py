@@ -698,7 +698,13 @@ def bench_random_preset(
   config = preset(preset_name)
   jdtype = DTYPES[dtype]
   params = init_random_params(config, jax.random.key(0), dtype=jdtype)
-  plans = {f"sparse_{impl}": make_plan(config, pattern, impl=impl) for impl in impls}
+  # "xla-sortnet" = impl xla with the sortnet mask algorithm; "pallas" = the fused kernel.
+  plans = {
+    f"sparse_{name}": make_plan(
+      config, pattern, impl=name.partition("-")[0], mask_method=name.partition("-")[2] or "auto"
+    )
+    for name in impls
+  }
   rng = np.random.default_rng(0)
   rows = []
   for b in batch_sizes:

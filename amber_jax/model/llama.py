@@ -44,6 +44,7 @@ def project(
   plan_slice: dict[str, jax.Array] | None,
   pattern,
   impl: str = "xla",
+  mask_method: str = "auto",
 ) -> jax.Array:
   """The injection point: ``transform(x) @ w (+ b)`` for site (layer, proj).
 
@@ -72,7 +73,10 @@ def project(
   else:
     factors = plan_slice["factors"]
     x = jax.lax.cond(
-      plan_slice["enabled"], lambda x_: sparsify(x_, pattern, factors), lambda x_: x_, x
+      plan_slice["enabled"],
+      lambda x_: sparsify(x_, pattern, factors, method=mask_method),
+      lambda x_: x_,
+      x,
     )
     y = dense(x)
   if "b" in weights:
@@ -120,6 +124,7 @@ def plan_injection(plan: SparsityPlan | None):
     plan_xs = {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in plan.enabled}
   pattern = None if plan is None else plan.pattern
   impl = "xla" if plan is None else plan.impl
+  mask_method = "auto" if plan is None else plan.mask_method
 
   def make_lin(layer_params, plan_layer, layer):
     def lin(x, proj):
@@ -131,6 +136,7 @@ def plan_injection(plan: SparsityPlan | None):
         plan_slice=None if plan_layer is None else plan_layer[proj],
         pattern=pattern,
         impl=impl,
+        mask_method=mask_method,
       )
 
     return lin, {}
