@@ -67,7 +67,7 @@ def make_plan(
       (layer, projection) pairs to sparsify.
     factors: optional proj -> [L, d_in] score factors (default: ones, the |x| score).
     impl: "xla" or "pallas" (the fused kernel); None picks the backend's default
-      (pallas on GPU/TPU, xla on CPU). An impl that cannot run raises ValueError.
+      (xla everywhere for now: see amber_jax.impl). An impl that cannot run raises ValueError.
 
   Raises:
     ValueError: naming the projection, if M does not divide a sparsified input

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 
 from amber_jax.patterns import NMPattern
 
-# Up to this M, ranks are computed by all-pairs comparison inside the group
-# (M^2 cheap elementwise ops that XLA fuses into one reduction); above it,
-# lax.top_k is used, whose cost grows as M log M.
-_PAIRWISE_MAX_M = 32
+# The default mask algorithm ("auto") is the sorting network up to this M, lax.top_k above
+# (the network's comparator count grows as M log^2 M). Measured (BENCHMARKS.md): at 8:16 the
+# sorting network costs 1.24-1.52x a dense bf16 dot on an H200 where the pairwise ranks cost
+# 17-24x and top_k 4-6x, and it also beats pairwise ranks on CPU (model prefill 1.4-1.6x of
+# dense instead of 1.8-2.3x).
+_SORTNET_MAX_M = 128
 
 
 def nm_scores(x: jax.Array, factors: jax.Array | None = None) -> jax.Array:
@@ -96,13 +98,13 @@ def nm_mask(score: jax.Array, pattern: NMPattern, *, method: str = "auto") -> ja
 
   ``method`` picks the algorithm (all exact, same result): "pairwise" ranks by all-pairs
   comparison in the group, "topk" uses lax.top_k, "sortnet" finds the N-th largest score
-  with a sorting network; "auto" is pairwise up to M = 32, top_k above.
+  with a sorting network; "auto" is the sorting network up to M = 128, top_k above.
   """
   *lead, width = score.shape
   pattern.check_width(width, where="last-axis")
   score_GxM = score.reshape(*lead, width // pattern.m, pattern.m)
   if method == "auto":
-    method = "pairwise" if pattern.m <= _PAIRWISE_MAX_M else "topk"
+    method = "sortnet" if pattern.m <= _SORTNET_MAX_M else "topk"
   if method == "pairwise":
     keep = _keep_mask_pairwise(score_GxM, pattern.n)
   elif method == "topk":

@@ -73,7 +73,7 @@ _IMPL = flags.DEFINE_enum(
   None,
   ["xla", "pallas"],
   "Sparse matmul: xla (jnp mask + XLA dot) or pallas (fused kernel; interpret mode on CPU). "
-  "Default: pallas on GPU/TPU, xla on CPU.",
+  "Default: xla (faster than the current kernel on an H200; see BENCHMARKS.md).",
 )
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Predicted tokens per window.")
 _NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Number of non-overlapping windows.")

@@ -70,8 +70,8 @@ def test_pallas_forward_equals_xla(pattern, score):
 
 def test_default_impl_by_backend():
   assert default_impl("cpu") == "xla"
-  assert default_impl("gpu") == "pallas"
-  assert default_impl("tpu") == "pallas"
+  assert default_impl("gpu") == "xla"  # measured: XLA + sorting-network mask wins on H200
+  assert default_impl("tpu") == "xla"
   assert make_plan(CFG, "8:16").impl == default_impl()
 
 

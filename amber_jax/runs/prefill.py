@@ -24,7 +24,7 @@ class PrefillRunConfig:
   skip_layers: tuple[int, ...] = ()
   coverage: float = 0.55
   robust_clip: bool = True
-  impl: str | None = None  # "xla" | "pallas"; None: pallas on GPU/TPU, xla on CPU
+  impl: str | None = None  # "xla" | "pallas"; None: the default of amber_jax.impl (xla)
   granularity: str = "layer"  # auto policy: "layer" (q+gate together) or "site"
   seq_len: int = 512
   num_windows: int = 8
