@@ -3,10 +3,10 @@
 Each entry is a directory ``<cache_dir>/params/<key>/`` holding an orbax
 checkpoint of the float32 params and a ``meta.json`` with the model config, the
 source fingerprint and a SHA-256 of every array. An entry is used only when the
-fingerprint matches (size, mtime and format
-version: otherwise it is stale) and the restored arrays hash to the recorded
-digest (otherwise it is corrupt); either way it is rebuilt, never silently
-used. Entries are written to a temporary directory and renamed into place.
+fingerprint matches (path, sizes, mtimes and format version; otherwise it is
+stale) and the restored arrays hash to the recorded digest (otherwise it is
+corrupt); either way it is rebuilt, never silently used. Entries are written to a
+temporary directory and renamed into place.
 """
 
 from __future__ import annotations
