@@ -1,0 +1,113 @@
+"""The main job's bad inputs fail before any weights are loaded (tiny HF fixture model)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+import amber_jax.runs.common as common
+from amber_jax.runs.prefill import PrefillRunConfig, run_prefill
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("weights were loaded before the bad input was reported")
+
+  monkeypatch.setattr(common, "load_model", refuse)
+
+
+@pytest.mark.parametrize("pattern", ["3:2", "0:4", "4:4", "8", "a:b"])
+def test_bad_pattern_fails_at_config(pattern, tmp_path):
+  with pytest.raises(ValueError, match="pattern"):
+    PrefillRunConfig(pattern=pattern, cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(seq_len=0), "seq_len must be >= 1"),
+    (dict(dtype="float16"), "dtype must be one of"),
+    (dict(score="abs"), "score must be one of"),
+    (dict(policy="half"), "policy must be one of"),
+    (dict(coverage=0.0), "coverage must be in"),
+    (dict(policy="auto", calib_windows=0), "calib_windows"),
+  ],
+)
+def test_bad_flags_fail_at_config(kwargs, match, tmp_path):
+  with pytest.raises(ValueError, match=match):
+    PrefillRunConfig(cache_dir=str(tmp_path), **kwargs)
+
+
+def test_m_not_dividing_a_width_fails_before_loading(tmp_path, no_weight_loading):
+  # tiny-llama: d_model 64, so M = 128 cannot divide the q/k/v/gate/up input width.
+  cfg = PrefillRunConfig(model=str(FIXTURE), pattern="64:128", cache_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="M=128 must divide"):
+    run_prefill(cfg, show_progress=False)
+
+
+def test_skip_layer_out_of_range_fails_before_loading(tmp_path, no_weight_loading):
+  cfg = PrefillRunConfig(
+    model=str(FIXTURE), pattern="8:16", policy="paper", skip_layers=(7,), cache_dir=str(tmp_path)
+  )
+  with pytest.raises(ValueError, match="skip layer 7 is out of range"):
+    run_prefill(cfg, show_progress=False)
+
+
+def test_short_text_fails_before_loading(tmp_path, no_weight_loading):
+  text = tmp_path / "short.txt"
+  text.write_text("Only a few words here.", encoding="utf-8")
+  cfg = PrefillRunConfig(
+    model=str(FIXTURE),
+    pattern="8:16",
+    text=str(text),
+    seq_len=64,
+    num_windows=1,
+    calib_windows=0,
+    cache_dir=str(tmp_path),
+  )
+  with pytest.raises(ValueError, match="text too short"):
+    run_prefill(cfg, show_progress=False)
+
+
+def test_missing_model_and_text_files(tmp_path, no_weight_loading):
+  with pytest.raises(ValueError, match="neither a known name"):
+    run_prefill(
+      PrefillRunConfig(model=str(tmp_path / "nope.gguf"), cache_dir=str(tmp_path)),
+      show_progress=False,
+    )
+  cfg = PrefillRunConfig(
+    model=str(FIXTURE), text=str(tmp_path / "missing.txt"), cache_dir=str(tmp_path)
+  )
+  with pytest.raises(ValueError, match="does not exist"):
+    run_prefill(cfg, show_progress=False)
+
+
+def test_tiny_model_end_to_end(tmp_path):
+  """The whole job on the tiny HF fixture: a dense and a sparse row, JSON-ready output."""
+  text = tmp_path / "text.txt"
+  text.write_text(" ".join(f"word{i} and more text" for i in range(400)), encoding="utf-8")
+  cfg = PrefillRunConfig(
+    model=str(FIXTURE),
+    pattern="8:16",
+    score="weight",
+    policy="auto",
+    text=str(text),
+    seq_len=32,
+    num_windows=2,
+    calib_windows=2,
+    gen_prompts=2,
+    gen_prompt_len=8,
+    gen_tokens=4,
+    batch_size=2,
+    cache_dir=str(tmp_path / "cache"),
+  )
+  result = run_prefill(cfg, show_progress=False, log=lambda *a: None)
+  assert result["dense"]["tokens"] == result["sparse"]["tokens"] == 64
+  assert result["sparse"]["pattern"] == "8:16"
+  assert 0 < result["coverage"] <= 1
+  assert 0 <= result["generation"]["agreement"] <= 1
+  assert result["versions"]["jax"]
