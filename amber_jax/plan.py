@@ -14,6 +14,7 @@ changing which sites are enabled or the factors re-uses the compiled function.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,8 @@ class SparsityPlan:
   impl: str = struct.field(pytree_node=False, default="xla")  # see amber_jax.impl
   # impl="xla": the mask algorithm (amber_jax.sparsity.nm_mask); all give the same mask.
   mask_method: str = struct.field(pytree_node=False, default="auto")
+  # W8A8 part (amber_jax.quant_plan.QuantState) or None for float weights.
+  quant: Any = None
 
   def enabled_sites(self) -> list[tuple[int, str]]:
     """(layer, projection) pairs that are sparsified, in layer-major order."""

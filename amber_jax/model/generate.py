@@ -41,7 +41,9 @@ def generate_greedy(
 
   def step(carry, _):
     token_B, cache = carry
-    logits, cache = decode_step(params, token_B[:, None], cache, config=config, dtype=dtype)
+    logits, cache = decode_step(
+      params, token_B[:, None], cache, config=config, plan=plan, dtype=dtype
+    )
     nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     return (nxt, cache), token_B
 

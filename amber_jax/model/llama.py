@@ -18,6 +18,7 @@ from flax import struct
 from amber_jax.impl import kernel_options, pallas_nm_matmul
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
+from amber_jax.quant import int8_dot_general, quantize_activation
 from amber_jax.sparsity import sparsify
 
 Params = dict[str, Any]
@@ -45,6 +46,9 @@ def project(
   pattern,
   impl: str = "xla",
   mask_method: str = "auto",
+  quant_slice: dict[str, jax.Array] | None = None,
+  act_mode: str = "token",
+  order: str = "sparsify_first",
 ) -> jax.Array:
   """The injection point: ``transform(x) @ w (+ b)`` for site (layer, proj).
 
@@ -55,6 +59,11 @@ def project(
   index (kept for transforms that need the site identity).
   """
   del layer  # The plan slice is already this layer's row.
+  if quant_slice is not None:
+    y = _project_w8a8(x, weights, plan_slice, pattern, mask_method, quant_slice, act_mode, order)
+    if "b" in weights:
+      y = y + weights["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+    return y
   w = weights["w"].astype(x.dtype)
   dense = lambda x_: jnp.einsum("...i,io->...o", x_, w)
   if plan_slice is None or pattern is None:
@@ -82,6 +91,42 @@ def project(
   if "b" in weights:
     y = y + weights["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
   return y
+
+
+def _project_w8a8(x, weights, plan_slice, pattern, mask_method, q, act_mode, order):
+  """W8A8 at the injection point, with the N:M transform before or after quantizing."""
+
+  def row(a):  # per-input-channel vector [d_in] -> broadcastable against x
+    return a.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+
+  def maybe_sparsify(v):
+    if plan_slice is None or pattern is None:
+      return v
+    return jax.lax.cond(
+      plan_slice["enabled"],
+      lambda v_: sparsify(v_, pattern, plan_slice["factors"], method=mask_method),
+      lambda v_: v_,
+      v,
+    )
+
+  def float_path(x_):
+    # x_ is smoothed where the norm was folded: multiply the fold back for the float weight.
+    xs = maybe_sparsify(x_) * row(q["fold"])
+    return jnp.einsum("...i,io->...o", xs, weights["w"].astype(x_.dtype))
+
+  def int8_path(x_):
+    xs = x_ / row(q["act_div"])
+    static = q["act_scale"] if act_mode == "tensor" else None
+    if order == "sparsify_first":
+      x_q, x_scale = quantize_activation(maybe_sparsify(xs), mode=act_mode, static_scale=static)
+    else:
+      x_q, x_scale = quantize_activation(xs, mode=act_mode, static_scale=static)
+      x_q = maybe_sparsify(x_q)
+    acc = int8_dot_general(x_q, q["w_q"], (((x_q.ndim - 1,), (0,)), ((), ())))
+    w_scale = q["w_scale"].reshape((1,) * (acc.ndim - 1) + (-1,))
+    return (acc.astype(jnp.float32) * x_scale * w_scale).astype(x_.dtype)
+
+  return jax.lax.cond(q["in_float"], float_path, int8_path, x)
 
 
 def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
@@ -113,30 +158,47 @@ def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   return h, kv_out
 
 
-def plan_injection(plan: SparsityPlan | None):
+def plan_injection(plan: SparsityPlan | None, *, sparse: bool = True):
   """The default injection point factory: (layer_params, plan row, layer) -> lin(x, proj).
 
-  Also returns the per-layer rows of the plan to scan over (None for dense).
+  Also returns the per-layer rows of the plan to scan over (None for dense). With
+  ``sparse=False`` (decode) the N:M transform is off; a W8A8 part of the plan stays on.
   """
-  if plan is None or plan.pattern is None:
+  pattern = None if plan is None or not sparse else plan.pattern
+  quant = None if plan is None else plan.quant
+  if pattern is None and quant is None:
     plan_xs = None
   else:
-    plan_xs = {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in plan.enabled}
-  pattern = None if plan is None else plan.pattern
+    plan_xs = {"sites": {}, "norms": None}
+    for p in plan.enabled:
+      site = {}
+      if pattern is not None:
+        site.update(enabled=plan.enabled[p], factors=plan.factors[p])
+      if quant is not None:
+        site["quant"] = quant.sites[p]
+      plan_xs["sites"][p] = site
+    if quant is not None:
+      plan_xs["norms"] = (quant.norms["attn_norm"], quant.norms["mlp_norm"])
   impl = "xla" if plan is None else plan.impl
   mask_method = "auto" if plan is None else plan.mask_method
+  act_mode = "token" if quant is None else quant.act_mode
+  order = "sparsify_first" if quant is None else quant.order
 
   def make_lin(layer_params, plan_layer, layer):
     def lin(x, proj):
+      site = None if plan_layer is None else plan_layer["sites"][proj]
       return project(
         x,
         layer_params[proj],
         proj=proj,
         layer=layer,
-        plan_slice=None if plan_layer is None else plan_layer[proj],
+        plan_slice=site if pattern is not None else None,
         pattern=pattern,
         impl=impl,
         mask_method=mask_method,
+        quant_slice=None if site is None else site.get("quant"),
+        act_mode=act_mode,
+        order=order,
       )
 
     return lin, {}
@@ -159,6 +221,8 @@ def run_layers(config, params, h, positions, mask, cache: KVCache | None, make_l
     lin, records = make_lin(layer_params, layer_x, layer)
     kv_in = None if kv is None else (kv[0], kv[1], cache.length)
     norms = (layer_params["attn_norm"], layer_params["mlp_norm"])
+    if isinstance(layer_x, dict) and layer_x.get("norms") is not None:
+      norms = layer_x["norms"]  # RMSNorm weights with smoothing folded in (W8A8 plans)
     h, kv_out = _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms)
     return h, (kv_out, records)
 
@@ -167,8 +231,8 @@ def run_layers(config, params, h, positions, mask, cache: KVCache | None, make_l
   return h, kv, records
 
 
-def _run_layers(config, params, plan, h, positions, mask, cache: KVCache | None):
-  make_lin, plan_xs = plan_injection(plan)
+def _run_layers(config, params, plan, h, positions, mask, cache: KVCache | None, sparse=True):
+  make_lin, plan_xs = plan_injection(plan, sparse=sparse)
   h, kv, _ = run_layers(config, params, h, positions, mask, cache, make_lin, plan_xs)
   return h, kv
 
@@ -256,16 +320,20 @@ def decode_step(
   cache: KVCache,
   *,
   config: LlamaConfig,
+  plan: SparsityPlan | None = None,
   dtype=jnp.float32,
 ) -> tuple[jax.Array, KVCache]:
-  """Dense decode of T new tokens (usually 1) against the cache: logits and the new cache."""
+  """Decode of T new tokens (usually 1) against the cache: logits and the new cache.
+
+  Never sparsified: only the W8A8 part of ``plan`` (if any) applies.
+  """
   b, t = tokens_BxT.shape
   s_max = cache.k.shape[2]
   positions = cache.length + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   key_pos = jnp.arange(s_max, dtype=jnp.int32)
   mask = key_pos[None, None, :] <= positions[:, :, None]
   h = embed(params, tokens_BxT, dtype)
-  # Decode is always dense: no plan is passed to the layers.
-  h, (k, v) = _run_layers(config, params, None, h, positions, mask, cache)
+  # Decode never sparsifies (sparse=False); W8A8 weights stay int8.
+  h, (k, v) = _run_layers(config, params, plan, h, positions, mask, cache, sparse=False)
   new_cache = KVCache(k=k, v=v, length=cache.length + t)
   return _logits(config, params, h), new_cache

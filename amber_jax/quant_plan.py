@@ -1,0 +1,117 @@
+"""W8A8 (and Outstanding-sparse) as plan data: smoothed int8 weights, scales, float sites.
+
+Smoothing divides a site's input by s (per input channel) and multiplies the weight's
+input rows by s, so dense outputs are unchanged. Where sites share a preceding RMSNorm
+(q/k/v on the attention norm, gate/up on the MLP norm) the division is folded exactly
+into that norm's weight (one s for the group, from the group's largest weight rows);
+o and down divide their input at the injection point.
+
+Per projection, stacked over layers:
+
+* ``w_q`` int8 [L, d_in, d_out] and ``w_scale`` float32 [L, d_out] (symmetric per output
+  channel) of the smoothed weight;
+* ``act_div`` [L, d_in]: what the injection point divides the input by (ones where the
+  norm was folded); ``fold`` [L, d_in]: the folded s (ones for o/down), which a site kept
+  in float multiplies back;
+* ``act_scale`` [L]: the static per-tensor activation scale (used with act_mode="tensor");
+* ``in_float`` bool [L]: the site keeps its float weight.
+
+``norms`` holds the folded RMSNorm weights. Static: ``act_mode`` ("token" dynamic
+per-token scales, or "tensor" static) and ``order`` ("sparsify_first": sparsify, then
+quantize the sparse row; "quantize_first": quantize, then sparsify the int8 values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.quant import quantize_weight, smoothing_factors, weight_input_absmax
+
+SMOOTHING = ("none", "smoothquant", "outstanding")
+ACT_MODES = ("token", "tensor")
+ORDERS = ("sparsify_first", "quantize_first")
+GROUPS = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}
+DEFAULT_ALPHA = {"none": 0.5, "smoothquant": 0.5, "outstanding": 0.10}
+
+
+@struct.dataclass
+class QuantState:
+  sites: dict  # proj -> {"w_q", "w_scale", "act_div", "fold", "act_scale", "in_float"}
+  norms: dict  # "attn_norm"/"mlp_norm" -> [L, D] folded norm weights
+  act_mode: str = struct.field(pytree_node=False, default="token")
+  order: str = struct.field(pytree_node=False, default="sparsify_first")
+
+
+def check_quant_options(smooth: str, alpha: float, act_mode: str, order: str) -> None:
+  if smooth not in SMOOTHING:
+    raise ValueError(f"smooth must be one of {', '.join(SMOOTHING)}, got {smooth!r}")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+  if act_mode not in ACT_MODES:
+    raise ValueError(f"act_scale must be one of {', '.join(ACT_MODES)}, got {act_mode!r}")
+  if order not in ORDERS:
+    raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+
+
+def build_quant_state(
+  params,
+  config: LlamaConfig,
+  input_absmax: dict[str, np.ndarray],
+  *,
+  smooth: str = "smoothquant",
+  alpha: float | None = None,
+  act_mode: str = "token",
+  order: str = "sparsify_first",
+  float_sites: Iterable[tuple[int, str]] = (),
+) -> tuple[QuantState, dict[str, np.ndarray]]:
+  """The W8A8 plan part, and the smoothed float weights (proj -> [L, d_in, d_out]) from which
+  score factors of the sparse part should be computed (the scores see smoothed activations)."""
+  alpha = DEFAULT_ALPHA[smooth] if alpha is None else alpha
+  check_quant_options(smooth, alpha, act_mode, order)
+  n_layers = config.n_layers
+  float_set = set(float_sites)
+  for layer, proj in float_set:
+    if proj not in PROJECTIONS or not 0 <= layer < n_layers:
+      raise ValueError(f"float site ({layer}, {proj!r}) is not a (layer, projection) of this model")
+  w = {p: np.asarray(params["layers"][p]["w"], np.float32) for p in PROJECTIONS}
+  s = {}
+  for group in (*GROUPS.values(), ("o",), ("down",)):
+    w_absmax = np.stack(
+      [np.max([weight_input_absmax(w[p][l]) for p in group], axis=0) for l in range(n_layers)]
+    )
+    x_absmax = np.max([input_absmax[p] for p in group], axis=0)
+    group_s = np.stack(
+      [
+        np.asarray(smoothing_factors(x_absmax[l], w_absmax[l], alpha=alpha, kind=smooth))
+        for l in range(n_layers)
+      ]
+    ).astype(np.float32)
+    for p in group:
+      s[p] = group_s
+  folded = {p for g in GROUPS.values() for p in g}
+  sites, smoothed = {}, {}
+  for p in PROJECTIONS:
+    smoothed[p] = w[p] * s[p][:, :, None]
+    q_and_scale = [quantize_weight(smoothed[p][l]) for l in range(n_layers)]
+    ones = np.ones_like(s[p])
+    act_div = ones if p in folded else s[p]
+    # Static per-tensor scale: the largest smoothed input value / 127.
+    act_scale = np.max(input_absmax[p] / s[p], axis=1) / 127.0
+    sites[p] = {
+      "w_q": jnp.asarray(np.stack([np.asarray(q) for q, _ in q_and_scale]), jnp.int8),
+      "w_scale": jnp.asarray(np.stack([np.asarray(sc) for _, sc in q_and_scale]), jnp.float32),
+      "act_div": jnp.asarray(act_div),
+      "fold": jnp.asarray(s[p] if p in folded else ones),
+      "act_scale": jnp.asarray(np.maximum(act_scale, 1e-8), jnp.float32),
+      "in_float": jnp.asarray([(l, p) in float_set for l in range(n_layers)]),
+    }
+  norms = {
+    name: jnp.asarray(np.asarray(params["layers"][name], np.float32) / s[group[0]])
+    for name, group in GROUPS.items()
+  }
+  return QuantState(sites=sites, norms=norms, act_mode=act_mode, order=order), smoothed
