@@ -68,6 +68,26 @@ _GRANULARITY = flags.DEFINE_enum(
   ["layer", "site"],
   "policy=auto: keep q and gate dense in whole layers (paper) or choose q/gate sites separately.",
 )
+_QUANT = flags.DEFINE_enum("quant", "none", ["none", "w8a8"], "Weight and activation int8.")
+_SMOOTH = flags.DEFINE_enum(
+  "smooth",
+  "smoothquant",
+  ["none", "smoothquant", "outstanding"],
+  "w8a8 smoothing: SmoothQuant (s = max|X|^a / max|W|^(1-a)) or its inverse (outstanding).",
+)
+_ALPHA = flags.DEFINE_float("alpha", None, "Smoothing exponent (default 0.5, outstanding 0.10).")
+_ACT_SCALE = flags.DEFINE_enum(
+  "act_scale", "token", ["token", "tensor"], "w8a8 activation scales: per token or per tensor."
+)
+_ORDER = flags.DEFINE_enum(
+  "order",
+  "sparsify_first",
+  ["sparsify_first", "quantize_first"],
+  "Outstanding-sparse: sparsify then quantize, or quantize then sparsify.",
+)
+_FLOAT_SITES = flags.DEFINE_list(
+  "float_sites", [], "w8a8 sites kept in float, as proj:layer (e.g. down:29,o:0)."
+)
 _IMPL = flags.DEFINE_enum(
   "impl",
   None,
@@ -91,6 +111,17 @@ _CACHE_DIR = flags.DEFINE_string(
 )
 
 
+def parse_sites(items: list[str]) -> tuple[tuple[int, str], ...]:
+  """["down:29", "o:0"] -> ((29, "down"), (0, "o"))."""
+  sites = []
+  for item in items:
+    proj, _, layer = item.partition(":")
+    if not layer.strip().isdigit():
+      sys.exit(f"error: --float_sites entries look like proj:layer (e.g. down:29), got {item!r}")
+    sites.append((int(layer), proj.strip()))
+  return tuple(sites)
+
+
 def main(argv):
   del argv
   try:
@@ -106,6 +137,12 @@ def main(argv):
       gen_prompts=_GEN_PROMPTS.value,
       impl=_IMPL.value,
       granularity=_GRANULARITY.value,
+      quant=_QUANT.value,
+      smooth=_SMOOTH.value,
+      alpha=_ALPHA.value,
+      act_scale=_ACT_SCALE.value,
+      order=_ORDER.value,
+      float_sites=parse_sites(_FLOAT_SITES.value),
       seq_len=_SEQ_LEN.value,
       num_windows=_NUM_WINDOWS.value,
       batch_size=_BATCH_SIZE.value,

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
+import jax.numpy as jnp
+
+from amber_jax.calibration import collect_input_absmax
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.generation import generation_agreement
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.patterns import parse_pattern_or_dense
+from amber_jax.plan import make_plan
 from amber_jax.pruner import AmberConfig, build_plan
+from amber_jax.quant_plan import DEFAULT_ALPHA, build_quant_state, check_quant_options
 from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.scores import model_factors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,6 +33,12 @@ class PrefillRunConfig:
   robust_clip: bool = True
   impl: str | None = None  # "xla" | "pallas"; None: the default of amber_jax.impl (xla)
   granularity: str = "layer"  # auto policy: "layer" (q+gate together) or "site"
+  quant: str = "none"  # "none" | "w8a8"
+  smooth: str = "smoothquant"  # w8a8: "none" | "smoothquant" | "outstanding"
+  alpha: float | None = None  # None: 0.5 (smoothquant), 0.10 (outstanding)
+  act_scale: str = "token"  # w8a8 activations: "token" (dynamic) | "tensor" (static)
+  order: str = "sparsify_first"  # or "quantize_first"
+  float_sites: tuple[tuple[int, str], ...] = ()  # w8a8 sites kept in float
   seq_len: int = 512
   num_windows: int = 8
   calib_windows: int = 8  # taken after the evaluation windows, never overlapping them
@@ -48,6 +61,12 @@ class PrefillRunConfig:
     if self.policy == "auto" and self.calib_windows < 1:
       raise ValueError("policy=auto needs calib_windows >= 1")
     check_dtype(self.dtype)
+    if self.quant not in ("none", "w8a8"):
+      raise ValueError(f"quant must be one of none, w8a8, got {self.quant!r}")
+    alpha = DEFAULT_ALPHA.get(self.smooth, 0.5) if self.alpha is None else self.alpha
+    check_quant_options(self.smooth, alpha, self.act_scale, self.order)
+    if self.quant == "w8a8" and self.calib_windows < 1:
+      raise ValueError("quant=w8a8 needs calib_windows >= 1 (activation statistics)")
     if not self.cache_dir:
       raise ValueError("cache_dir must be given (where the model and text are cached)")
 
@@ -112,6 +131,33 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
 
   dense = perplexity(params, setup.eval_windows, plan=None, desc="dense", **common)
   result = {"dense": _result_row(dense), "coverage": 0.0, "removed": 0.0, "skip_layers": []}
+  quant_state = smoothed = None
+  if cfg.quant == "w8a8":
+    start = time.perf_counter()
+    absmax = collect_input_absmax(
+      params,
+      setup.calib_windows,
+      config=config,
+      batch_size=cfg.batch_size,
+      dtype=dtype,
+      show_progress=show_progress,
+    )
+    quant_state, smoothed = build_quant_state(
+      params,
+      config,
+      absmax,
+      smooth=cfg.smooth,
+      alpha=cfg.alpha,
+      act_mode=cfg.act_scale,
+      order=cfg.order,
+      float_sites=cfg.float_sites,
+    )
+    calib_seconds = time.perf_counter() - start
+    quant_plan = make_plan(config, None, impl="xla").replace(quant=quant_state)
+    quant = perplexity(params, setup.eval_windows, plan=quant_plan, desc="w8a8", **common)
+    result["quant"] = _result_row(
+      quant, smooth=cfg.smooth, act_scale=cfg.act_scale, calib_seconds=calib_seconds
+    )
   if amber.pattern is not None:
     info = build_plan(
       params,
@@ -122,8 +168,17 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       dtype=dtype,
       show_progress=show_progress,
     )
+    plan = info.plan
+    if quant_state is not None:
+      # Outstanding-sparse: the scores see the smoothed activations, so their factors come
+      # from the smoothed weights (the weight-aware score itself is invariant to smoothing).
+      smoothed_layers = {"layers": {p: {"w": w} for p, w in smoothed.items()}}
+      factors = model_factors(smoothed_layers, amber.score, robust_clip=amber.robust_clip)
+      plan = plan.replace(
+        quant=quant_state, factors={p: jnp.asarray(f) for p, f in factors.items()}
+      )
     sparse = perplexity(
-      params, setup.eval_windows, plan=info.plan, desc=f"sparse {amber.pattern}", **common
+      params, setup.eval_windows, plan=plan, desc=f"sparse {amber.pattern}", **common
     )
     result["sparse"] = _result_row(
       sparse,
@@ -131,6 +186,8 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       policy=amber.policy,
       score=amber.score,
       impl=info.plan.impl,
+      quant=cfg.quant,
+      order=cfg.order if cfg.quant != "none" else None,
     )
     result["coverage"] = info.coverage.covered
     result["removed"] = info.coverage.removed
@@ -142,7 +199,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       result["sensitivity"] = info.sensitivity.errors.tolist()
     if prompts is not None:
       gen = generation_agreement(
-        params, prompts, config=config, plan=info.plan, new_tokens=cfg.gen_tokens, dtype=dtype
+        params, prompts, config=config, plan=plan, new_tokens=cfg.gen_tokens, dtype=dtype
       )
       result["generation"] = {
         "agreement": gen.agreement,
@@ -160,19 +217,22 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
 def format_table(result: dict) -> str:
   """The side-by-side table printed by experiments/prefill.py."""
   rows = [("dense", result["dense"], "0.0%")]
+  if "quant" in result:
+    rows.append((f"w8a8 {result['quant']['smooth']}", result["quant"], "0.0%"))
   if "sparse" in result:
     s = result["sparse"]
-    rows.append(
-      (f"{s['pattern']} {s['policy']}/{s['score']}", s, f"{100 * result['coverage']:.1f}%")
-    )
+    name = f"{s['pattern']} {s['policy']}/{s['score']}"
+    if s.get("quant", "none") != "none":
+      name += f" + w8a8 ({s['order'].replace('_', ' ')})"
+    rows.append((name, s, f"{100 * result['coverage']:.1f}%"))
   header = (
-    f"{'run':<24} {'perplexity':>10} {'tokens':>7} {'coverage':>9} {'tok/s':>8} {'time/dense':>10}"
+    f"{'run':<40} {'perplexity':>10} {'tokens':>7} {'coverage':>9} {'tok/s':>8} {'time/dense':>10}"
   )
   lines = [header, "-" * len(header)]
   dense_s = result["dense"]["seconds"]
   for name, r, cov in rows:
     lines.append(
-      f"{name:<24} {r['perplexity']:>10.3f} {r['tokens']:>7d} {cov:>9} "
+      f"{name:<40} {r['perplexity']:>10.3f} {r['tokens']:>7d} {cov:>9} "
       f"{r['tokens_per_second']:>8.1f} {r['seconds'] / dense_s:>10.3f}"
     )
   if "sparse" in result:
