@@ -88,6 +88,10 @@ _ORDER = flags.DEFINE_enum(
 _FLOAT_SITES = flags.DEFINE_list(
   "float_sites", [], "w8a8 sites kept in float, as proj:layer (e.g. down:29,o:0)."
 )
+_SAVE_PLAN = flags.DEFINE_string("save_plan", None, "Save the calibrated plan here (orbax dir).")
+_LOAD_PLAN = flags.DEFINE_string(
+  "load_plan", None, "Restore a saved plan (checked against model, pattern, quant) and use it."
+)
 _IMPL = flags.DEFINE_enum(
   "impl",
   None,
@@ -143,6 +147,8 @@ def main(argv):
       act_scale=_ACT_SCALE.value,
       order=_ORDER.value,
       float_sites=parse_sites(_FLOAT_SITES.value),
+      save_plan=_SAVE_PLAN.value or "",
+      load_plan=_LOAD_PLAN.value or "",
       seq_len=_SEQ_LEN.value,
       num_windows=_NUM_WINDOWS.value,
       batch_size=_BATCH_SIZE.value,

@@ -139,3 +139,31 @@ def test_amber_auto_robust_8_16_meets_goal(real, windows, text):
     f"coverage {info.coverage.covered:.4f}, plan built in {info.seconds:.1f} s"
   )
   assert result.perplexity <= 43.0  # we measure 42.72 (dense 33.31, paper rules alone 45.0)
+
+
+def test_int8_plan_checkpoint_of_the_default_model(real, text, tmp_path):
+  """W8A8 plan of the real model on disk: int8 linear weights <= 27% of their fp32 bytes."""
+  import jax as _jax
+
+  from amber_jax.calibration import collect_input_absmax
+  from amber_jax.io.plan_checkpoint import checkpoint_bytes
+  from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
+  from amber_jax.quant_plan import build_quant_state
+
+  config, params, tokenizer = real
+  ids = np.asarray(tokenizer.encode(text).ids, np.int32)
+  calib = make_windows(ids, 128, 10)[8:]
+  absmax = collect_input_absmax(params, calib, config=config, show_progress=False)
+  state, _ = build_quant_state(params, config, absmax, smooth="outstanding")
+  plan = make_plan(config, "8:16").replace(quant=state)
+  save_sparsity_plan(tmp_path / "plan", plan, metadata={"model": DEFAULT_MODEL})
+  fp32_linear_bytes = sum(4 * np.asarray(params["layers"][p]["w"]).size for p in state.sites)
+  ratio = checkpoint_bytes(tmp_path / "plan") / fp32_linear_bytes
+  print(
+    f"int8 plan checkpoint: {checkpoint_bytes(tmp_path / 'plan') / 2**20:.1f} MiB, "
+    f"{100 * ratio:.1f}% of the fp32 linear weights ({fp32_linear_bytes / 2**20:.1f} MiB)"
+  )
+  assert ratio <= 0.27
+  restored, _ = load_sparsity_plan(tmp_path / "plan", expect={"model": DEFAULT_MODEL})
+  for a, b in zip(_jax.tree.leaves(plan), _jax.tree.leaves(restored), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

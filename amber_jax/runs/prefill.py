@@ -8,12 +8,14 @@ import time
 import jax.numpy as jnp
 
 from amber_jax.calibration import collect_input_absmax
+from amber_jax.coverage import plan_coverage
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.generation import generation_agreement
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.plan import make_plan
+from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.quant_plan import DEFAULT_ALPHA, build_quant_state, check_quant_options
 from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
@@ -39,6 +41,8 @@ class PrefillRunConfig:
   act_scale: str = "token"  # w8a8 activations: "token" (dynamic) | "tensor" (static)
   order: str = "sparsify_first"  # or "quantize_first"
   float_sites: tuple[tuple[int, str], ...] = ()  # w8a8 sites kept in float
+  save_plan: str = ""  # directory: save the calibrated plan (orbax, atomic)
+  load_plan: str = ""  # directory: restore a saved plan instead of calibrating
   seq_len: int = 512
   num_windows: int = 8
   calib_windows: int = 8  # taken after the evaluation windows, never overlapping them
@@ -95,6 +99,40 @@ def _result_row(r, **extra) -> dict:
   }
 
 
+def _plan_identity(cfg: PrefillRunConfig, model_config) -> dict:
+  """What a saved plan must match to be used: the model's shapes, the pattern, the W8A8 mode."""
+  pattern = parse_pattern_or_dense(cfg.pattern)
+  return {
+    "model_config": dataclasses.asdict(model_config),
+    "pattern": "dense" if pattern is None else str(pattern),
+    "quant": cfg.quant,
+  }
+
+
+def _run_loaded_plan(cfg, setup, plan, result, common, prompts) -> dict:
+  """Evaluates a restored plan (no calibration) next to the dense row already in ``result``."""
+  row = perplexity(setup.params, setup.eval_windows, plan=plan, desc="loaded plan", **common)
+  key = "sparse" if plan.pattern is not None else "quant"
+  result[key] = _result_row(
+    row,
+    pattern=str(plan.pattern),
+    policy="loaded",
+    score="loaded",
+    impl=plan.impl,
+    quant=cfg.quant,
+    order=cfg.order,
+    smooth="loaded",
+  )
+  if plan.pattern is not None:
+    cov = plan_coverage(setup.config, plan)
+    result.update(coverage=cov.covered, removed=cov.removed)
+    result["time_ratio"] = row.seconds / result["dense"]["seconds"]
+  result["config"] = dataclasses.asdict(cfg)
+  result["model_config"] = dataclasses.asdict(setup.config)
+  result.update(environment())
+  return result
+
+
 def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True) -> dict:
   """Evaluates the dense baseline and the configured plan on the same windows.
 
@@ -104,6 +142,15 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
   "skip_layers", "generation", "config", "versions", "device".
   """
   amber = cfg.amber()
+  loaded = {}
+
+  def validate(model_config):
+    amber.validate_for(model_config)
+    if cfg.load_plan:  # checked against this model and pattern before any weights load
+      loaded["plan"], loaded["meta"] = load_sparsity_plan(
+        cfg.load_plan, expect=_plan_identity(cfg, model_config)
+      )
+
   setup = prepare_eval(
     model=cfg.model,
     text=cfg.text,
@@ -112,7 +159,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
     num_windows=cfg.num_windows,
     calib_windows=cfg.calib_windows,
     dtype=cfg.dtype,
-    validate=amber.validate_for,
+    validate=validate,
     show_progress=show_progress,
     log=log,
   )
@@ -132,6 +179,8 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
   dense = perplexity(params, setup.eval_windows, plan=None, desc="dense", **common)
   result = {"dense": _result_row(dense), "coverage": 0.0, "removed": 0.0, "skip_layers": []}
   quant_state = smoothed = None
+  if loaded:
+    return _run_loaded_plan(cfg, setup, loaded["plan"], result, common, prompts)
   if cfg.quant == "w8a8":
     start = time.perf_counter()
     absmax = collect_input_absmax(
@@ -154,6 +203,8 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
     )
     calib_seconds = time.perf_counter() - start
     quant_plan = make_plan(config, None, impl="xla").replace(quant=quant_state)
+    if amber.pattern is None and cfg.save_plan:
+      save_sparsity_plan(cfg.save_plan, quant_plan, metadata=_plan_identity(cfg, config))
     quant = perplexity(params, setup.eval_windows, plan=quant_plan, desc="w8a8", **common)
     result["quant"] = _result_row(
       quant, smooth=cfg.smooth, act_scale=cfg.act_scale, calib_seconds=calib_seconds
@@ -177,6 +228,8 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       plan = plan.replace(
         quant=quant_state, factors={p: jnp.asarray(f) for p, f in factors.items()}
       )
+    if cfg.save_plan:
+      save_sparsity_plan(cfg.save_plan, plan, metadata=_plan_identity(cfg, config))
     sparse = perplexity(
       params, setup.eval_windows, plan=plan, desc=f"sparse {amber.pattern}", **common
     )

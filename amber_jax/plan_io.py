@@ -1,0 +1,70 @@
+"""Saving and restoring a calibrated plan (N:M sites, score factors, W8A8 part) with orbax.
+
+The arrays go through ``amber_jax.io.plan_checkpoint`` (atomic, per-leaf SHA-256, clear
+errors for truncated, corrupt or mismatched checkpoints); the plan's static fields
+(pattern, impl, mask algorithm, W8A8 activation mode and order) travel in the metadata, so
+a restored plan is the saved one, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from amber_jax.io.plan_checkpoint import PlanCheckpointError, load_plan, save_plan
+from amber_jax.patterns import NMPattern
+from amber_jax.plan import SparsityPlan
+from amber_jax.quant_plan import QuantState
+
+__all__ = ["PlanCheckpointError", "load_sparsity_plan", "save_sparsity_plan"]
+
+
+def _static(plan: SparsityPlan) -> dict:
+  static = {
+    "pattern": None if plan.pattern is None else str(plan.pattern),
+    "impl": plan.impl,
+    "mask_method": plan.mask_method,
+    "quant": None,
+  }
+  if plan.quant is not None:
+    static["quant"] = {"act_mode": plan.quant.act_mode, "order": plan.quant.order}
+  return static
+
+
+def save_sparsity_plan(path: str | os.PathLike, plan: SparsityPlan, *, metadata: dict) -> None:
+  """Writes ``plan`` to the directory ``path`` (atomically), with the caller's ``metadata``
+  (e.g. model, config, pattern, quant options: what ``load_sparsity_plan(expect=...)`` checks)."""
+  tree = {"enabled": plan.enabled, "factors": plan.factors}
+  if plan.quant is not None:
+    tree["quant"] = {"sites": plan.quant.sites, "norms": plan.quant.norms}
+  save_plan(path, tree, metadata={**metadata, "plan_static": _static(plan)})
+
+
+def load_sparsity_plan(
+  path: str | os.PathLike, *, expect: dict | None = None
+) -> tuple[SparsityPlan, dict]:
+  """Restores a plan saved by ``save_sparsity_plan``; ``expect`` entries must match the
+  saved metadata (else PlanCheckpointError naming the key and both values)."""
+  tree, metadata = load_plan(path, expect=expect)
+  static = metadata.get("plan_static")
+  if not isinstance(static, dict):
+    raise PlanCheckpointError(f"plan checkpoint {os.fspath(path)!r} has no plan_static metadata")
+  as_jnp = lambda d: {k: as_jnp(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in d.items()}
+  quant = None
+  if static.get("quant") is not None:
+    quant = QuantState(
+      sites=as_jnp(tree["quant"]["sites"]),
+      norms=as_jnp(tree["quant"]["norms"]),
+      act_mode=static["quant"]["act_mode"],
+      order=static["quant"]["order"],
+    )
+  plan = SparsityPlan(
+    enabled=as_jnp(tree["enabled"]),
+    factors=as_jnp(tree["factors"]),
+    pattern=None if static["pattern"] is None else NMPattern.parse(static["pattern"]),
+    impl=static["impl"],
+    mask_method=static["mask_method"],
+    quant=quant,
+  )
+  return plan, metadata

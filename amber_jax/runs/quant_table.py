@@ -1,0 +1,167 @@
+"""Outstanding-sparse table: W8A8 (SmoothQuant, inverted smoothing) with and without N:M."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+
+from amber_jax.calibration import collect_input_absmax
+from amber_jax.data.texts import DEFAULT_TEXT
+from amber_jax.eval.perplexity import perplexity
+from amber_jax.io.sources import DEFAULT_MODEL
+from amber_jax.patterns import NMPattern
+from amber_jax.plan import make_plan
+from amber_jax.pruner import AmberConfig, build_plan
+from amber_jax.quant_plan import build_quant_state
+from amber_jax.report import markdown_table
+from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.scores import model_factors
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantTableConfig:
+  model: str = DEFAULT_MODEL
+  patterns: tuple[str, ...] = ("8:16", "2:4")
+  score: str = "robust"
+  policy: str = "auto"
+  coverage: float = 0.55
+  smoothquant_alpha: float = 0.5
+  outstanding_alpha: float = 0.10
+  act_scale: str = "token"
+  seq_len: int = 512
+  num_windows: int = 8
+  calib_windows: int = 8
+  batch_size: int = 4
+  dtype: str = "float32"
+  text: str = DEFAULT_TEXT
+  cache_dir: str = ""
+
+  def __post_init__(self):
+    for p in self.patterns:
+      NMPattern.parse(p)
+    AmberConfig(pattern=None, score=self.score, policy=self.policy, coverage=self.coverage)
+    check_dtype(self.dtype)
+    if self.calib_windows < 1:
+      raise ValueError("calib_windows must be >= 1")
+    if not self.cache_dir:
+      raise ValueError("cache_dir must be given")
+
+
+def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> dict:
+  setup = prepare_eval(
+    model=cfg.model,
+    text=cfg.text,
+    cache_dir=cfg.cache_dir,
+    seq_len=cfg.seq_len,
+    num_windows=cfg.num_windows,
+    calib_windows=cfg.calib_windows,
+    dtype=cfg.dtype,
+    show_progress=show_progress,
+    log=log,
+  )
+  params, config = setup.params, setup.config
+  dtype = DTYPES[cfg.dtype]
+  common = dict(config=config, batch_size=cfg.batch_size, dtype=dtype, show_progress=show_progress)
+  rows = []
+
+  def evaluate(name, plan, **extra):
+    start = time.perf_counter()
+    r = perplexity(params, setup.eval_windows, plan=plan, desc=name, **common)
+    rows.append(
+      {"method": name, "perplexity": r.perplexity, "seconds": time.perf_counter() - start, **extra}
+    )
+    log(f"{name:<44} ppl {r.perplexity:8.3f}")
+
+  evaluate("dense", None)
+  absmax = collect_input_absmax(
+    params,
+    setup.calib_windows,
+    config=config,
+    batch_size=cfg.batch_size,
+    dtype=dtype,
+    show_progress=show_progress,
+  )
+  quant = {}
+  for smooth, alpha in (
+    ("smoothquant", cfg.smoothquant_alpha),
+    ("outstanding", cfg.outstanding_alpha),
+  ):
+    state, smoothed = build_quant_state(
+      params, config, absmax, smooth=smooth, alpha=alpha, act_mode=cfg.act_scale
+    )
+    quant[smooth] = (state, smoothed)
+    evaluate(
+      f"W8A8 {smooth} a={alpha}",
+      make_plan(config, None, impl="xla").replace(quant=state),
+      smooth=smooth,
+      alpha=alpha,
+    )
+  for pattern in cfg.patterns:
+    amber = AmberConfig(
+      pattern=NMPattern.parse(pattern), score=cfg.score, policy=cfg.policy, coverage=cfg.coverage
+    )
+    info = build_plan(
+      params,
+      config,
+      amber,
+      calib_windows=setup.calib_windows,
+      batch_size=cfg.batch_size,
+      dtype=dtype,
+      show_progress=show_progress,
+    )
+    extra = {
+      "pattern": pattern,
+      "coverage": info.coverage.covered,
+      "skip_layers": list(info.skip_layers),
+    }
+    evaluate(f"Amber {pattern} {cfg.policy}/{cfg.score}", info.plan, **extra)
+    state, smoothed = quant["outstanding"]
+    smoothed_layers = {"layers": {p: {"w": w} for p, w in smoothed.items()}}
+    factors = {p: jnp.asarray(f) for p, f in model_factors(smoothed_layers, cfg.score).items()}
+    for order in ("sparsify_first", "quantize_first"):
+      plan = info.plan.replace(quant=state.replace(order=order), factors=factors)
+      evaluate(
+        f"Outstanding-sparse {pattern} ({order.replace('_', ' ')})", plan, order=order, **extra
+      )
+  return {"rows": rows, "config": dataclasses.asdict(cfg), **environment()}
+
+
+def quant_table_markdown(result: dict, command: str) -> str:
+  cfg = result["config"]
+  dense = next(r["perplexity"] for r in result["rows"] if r["method"] == "dense")
+  amber = {r["pattern"]: r["perplexity"] for r in result["rows"] if r["method"].startswith("Amber")}
+  table = []
+  for r in result["rows"]:
+    vs_amber = ""
+    if r["method"].startswith("Outstanding-sparse"):
+      vs_amber = f"{100 * (r['perplexity'] / amber[r['pattern']] - 1):+.1f}%"
+    cov = f"{100 * r['coverage']:.1f}%" if "coverage" in r else "-"
+    table.append(
+      [
+        r["method"],
+        f"{r['perplexity']:.2f}",
+        f"{100 * (r['perplexity'] / dense - 1):+.1f}%",
+        vs_amber,
+        cov,
+      ]
+    )
+  env = result["device"]
+  return "\n".join(
+    [
+      f"## Outstanding-sparse: W8A8 with and without N:M ({cfg['model']})",
+      "",
+      f"Perplexity on the first {cfg['num_windows']} windows of {cfg['seq_len']} predicted tokens "
+      f"of `{cfg['text']}`. W8A8: int8 weights (per output channel), int8 activations "
+      f"({cfg['act_scale']} scales), int8 x int8 -> int32 dots, every linear (LM head in float); "
+      f"smoothing folded into the RMSNorms for q/k/v and gate/up, applied to the o/down inputs. "
+      f"Activation statistics and the auto policy use the {cfg['calib_windows']} windows after the "
+      f"evaluation ones. Sparse rows: {cfg['policy']} policy, {cfg['score']} score (factors from "
+      "the smoothed weights), coverage >= " + f"{cfg['coverage']}.",
+      "",
+      f"Command: `{command}` (backend {env['backend']}, jax {result['versions']['jax']}).",
+      "",
+      markdown_table(["method", "perplexity", "vs dense", "vs Amber alone", "coverage"], table),
+    ]
+  )

@@ -1,0 +1,182 @@
+"""W8A8 and Outstanding-sparse in the model: smoothing exactness, int8 dots, plan checkpoints."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amber_jax.calibration import collect_input_absmax
+from amber_jax.model import LlamaConfig, decode_step, forward, prefill
+from amber_jax.model.config import PROJECTIONS
+from amber_jax.plan import make_plan
+from amber_jax.plan_io import PlanCheckpointError, load_sparsity_plan, save_sparsity_plan
+from amber_jax.quant_plan import build_quant_state
+from amber_jax.runs.prefill import PrefillRunConfig, run_prefill
+
+CFG = LlamaConfig(
+  vocab_size=97,
+  d_model=64,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  head_dim=16,
+  d_ff=128,
+  qkv_bias=True,
+)
+ALL_SITES = [(l, p) for l in range(CFG.n_layers) for p in PROJECTIONS]
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def model():
+  rng = np.random.default_rng(0)
+  L, D, F = CFG.n_layers, CFG.d_model, CFG.d_ff
+
+  def w(*s):
+    return rng.normal(size=s).astype(np.float32) * 0.2
+
+  params = {
+    "embed": w(97, D),
+    "final_norm": 1 + w(D),
+    "lm_head": w(D, 97),
+    "layers": {
+      "attn_norm": 1 + w(L, D),
+      "mlp_norm": 1 + w(L, D),
+      "q": {"w": w(L, D, 64), "b": w(L, 64)},
+      "k": {"w": w(L, D, 32), "b": w(L, 32)},
+      "v": {"w": w(L, D, 32), "b": w(L, 32)},
+      "o": {"w": w(L, 64, D)},
+      "gate": {"w": w(L, D, F)},
+      "up": {"w": w(L, D, F)},
+      "down": {"w": w(L, F, D)},
+    },
+  }
+  params["embed"][:, 5] *= 20.0  # an outlier channel, as in real LLMs
+  tokens = jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32)
+  absmax = collect_input_absmax(params, np.asarray(tokens), config=CFG, show_progress=False)
+  return params, tokens, absmax
+
+
+@pytest.mark.parametrize("smooth", ["none", "smoothquant", "outstanding"])
+def test_smoothing_alone_leaves_dense_outputs_unchanged(model, smooth):
+  params, tokens, absmax = model
+  state, _ = build_quant_state(params, CFG, absmax, smooth=smooth, float_sites=ALL_SITES)
+  dense = forward(params, tokens, config=CFG)
+  smoothed = forward(params, tokens, config=CFG, plan=make_plan(CFG, None).replace(quant=state))
+  err = float(jnp.max(jnp.abs(smoothed - dense)))
+  print(f"{smooth}: smoothing folded into norms / weights, max |logit diff| {err:.2e}")
+  assert err < 1e-4
+
+
+def test_smoothquant_reduces_quantization_error(model):
+  params, tokens, absmax = model
+  dense = forward(params, tokens, config=CFG)
+  errors = {}
+  for smooth in ("none", "smoothquant"):
+    state, _ = build_quant_state(params, CFG, absmax, smooth=smooth)
+    out = forward(params, tokens, config=CFG, plan=make_plan(CFG, None).replace(quant=state))
+    errors[smooth] = float(jnp.linalg.norm(out - dense) / jnp.linalg.norm(dense))
+  print(f"relative logit error of W8A8: {errors}")
+  assert errors["smoothquant"] < errors["none"] < 0.2
+
+
+def _dots(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for v in eqn.params.values():
+      subs = v if isinstance(v, (list, tuple)) else [v]
+      for sub in subs:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _dots(inner)
+
+
+@pytest.mark.parametrize("order", ["sparsify_first", "quantize_first"])
+def test_quantized_prefill_jaxpr_has_int8_dots_with_int32_accumulation(model, order):
+  params, tokens, absmax = model
+  state, _ = build_quant_state(params, CFG, absmax, smooth="outstanding", order=order)
+  plan = make_plan(CFG, "8:16").replace(quant=state)
+  jaxpr = jax.make_jaxpr(lambda t: prefill(params, t, config=CFG, plan=plan)[0])(tokens).jaxpr
+  int8_dots = [e for e in _dots(jaxpr) if any(v.aval.dtype == jnp.int8 for v in e.invars)]
+  assert len(int8_dots) == len(PROJECTIONS)  # one per site in the scanned layer body
+  for eqn in int8_dots:
+    assert [v.aval.dtype for v in eqn.invars] == [jnp.int8, jnp.int8]
+    assert eqn.outvars[0].aval.dtype == jnp.int32
+
+
+def test_decode_uses_int8_without_sparsity(model):
+  params, tokens, absmax = model
+  state, _ = build_quant_state(params, CFG, absmax, smooth="smoothquant")
+  quant_only = make_plan(CFG, None).replace(quant=state)
+  sparse = make_plan(CFG, "2:4").replace(quant=state)
+  _, cache = prefill(params, tokens[:, :10], config=CFG, plan=sparse, max_len=12)
+  a, _ = decode_step(params, tokens[:, 10:11], cache, config=CFG, plan=sparse)
+  b, _ = decode_step(params, tokens[:, 10:11], cache, config=CFG, plan=quant_only)
+  c, _ = decode_step(params, tokens[:, 10:11], cache, config=CFG)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # no sparsity in decode
+  assert float(jnp.max(jnp.abs(a - c))) > 0  # but int8, not float
+
+
+def test_plan_round_trip_is_bit_exact(model, tmp_path):
+  params, tokens, absmax = model
+  state, _ = build_quant_state(
+    params,
+    CFG,
+    absmax,
+    smooth="outstanding",
+    act_mode="tensor",
+    order="quantize_first",
+    float_sites=[(1, "down")],
+  )
+  plan = make_plan(CFG, "8:16", sites=[(0, "q"), (1, "gate")]).replace(quant=state)
+  save_sparsity_plan(tmp_path / "plan", plan, metadata={"pattern": "8:16", "model": "tiny"})
+  restored, meta = load_sparsity_plan(tmp_path / "plan", expect={"pattern": "8:16"})
+  assert jax.tree.structure(restored) == jax.tree.structure(plan)
+  for a, b in zip(jax.tree.leaves(plan), jax.tree.leaves(restored), strict=True):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(
+    forward(params, tokens, config=CFG, plan=plan),
+    forward(params, tokens, config=CFG, plan=restored),
+  )
+  with pytest.raises(PlanCheckpointError, match="pattern 8:16, this run uses 2:4"):
+    load_sparsity_plan(tmp_path / "plan", expect={"pattern": "2:4"})
+
+
+def test_save_and_load_plan_through_the_main_job(tmp_path):
+  text = tmp_path / "text.txt"
+  text.write_text(" ".join(f"word{i} and more text" for i in range(400)), encoding="utf-8")
+  common = dict(
+    model=str(FIXTURE),
+    text=str(text),
+    seq_len=32,
+    num_windows=2,
+    calib_windows=2,
+    gen_prompts=0,
+    batch_size=2,
+    cache_dir=str(tmp_path / "cache"),
+    quant="w8a8",
+    smooth="outstanding",
+  )
+  first = run_prefill(
+    PrefillRunConfig(pattern="8:16", save_plan=str(tmp_path / "plan"), **common),
+    show_progress=False,
+    log=lambda *a: None,
+  )
+  second = run_prefill(
+    PrefillRunConfig(pattern="8:16", load_plan=str(tmp_path / "plan"), **common),
+    show_progress=False,
+    log=lambda *a: None,
+  )
+  assert second["sparse"]["perplexity"] == first["sparse"]["perplexity"]
+  with pytest.raises(ValueError, match="pattern 8:16, this run uses 2:4"):
+    run_prefill(
+      PrefillRunConfig(pattern="2:4", load_plan=str(tmp_path / "plan"), **common),
+      show_progress=False,
+      log=lambda *a: None,
+    )
