@@ -69,3 +69,79 @@ def collect_input_absmax(
         out[p] = np.maximum(out[p], np.asarray(records[p], np.float32))
       bar.update(len(rows))
   return out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "act_mode", "dtype"))
+def _batch_quant_errors(params, tokens_BxT, sites, *, config, act_mode, dtype):
+  from amber_jax.quant import int8_dot_general, quantize_activation
+
+  b, t = tokens_BxT.shape
+  h = embed(params, tokens_BxT, dtype)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+  def make_lin(layer_params, layer_sites, layer):
+    del layer
+    records = {}
+
+    def lin(x, proj):
+      q = layer_sites[proj]
+      y = jnp.einsum("...i,io->...o", x, layer_params[proj]["w"].astype(x.dtype))
+      s = (q["fold"] * q["act_div"]).astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+      static = q["act_scale"] if act_mode == "tensor" else None
+      x_q, x_scale = quantize_activation(x / s, mode=act_mode, static_scale=static)
+      acc = int8_dot_general(x_q, q["w_q"], (((x.ndim - 1,), (0,)), ((), ())))
+      y_q = acc.astype(jnp.float32) * x_scale * q["w_scale"].reshape((1,) * (y.ndim - 1) + (-1,))
+      err = (y.astype(jnp.float32) - y_q).astype(jnp.float32)
+      records[proj] = (jnp.sum(err * err), jnp.sum(jnp.square(y.astype(jnp.float32))))
+      if "b" in layer_params[proj]:
+        y = y + layer_params[proj]["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+      return y
+
+    return lin, records
+
+  _, _, records = run_layers(
+    config, params, h, positions, causal_mask(t, None, b), None, make_lin, sites
+  )
+  return records
+
+
+def measure_quant_errors(
+  params,
+  windows: np.ndarray,
+  quant_state,
+  *,
+  config: LlamaConfig,
+  batch_size: int = 4,
+  dtype=jnp.float32,
+  show_progress: bool = True,
+) -> np.ndarray:
+  """[n_layers, 7] relative output error ||Y - Y_w8a8|| / ||Y|| of each site quantized alone
+  (dense float model upstream), on ``windows``: what automatic float-site selection ranks."""
+  windows = np.asarray(windows, np.int32)
+  err2 = np.zeros((config.n_layers, len(PROJECTIONS)))
+  ref2 = np.zeros_like(err2)
+  with progress_bar(
+    total=len(windows), desc="quant error", unit="window", disable=not show_progress
+  ) as bar:
+    for start in range(0, len(windows), batch_size):
+      rows = jnp.asarray(windows[start : start + batch_size])
+      records = _batch_quant_errors(
+        params, rows, quant_state.sites, config=config, act_mode=quant_state.act_mode, dtype=dtype
+      )
+      for j, p in enumerate(PROJECTIONS):
+        err2[:, j] += np.asarray(records[p][0], np.float64)
+        ref2[:, j] += np.asarray(records[p][1], np.float64)
+      bar.update(len(rows))
+  return np.sqrt(err2) / (np.sqrt(ref2) + 1e-12)
+
+
+def most_sensitive_sites(errors_LxP: np.ndarray, k: int) -> tuple[tuple[int, str], ...]:
+  """The ``k`` (layer, projection) sites with the largest errors."""
+  if k < 0:
+    raise ValueError(f"k must be >= 0, got {k}")
+  order = np.argsort(-errors_LxP, axis=None, kind="stable")[:k]
+  return tuple(
+    sorted(
+      (int(i // errors_LxP.shape[1]), PROJECTIONS[int(i % errors_LxP.shape[1])]) for i in order
+    )
+  )

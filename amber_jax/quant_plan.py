@@ -71,7 +71,7 @@ def build_quant_state(
 ) -> tuple[QuantState, dict[str, np.ndarray]]:
   """The W8A8 plan part, and the smoothed float weights (proj -> [L, d_in, d_out]) from which
   score factors of the sparse part should be computed (the scores see smoothed activations)."""
-  alpha = DEFAULT_ALPHA[smooth] if alpha is None else alpha
+  alpha = DEFAULT_ALPHA.get(smooth, 0.5) if alpha is None else alpha
   check_quant_options(smooth, alpha, act_mode, order)
   n_layers = config.n_layers
   float_set = set(float_sites)

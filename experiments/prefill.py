@@ -88,6 +88,12 @@ _ORDER = flags.DEFINE_enum(
 _FLOAT_SITES = flags.DEFINE_list(
   "float_sites", [], "w8a8 sites kept in float, as proj:layer (e.g. down:29,o:0)."
 )
+_FLOAT_SITES_AUTO = flags.DEFINE_integer(
+  "float_sites_auto",
+  0,
+  "w8a8: keep in float the k sites with the largest quantization error "
+  "(measured on the calibration windows).",
+)
 _SAVE_PLAN = flags.DEFINE_string("save_plan", None, "Save the calibrated plan here (orbax dir).")
 _LOAD_PLAN = flags.DEFINE_string(
   "load_plan", None, "Restore a saved plan (checked against model, pattern, quant) and use it."
@@ -147,6 +153,7 @@ def main(argv):
       act_scale=_ACT_SCALE.value,
       order=_ORDER.value,
       float_sites=parse_sites(_FLOAT_SITES.value),
+      float_sites_auto=_FLOAT_SITES_AUTO.value,
       save_plan=_SAVE_PLAN.value or "",
       load_plan=_LOAD_PLAN.value or "",
       seq_len=_SEQ_LEN.value,

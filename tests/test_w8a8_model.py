@@ -180,3 +180,29 @@ def test_save_and_load_plan_through_the_main_job(tmp_path):
       show_progress=False,
       log=lambda *a: None,
     )
+
+
+def test_automatic_float_sites_pick_the_largest_quantization_errors(model):
+  from amber_jax.calibration import measure_quant_errors, most_sensitive_sites
+
+  params, tokens, absmax = model
+  state, _ = build_quant_state(params, CFG, absmax, smooth="none")
+  errors = measure_quant_errors(params, np.asarray(tokens), state, config=CFG, show_progress=False)
+  assert errors.shape == (CFG.n_layers, len(PROJECTIONS))
+  assert (errors > 0).all() and (errors < 0.5).all()
+  top = most_sensitive_sites(errors, 3)
+  threshold = np.sort(errors, axis=None)[-3]
+  assert all(errors[l, PROJECTIONS.index(p)] >= threshold for l, p in top)
+  # Keeping those sites in float lowers the model's error.
+  dense = forward(params, tokens, config=CFG)
+  rel = {}
+  for name, sites in (("none", ()), ("top3", top)):
+    st, _ = build_quant_state(params, CFG, absmax, smooth="none", float_sites=sites)
+    out = forward(params, tokens, config=CFG, plan=make_plan(CFG, None).replace(quant=st))
+    rel[name] = float(jnp.linalg.norm(out - dense) / jnp.linalg.norm(dense))
+  print(f"relative logit error, all int8 vs top-3 sites in float: {rel}")
+  assert rel["top3"] < rel["none"]
+  with pytest.raises(ValueError, match="float site"):
+    build_quant_state(params, CFG, absmax, float_sites=[(5, "q")])
+  with pytest.raises(ValueError, match="smooth must be one of"):
+    build_quant_state(params, CFG, absmax, smooth="awq")

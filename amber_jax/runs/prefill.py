@@ -7,7 +7,7 @@ import time
 
 import jax.numpy as jnp
 
-from amber_jax.calibration import collect_input_absmax
+from amber_jax.calibration import collect_input_absmax, measure_quant_errors, most_sensitive_sites
 from amber_jax.coverage import plan_coverage
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.generation import generation_agreement
@@ -41,6 +41,7 @@ class PrefillRunConfig:
   act_scale: str = "token"  # w8a8 activations: "token" (dynamic) | "tensor" (static)
   order: str = "sparsify_first"  # or "quantize_first"
   float_sites: tuple[tuple[int, str], ...] = ()  # w8a8 sites kept in float
+  float_sites_auto: int = 0  # w8a8: also keep the k sites with the largest quantization error
   save_plan: str = ""  # directory: save the calibrated plan (orbax, atomic)
   load_plan: str = ""  # directory: restore a saved plan instead of calibrating
   seq_len: int = 512
@@ -69,6 +70,8 @@ class PrefillRunConfig:
       raise ValueError(f"quant must be one of none, w8a8, got {self.quant!r}")
     alpha = DEFAULT_ALPHA.get(self.smooth, 0.5) if self.alpha is None else self.alpha
     check_quant_options(self.smooth, alpha, self.act_scale, self.order)
+    if self.float_sites_auto < 0:
+      raise ValueError(f"float_sites_auto must be >= 0, got {self.float_sites_auto}")
     if self.quant == "w8a8" and self.calib_windows < 1:
       raise ValueError("quant=w8a8 needs calib_windows >= 1 (activation statistics)")
     if not self.cache_dir:
@@ -191,6 +194,29 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       dtype=dtype,
       show_progress=show_progress,
     )
+    float_sites = tuple(cfg.float_sites)
+    if cfg.float_sites_auto:
+      probe, _ = build_quant_state(
+        params,
+        config,
+        absmax,
+        smooth=cfg.smooth,
+        alpha=cfg.alpha,
+        act_mode=cfg.act_scale,
+        order=cfg.order,
+      )
+      errors = measure_quant_errors(
+        params,
+        setup.calib_windows,
+        probe,
+        config=config,
+        batch_size=cfg.batch_size,
+        dtype=dtype,
+        show_progress=show_progress,
+      )
+      float_sites = tuple(
+        sorted(set(float_sites) | set(most_sensitive_sites(errors, cfg.float_sites_auto)))
+      )
     quant_state, smoothed = build_quant_state(
       params,
       config,
@@ -199,13 +225,14 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       alpha=cfg.alpha,
       act_mode=cfg.act_scale,
       order=cfg.order,
-      float_sites=cfg.float_sites,
+      float_sites=float_sites,
     )
     calib_seconds = time.perf_counter() - start
     quant_plan = make_plan(config, None, impl="xla").replace(quant=quant_state)
     if amber.pattern is None and cfg.save_plan:
       save_sparsity_plan(cfg.save_plan, quant_plan, metadata=_plan_identity(cfg, config))
     quant = perplexity(params, setup.eval_windows, plan=quant_plan, desc="w8a8", **common)
+    result["float_sites"] = [f"{p}:{l}" for l, p in float_sites]
     result["quant"] = _result_row(
       quant, smooth=cfg.smooth, act_scale=cfg.act_scale, calib_seconds=calib_seconds
     )
