@@ -58,7 +58,7 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"error: {e}")
   command = "python experiments/amber_table.py" + "".join(
-    f" {a}" for a in sys.argv[1:] if not a.startswith("--cache_dir")
+    f" {a}" for a in sys.argv[1:] if not a.startswith(("--cache_dir", "--output"))
   )
   markdown = amber_table_markdown(result, command)
   print(markdown)
