@@ -14,7 +14,9 @@ Per projection, stacked over layers:
   norm was folded); ``fold`` [L, d_in]: the folded s (ones for o/down), which a site kept
   in float multiplies back;
 * ``act_scale`` [L]: the static per-tensor activation scale (used with act_mode="tensor");
-* ``in_float`` bool [L]: the site keeps its float weight.
+* ``in_float`` bool [L]: the site keeps its float weight;
+* ``act_absmax`` [L, d_in]: the calibration statistic (max |input| per channel) the rest
+  was derived from, kept so a plan can be re-derived (another alpha) without recalibrating.
 
 ``norms`` holds the folded RMSNorm weights. Static: ``act_mode`` ("token" dynamic
 per-token scales, or "tensor" static) and ``order`` ("sparsify_first": sparsify, then
@@ -109,6 +111,7 @@ def build_quant_state(
       "fold": jnp.asarray(s[p] if p in folded else ones),
       "act_scale": jnp.asarray(np.maximum(act_scale, 1e-8), jnp.float32),
       "in_float": jnp.asarray([(l, p) in float_set for l in range(n_layers)]),
+      "act_absmax": jnp.asarray(input_absmax[p], jnp.float32),
     }
   norms = {
     name: jnp.asarray(np.asarray(params["layers"][name], np.float32) / s[group[0]])
