@@ -116,14 +116,16 @@ def _run_loaded_plan(cfg, setup, plan, result, common, prompts) -> dict:
   """Evaluates a restored plan (no calibration) next to the dense row already in ``result``."""
   row = perplexity(setup.params, setup.eval_windows, plan=plan, desc="loaded plan", **common)
   key = "sparse" if plan.pattern is not None else "quant"
+  quant = "none" if plan.quant is None else "w8a8"
+  order = None if plan.quant is None else plan.quant.order
   result[key] = _result_row(
     row,
     pattern=str(plan.pattern),
     policy="loaded",
     score="loaded",
     impl=plan.impl,
-    quant=cfg.quant,
-    order=cfg.order,
+    quant=quant,
+    order=order,
     smooth="loaded",
   )
   if plan.pattern is not None:
@@ -320,7 +322,7 @@ def format_table(result: dict) -> str:
       f"coverage: {100 * result['coverage']:.1f}% of linear multiply-adds sparsified, "
       f"{100 * result['removed']:.1f}% removed (x (1 - N/M)); LM head excluded"
     )
-    if result["sparse"]["policy"] != "all":
+    if result["sparse"]["policy"] not in ("all", "loaded"):
       lines.append(f"q/gate dense in layers: {result['skip_layers'] or 'none'}")
       if result.get("dense_sites"):
         lines.append(f"q/gate sites kept dense: {', '.join(result['dense_sites'])}")
@@ -328,7 +330,7 @@ def format_table(result: dict) -> str:
       g = result["generation"]
       lines.append(
         f"generation ({g['prompts']} prompts x {g['new_tokens']} tokens, sparse "
-        f"prefill + dense decode): {100 * g['agreement']:.1f}% of tokens equal to "
+        f"prefill, decode without sparsity): {100 * g['agreement']:.1f}% of tokens equal to "
         f"dense, {100 * g['prefix_agreement']:.1f}% before the first divergence"
       )
   return "\n".join(lines)
