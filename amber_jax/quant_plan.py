@@ -118,3 +118,17 @@ def build_quant_state(
     for name, group in GROUPS.items()
   }
   return QuantState(sites=sites, norms=norms, act_mode=act_mode, order=order), smoothed
+
+
+def smoothed_score_factors(
+  smoothed: dict[str, np.ndarray], score: str, *, robust_clip: bool = True
+) -> dict[str, jnp.ndarray]:
+  """Score factors (proj -> [L, d_in]) from the smoothed weights of ``build_quant_state``:
+  with W8A8 the N:M scores see smoothed activations, so their factors must too (the
+  weight-aware score is invariant to smoothing; the robust one is not)."""
+  from amber_jax.scores import model_factors
+
+  layers = {"layers": {p: {"w": w} for p, w in smoothed.items()}}
+  return {
+    p: jnp.asarray(f) for p, f in model_factors(layers, score, robust_clip=robust_clip).items()
+  }

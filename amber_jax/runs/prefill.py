@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax.numpy as jnp
-
 from amber_jax.calibration import collect_input_absmax, measure_quant_errors, most_sensitive_sites
 from amber_jax.coverage import plan_coverage
 from amber_jax.data.texts import DEFAULT_TEXT
@@ -17,9 +15,13 @@ from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.plan import make_plan
 from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
 from amber_jax.pruner import AmberConfig, build_plan
-from amber_jax.quant_plan import DEFAULT_ALPHA, build_quant_state, check_quant_options
+from amber_jax.quant_plan import (
+  DEFAULT_ALPHA,
+  build_quant_state,
+  check_quant_options,
+  smoothed_score_factors,
+)
 from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
-from amber_jax.scores import model_factors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -252,11 +254,8 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
     if quant_state is not None:
       # Outstanding-sparse: the scores see the smoothed activations, so their factors come
       # from the smoothed weights (the weight-aware score itself is invariant to smoothing).
-      smoothed_layers = {"layers": {p: {"w": w} for p, w in smoothed.items()}}
-      factors = model_factors(smoothed_layers, amber.score, robust_clip=amber.robust_clip)
-      plan = plan.replace(
-        quant=quant_state, factors={p: jnp.asarray(f) for p, f in factors.items()}
-      )
+      factors = smoothed_score_factors(smoothed, amber.score, robust_clip=amber.robust_clip)
+      plan = plan.replace(quant=quant_state, factors=factors)
     if cfg.save_plan:
       save_sparsity_plan(cfg.save_plan, plan, metadata=_plan_identity(cfg, config))
     sparse = perplexity(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax.numpy as jnp
-
 from amber_jax.calibration import collect_input_absmax
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
@@ -14,10 +12,9 @@ from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
 from amber_jax.pruner import AmberConfig, build_plan
-from amber_jax.quant_plan import build_quant_state
+from amber_jax.quant_plan import build_quant_state, smoothed_score_factors
 from amber_jax.report import markdown_table
 from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
-from amber_jax.scores import model_factors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,8 +115,7 @@ def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> 
     }
     evaluate(f"Amber {pattern} {cfg.policy}/{cfg.score}", info.plan, **extra)
     state, smoothed = quant["outstanding"]
-    smoothed_layers = {"layers": {p: {"w": w} for p, w in smoothed.items()}}
-    factors = {p: jnp.asarray(f) for p, f in model_factors(smoothed_layers, cfg.score).items()}
+    factors = smoothed_score_factors(smoothed, cfg.score)
     for order in ("sparsify_first", "quantize_first"):
       plan = info.plan.replace(quant=state.replace(order=order), factors=factors)
       evaluate(
