@@ -7,8 +7,12 @@ For every projection the plan holds, stacked over layers:
 * ``factors[proj]``: float32 ``[L, d_in]``, the per-input-channel score factors
   (all ones for the naive |x| score).
 
-Only the N:M pattern is static (it fixes shapes inside the mask computation);
-changing which sites are enabled or the factors re-uses the compiled function.
+and optionally ``quant``, the W8A8 part (``amber_jax.quant_plan.QuantState``: smoothed
+int8 weights, scales, folded norms, float sites).
+
+Only the N:M pattern (and the implementation choices) are static: they fix shapes and
+code inside the mask computation; changing which sites are enabled or the factors
+re-uses the compiled function.
 """
 
 from __future__ import annotations
