@@ -110,8 +110,9 @@ def _project_w8a8(x, weights, plan_slice, pattern, mask_method, q, act_mode, ord
     )
 
   def float_path(x_):
-    # x_ is smoothed where the norm was folded: multiply the fold back for the float weight.
-    xs = maybe_sparsify(x_) * row(q["fold"])
+    # Select on the smoothed activation, as the int8 path does, then undo the smoothing
+    # (the folded part and the divided part) for the float weight.
+    xs = maybe_sparsify(x_ / row(q["act_div"])) * row(q["fold"] * q["act_div"])
     return jnp.einsum("...i,io->...o", xs, weights["w"].astype(x_.dtype))
 
   def int8_path(x_):
