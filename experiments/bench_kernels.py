@@ -1,11 +1,11 @@
 """Kernel benchmark: fused N:M matmul and W8A8 int8 matmul vs XLA, side by side in one run.
 
-Command (GPU, the full prefill sweep; estimated 2-4 minutes on one H200 with compiles, not
-yet timed on a GPU):
+Command (GPU, the full prefill sweep; on one H200 the --autotune run covered the autotune
+and 26 of the 36 rows in 210 s, see BENCHMARKS.md):
 
     python experiments/bench_kernels.py --output=bench_kernels.json
 
-    python experiments/bench_kernels.py --autotune   # + block-size search: estimated 3-5 min
+    python experiments/bench_kernels.py --autotune   # + block-size search
 
 Quick CPU run (Pallas columns are left out: Pallas only interprets on CPU; --interpret
 adds them, slowly):
