@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from amber_jax.data.wiki import wiki_articles_text
 from amber_jax.io.registry import WheelFile, fetch_wheel_file
 
 # gensim's wheels carry their test data; any platform's wheel has the same files,
@@ -27,7 +28,16 @@ KNOWN_TEXTS: dict[str, WheelFile] = {
     sha256="5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
     pip_args=_GENSIM_PIP_ARGS,
   ),
+  # 105 Wikipedia articles (a 2016 dump, shortened), wiki markup stripped on load.
+  "enwiki": WheelFile(
+    requirement="gensim==4.4.0",
+    member="gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    sha256="a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+    pip_args=_GENSIM_PIP_ARGS,
+  ),
 }
+# Known texts that are not plain text files: how to turn the fetched file into text.
+_CONVERTERS = {"enwiki": wiki_articles_text}
 DEFAULT_TEXT = "lee_background"
 
 
@@ -45,5 +55,6 @@ def read_text_file(path: str | os.PathLike) -> str:
 def load_text(name_or_path: str, cache_dir: str | os.PathLike, *, log=print) -> str:
   """A known text name (fetched into ``cache_dir`` on first use) or a path to a UTF-8 file."""
   if name_or_path in KNOWN_TEXTS:
-    return read_text_file(fetch_wheel_file(KNOWN_TEXTS[name_or_path], cache_dir, log=log))
+    path = fetch_wheel_file(KNOWN_TEXTS[name_or_path], cache_dir, log=log)
+    return _CONVERTERS.get(name_or_path, read_text_file)(path)
   return read_text_file(name_or_path)
