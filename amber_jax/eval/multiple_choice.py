@@ -27,14 +27,11 @@ import numpy as np
 import tokenizers
 
 from amber_jax.data.bigbench import MCTask, few_shot_context
+from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.layers import rms_norm
 from amber_jax.model.llama import forward_hidden
 from amber_jax.plan import SparsityPlan
 from amber_jax.progress import progress_bar
-
-# Positions whose logits are materialised at once (bounds the [B, T, V] float32 logits).
-_LOGIT_CHUNK = 128
 
 Request = tuple[str, str]  # (context, continuation)
 Score = tuple[float, int, bool]  # (summed log-likelihood, continuation tokens, is greedy)
@@ -104,31 +101,6 @@ def _reduce(logprob_BxT, greedy_BxT, cont_BxT):
   return loglik, count, is_greedy
 
 
-def _chunked_target_logprob(config: LlamaConfig, params, h_BxTxD, targets_BxT):
-  """``_target_logprob`` from final hidden states, computing logits chunk by chunk."""
-  b, t, d = h_BxTxD.shape
-  h = rms_norm(h_BxTxD, params["final_norm"], config.norm_eps)
-  w_DxV = params["embed"].T if config.tie_embeddings else params["lm_head"]
-  chunk = min(_LOGIT_CHUNK, t)
-  pad = (-t) % chunk
-  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-  tg = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-  n = (t + pad) // chunk
-  h_NxBxCxD = h.reshape(b, n, chunk, d).swapaxes(0, 1)
-  tg_NxBxC = tg.reshape(b, n, chunk).swapaxes(0, 1)
-
-  def one(args):
-    h_c, tg_c = args
-    logits = jnp.einsum(
-      "bcd,dv->bcv", h_c, w_DxV.astype(h_c.dtype), preferred_element_type=jnp.float32
-    )
-    return _target_logprob(logits, tg_c)
-
-  lp, gr = jax.lax.map(one, (h_NxBxCxD, tg_NxBxC))
-  unchunk = lambda a: a.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-  return unchunk(lp), unchunk(gr)
-
-
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def continuation_loglik(
   params, tokens_BxT, targets_BxT, cont_BxT, valid_BxT, plan, *, config: LlamaConfig, dtype
@@ -137,7 +109,7 @@ def continuation_loglik(
   h, _ = forward_hidden(
     params, tokens_BxT, config=config, plan=plan, valid_BxT=valid_BxT, dtype=dtype
   )
-  logprob, greedy = _chunked_target_logprob(config, params, h, targets_BxT)
+  logprob, greedy = map_logit_chunks(config, params, h, targets_BxT, _target_logprob)
   return _reduce(logprob, greedy, cont_BxT)
 
 

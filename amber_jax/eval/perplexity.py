@@ -20,15 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.layers import rms_norm
 from amber_jax.model.llama import forward_hidden
 from amber_jax.plan import SparsityPlan
 from amber_jax.progress import progress_bar
-
-# Tokens whose logits are materialised at once when scoring (bounds memory: the
-# full [B, T, V] float32 logits of a 49k vocabulary would be 100 MB per row).
-_NLL_CHUNK = 128
 
 
 def make_windows(tokens: np.ndarray, seq_len: int, num_windows: int | None) -> np.ndarray:
@@ -59,29 +55,9 @@ def make_windows(tokens: np.ndarray, seq_len: int, num_windows: int | None) -> n
   return tokens[: num_windows * (seq_len + 1)].reshape(num_windows, seq_len + 1)
 
 
-def _chunked_nll(config: LlamaConfig, params, h_BxTxD, targets_BxT):
-  """Per-token NLL [B, T] from final hidden states, computing logits chunk by chunk."""
-  b, t, d = h_BxTxD.shape
-  h = rms_norm(h_BxTxD, params["final_norm"], config.norm_eps)
-  w_DxV = params["embed"].T if config.tie_embeddings else params["lm_head"]
-  chunk = min(_NLL_CHUNK, t)
-  pad = (-t) % chunk
-  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-  tg = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-  n = (t + pad) // chunk
-  h_NxBxCxD = h.reshape(b, n, chunk, d).swapaxes(0, 1)
-  tg_NxBxC = tg.reshape(b, n, chunk).swapaxes(0, 1)
-
-  def one(args):
-    h_c, tg_c = args
-    logits = jnp.einsum(
-      "bcd,dv->bcv", h_c, w_DxV.astype(h_c.dtype), preferred_element_type=jnp.float32
-    )
-    target_logit = jnp.take_along_axis(logits, tg_c[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logit
-
-  nll_NxBxC = jax.lax.map(one, (h_NxBxCxD, tg_NxBxC))
-  return nll_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+def _token_nll(logits_BxCxV, targets_BxC):
+  target_logit = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_BxCxV, axis=-1) - target_logit
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
@@ -89,7 +65,7 @@ def window_nll(params, windows_BxS, row_weight_B, plan, *, config: LlamaConfig, 
   """(sum of NLL, number of predicted tokens) over weighted rows (0 = padding row)."""
   inputs, targets = windows_BxS[:, :-1], windows_BxS[:, 1:]
   h, _ = forward_hidden(params, inputs, config=config, plan=plan, dtype=dtype)
-  nll_BxT = _chunked_nll(config, params, h, targets)
+  nll_BxT = map_logit_chunks(config, params, h, targets, _token_nll)
   weight = row_weight_B.astype(jnp.float32)
   return jnp.sum(nll_BxT.sum(axis=1) * weight), jnp.sum(weight) * inputs.shape[1]
 

@@ -1,0 +1,360 @@
+"""Zero-shot (or few-shot) BIG-bench accuracy of dense and N:M-sparse models, resumable.
+
+Every (method x pattern, task) pair is one entry of the results JSON, keyed by the stable id
+``"method/pattern/task"`` (the dense model is the single row ``"dense/dense/task"``). The whole
+file is rewritten atomically after each finished pair, so an interrupted run loses at most the
+pair in progress; rerunning with the same ``output`` loads the finished entries and skips them.
+
+An entry made with other settings (model, limit, num_fewshot, dtype, seed, or, for the amber
+method, the calibration text and windows) is an error naming the entry and the mismatch rather
+than being recomputed: silently replacing it would throw away finished work, and mixing settings
+in one file would make the table compare unlike numbers. Use another ``output`` (or delete the
+file) to run with new settings.
+
+Methods, for each sparse pattern:
+
+* ``naive``: every linear input sparsified (policy "all"), score |x|;
+* ``amber``: Amber Pruner (policy "auto", robust score), q/gate skip layers chosen on the
+  calibration windows that follow the first ``num_windows`` windows of the text, as run_prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from amber_jax.data.bigbench import BIGBENCH_TASKS, bigbench_task_path, load_bigbench_task
+from amber_jax.data.texts import DEFAULT_TEXT
+from amber_jax.eval.multiple_choice import evaluate_task
+from amber_jax.io.atomic import write_json_atomic
+from amber_jax.io.loading import load_tokenizer
+from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
+from amber_jax.patterns import parse_pattern_or_dense
+from amber_jax.pruner import AmberConfig, build_plan
+from amber_jax.report import markdown_table
+from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+
+METHODS = ("naive", "amber")
+RESULTS_FORMAT = "amber_jax.zero_shot/1"
+DENSE = "dense"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ZeroShotConfig:
+  """Everything a zero-shot run needs; validated on construction (before any loading)."""
+
+  model: str = DEFAULT_MODEL
+  tasks: tuple[str, ...] = BIGBENCH_TASKS  # packaged task names or paths to BIG-bench JSON files
+  patterns: tuple[str, ...] = ("dense", "8:16", "2:4")
+  methods: tuple[str, ...] = METHODS  # applied to every sparse pattern; dense is one row
+  num_fewshot: int = 0
+  limit: int | None = None  # examples per task; None: all
+  batch_size: int = 8
+  dtype: str = "float32"
+  seed: int = 1234  # few-shot draws
+  coverage: float = 0.55  # amber: minimum share of linear MACs sparsified
+  text: str = DEFAULT_TEXT  # amber calibration text (known name or UTF-8 file)
+  seq_len: int = 512
+  num_windows: int = 8  # windows skipped (the perplexity windows), as run_prefill
+  calib_windows: int = 8  # amber calibration windows, after those
+  output: str = ""  # results JSON (resumed when it exists)
+  cache_dir: str = ""
+
+  def __post_init__(self):
+    if not self.tasks:
+      raise ValueError("tasks must name at least one task")
+    for t in self.tasks:
+      if t not in BIGBENCH_TASKS and not Path(t).is_file():
+        raise ValueError(
+          f"task {t!r} is neither a packaged BIG-bench task ({', '.join(BIGBENCH_TASKS)}) "
+          "nor an existing JSON file"
+        )
+    if not self.patterns:
+      raise ValueError("patterns must name at least one pattern (or 'dense')")
+    names = [self.pattern_name(p) for p in self.patterns]  # validates each pattern
+    if len(set(names)) != len(names):
+      raise ValueError(f"patterns has duplicates: {list(self.patterns)}")
+    if not self.methods:
+      raise ValueError("methods must name at least one method")
+    for m in self.methods:
+      if m not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {m!r}")
+    if len(set(self.methods)) != len(self.methods):
+      raise ValueError(f"methods has duplicates: {list(self.methods)}")
+    if self.num_fewshot < 0:
+      raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+    if self.limit is not None and self.limit < 1:
+      raise ValueError(f"limit must be >= 1 (or None for all examples), got {self.limit}")
+    for name in ("batch_size", "seq_len", "num_windows"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.needs_calibration() and self.calib_windows < 1:
+      raise ValueError("method amber needs calib_windows >= 1")
+    check_dtype(self.dtype)
+    self.runs()  # builds every AmberConfig: validates coverage and each method's score/policy
+    if not self.output:
+      raise ValueError("output must be given (the results JSON, resumed when it exists)")
+    if not self.cache_dir:
+      raise ValueError("cache_dir must be given (where the model and text are cached)")
+
+  @staticmethod
+  def pattern_name(pattern: str) -> str:
+    p = parse_pattern_or_dense(pattern)
+    return DENSE if p is None else str(p)
+
+  def needs_calibration(self) -> bool:
+    sparse = any(self.pattern_name(p) != DENSE for p in self.patterns)
+    return sparse and "amber" in self.methods
+
+  def runs(self) -> list[tuple[tuple[str, str], AmberConfig]]:
+    """((method, pattern), AmberConfig) of every row, dense first when it is asked for."""
+    rows = []
+    for p in self.patterns:
+      pattern = parse_pattern_or_dense(p)
+      if pattern is None:
+        rows.append(((DENSE, DENSE), AmberConfig(pattern=None)))
+        continue
+      for m in self.methods:
+        if m == "naive":
+          amber = AmberConfig(pattern=pattern, score="naive", policy="all")
+        else:
+          amber = AmberConfig(
+            pattern=pattern, score="robust", policy="auto", coverage=self.coverage
+          )
+        rows.append(((m, str(pattern)), amber))
+    return rows
+
+  def settings(self, method: str) -> dict:
+    """What an entry must have been made with to be reused."""
+    s = {
+      "model": self.model,
+      "limit": self.limit,
+      "num_fewshot": self.num_fewshot,
+      "dtype": self.dtype,
+      "seed": self.seed,
+    }
+    if method == "amber":
+      s["calibration"] = {
+        "text": self.text,
+        "seq_len": self.seq_len,
+        "num_windows": self.num_windows,
+        "calib_windows": self.calib_windows,
+        "coverage": self.coverage,
+      }
+    return s
+
+
+def entry_id(method: str, pattern: str, task: str) -> str:
+  return f"{method}/{pattern}/{task}"
+
+
+def load_results(path: str | os.PathLike) -> dict:
+  """The entries of an existing results file ({} when it does not exist).
+
+  Raises:
+    ValueError: the file is unreadable, not JSON, or not a zero-shot results file.
+  """
+  path = Path(path)
+  if not path.exists():
+    return {}
+  hint = "move it away or delete it to start over"
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"results file {path} is corrupt ({e}); {hint}") from e
+  if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+    raise ValueError(f"results file {path} is not a zero-shot results file ({hint})")
+  entries = data.get("results")
+  if not isinstance(entries, dict):
+    raise ValueError(f"results file {path} is corrupt: 'results' is not an object ({hint})")
+  for key, e in entries.items():
+    need = ("acc", "acc_norm", "n", "settings")
+    if not isinstance(e, dict) or any(k not in e for k in need):
+      raise ValueError(f"results file {path} is corrupt: entry {key!r} lacks {need} ({hint})")
+  return entries
+
+
+def _check_entry(key: str, entry: dict, expected: dict, path) -> None:
+  got = entry["settings"]
+  diffs = [
+    f"{k}: file has {got.get(k)!r}, this run has {v!r}"
+    for k, v in expected.items()
+    if got.get(k) != v
+  ]
+  if diffs:
+    raise ValueError(
+      f"entry {key!r} in {path} was made with other settings ({'; '.join(diffs)}); "
+      "use another --output or delete the file to rerun"
+    )
+
+
+def _load_tasks(cfg: ZeroShotConfig) -> list:
+  tasks, seen = [], {}
+  for t in cfg.tasks:
+    task = load_bigbench_task(bigbench_task_path(t) if t in BIGBENCH_TASKS else t)
+    if task.name in seen:
+      raise ValueError(f"tasks {seen[task.name]!r} and {t!r} share the name {task.name!r}")
+    seen[task.name] = t
+    if cfg.num_fewshot > len(task.examples) - 1:
+      raise ValueError(
+        f"num_fewshot={cfg.num_fewshot} needs more than the {len(task.examples)} examples "
+        f"of task {task.name!r}"
+      )
+    tasks.append(task)
+  return tasks
+
+
+def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True) -> dict:
+  """Evaluates every (method x pattern, task) pair not already in ``cfg.output``.
+
+  The model is loaded once and each plan built once (only when one of its pairs is pending).
+  After each pair the whole results file is rewritten atomically. Returns the file's contents:
+  ``format``, ``results`` (id -> acc, acc_stderr, acc_norm, acc_norm_stderr, n, limit,
+  num_fewshot, method, pattern, task, seconds, settings, and coverage/skip_layers of the plan),
+  ``config``, ``versions``, ``device``.
+
+  Raises:
+    ValueError: a corrupt results file, an entry made with other settings, a bad task file, or a
+      pattern that does not fit the model; all before the weights are loaded.
+  """
+  tasks = _load_tasks(cfg)
+  runs = cfg.runs()
+  entries = load_results(cfg.output)
+  for key, entry in entries.items():
+    _check_entry(key, entry, cfg.settings(key.split("/", 1)[0]), cfg.output)
+  wanted = [(row, amber, task) for row, amber in runs for task in tasks]
+  total = len(wanted)
+  pending = [w for w in wanted if entry_id(*w[0], w[2].name) not in entries]
+  done = total - len(pending)
+  if done:
+    log(f"resuming {cfg.output}: {done} of {total} pairs already finished, skipped")
+  result = {
+    "format": RESULTS_FORMAT,
+    "results": entries,
+    "config": dataclasses.asdict(cfg),
+    **environment(),
+  }
+  if not pending:
+    log(f"nothing to do: all {total} pairs are in {cfg.output}")
+    return result
+
+  def validate(model_config):
+    for _, amber in runs:
+      amber.validate_for(model_config)
+
+  setup = prepare_eval(
+    model=cfg.model,
+    text=cfg.text,
+    cache_dir=cfg.cache_dir,
+    seq_len=cfg.seq_len,
+    num_windows=cfg.num_windows,
+    calib_windows=cfg.calib_windows if cfg.needs_calibration() else 0,
+    dtype=cfg.dtype,
+    validate=validate,
+    show_progress=show_progress,
+    log=log,
+  )
+  tokenizer = load_tokenizer(resolve_model(cfg.model, cfg.cache_dir, log=lambda *a: None))
+  dtype = DTYPES[cfg.dtype]
+  result["model_config"] = dataclasses.asdict(setup.config)
+  plans = {}
+  for (method, pattern), amber, task in pending:
+    if (method, pattern) not in plans:
+      info = build_plan(
+        setup.params,
+        setup.config,
+        amber,
+        calib_windows=setup.calib_windows if amber.policy == "auto" else None,
+        batch_size=min(cfg.batch_size, 4),
+        dtype=dtype,
+        show_progress=show_progress,
+      )
+      plans[(method, pattern)] = info
+      if amber.pattern is not None:
+        log(
+          f"plan {method}/{pattern}: {100 * info.coverage.covered:.1f}% of linear MACs "
+          f"sparsified, q/gate dense in layers {list(info.skip_layers) or 'none'}"
+        )
+    info = plans[(method, pattern)]
+    start = time.perf_counter()
+    metrics = evaluate_task(
+      setup.params,
+      task,
+      config=setup.config,
+      tokenizer=tokenizer,
+      plan=info.plan if amber.pattern is not None else None,
+      num_fewshot=cfg.num_fewshot,
+      limit=cfg.limit,
+      batch_size=cfg.batch_size,
+      dtype=dtype,
+      seed=cfg.seed,
+      show_progress=show_progress,
+    )
+    key = entry_id(method, pattern, task.name)
+    entries[key] = {
+      **metrics,
+      "limit": cfg.limit,
+      "num_fewshot": cfg.num_fewshot,
+      "method": method,
+      "pattern": pattern,
+      "task": task.name,
+      "coverage": info.coverage.covered,
+      "skip_layers": list(info.skip_layers),
+      "seconds": time.perf_counter() - start,
+      "settings": cfg.settings(method),
+    }
+    write_json_atomic(cfg.output, result)
+    done += 1
+    log(
+      f"[{done}/{total}] {key}: acc {metrics['acc']:.3f} acc_norm {metrics['acc_norm']:.3f} "
+      f"(n={metrics['n']}, {entries[key]['seconds']:.1f}s)"
+    )
+  return result
+
+
+def _points(x: float) -> str:
+  return f"{100 * x:.1f}"
+
+
+def report_markdown(results: dict) -> str:
+  """The paper-style table of a results file (or of run_zero_shot's return value).
+
+  Rows: dense, then each (method, pattern) in the order first seen; columns: each task's
+  acc_norm (in %), their average, and the average's change vs dense in points ("-" where an
+  entry is missing or there is no dense row).
+  """
+  entries = results.get("results", results)
+  rows, tasks = [], []
+  for e in entries.values():
+    if (e["method"], e["pattern"]) not in rows:
+      rows.append((e["method"], e["pattern"]))
+    if e["task"] not in tasks:
+      tasks.append(e["task"])
+  rows.sort(key=lambda r: r != (DENSE, DENSE))  # stable: dense first, the rest as seen
+  by_key = {(e["method"], e["pattern"], e["task"]): e["acc_norm"] for e in entries.values()}
+
+  def average(row):
+    vals = [by_key.get((*row, t)) for t in tasks]
+    return None if any(v is None for v in vals) else sum(vals) / len(vals)
+
+  dense_avg = average((DENSE, DENSE)) if (DENSE, DENSE) in rows else None
+  body = []
+  for row in rows:
+    name = DENSE if row == (DENSE, DENSE) else f"{row[1]} {row[0]}"
+    cells = [_points(by_key[(*row, t)]) if (*row, t) in by_key else "-" for t in tasks]
+    avg = average(row)
+    delta = "-"
+    if avg is not None and dense_avg is not None and not math.isnan(avg):
+      delta = f"{100 * (avg - dense_avg):+.1f}"
+    body.append([name, *cells, "-" if avg is None else _points(avg), delta])
+  header = ["model", *tasks, "average", "vs dense (points)"]
+  ns = sorted({(e["n"], e["num_fewshot"]) for e in entries.values()})
+  note = ", ".join(f"n={n} ({k}-shot)" for n, k in ns)
+  return (
+    markdown_table(header, body) + f"\n\nacc_norm in %, BIG-bench multiple choice; examples per "
+    f"task: {note}.\n"
+  )
