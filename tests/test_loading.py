@@ -489,7 +489,8 @@ def test_param_cache_damaged_checkpoint_files(tmp_path, damage):
   assert n_files > 0
   rebuilt_for = []
   for k in range(n_files):
-    path = fresh_entry()[k]
+    files = fresh_entry()  # orbax may split the arrays into a different number of files
+    path = files[k % len(files)]
     data = path.read_bytes()
     if damage == "flip":
       path.write_bytes(bytes(b ^ 0xFF for b in data))
