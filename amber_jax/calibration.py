@@ -14,33 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.model.config import PROJECTIONS, LlamaConfig
-from amber_jax.model.llama import causal_mask, embed, run_layers
+from amber_jax.model.llama import dense_pass_records
 from amber_jax.progress import progress_bar
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _batch_absmax(params, tokens_BxT, *, config, dtype):
-  b, t = tokens_BxT.shape
-  h = embed(params, tokens_BxT, dtype)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  def record(x, weights, site_x):
+    del weights, site_x
+    return jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1)))
 
-  def make_lin(layer_params, layer_x, layer):
-    del layer_x, layer
-    records = {}
-
-    def lin(x, proj):
-      records[proj] = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1)))
-      y = jnp.einsum("...i,io->...o", x, layer_params[proj]["w"].astype(x.dtype))
-      if "b" in layer_params[proj]:
-        y = y + layer_params[proj]["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-      return y
-
-    return lin, records
-
-  _, _, records = run_layers(
-    config, params, h, positions, causal_mask(t, None, b), None, make_lin, None
+  return dense_pass_records(
+    params, tokens_BxT, config=config, dtype=dtype, site_xs=None, record=record
   )
-  return records
 
 
 def collect_input_absmax(
@@ -75,34 +61,19 @@ def collect_input_absmax(
 def _batch_quant_errors(params, tokens_BxT, sites, *, config, act_mode, dtype):
   from amber_jax.quant import int8_dot_general, quantize_activation
 
-  b, t = tokens_BxT.shape
-  h = embed(params, tokens_BxT, dtype)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  def record(x, weights, q):
+    y = jnp.einsum("...i,io->...o", x, weights["w"].astype(x.dtype)).astype(jnp.float32)
+    s = (q["fold"] * q["act_div"]).astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+    static = q["act_scale"] if act_mode == "tensor" else None
+    x_q, x_scale = quantize_activation(x / s, mode=act_mode, static_scale=static)
+    acc = int8_dot_general(x_q, q["w_q"], (((x.ndim - 1,), (0,)), ((), ())))
+    y_q = acc.astype(jnp.float32) * x_scale * q["w_scale"].reshape((1,) * (y.ndim - 1) + (-1,))
+    err = y - y_q
+    return jnp.sum(err * err), jnp.sum(y * y)
 
-  def make_lin(layer_params, layer_sites, layer):
-    del layer
-    records = {}
-
-    def lin(x, proj):
-      q = layer_sites[proj]
-      y = jnp.einsum("...i,io->...o", x, layer_params[proj]["w"].astype(x.dtype))
-      s = (q["fold"] * q["act_div"]).astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-      static = q["act_scale"] if act_mode == "tensor" else None
-      x_q, x_scale = quantize_activation(x / s, mode=act_mode, static_scale=static)
-      acc = int8_dot_general(x_q, q["w_q"], (((x.ndim - 1,), (0,)), ((), ())))
-      y_q = acc.astype(jnp.float32) * x_scale * q["w_scale"].reshape((1,) * (y.ndim - 1) + (-1,))
-      err = (y.astype(jnp.float32) - y_q).astype(jnp.float32)
-      records[proj] = (jnp.sum(err * err), jnp.sum(jnp.square(y.astype(jnp.float32))))
-      if "b" in layer_params[proj]:
-        y = y + layer_params[proj]["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-      return y
-
-    return lin, records
-
-  _, _, records = run_layers(
-    config, params, h, positions, causal_mask(t, None, b), None, make_lin, sites
+  return dense_pass_records(
+    params, tokens_BxT, config=config, dtype=dtype, site_xs=sites, record=record
   )
-  return records
 
 
 def measure_quant_errors(

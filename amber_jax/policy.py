@@ -29,7 +29,7 @@ import numpy as np
 from amber_jax.coverage import coverage as coverage_of
 from amber_jax.coverage import site_macs
 from amber_jax.model.config import PROJECTIONS, LlamaConfig
-from amber_jax.model.llama import causal_mask, embed, run_layers
+from amber_jax.model.llama import dense_pass_records
 from amber_jax.patterns import NMPattern
 from amber_jax.progress import progress_bar
 from amber_jax.sparsity import sparsify
@@ -97,30 +97,16 @@ class Sensitivity:
 
 @functools.partial(jax.jit, static_argnames=("config", "pattern", "dtype"))
 def _sensitivity_sums(params, tokens_BxT, factors, *, config, pattern, dtype):
-  b, t = tokens_BxT.shape
-  h = embed(params, tokens_BxT, dtype)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  mask = causal_mask(t, None, b)
+  def record(x, weights, site_factors):
+    w = weights["w"].astype(x.dtype)
+    y = jnp.einsum("...i,io->...o", x, w).astype(jnp.float32)
+    err = jnp.einsum("...i,io->...o", x - sparsify(x, pattern, site_factors), w)
+    err = err.astype(jnp.float32)
+    return jnp.sum(err * err), jnp.sum(y * y)
 
-  def make_lin(layer_params, layer_factors, layer):
-    del layer
-    records = {}
-
-    def lin(x, proj):
-      w = layer_params[proj]["w"].astype(x.dtype)
-      y = jnp.einsum("...i,io->...o", x, w)
-      dropped = x - sparsify(x, pattern, layer_factors[proj])
-      err = jnp.einsum("...i,io->...o", dropped, w).astype(jnp.float32)
-      records[proj] = (jnp.sum(err * err), jnp.sum(jnp.square(y.astype(jnp.float32))))
-      if "b" in layer_params[proj]:
-        bias = layer_params[proj]["b"].astype(y.dtype)
-        y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
-      return y
-
-    return lin, records
-
-  _, _, records = run_layers(config, params, h, positions, mask, None, make_lin, factors)
-  return records
+  return dense_pass_records(
+    params, tokens_BxT, config=config, dtype=dtype, site_xs=factors, record=record
+  )
 
 
 def measure_sensitivity(

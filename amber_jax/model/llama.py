@@ -338,3 +338,29 @@ def decode_step(
   h, (k, v) = _run_layers(config, params, plan, h, positions, mask, cache, sparse=False)
   new_cache = KVCache(k=k, v=v, length=cache.length + t)
   return _logits(config, params, h), new_cache
+
+
+def dense_pass_records(params, tokens_BxT, *, config: LlamaConfig, dtype, site_xs, record):
+  """A dense prefill in which every site also reports statistics of its input.
+
+  ``record(x, weights, site_x)`` is called at each site with its input, its weights and its
+  row of ``site_xs`` (proj -> data stacked over layers, or None); the returned pytree is
+  collected as proj -> stats stacked over layers. Calibration and sensitivity use this.
+  """
+  b, t = tokens_BxT.shape
+  h = embed(params, tokens_BxT, dtype)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+  def make_lin(layer_params, layer_x, layer):
+    records = {}
+
+    def lin(x, proj):
+      records[proj] = record(x, layer_params[proj], None if layer_x is None else layer_x[proj])
+      return project(x, layer_params[proj], proj=proj, layer=layer, plan_slice=None, pattern=None)
+
+    return lin, records
+
+  _, _, records = run_layers(
+    config, params, h, positions, causal_mask(t, None, b), None, make_lin, site_xs
+  )
+  return records
