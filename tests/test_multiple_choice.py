@@ -151,7 +151,7 @@ def test_few_shot_context_is_deterministic():
 
 def test_acc_and_acc_norm_with_uniform_logits(tok):
   """Uniform logits: loglik = -n_tokens * log V, so short choices win acc, long ones acc_norm."""
-  uniform = lambda tokens, valid: jnp.zeros(tokens.shape + (V,), jnp.float32)
+  uniform = lambda tokens, positions, mask: jnp.zeros(tokens.shape + (V,), jnp.float32)
   short, long = "a", "abcdefgh"  # 1 token, 1 byte / 7 tokens, 8 bytes
   ex = lambda gold: MCExample(context="\nA:", choices=(short, long), gold=(gold,), query="\nA:")
   task = MCTask(name="toy", examples=(ex(0), ex(0), ex(1)))
@@ -176,7 +176,7 @@ def test_bigram_logits_give_known_loglik_and_greedy(tok):
   table = np.zeros((V, V), np.float32)
   for p, n in zip(ids[:-1], ids[1:], strict=True):
     table[p, n] = 10.0
-  bigram = lambda tokens, valid: jnp.asarray(table)[tokens]
+  bigram = lambda tokens, positions, mask: jnp.asarray(table)[tokens]
   (g_ll, g_n, g_greedy), (b_ll, b_n, b_greedy) = score_requests(
     None, [(ctx, good), (ctx, bad)], config=None, tokenizer=tok, logits_fn=bigram,
     batch_size=2, show_progress=False,
@@ -241,3 +241,49 @@ def test_evaluate_task_speed_batched_vs_one_at_a_time(params, tok):
     assert again == first and first["n"] == 48 and 0 <= first["acc"] <= 1
   print(f"\ntiny model, {len(task.examples)} examples x 2 choices: batched(8) {rates[8]:.1f} ex/s, "
         f"one-at-a-time {rates[1]:.1f} ex/s")  # fmt: skip
+
+
+def _questions_sharing_contexts():
+  """Requests as BIG-bench makes them: each context with several choices of 1-5 tokens."""
+  words = "the quick brown fox jumps over a lazy dog and runs far away".split()
+  reqs = []
+  for i, n in enumerate([4, 30, 2, 60, 9]):
+    ctx = " ".join(words[(i + j) % len(words)] for j in range(n)) + "\nA:"
+    for k in range(2 + i % 3):
+      reqs.append((ctx, " " + " ".join(words[(i + k) % 9 : (i + k) % 9 + 1 + k])))
+  return reqs
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "w8a8"])
+def test_packed_rows_equal_one_row_per_request(params, tok, kind):
+  """Choices packed behind one shared context score as they do alone (dense, N:M, W8A8)."""
+  from amber_jax.calibration import collect_input_absmax
+  from amber_jax.quant_plan import build_quant_state
+
+  reqs = _questions_sharing_contexts()
+  plan = None
+  if kind == "sparse":
+    sites = [(0, "q"), (0, "down"), (1, "gate"), (1, "o")]
+    plan = make_plan(CFG, "2:4", sites=sites, factors=model_factors(params, "robust"), impl="xla")
+  elif kind == "w8a8":
+    calib = np.asarray([tok.encode(reqs[3][0] * 3).ids[:16]] * 2, np.int32)
+    absmax = collect_input_absmax(params, calib, config=CFG, show_progress=False)
+    state, _ = build_quant_state(params, CFG, absmax, smooth="smoothquant")
+    plan = make_plan(CFG, None).replace(quant=state)
+  kw = dict(config=CFG, tokenizer=tok, plan=plan, show_progress=False)
+  alone = score_requests(params, reqs, batch_size=1, pack=False, **kw)
+  packed = score_requests(params, reqs, batch_size=3, **kw)
+  err = np.max(np.abs(np.array([s[0] for s in packed]) - [s[0] for s in alone]))
+  print(f"{kind}: {len(reqs)} requests in 5 packed rows, max |loglik diff| {err:.1e}")
+  assert err < 1e-4
+  assert [s[1:] for s in packed] == [s[1:] for s in alone]
+  assert len({s[1] for s in alone}) > 2  # continuations of several lengths were packed
+
+
+def test_packed_rows_respect_max_length(params, tok):
+  """A group that would overflow max_length is split; a request too long alone is truncated."""
+  reqs = _questions_sharing_contexts()
+  kw = dict(config=CFG, tokenizer=tok, show_progress=False, max_length=24)
+  alone = score_requests(params, reqs, batch_size=1, pack=False, **kw)
+  packed = score_requests(params, reqs, batch_size=4, **kw)
+  np.testing.assert_allclose([s[0] for s in packed], [s[0] for s in alone], atol=1e-4)

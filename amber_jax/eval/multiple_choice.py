@@ -7,9 +7,12 @@ encoded whole, and the continuation's tokens are the tail after the context's ow
 merge across the boundary is not double counted). Leading special tokens of the tokenizer's
 template (e.g. a Llama BOS) are prepended to every request.
 
-Requests are sorted by length (longest first), batched with right padding and ``valid_BxT`` (padded
-keys are masked, so padding does not change a score), and each batch is padded to a bucketed
-length so that only a few shapes compile. Per task: ``acc`` (the choice with the highest summed
+Requests that share a context (the choices of one question) are packed into one row: the
+context once, then each continuation at the positions it would have alone, attending only to the
+context and to itself, so the scores equal one row per request while the context is computed once
+(a question with one-token choices costs one row and one LM-head position per choice). Rows are
+sorted by length, batched with padding, and padded to bucketed lengths so that only a few shapes
+compile. Per task: ``acc`` (the choice with the highest summed
 log-likelihood is correct) and ``acc_norm`` (the same after dividing each log-likelihood by the
 UTF-8 byte length of the choice text, without the delimiting space, as lm-eval's ``acc_norm``
 divides by the choice's length), each with lm-eval's standard error (sample std / sqrt(n)).
@@ -17,6 +20,7 @@ divides by the choice's length), each with lm-eval's standard error (sample std 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -35,7 +39,8 @@ from amber_jax.progress import progress_bar
 
 Request = tuple[str, str]  # (context, continuation)
 Score = tuple[float, int, bool]  # (summed log-likelihood, continuation tokens, is greedy)
-LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (tokens_BxT, valid_BxT) -> logits
+# (tokens_BxT, positions_BxT, mask_BxTxT) -> logits_BxTxV
+LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def bucket_length(n: int) -> int:
@@ -84,38 +89,122 @@ def _template_prefix(tokenizer: tokenizers.Tokenizer, prefix_token_id: int | Non
   return list(tokenizer.encode("", add_special_tokens=True).ids)
 
 
-def _target_logprob(logits_BxTxV, targets_BxT):
-  """(log p(target), target is the argmax) per position, from float32 logits."""
-  logits = logits_BxTxV.astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+def bucket_slots(n: int) -> int:
+  """Padded number of scored positions per row (a power of two >= 8)."""
+  return max(8, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _target_logprob(logits_BxSxV, targets_BxS):
+  """(log p(target), target is the argmax) per slot, from float32 logits."""
+  logits = logits_BxSxV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_BxS[..., None], axis=-1)[..., 0]
   logprob = target_logit - jax.nn.logsumexp(logits, axis=-1)
-  greedy = jnp.argmax(logits, axis=-1) == targets_BxT
+  greedy = jnp.argmax(logits, axis=-1) == targets_BxS
   return logprob, greedy
 
 
-def _reduce(logprob_BxT, greedy_BxT, cont_BxT):
-  cont = cont_BxT.astype(bool)
-  loglik = jnp.sum(jnp.where(cont, logprob_BxT, 0.0), axis=1)
-  count = jnp.sum(cont, axis=1, dtype=jnp.int32)
-  is_greedy = jnp.all(greedy_BxT | ~cont, axis=1)
-  return loglik, count, is_greedy
-
-
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def continuation_loglik(
-  params, tokens_BxT, targets_BxT, cont_BxT, valid_BxT, plan, *, config: LlamaConfig, dtype
+def slot_logprobs(
+  params, tokens_BxT, positions_BxT, mask_BxTxT, source_BxS, targets_BxS, plan, *, config, dtype
 ):
-  """Per row: (summed log p of the targets where ``cont_BxT``, their count, all greedy)."""
+  """(log p(target), target is the argmax) of each slot: the model's next-token distribution at
+  row position ``source_BxS`` scored against ``targets_BxS``. Only the slots' hidden states go
+  through the LM head (a row's context positions are never scored)."""
   h, _ = forward_hidden(
-    params, tokens_BxT, config=config, plan=plan, valid_BxT=valid_BxT, dtype=dtype
+    params,
+    tokens_BxT,
+    config=config,
+    plan=plan,
+    dtype=dtype,
+    positions_BxT=positions_BxT,
+    attn_mask_BxTxT=mask_BxTxT,
   )
-  logprob, greedy = map_logit_chunks(config, params, h, targets_BxT, _target_logprob)
-  return _reduce(logprob, greedy, cont_BxT)
+  h_BxSxD = jnp.take_along_axis(h, source_BxS[..., None], axis=1)
+  return map_logit_chunks(config, params, h_BxSxD, targets_BxS, _target_logprob)
 
 
 @jax.jit
-def _loglik_from_logits(logits_BxTxV, targets_BxT, cont_BxT):
-  return _reduce(*_target_logprob(logits_BxTxV, targets_BxT), cont_BxT)
+def _slots_from_logits(logits_BxTxV, source_BxS, targets_BxS):
+  logits = jnp.take_along_axis(logits_BxTxV, source_BxS[..., None], axis=1)
+  return _target_logprob(logits, targets_BxS)
+
+
+@dataclasses.dataclass
+class _Row:
+  """One model row: a context followed by continuation branches that share it."""
+
+  context: list[int]
+  branches: list[tuple[int, list[int]]]  # (request index, continuation ids)
+
+  def length(self) -> int:
+    return len(self.context) + sum(len(c) - 1 for _, c in self.branches)
+
+  def slots(self) -> int:
+    return sum(len(c) for _, c in self.branches)
+
+
+def _pack_rows(encoded, max_length: int | None, pack: bool) -> list[_Row]:
+  """Groups requests with identical context ids into rows of at most ``max_length`` tokens.
+
+  A request too long alone is truncated from the left (keeping the continuation), as lm-eval.
+  """
+  rows: list[_Row] = []
+  open_rows: dict[tuple[int, ...], _Row] = {}
+  for i, (ctx, cont) in enumerate(encoded):
+    if max_length is not None and len(ctx) + len(cont) - 1 > max_length:
+      full = (ctx + cont)[-(max_length + 1) :]
+      rows.append(_Row(full[: len(full) - len(cont)], [(i, cont)]))
+      continue
+    key = tuple(ctx)
+    row = open_rows.get(key) if pack else None
+    if row is not None and (max_length is None or row.length() + len(cont) - 1 <= max_length):
+      row.branches.append((i, cont))
+      continue
+    row = _Row(list(ctx), [(i, cont)])
+    rows.append(row)
+    if pack:
+      open_rows[key] = row
+  return rows
+
+
+def _layout(rows: Sequence[_Row], batch_size: int):
+  """Arrays of one batch of packed rows (``batch_size`` rows; missing rows are padding).
+
+  Row layout: the context at positions 0..c-1, then each continuation's tokens but its last, at
+  positions c, c+1, ... (the positions they have alone). Attention: a context token sees the
+  context before it; a continuation token sees the whole context and its own branch before it.
+  Slot ``(source, target)``: the first continuation token is predicted at the context's last
+  position, token j > 0 at the branch's token j - 1.
+  """
+  t = bucket_length(max(r.length() for r in rows))
+  s = bucket_slots(max(r.slots() for r in rows))
+  tokens = np.zeros((batch_size, t), np.int32)
+  positions = np.zeros((batch_size, t), np.int32)
+  branch = np.full((batch_size, t), -1, np.int32)  # 0: context, k >= 1: branch k, -1: padding
+  source = np.zeros((batch_size, s), np.int32)
+  targets = np.zeros((batch_size, s), np.int32)
+  owner = np.full((batch_size, s), -1, np.int64)  # request index of each slot; -1: padding
+  for r, row in enumerate(rows):
+    c = len(row.context)
+    tokens[r, :c] = row.context
+    positions[r, :c] = np.arange(c)
+    branch[r, :c] = 0
+    at, slot = c, 0
+    for k, (req, cont) in enumerate(row.branches, start=1):
+      n = len(cont) - 1
+      tokens[r, at : at + n] = cont[:-1]
+      positions[r, at : at + n] = np.arange(c, c + n)
+      branch[r, at : at + n] = k
+      source[r, slot : slot + n + 1] = [c - 1, *range(at, at + n)]
+      targets[r, slot : slot + n + 1] = cont
+      owner[r, slot : slot + n + 1] = req
+      at, slot = at + n, slot + n + 1
+  idx = np.arange(t)
+  causal = idx[None, :, None] >= idx[None, None, :]
+  same = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+  mask = causal & same & (branch[:, None, :] >= 0)
+  mask[:, :, 0] = True  # padding queries see one key, so no softmax row is empty
+  return tokens, positions, mask, source, targets, owner
 
 
 def score_requests(
@@ -131,62 +220,54 @@ def score_requests(
   max_length: int | None = None,
   prefix_token_id: int | None = None,
   logits_fn: LogitsFn | None = None,
+  pack: bool = True,
   desc: str = "loglikelihood",
 ) -> list[Score]:
   """(log-likelihood, continuation tokens, is greedy) of each (context, continuation), in order.
 
+  ``pack`` (default) puts the requests that share a context (the choices of one question) into
+  one row, the context computed once and each continuation attending only to it and to itself:
+  the same scores as one row per request (tested), for about half the tokens on BIG-bench and a
+  single LM-head row per one-token choice. Rows are sorted by length and batched with padding.
+
   ``max_length`` (default ``config.max_seq_len``) truncates long requests from the left, keeping
   the continuation, as lm-eval does. ``prefix_token_id`` replaces the tokenizer template's leading
-  special tokens. ``logits_fn(tokens_BxT, valid_BxT) -> logits_BxTxV`` replaces the model (for
-  tests); then ``params``, ``config`` and ``plan`` are unused.
+  special tokens. ``logits_fn(tokens_BxT, positions_BxT, mask_BxTxT) -> logits_BxTxV`` replaces
+  the model (for tests); then ``params``, ``config`` and ``plan`` are unused.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if max_length is None:
     max_length = config.max_seq_len if config is not None else None
   prefix = _template_prefix(tokenizer, prefix_token_id)
-  rows = []  # (input ids, number of continuation tokens)
+  encoded = []
   for context, continuation in requests:
     ctx, cont = encode_request(tokenizer, context, continuation, prefix_ids=prefix)
-    full = ctx + cont
-    if max_length is not None:
-      if len(cont) > max_length:
-        raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
-      full = full[-(max_length + 1) :]
-    rows.append((np.asarray(full, np.int32), len(cont)))
-  order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-  results: list[Score | None] = [None] * len(rows)
+    if max_length is not None and len(cont) > max_length:
+      raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
+    encoded.append((ctx, cont))
+  rows = sorted(_pack_rows(encoded, max_length, pack), key=lambda r: -r.length())
+  loglik = np.zeros(len(encoded), np.float64)
+  greedy = np.ones(len(encoded), bool)
   with progress_bar(
-    total=len(rows), desc=desc, unit="req", disable=not show_progress or not rows
+    total=len(encoded), desc=desc, unit="req", disable=not show_progress or not encoded
   ) as bar:
-    for start in range(0, len(order), batch_size):
-      idx = order[start : start + batch_size]
-      t = bucket_length(max(len(rows[i][0]) for i in idx) - 1)
-      tokens = np.zeros((batch_size, t), np.int32)
-      targets = np.zeros((batch_size, t), np.int32)
-      cont_mask = np.zeros((batch_size, t), bool)
-      valid = np.zeros((batch_size, t), bool)
-      valid[:, 0] = True  # padding rows: one valid key, so no row attends to nothing
-      for r, i in enumerate(idx):
-        full, n_cont = rows[i]
-        n = len(full) - 1
-        tokens[r, :n] = full[:-1]
-        targets[r, :n] = full[1:]
-        valid[r, :n] = True
-        cont_mask[r, n - n_cont : n] = True
+    for start in range(0, len(rows), batch_size):
+      batch = rows[start : start + batch_size]
+      tokens, positions, mask, source, targets, owner = _layout(batch, batch_size)
       if logits_fn is None:
-        out = continuation_loglik(
-          params, tokens, targets, cont_mask, valid, plan, config=config, dtype=dtype
+        out = slot_logprobs(
+          params, tokens, positions, mask, source, targets, plan, config=config, dtype=dtype
         )
       else:
-        out = _loglik_from_logits(
-          logits_fn(jnp.asarray(tokens), jnp.asarray(valid)), targets, cont_mask
-        )
-      loglik, count, greedy = (np.asarray(a) for a in out)
-      for r, i in enumerate(idx):
-        results[i] = (float(loglik[r]), int(count[r]), bool(greedy[r]))
-      bar.update(len(idx))
-  return results  # type: ignore[return-value]
+        logits = logits_fn(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+        out = _slots_from_logits(logits, source, targets)
+      logprob, is_argmax = (np.asarray(a) for a in out)
+      real = owner >= 0
+      np.add.at(loglik, owner[real], logprob[real].astype(np.float64))
+      np.logical_and.at(greedy, owner[real], is_argmax[real])
+      bar.update(sum(len(r.branches) for r in batch))
+  return [(float(loglik[i]), len(cont), bool(greedy[i])) for i, (_, cont) in enumerate(encoded)]
 
 
 def mean_stderr(values: Sequence[float]) -> float:
@@ -213,6 +294,7 @@ def evaluate_task(
   max_length: int | None = None,
   prefix_token_id: int | None = None,
   logits_fn: LogitsFn | None = None,
+  pack: bool = True,
 ) -> dict:
   """acc, acc_norm and their standard errors over the first ``limit`` examples of ``task``.
 
@@ -240,6 +322,7 @@ def evaluate_task(
     max_length=max_length,
     prefix_token_id=prefix_token_id,
     logits_fn=logits_fn,
+    pack=pack,
     desc=task.name,
   )
   acc, acc_norm = [], []

@@ -266,13 +266,28 @@ def forward_hidden(
   plan: SparsityPlan | None = None,
   valid_BxT: jax.Array | None = None,
   dtype=jnp.float32,
+  positions_BxT: jax.Array | None = None,
+  attn_mask_BxTxT: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """Prefill pass up to the last layer: (hidden [B,T,D] before the final norm, (K, V) per layer)."""
+  """Prefill pass up to the last layer: (hidden [B,T,D] before the final norm, (K, V) per layer).
+
+  By default token ``t`` sits at position ``t`` and attends causally to the valid keys.
+  ``positions_BxT`` and ``attn_mask_BxTxT`` (query x key, True = attend) replace both, for
+  packed rows: several continuations sharing one context in one row, each at the positions it
+  would have alone and seeing only the context and itself (see ``eval.multiple_choice``). The
+  N:M masks are per token, so packing changes no token's sparsity.
+  """
   b, t = tokens_BxT.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if positions_BxT is None:
+    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if attn_mask_BxTxT is None:
+    mask = causal_mask(t, valid_BxT, b)
+  elif valid_BxT is not None:
+    raise ValueError("pass either valid_BxT or attn_mask_BxTxT (which already masks padding)")
+  else:
+    mask = attn_mask_BxTxT.astype(bool)
   h = embed(params, tokens_BxT, dtype)
-  mask = causal_mask(t, valid_BxT, b)
-  return _run_layers(config, params, plan, h, positions, mask, None)
+  return _run_layers(config, params, plan, h, positions_BxT, mask, None)
 
 
 def forward(
