@@ -57,7 +57,10 @@ _METHODS = flags.DEFINE_list(
   "For each sparse pattern: naive (all linears, |x|) and/or amber (auto policy, robust score).",
 )
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "Solved examples before each question.")
-_LIMIT = flags.DEFINE_integer("limit", None, "Questions per task (default: all).")
+_LIMIT = flags.DEFINE_integer("limit", None, "The first questions of each task (default: all).")
+_SUBSAMPLE = flags.DEFINE_integer(
+  "subsample", None, "Instead of --limit: a seeded random subset of this many questions per task."
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Scored choices per forward pass.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
 _COVERAGE = flags.DEFINE_float("coverage", 0.55, "amber: minimum share of linear MACs sparsified.")
@@ -98,6 +101,7 @@ def main(argv):
         methods=tuple(_METHODS.value),
         num_fewshot=_NUM_FEWSHOT.value,
         limit=_LIMIT.value,
+        subsample=_SUBSAMPLE.value,
         batch_size=_BATCH_SIZE.value,
         dtype=_DTYPE.value,
         coverage=_COVERAGE.value,

@@ -251,6 +251,26 @@ def test_right_padding_with_valid_mask(gqa, pattern):
   assert np.isfinite(logits).all()  # Padded positions give finite (ignored) logits.
 
 
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_left_padded_generation_equals_each_prompt_alone(gqa, pattern):
+  """Prompts of different lengths in one batch (start_B): logits and greedy tokens as alone."""
+  config, params = gqa
+  plan = make_plan(config, pattern)
+  lengths = [T, T - 3, 2]
+  rows = [tokens(config, (1, n), seed=10 + i)[0] for i, n in enumerate(lengths)]
+  start = np.asarray([T - n for n in lengths], np.int32)
+  batch = jnp.stack([jnp.pad(r, (T - len(r), 0), constant_values=7) for r in rows])
+  logits, _ = prefill_jit(params, batch, config=config, plan=plan, start_B=start)
+  gen = generate_greedy(params, batch, config=config, max_new_tokens=K, plan=plan, start_B=start)
+  for i, row in enumerate(rows):
+    alone_logits, _ = prefill_jit(params, row[None], config=config, plan=plan)
+    np.testing.assert_allclose(
+      np.asarray(logits[i, start[i] :]), np.asarray(alone_logits[0]), atol=ATOL, rtol=0
+    )
+    alone = generate_greedy(params, row[None], config=config, max_new_tokens=K, plan=plan)
+    np.testing.assert_array_equal(np.asarray(gen[i]), np.asarray(alone[0]))
+
+
 # make_plan: bad sites, widths and factors.
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 import amber_jax.runs.zero_shot as zs
@@ -125,7 +126,7 @@ def test_corrupt_results_file_is_a_clear_error(make_cfg, content, monkeypatch):
   cfg = make_cfg()
   pathlib.Path(cfg.output).write_text(content)
   calls = _count_calls(monkeypatch)
-  with pytest.raises(ValueError, match="results file .* (is corrupt|is not a zero-shot)"):
+  with pytest.raises(ValueError, match="results file .* (is corrupt|is not a amber_jax.zero_shot)"):
     run_zero_shot(cfg, log=_quiet, show_progress=False)
   assert calls == []
 
@@ -173,4 +174,68 @@ def test_report_table():
   assert lines[2] == "| dense | 50.0 | 70.0 | 60.0 | +0.0 |"
   assert lines[3] == "| 8:16 naive | 40.0 | 60.0 | 50.0 | -10.0 |"
   assert lines[4] == "| 8:16 amber | 45.0 | - | - | - |"
-  assert "n=20 (0-shot)" in lines[-1]
+  assert lines[5].startswith("| (dense stderr) | - | - |")
+  assert "examples per task: 20 (0-shot)" in lines[-1]
+
+
+def test_report_change_vs_dense_is_paired():
+  """With per-example results the change vs dense gets the paired standard error."""
+  dense = [1, 0, 1, 1, 0, 1, 0, 1]
+  sparse = [1, 0, 0, 1, 0, 1, 0, 0]  # two examples lost, none gained
+  results = {"results": {}}
+  for m, p, v in [("dense", "dense", dense), ("naive", "2:4", sparse)]:
+    results["results"][f"{m}/{p}/t"] = {
+      "method": m, "pattern": p, "task": "t", "acc": 0.0, "acc_norm": sum(v) / len(v),
+      "acc_norm_stderr": 0.1, "n": len(v), "num_fewshot": 0, "correct_norm": v,
+      "subsample": 8,
+    }  # fmt: skip
+  lines = report_markdown(results).splitlines()
+  d = np.asarray(sparse, float) - np.asarray(dense, float)
+  se = d.std(ddof=1) / np.sqrt(len(d))
+  assert lines[3] == f"| 2:4 naive | 37.5 | 37.5 | -25.0 ± {100 * se:.1f} |"
+  assert lines[4] == "| (dense stderr) | ± 10.0 | ± 10.0 |  |"
+  assert "seeded random subset of 8 per task" in lines[-1]
+
+
+def test_subsample_is_seeded_sorted_and_independent_of_the_model():
+  a = zs.subsample_indices("navigate", 1000, 300, seed=1234)
+  assert a == zs.subsample_indices("navigate", 1000, 300, seed=1234) and a == sorted(a)
+  assert len(set(a)) == 300 and a != list(range(300))
+  assert a != zs.subsample_indices("winowhy", 1000, 300, seed=1234)
+  assert zs.subsample_indices("t", 50, 300, seed=0) == list(range(50))
+  assert zs.subsample_indices("t", 50, None, seed=0) is None
+
+
+def test_subsample_run_and_conflicting_limit(make_cfg):
+  out = run_zero_shot(
+    make_cfg(patterns=("dense",), limit=None, subsample=2), log=_quiet, show_progress=False
+  )
+  e = out["results"]["dense/dense/tiny_task"]
+  assert e["n"] == 2 and len(e["correct_norm"]) == 2 and e["subsample"] == 2
+  assert e["acc_norm"] == pytest.approx(np.mean(e["correct_norm"]))
+  with pytest.raises(ValueError, match="limit .* or subsample"):
+    make_cfg(limit=2, subsample=2)
+
+
+def test_generation_runner_resumes_and_reports_agreement(make_cfg, monkeypatch):
+  from amber_jax.runs import generation as gen
+
+  base = make_cfg()
+  kw = {f: getattr(base, f) for f in ("model", "tasks", "text", "seq_len", "cache_dir")}
+  cfg = gen.GenerationConfig(
+    **kw, patterns=("dense", "8:16"), methods=("naive",), num_fewshot=1, limit=3,
+    num_windows=2, calib_windows=2, batch_size=2, output=base.output.replace(".json", "_gen.json"),
+  )  # fmt: skip
+  first = gen.run_generation(cfg, log=_quiet, show_progress=False)
+  e = first["results"]["naive/8:16/tiny_task"]
+  assert e["n"] == 3 and len(e["answers"]) == 3 and 0 <= e["agreement"] <= 1
+  assert "agreement" not in first["results"]["dense/dense/tiny_task"]
+  calls = []
+  monkeypatch.setattr(gen, "evaluate_generation", lambda *a, **k: calls.append(1))
+  again = gen.run_generation(cfg, log=_quiet, show_progress=False)
+  assert calls == [] and again["results"] == json.loads(json.dumps(first["results"]))
+  table = gen.generation_markdown(again).splitlines()
+  assert table[0].startswith("| model | tiny_task EM | other_task EM | tiny_task = dense")
+  assert table[2].startswith("| dense |") and table[3].startswith("| 8:16 naive |")
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    gen.GenerationConfig(**kw, max_new_tokens=0, output="x.json")

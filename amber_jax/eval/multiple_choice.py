@@ -295,17 +295,30 @@ def evaluate_task(
   prefix_token_id: int | None = None,
   logits_fn: LogitsFn | None = None,
   pack: bool = True,
+  indices: Sequence[int] | None = None,
 ) -> dict:
-  """acc, acc_norm and their standard errors over the first ``limit`` examples of ``task``.
+  """acc, acc_norm and their standard errors over the first ``limit`` examples of ``task`` (or
+  the examples at ``indices``, e.g. a seeded random subset; then ``limit`` must be None).
 
   Few-shot prompts come from :func:`few_shot_context` (shots drawn, with ``seed``, from the
-  whole task). Returns ``dict(acc, acc_stderr, acc_norm, acc_norm_stderr, n)``.
+  whole task). Returns ``dict(acc, acc_stderr, acc_norm, acc_norm_stderr, n, correct,
+  correct_norm)``; the last two are per-example 0/1 lists (in evaluation order), so that two
+  models scored on the same examples can be compared pairwise.
   """
-  n = len(task.examples) if limit is None else min(limit, len(task.examples))
+  if indices is not None:
+    if limit is not None:
+      raise ValueError("pass limit or indices, not both")
+    bad = [i for i in indices if not 0 <= i < len(task.examples)]
+    if bad:
+      raise ValueError(f"indices {bad[:5]} out of range for task {task.name!r}")
+    order = list(indices)
+  else:
+    order = list(range(len(task.examples) if limit is None else min(limit, len(task.examples))))
+  n = len(order)
   if n < 1:
     raise ValueError(f"nothing to evaluate: limit={limit}, task has {len(task.examples)} examples")
   requests, spans = [], []
-  for i in range(n):
+  for i in order:
     ex = task.examples[i]
     context = few_shot_context(task, i, num_fewshot, seed) if num_fewshot else ex.context
     spans.append((len(requests), len(ex.choices)))
@@ -326,7 +339,7 @@ def evaluate_task(
     desc=task.name,
   )
   acc, acc_norm = [], []
-  for i, (first, count) in enumerate(spans):
+  for i, (first, count) in zip(order, spans, strict=True):
     ex = task.examples[i]
     ll = np.array([s[0] for s in scores[first : first + count]])
     nbytes = np.array([max(len(c.encode("utf-8")), 1) for c in ex.choices], np.float64)
@@ -338,4 +351,6 @@ def evaluate_task(
     "acc_norm": float(np.mean(acc_norm)),
     "acc_norm_stderr": mean_stderr(acc_norm),
     "n": n,
+    "correct": acc,
+    "correct_norm": acc_norm,
   }

@@ -24,8 +24,12 @@ def generate_greedy(
   max_new_tokens: int,
   plan: SparsityPlan | None = None,
   dtype=jnp.float32,
+  start_B: jax.Array | None = None,
 ) -> jax.Array:
-  """Greedy continuation [B, max_new_tokens] of equal-length prompts.
+  """Greedy continuation [B, max_new_tokens] of equal-length (or left-padded) prompts.
+
+  ``start_B`` marks left padding: row b's prompt is ``prompt_BxT[b, start_B[b]:]`` (see
+  :func:`amber_jax.model.llama.prefill`); each row then generates what it would alone.
 
   Deterministic: argmax with ties to the lowest token id, no sampling state.
   Stop tokens are not special-cased (callers trim at EOS), so every row has the
@@ -35,7 +39,13 @@ def generate_greedy(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   t = prompt_BxT.shape[1]
   logits, cache = prefill(
-    params, prompt_BxT, config=config, plan=plan, max_len=t + max_new_tokens, dtype=dtype
+    params,
+    prompt_BxT,
+    config=config,
+    plan=plan,
+    max_len=t + max_new_tokens,
+    dtype=dtype,
+    start_B=start_B,
   )
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 

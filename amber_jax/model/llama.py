@@ -33,7 +33,9 @@ class KVCache:
 
   k: jax.Array
   v: jax.Array
-  length: jax.Array  # int32 scalar: positions [0, length) are valid
+  length: jax.Array  # int32 scalar: positions [0, length) are filled
+  # int32 [B]: row b's real tokens start at slot start[b] (left-padded prompts); None: all at 0
+  start: jax.Array | None = None
 
 
 def project(
@@ -318,15 +320,38 @@ def prefill(
   plan: SparsityPlan | None = None,
   max_len: int | None = None,
   dtype=jnp.float32,
+  start_B: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
-  """Sparse (per plan) prefill: logits [B, T, V] and a KV cache of ``max_len`` positions."""
+  """Sparse (per plan) prefill: logits [B, T, V] and a KV cache of ``max_len`` positions.
+
+  ``start_B`` (optional) left-pads prompts of different lengths into one batch: row b's tokens
+  before ``start_B[b]`` are padding, its real tokens sit at positions 0, 1, ... and no real
+  token attends to the padding (the N:M masks and W8A8 scales are per token, so padding changes
+  no real activation). Logits of padding positions are meaningless; decode keeps the offsets.
+  """
   b, t = tokens_BxT.shape
   max_len = t if max_len is None else max_len
   if max_len < t:
     raise ValueError(f"max_len={max_len} must be >= the prompt length {t}")
-  h, (k, v) = forward_hidden(params, tokens_BxT, config=config, plan=plan, dtype=dtype)
+  positions = mask = None
+  if start_B is not None:
+    start_B = jnp.asarray(start_B, jnp.int32)
+    slots = jnp.arange(t, dtype=jnp.int32)
+    positions = jnp.maximum(slots[None, :] - start_B[:, None], 0)
+    mask = causal_mask(t, slots[None, :] >= start_B[:, None], b)
+  h, (k, v) = forward_hidden(
+    params,
+    tokens_BxT,
+    config=config,
+    plan=plan,
+    dtype=dtype,
+    positions_BxT=positions,
+    attn_mask_BxTxT=mask,
+  )
   pad = ((0, 0), (0, 0), (0, max_len - t), (0, 0), (0, 0))
-  cache = KVCache(k=jnp.pad(k, pad), v=jnp.pad(v, pad), length=jnp.asarray(t, jnp.int32))
+  cache = KVCache(
+    k=jnp.pad(k, pad), v=jnp.pad(v, pad), length=jnp.asarray(t, jnp.int32), start=start_B
+  )
   return _logits(config, params, h), cache
 
 
@@ -345,13 +370,17 @@ def decode_step(
   """
   b, t = tokens_BxT.shape
   s_max = cache.k.shape[2]
-  positions = cache.length + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  key_pos = jnp.arange(s_max, dtype=jnp.int32)
-  mask = key_pos[None, None, :] <= positions[:, :, None]
+  slots = cache.length + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  key_slot = jnp.arange(s_max, dtype=jnp.int32)
+  mask = key_slot[None, None, :] <= slots[:, :, None]
+  positions = slots
+  if cache.start is not None:  # left-padded rows: skip their padding, shift their positions
+    mask = mask & (key_slot[None, None, :] >= cache.start[:, None, None])
+    positions = slots - cache.start[:, None]
   h = embed(params, tokens_BxT, dtype)
   # Decode never sparsifies (sparse=False); W8A8 weights stay int8.
   h, (k, v) = _run_layers(config, params, plan, h, positions, mask, cache, sparse=False)
-  new_cache = KVCache(k=k, v=v, length=cache.length + t)
+  new_cache = KVCache(k=k, v=v, length=cache.length + t, start=cache.start)
   return _logits(config, params, h), new_cache
 
 

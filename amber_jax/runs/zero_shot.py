@@ -25,7 +25,11 @@ import json
 import math
 import os
 import time
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from amber_jax.data.bigbench import BIGBENCH_TASKS, bigbench_task_path, load_bigbench_task
 from amber_jax.data.texts import DEFAULT_TEXT
@@ -52,7 +56,8 @@ class ZeroShotConfig:
   patterns: tuple[str, ...] = ("dense", "8:16", "2:4")
   methods: tuple[str, ...] = METHODS  # applied to every sparse pattern; dense is one row
   num_fewshot: int = 0
-  limit: int | None = None  # examples per task; None: all
+  limit: int | None = None  # the first `limit` examples per task; None: all
+  subsample: int | None = None  # instead: a seeded random subset of this many per task
   batch_size: int = 8
   dtype: str = "float32"
   seed: int = 1234  # few-shot draws
@@ -89,6 +94,10 @@ class ZeroShotConfig:
       raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
     if self.limit is not None and self.limit < 1:
       raise ValueError(f"limit must be >= 1 (or None for all examples), got {self.limit}")
+    if self.subsample is not None and self.subsample < 1:
+      raise ValueError(f"subsample must be >= 1 (or None), got {self.subsample}")
+    if self.subsample is not None and self.limit is not None:
+      raise ValueError("pass limit (the first examples) or subsample (a random subset), not both")
     for name in ("batch_size", "seq_len", "num_windows"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -112,27 +121,14 @@ class ZeroShotConfig:
 
   def runs(self) -> list[tuple[tuple[str, str], AmberConfig]]:
     """((method, pattern), AmberConfig) of every row, dense first when it is asked for."""
-    rows = []
-    for p in self.patterns:
-      pattern = parse_pattern_or_dense(p)
-      if pattern is None:
-        rows.append(((DENSE, DENSE), AmberConfig(pattern=None)))
-        continue
-      for m in self.methods:
-        if m == "naive":
-          amber = AmberConfig(pattern=pattern, score="naive", policy="all")
-        else:
-          amber = AmberConfig(
-            pattern=pattern, score="robust", policy="auto", coverage=self.coverage
-          )
-        rows.append(((m, str(pattern)), amber))
-    return rows
+    return plan_rows(self.patterns, self.methods, self.coverage)
 
   def settings(self, method: str) -> dict:
     """What an entry must have been made with to be reused."""
     s = {
       "model": self.model,
       "limit": self.limit,
+      "subsample": self.subsample,
       "num_fewshot": self.num_fewshot,
       "dtype": self.dtype,
       "seed": self.seed,
@@ -148,15 +144,55 @@ class ZeroShotConfig:
     return s
 
 
+def plan_rows(
+  patterns: Sequence[str], methods: Sequence[str], coverage: float
+) -> list[tuple[tuple[str, str], AmberConfig]]:
+  """((method, pattern), AmberConfig) of every row, in the order of ``patterns``.
+
+  ``naive``: every linear input sparsified, score |x|; ``amber``: the auto policy with the
+  robust score at ``coverage``. "dense" is one row whatever the methods.
+  """
+  rows = []
+  for p in patterns:
+    pattern = parse_pattern_or_dense(p)
+    if pattern is None:
+      rows.append(((DENSE, DENSE), AmberConfig(pattern=None)))
+      continue
+    for m in methods:
+      if m == "naive":
+        amber = AmberConfig(pattern=pattern, score="naive", policy="all")
+      else:
+        amber = AmberConfig(pattern=pattern, score="robust", policy="auto", coverage=coverage)
+      rows.append(((m, str(pattern)), amber))
+  return rows
+
+
+def subsample_indices(task_name: str, n_examples: int, size: int | None, seed: int):
+  """A seeded random subset of ``size`` example indices (sorted), the same for every model and
+  run (the generator is seeded by ``seed`` and the task's name); None when ``size`` is None."""
+  if size is None:
+    return None
+  if size >= n_examples:
+    return list(range(n_examples))
+  rng = np.random.default_rng([seed, zlib.crc32(task_name.encode("utf-8"))])
+  return sorted(int(i) for i in rng.choice(n_examples, size=size, replace=False))
+
+
 def entry_id(method: str, pattern: str, task: str) -> str:
   return f"{method}/{pattern}/{task}"
 
 
-def load_results(path: str | os.PathLike) -> dict:
+def load_results(
+  path: str | os.PathLike,
+  *,
+  fmt: str = RESULTS_FORMAT,
+  need: tuple[str, ...] = ("acc", "acc_norm", "n", "settings"),
+) -> dict:
   """The entries of an existing results file ({} when it does not exist).
 
   Raises:
-    ValueError: the file is unreadable, not JSON, or not a zero-shot results file.
+    ValueError: the file is unreadable, not JSON, not a results file of format ``fmt``, or an
+      entry lacks one of ``need``.
   """
   path = Path(path)
   if not path.exists():
@@ -166,19 +202,18 @@ def load_results(path: str | os.PathLike) -> dict:
     data = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"results file {path} is corrupt ({e}); {hint}") from e
-  if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
-    raise ValueError(f"results file {path} is not a zero-shot results file ({hint})")
+  if not isinstance(data, dict) or data.get("format") != fmt:
+    raise ValueError(f"results file {path} is not a {fmt} results file ({hint})")
   entries = data.get("results")
   if not isinstance(entries, dict):
     raise ValueError(f"results file {path} is corrupt: 'results' is not an object ({hint})")
   for key, e in entries.items():
-    need = ("acc", "acc_norm", "n", "settings")
     if not isinstance(e, dict) or any(k not in e for k in need):
       raise ValueError(f"results file {path} is corrupt: entry {key!r} lacks {need} ({hint})")
   return entries
 
 
-def _check_entry(key: str, entry: dict, expected: dict, path) -> None:
+def check_entry(key: str, entry: dict, expected: dict, path) -> None:
   got = entry["settings"]
   diffs = [
     f"{k}: file has {got.get(k)!r}, this run has {v!r}"
@@ -225,7 +260,7 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
   runs = cfg.runs()
   entries = load_results(cfg.output)
   for key, entry in entries.items():
-    _check_entry(key, entry, cfg.settings(key.split("/", 1)[0]), cfg.output)
+    check_entry(key, entry, cfg.settings(key.split("/", 1)[0]), cfg.output)
   wanted = [(row, amber, task) for row, amber in runs for task in tasks]
   total = len(wanted)
   pending = [w for w in wanted if entry_id(*w[0], w[2].name) not in entries]
@@ -289,6 +324,7 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
       plan=info.plan if amber.pattern is not None else None,
       num_fewshot=cfg.num_fewshot,
       limit=cfg.limit,
+      indices=subsample_indices(task.name, len(task.examples), cfg.subsample, cfg.seed),
       batch_size=cfg.batch_size,
       dtype=dtype,
       seed=cfg.seed,
@@ -298,6 +334,7 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
     entries[key] = {
       **metrics,
       "limit": cfg.limit,
+      "subsample": cfg.subsample,
       "num_fewshot": cfg.num_fewshot,
       "method": method,
       "pattern": pattern,
@@ -320,12 +357,33 @@ def _points(x: float) -> str:
   return f"{100 * x:.1f}"
 
 
+def _paired_delta(entries: dict, row, dense, tasks) -> tuple[float, float] | None:
+  """Change of the task-averaged acc_norm vs dense and its paired standard error.
+
+  Needs per-example results of both rows on the same examples of every task (entries made by
+  this version); the difference is taken example by example, so the error is that of the
+  change, not of either accuracy. None when that is not available.
+  """
+  means, variances = [], []
+  for t in tasks:
+    a, b = entries.get(entry_id(*row, t)), entries.get(entry_id(*dense, t))
+    if a is None or b is None or "correct_norm" not in a or "correct_norm" not in b:
+      return None
+    if len(a["correct_norm"]) != len(b["correct_norm"]) or a.get("subsample") != b.get("subsample"):
+      return None
+    d = np.asarray(a["correct_norm"], np.float64) - np.asarray(b["correct_norm"], np.float64)
+    means.append(d.mean())
+    variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else math.nan)
+  return float(np.mean(means)), float(math.sqrt(sum(variances)) / len(tasks))
+
+
 def report_markdown(results: dict) -> str:
   """The paper-style table of a results file (or of run_zero_shot's return value).
 
   Rows: dense, then each (method, pattern) in the order first seen; columns: each task's
-  acc_norm (in %), their average, and the average's change vs dense in points ("-" where an
-  entry is missing or there is no dense row).
+  acc_norm (in %), their average, and the average's change vs dense in points, with its paired
+  standard error where per-example results exist ("-" where an entry is missing or there is no
+  dense row). A last row gives dense's per-task standard errors.
   """
   entries = results.get("results", results)
   rows, tasks = [], []
@@ -341,20 +399,36 @@ def report_markdown(results: dict) -> str:
     vals = [by_key.get((*row, t)) for t in tasks]
     return None if any(v is None for v in vals) else sum(vals) / len(vals)
 
-  dense_avg = average((DENSE, DENSE)) if (DENSE, DENSE) in rows else None
+  dense = (DENSE, DENSE)
+  dense_avg = average(dense) if dense in rows else None
   body = []
   for row in rows:
-    name = DENSE if row == (DENSE, DENSE) else f"{row[1]} {row[0]}"
+    name = DENSE if row == dense else f"{row[1]} {row[0]}"
     cells = [_points(by_key[(*row, t)]) if (*row, t) in by_key else "-" for t in tasks]
     avg = average(row)
     delta = "-"
     if avg is not None and dense_avg is not None and not math.isnan(avg):
       delta = f"{100 * (avg - dense_avg):+.1f}"
+      paired = _paired_delta(entries, row, dense, tasks) if row != dense else None
+      if paired is not None:
+        delta = f"{100 * paired[0]:+.1f} ± {100 * paired[1]:.1f}"
     body.append([name, *cells, "-" if avg is None else _points(avg), delta])
+  if dense in rows:
+    errs = [entries.get(entry_id(*dense, t), {}).get("acc_norm_stderr") for t in tasks]
+    cells = ["-" if e is None else f"± {100 * e:.1f}" for e in errs]
+    avg_err = None if None in errs else math.sqrt(sum(e * e for e in errs)) / len(errs)
+    body.append(
+      ["(dense stderr)", *cells, "-" if avg_err is None else f"± {100 * avg_err:.1f}", ""]
+    )
   header = ["model", *tasks, "average", "vs dense (points)"]
   ns = sorted({(e["n"], e["num_fewshot"]) for e in entries.values()})
-  note = ", ".join(f"n={n} ({k}-shot)" for n, k in ns)
+  note = ", ".join(f"{n} ({k}-shot)" for n, k in ns)
+  subs = {e.get("subsample") for e in entries.values()}
+  how = "all examples or the first `limit`"
+  if subs != {None}:
+    how = f"a seeded random subset of {', '.join(str(x) for x in sorted(subs - {None}))} per task"
   return (
-    markdown_table(header, body) + f"\n\nacc_norm in %, BIG-bench multiple choice; examples per "
-    f"task: {note}.\n"
+    markdown_table(header, body) + f"\n\nacc_norm in %, BIG-bench multiple choice; {how}; "
+    f"examples per task: {note}. ± is one standard error (the change's is paired, example by "
+    "example against dense).\n"
   )
