@@ -18,11 +18,7 @@ def save_sensitivity_heatmap(
   skip_layers: Sequence[int] = (),
 ) -> Path:
   """Layers x projections heatmap of relative output errors; skip layers marked."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = _pyplot()
   errors_LxP = np.asarray(errors_LxP)
   n_layers = errors_LxP.shape[0]
   fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(projections), 1.0 + 0.25 * n_layers))
@@ -35,11 +31,100 @@ def save_sensitivity_heatmap(
   ax.set_ylabel("layer (* = q/gate kept dense)")
   ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, label="||Y - Y'|| / ||Y||")
+  return _save(fig, path)
+
+
+def _pyplot():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+  """Writes the figure as PNG under a temporary name, then renames it (never half-written)."""
+  plt = _pyplot()
   fig.tight_layout()
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    tmp.unlink(missing_ok=True)
   return path
+
+
+def _pattern_sparsity(pattern: str) -> float:
+  n, m = (int(x) for x in pattern.split(":"))
+  return 1 - n / m
+
+
+def save_perplexity_vs_pattern(
+  rows: Sequence[dict], dense_perplexity: float, path: str | os.PathLike, *, title: str = ""
+) -> Path:
+  """Perplexity against the N:M pattern, one line per (score, policy), dense as a dashed line.
+
+  ``rows``: dicts with ``pattern`` ("N:M"), ``score``, ``policy`` and ``perplexity`` (the
+  ``rows`` of an amber_table result). Patterns are ordered by sparsity, then by M.
+  """
+  if not rows:
+    raise ValueError("rows is empty: nothing to plot")
+  plt = _pyplot()
+  patterns = sorted(
+    {r["pattern"] for r in rows}, key=lambda p: (_pattern_sparsity(p), int(p.split(":")[1]))
+  )
+  series: dict[tuple[str, str], dict[str, float]] = {}
+  for r in rows:
+    series.setdefault((r["policy"], r["score"]), {})[r["pattern"]] = r["perplexity"]
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  styles = {"all": ":", "paper": "--", "auto": "-"}
+  for (policy, score), by_pattern in sorted(series.items()):
+    xs = [i for i, p in enumerate(patterns) if p in by_pattern]
+    ys = [by_pattern[patterns[i]] for i in xs]
+    ax.plot(xs, ys, styles.get(policy, "-."), marker="o", label=f"{policy} / {score}")
+  ax.axhline(dense_perplexity, color="black", lw=1, ls="--", label=f"dense {dense_perplexity:.2f}")
+  ax.set_xticks(range(len(patterns)), patterns)
+  ax.set_yscale("log")
+  ax.set_xlabel("N:M pattern")
+  ax.set_ylabel("perplexity (log scale)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7, ncol=2)
+  return _save(fig, path)
+
+
+def save_accuracy_change(
+  changes: dict[str, dict[str, tuple[float, float]]],
+  path: str | os.PathLike,
+  *,
+  title: str = "",
+) -> Path:
+  """Grouped bars: per task, each model's accuracy change vs dense (points), error bars = one
+  standard error. ``changes``: model name -> task -> (change, stderr) (stderr may be NaN)."""
+  if not changes:
+    raise ValueError("changes is empty: nothing to plot")
+  plt = _pyplot()
+  tasks = list(dict.fromkeys(t for by_task in changes.values() for t in by_task))
+  width = 0.8 / len(changes)
+  fig, ax = plt.subplots(figsize=(1.2 + 0.75 * len(tasks), 4.2))
+  for k, (name, by_task) in enumerate(changes.items()):
+    xs = np.arange(len(tasks)) + (k - (len(changes) - 1) / 2) * width
+    vals = [by_task.get(t, (np.nan, np.nan)) for t in tasks]
+    ax.bar(
+      xs,
+      [v[0] for v in vals],
+      width,
+      yerr=[0 if np.isnan(v[1]) else v[1] for v in vals],
+      capsize=2,
+      label=name,
+    )
+  ax.axhline(0, color="black", lw=0.8)
+  ax.set_xticks(range(len(tasks)), tasks, rotation=35, ha="right", fontsize=7)
+  ax.set_ylabel("accuracy change vs dense (points)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  return _save(fig, path)

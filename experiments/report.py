@@ -1,0 +1,67 @@
+"""Result JSON files -> RESULTS.md tables and PNG plots, in one command.
+
+    python experiments/report.py
+
+renders, from the files in results/ (each optional: a missing default file is skipped, a
+missing file given explicitly is an error):
+
+* results/zero_shot_dense_full.json -> "Dense accuracy on every task" (acc, acc_norm ± stderr);
+* results/zero_shot.json -> the paper-style zero-shot table and results/plots/accuracy_change.png;
+* results/generation.json -> the generation table (exact match, agreement with dense);
+* results/amber_table.json -> the score x policy x pattern perplexity table and
+  results/plots/perplexity_vs_pattern.png;
+* results/sensitivity.json -> results/plots/sensitivity_heatmap.png.
+
+The JSON files come from experiments/zero_shot.py, generation.py, amber_table.py --output and
+sensitivity.py --output. Nothing is evaluated here; it takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amber_jax.runs.report import write_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = {
+  "dense_full": "results/zero_shot_dense_full.json",
+  "zero_shot": "results/zero_shot.json",
+  "generation": "results/generation.json",
+  "amber_table": "results/amber_table.json",
+  "sensitivity": "results/sensitivity.json",
+}
+_FILES = {
+  name: flags.DEFINE_string(name, None, f"Results JSON (default {path}, skipped if absent).")
+  for name, path in DEFAULTS.items()
+}
+_RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown file to update ('' to print).")
+_PLOTS = flags.DEFINE_string("plots_dir", "results/plots", "Where the PNGs go ('' for none).")
+
+
+def main(argv):
+  del argv
+  files = {}
+  for name, flag in _FILES.items():
+    if flag.value is not None:
+      if not Path(flag.value).is_file():
+        sys.exit(f"error: --{name}={flag.value} does not exist")
+      files[name] = flag.value
+    elif (ROOT / DEFAULTS[name]).is_file():
+      files[name] = str(ROOT / DEFAULTS[name])
+    else:
+      print(f"skipped {name}: {DEFAULTS[name]} does not exist")
+  try:
+    write_report(
+      **files, results_md=_RESULTS.value or None, plots_dir=_PLOTS.value or None, log=print
+    )
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
