@@ -21,13 +21,10 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import amber_jax.eval.lm_eval_adapter as adapter  # noqa: E402
+import amber_jax.eval.generative as generative  # noqa: E402
 from amber_jax.data.bigbench import MCExample, MCTask  # noqa: E402
-from amber_jax.eval.lm_eval_adapter import (  # noqa: E402
-  AmberLM,
-  greedy_generate,
-  rolling_windows,
-)
+from amber_jax.eval.generative import greedy_generate  # noqa: E402
+from amber_jax.eval.lm_eval_adapter import AmberLM, rolling_windows  # noqa: E402
 from amber_jax.eval.multiple_choice import evaluate_task, score_requests  # noqa: E402
 from amber_jax.model import LlamaConfig, forward, generate_greedy  # noqa: E402
 from amber_jax.plan import make_plan  # noqa: E402
@@ -234,8 +231,8 @@ def test_generate_until_matches_generate_greedy_and_stops(params, tok, plans, mo
     if (piece := tok.decode([ids[k]]).strip()).isalnum() and piece not in tok.decode(ids[:k])
   )
   calls = []
-  real = adapter._decode_chunk
-  monkeypatch.setattr(adapter, "_decode_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real = generative._decode_chunk
+  monkeypatch.setattr(generative, "_decode_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
   (cut,) = lm.generate_until([(contexts[0], {"until": [stop], "max_gen_toks": 40})])
   assert cut == full[0].split(stop)[0] and len(cut) < len(full[0])
   assert len(calls) == 1

@@ -9,19 +9,22 @@ same format, which is what teaches a small model the answer format.
 The answer is the greedy continuation cut at the first stop string (a newline by default) and
 stripped of surrounding whitespace; it matches when it equals an accepted answer after the same
 stripping (BIG-bench's ``exact_str_match``). Prompts of different lengths share a batch through
-left padding (``start_B`` of :func:`amber_jax.model.generate_greedy`: each row generates exactly
-what it would alone; the N:M masks act per token, so sparse prefill is unaffected too).
+left padding (:func:`greedy_generate`: each row generates exactly what it would alone; the N:M
+masks act per token, so sparse prefill is unaffected too), decoding in chunks of steps with a
+stop check between them (so a batch stops once every row has stopped).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
@@ -32,9 +35,10 @@ from amber_jax.data.bigbench import (
   few_shot_context,
   load_bigbench_task,
 )
+from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.eval.multiple_choice import bucket_length, mean_stderr
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.generate import generate_greedy
+from amber_jax.model.llama import KVCache, causal_mask, decode_step, forward_hidden
 from amber_jax.plan import SparsityPlan
 from amber_jax.progress import progress_bar
 
@@ -123,6 +127,109 @@ def cut_answer(text: str, stop: Sequence[str]) -> str:
   return text[:end].strip()
 
 
+DECODE_CHUNK = 16  # decode steps per compiled call: stop checks happen between calls
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "dtype"))
+def _prefill_first_token(params, tokens_BxT, start_B, plan, *, config, max_len, dtype):
+  """Sparse (per plan) prefill of left-padded prompts (row b's prompt starts at ``start_B[b]``).
+
+  Returns the greedy next token [B] and a cache of ``max_len`` positions filled up to the
+  padded length, keeping the offsets (see :func:`amber_jax.model.llama.prefill`): no real
+  token attends to padding, and the N:M mask and W8A8 scales act per token, so padding changes
+  no real activation. Only the last position goes through the LM head.
+  """
+  b, t = tokens_BxT.shape
+  slots = jnp.arange(t, dtype=jnp.int32)
+  positions = jnp.maximum(slots[None, :] - start_B[:, None], 0)
+  mask = causal_mask(t, slots[None, :] >= start_B[:, None], b)
+  h, (k, v) = forward_hidden(
+    params,
+    tokens_BxT,
+    config=config,
+    plan=plan,
+    dtype=dtype,
+    positions_BxT=positions,
+    attn_mask_BxTxT=mask,
+  )
+  h_last = h[:, -1:]  # [B, 1, D]
+  dummy = jnp.zeros(h_last.shape[:2], jnp.int32)
+  first = map_logit_chunks(
+    config, params, h_last, dummy, lambda logits, _: jnp.argmax(logits, axis=-1)
+  )
+  pad = ((0, 0), (0, 0), (0, max_len - t), (0, 0), (0, 0))
+  cache = KVCache(
+    k=jnp.pad(k, pad), v=jnp.pad(v, pad), length=jnp.asarray(t, jnp.int32), start=start_B
+  )
+  return first[:, 0].astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "dtype"))
+def _decode_chunk(params, token_B, cache, plan, *, config, steps, dtype):
+  """``steps`` dense greedy decode steps: (new tokens [B, steps], the cache after them)."""
+
+  def step(carry, _):
+    token, cache = carry
+    logits, cache = decode_step(
+      params, token[:, None], cache, config=config, plan=plan, dtype=dtype
+    )
+    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    return (nxt, cache), nxt
+
+  (_, cache), new_SxB = jax.lax.scan(step, (token_B, cache), None, length=steps)
+  return new_SxB.T, cache
+
+
+def greedy_generate(
+  params,
+  prompts: Sequence[Sequence[int]],
+  *,
+  config: LlamaConfig,
+  max_new_tokens: int,
+  plan: SparsityPlan | None = None,
+  dtype=jnp.float32,
+  should_stop: Callable[[int, list[int]], bool] | None = None,
+  chunk: int = DECODE_CHUNK,
+) -> list[list[int]]:
+  """Greedy continuations (at most ``max_new_tokens`` ids each) of prompts of any lengths.
+
+  The same computation as :func:`amber_jax.model.generate_greedy` for each prompt alone (sparse
+  prefill, dense decode, argmax), but the prompts are left-padded to a bucketed length so that
+  few shapes compile, and decoding runs ``chunk`` steps per call and stops once
+  ``should_stop(row, ids so far)`` holds for every row (ids past a row's stop are left to the
+  caller to trim).
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("prompts must be a non-empty list of non-empty token lists")
+  b = len(prompts)
+  t_pad = bucket_length(max(len(p) for p in prompts))
+  steps = min(chunk, max_new_tokens - 1)
+  n_calls = 0 if steps == 0 else -(-(max_new_tokens - 1) // steps)
+  # Each decode step writes its input token at the fill level: t_pad + steps * n_calls slots.
+  max_len = t_pad + steps * n_calls
+  tokens = np.zeros((b, t_pad), np.int32)
+  start = np.zeros(b, np.int32)
+  for r, p in enumerate(prompts):
+    tokens[r, t_pad - len(p) :] = p
+    start[r] = t_pad - len(p)
+  token, cache = _prefill_first_token(
+    params, tokens, jnp.asarray(start), plan, config=config, max_len=max_len, dtype=dtype
+  )
+  out = [[int(x)] for x in np.asarray(token)]
+  for _ in range(n_calls):
+    if should_stop is not None and all(should_stop(r, out[r]) for r in range(b)):
+      break
+    new, cache = _decode_chunk(params, token, cache, plan, config=config, steps=steps, dtype=dtype)
+    token = new[:, -1]
+    for r, row in enumerate(np.asarray(new)):
+      out[r].extend(int(x) for x in row)
+  return [row[:max_new_tokens] for row in out]
+
+
 def greedy_continuations(
   params,
   prompts: Sequence[Sequence[int]],
@@ -135,11 +242,8 @@ def greedy_continuations(
   show_progress: bool = True,
   desc: str = "generate",
 ) -> list[list[int]]:
-  """Greedy continuations (``max_new_tokens`` ids each) of prompts of any lengths.
-
-  Prompts are sorted by length, left-padded to a bucketed length in batches of ``batch_size``
-  (so few shapes compile), and each row generates what it would alone.
-  """
+  """Greedy continuations (``max_new_tokens`` ids each) of prompts of any lengths, in batches
+  of ``batch_size`` sorted by length (see :func:`greedy_generate`)."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if any(len(p) == 0 for p in prompts):
@@ -151,25 +255,12 @@ def greedy_continuations(
   ) as bar:
     for begin in range(0, len(order), batch_size):
       idx = order[begin : begin + batch_size]
-      t = bucket_length(max(len(prompts[i]) for i in idx))
-      tokens = np.zeros((batch_size, t), np.int32)
-      start = np.full(batch_size, t - 1, np.int32)  # padding rows: one token
-      for r, i in enumerate(idx):
-        n = len(prompts[i])
-        tokens[r, t - n :] = prompts[i]
-        start[r] = t - n
-      gen = generate_greedy(
-        params,
-        tokens,
-        config=config,
-        max_new_tokens=max_new_tokens,
-        plan=plan,
-        dtype=dtype,
-        start_B=start,
+      rows = [prompts[i] for i in idx] + [prompts[idx[-1]]] * (batch_size - len(idx))
+      gen = greedy_generate(
+        params, rows, config=config, max_new_tokens=max_new_tokens, plan=plan, dtype=dtype
       )
-      gen = np.asarray(gen)
       for r, i in enumerate(idx):
-        out[i] = gen[r].tolist()
+        out[i] = gen[r]
       bar.update(len(idx))
   return out  # type: ignore[return-value]
 

@@ -35,7 +35,7 @@ import functools
 import inspect
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -46,15 +46,16 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from amber_jax.eval.generative import greedy_generate
 from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.eval.multiple_choice import bucket_length, score_requests
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.llama import KVCache, decode_step, forward_hidden
+from amber_jax.model.llama import forward_hidden
 from amber_jax.plan import SparsityPlan
 from amber_jax.progress import progress_bar
 
 DEFAULT_CACHE_DIR = "~/.cache/amber_jax"
-DECODE_CHUNK = 16  # decode steps per compiled call; stop strings are checked between calls
+
 _MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 # Accepted and without effect: greedy decoding ignores them (as HF generate does).
 _GREEDY_NEUTRAL_KEYS = ("top_p", "top_k", "min_p")
@@ -155,90 +156,6 @@ def score_token_windows(
         results[i] = (float(loglik[r]), bool(greedy[r]))
       bar.update(len(idx))
   return results
-
-
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "dtype"))
-def _prefill_first_token(params, tokens_BxT, length, plan, *, config, max_len, dtype):
-  """Sparse (per plan) prefill of right-padded prompts that all have ``length`` real tokens.
-
-  Returns the greedy next token [B] and a cache of ``max_len`` positions whose fill level is
-  ``length``: the padding's keys and values lie beyond it, where decode masks them and then
-  overwrites them. Causal attention keeps padding out of the real positions, and the N:M mask
-  and W8A8 scales act per token, so padding to a bucketed length changes no real activation.
-  """
-  h, (k, v) = forward_hidden(params, tokens_BxT, config=config, plan=plan, dtype=dtype)
-  h_last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)  # [B, 1, D]
-  dummy = jnp.zeros(h_last.shape[:2], jnp.int32)
-  first = map_logit_chunks(
-    config, params, h_last, dummy, lambda logits, _: jnp.argmax(logits, axis=-1)
-  )
-  pad = ((0, 0), (0, 0), (0, max_len - tokens_BxT.shape[1]), (0, 0), (0, 0))
-  cache = KVCache(k=jnp.pad(k, pad), v=jnp.pad(v, pad), length=length.astype(jnp.int32))
-  return first[:, 0].astype(jnp.int32), cache
-
-
-@functools.partial(jax.jit, static_argnames=("config", "steps", "dtype"))
-def _decode_chunk(params, token_B, cache, plan, *, config, steps, dtype):
-  """``steps`` dense greedy decode steps: (new tokens [B, steps], the cache after them)."""
-
-  def step(carry, _):
-    token, cache = carry
-    logits, cache = decode_step(
-      params, token[:, None], cache, config=config, plan=plan, dtype=dtype
-    )
-    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    return (nxt, cache), nxt
-
-  (_, cache), new_SxB = jax.lax.scan(step, (token_B, cache), None, length=steps)
-  return new_SxB.T, cache
-
-
-def greedy_generate(
-  params,
-  prompts: Sequence[Sequence[int]],
-  *,
-  config: LlamaConfig,
-  max_new_tokens: int,
-  plan: SparsityPlan | None = None,
-  dtype=jnp.float32,
-  should_stop: Callable[[int, list[int]], bool] | None = None,
-  chunk: int = DECODE_CHUNK,
-) -> list[list[int]]:
-  """Greedy continuations (at most ``max_new_tokens`` ids each) of equal-length prompts.
-
-  The same computation as :func:`amber_jax.model.generate_greedy` (sparse prefill, dense decode,
-  argmax), but the prompts are padded to a bucketed length so that few shapes compile, and
-  decoding runs ``chunk`` steps per call and stops once ``should_stop(row, ids so far)`` holds
-  for every row (a row's ids past its stop are left to the caller to trim).
-  """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if chunk < 1:
-    raise ValueError(f"chunk must be >= 1, got {chunk}")
-  lengths = {len(p) for p in prompts}
-  if len(lengths) != 1 or 0 in lengths:
-    raise ValueError(f"prompts must be non-empty and of equal length, got lengths {lengths}")
-  t = lengths.pop()
-  b = len(prompts)
-  t_pad = bucket_length(t)
-  steps = min(chunk, max_new_tokens - 1)
-  n_calls = 0 if steps == 0 else -(-(max_new_tokens - 1) // steps)
-  # Each decode step writes its input token at the fill level: t + steps * n_calls positions.
-  max_len = t_pad + steps * n_calls
-  tokens = np.zeros((b, t_pad), np.int32)
-  tokens[:, :t] = np.asarray(prompts, np.int32)
-  token, cache = _prefill_first_token(
-    params, tokens, jnp.int32(t), plan, config=config, max_len=max_len, dtype=dtype
-  )
-  out = [[int(x)] for x in np.asarray(token)]
-  for _ in range(n_calls):
-    if should_stop is not None and all(should_stop(r, out[r]) for r in range(b)):
-      break
-    new, cache = _decode_chunk(params, token, cache, plan, config=config, steps=steps, dtype=dtype)
-    token = new[:, -1]
-    for r, row in enumerate(np.asarray(new)):
-      out[r].extend(int(x) for x in row)
-  return [row[:max_new_tokens] for row in out]
 
 
 def _args(request) -> tuple:
@@ -620,15 +537,15 @@ class AmberLM(LM):
       ids = self.tokenizer.encode(context, add_special_tokens=True).ids
       ids = ids[-(self.max_length - max_gen) :] if ids else [self.prefix_token_id]
       jobs.append((ids, until, max_gen))
-    # Rows of one batch share the prompt length (the decode cache has one fill level).
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (ids, _, max_gen) in enumerate(jobs):
-      groups.setdefault((len(ids), max_gen), []).append(i)
+    # Prompts of any lengths share a batch (left padding); a batch shares max_gen_toks.
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(jobs)), key=lambda i: -len(jobs[i][0])):
+      groups.setdefault(jobs[i][2], []).append(i)
     results: list = [None] * len(jobs)
     with progress_bar(
       total=len(jobs), desc="generate_until", unit="req", disable=not self._progress(disable_tqdm)
     ) as bar:
-      for (_, max_gen), members in sorted(groups.items(), key=lambda kv: -kv[0][0]):
+      for max_gen, members in groups.items():
         for start in range(0, len(members), self.batch_size):
           idx = members[start : start + self.batch_size]
           # Pad the batch to a power of two with copies of its first row: few shapes compile.

@@ -1,0 +1,188 @@
+"""Score factors learned with optax: the weights stay frozen, only the N:M selection changes.
+
+A plan's score is ``|x| * f`` per input channel (``f`` = the plan's ``factors``). Here ``f`` is
+trained on calibration windows to minimise the KL divergence between the dense model's and the
+sparse model's next-token distributions. The top-N selection has no gradient, so training uses a
+straight-through estimator: the forward pass keeps the exact hard N:M mask (what inference
+does), and the backward pass differentiates a sigmoid relaxation of it around the group's
+threshold (the midpoint between the N-th and the (N+1)-th largest score), at a temperature
+relative to the group's mean score. ``f`` is parametrised as ``exp(theta)`` (positive, scale
+free) and starts from the plan's factors (e.g. the robust score's).
+
+Only sites the plan sparsifies are trained; the learned factors replace the plan's ``factors``
+(plain data: no recompilation, saved with the plan by ``plan_io``). Float plans only (a W8A8
+plan's quantization is not differentiated here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from amber_jax.model.config import LlamaConfig
+from amber_jax.model.llama import _logits, causal_mask, embed, run_layers
+from amber_jax.patterns import NMPattern
+from amber_jax.plan import SparsityPlan
+from amber_jax.progress import progress_bar
+from amber_jax.sparsity import nm_mask, nm_scores
+
+
+def ste_sparsify(
+  x: jax.Array, pattern: NMPattern, factors: jax.Array, temperature: float
+) -> jax.Array:
+  """``sparsify(x, pattern, factors)`` in the forward pass; a sigmoid surrogate's gradient
+  with respect to ``factors`` (and ``x``) in the backward pass."""
+  score = nm_scores(x, factors)
+  hard = nm_mask(jax.lax.stop_gradient(score), pattern)
+  *lead, width = score.shape
+  groups = score.reshape(*lead, width // pattern.m, pattern.m)
+  top = jax.lax.top_k(jax.lax.stop_gradient(groups), pattern.n + 1)[0]
+  threshold = 0.5 * (top[..., pattern.n - 1] + top[..., pattern.n])
+  scale = jax.lax.stop_gradient(jnp.mean(groups, axis=-1)) + 1e-6
+  soft = jax.nn.sigmoid((groups - threshold[..., None]) / (temperature * scale[..., None]))
+  soft = soft.reshape(score.shape)
+  mask = hard.astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))  # exactly hard
+  return x * mask.astype(x.dtype)
+
+
+def _sparse_logits(params, tokens_BxT, log_factors, enabled, *, config, pattern, temperature):
+  b, t = tokens_BxT.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  h = embed(params, tokens_BxT, jnp.float32)
+  layer_xs = {p: (enabled[p], log_factors[p]) for p in enabled}
+
+  def make_lin(layer_params, layer_x, layer):
+    def lin(x, proj):
+      on, theta = layer_x[proj]
+      xs = ste_sparsify(x, pattern, jnp.exp(theta), temperature)
+      x_eff = jnp.where(on, xs, x)
+      y = jnp.einsum("...i,io->...o", x_eff, layer_params[proj]["w"].astype(x.dtype))
+      if "b" in layer_params[proj]:
+        y = y + layer_params[proj]["b"].astype(y.dtype)
+      return y
+
+    return lin, {}
+
+  h, _, _ = run_layers(
+    config, params, h, positions, causal_mask(t, None, b), None, make_lin, layer_xs
+  )
+  return _logits(config, params, h)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _teacher_logprobs(params, tokens_BxT, *, config):
+  b, t = tokens_BxT.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  h = embed(params, tokens_BxT, jnp.float32)
+
+  def make_lin(layer_params, layer_x, layer):
+    def lin(x, proj):
+      y = jnp.einsum("...i,io->...o", x, layer_params[proj]["w"].astype(x.dtype))
+      return y + layer_params[proj]["b"].astype(y.dtype) if "b" in layer_params[proj] else y
+
+    return lin, {}
+
+  h, _, _ = run_layers(config, params, h, positions, causal_mask(t, None, b), None, make_lin, None)
+  return jax.nn.log_softmax(_logits(config, params, h), axis=-1).astype(jnp.bfloat16)
+
+
+def _kl(params, tokens, teacher, log_factors, enabled, *, config, pattern, temperature):
+  logits = _sparse_logits(
+    params, tokens, log_factors, enabled, config=config, pattern=pattern, temperature=temperature
+  )
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  teacher = teacher.astype(jnp.float32)
+  return jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedFactors:
+  plan: SparsityPlan  # the input plan with the learned factors
+  losses: list[float]  # KL (nats/token) on the training batch, per step (before the update)
+  initial_kl: float  # mean KL over all calibration windows, before / after training
+  final_kl: float
+  seconds: float
+
+
+def learn_score_factors(
+  params,
+  plan: SparsityPlan,
+  calib_windows: np.ndarray,
+  *,
+  config: LlamaConfig,
+  steps: int = 60,
+  learning_rate: float = 0.05,
+  temperature: float = 0.5,
+  batch_size: int = 2,
+  seed: int = 0,
+  show_progress: bool = True,
+) -> LearnedFactors:
+  """Trains the plan's score factors on ``calib_windows`` ([W, T+1] or [W, T] token ids; the
+  inputs are the first T) to minimise KL(dense || sparse) of the next-token distributions.
+
+  Raises:
+    ValueError: the plan is dense or W8A8, bad steps/learning rate/temperature/batch size, or
+      no calibration windows.
+  """
+  if plan.pattern is None:
+    raise ValueError("plan has no N:M pattern: there are no score factors to learn")
+  if plan.quant is not None:
+    raise ValueError("learn_score_factors takes float plans (plan.quant must be None)")
+  for name, v in (("steps", steps), ("batch_size", batch_size)):
+    if v < 1:
+      raise ValueError(f"{name} must be >= 1, got {v}")
+  if not learning_rate > 0 or not temperature > 0:
+    raise ValueError(
+      f"learning_rate and temperature must be > 0, got {learning_rate}, {temperature}"
+    )
+  windows = np.asarray(calib_windows, np.int32)
+  if windows.ndim != 2 or len(windows) == 0:
+    raise ValueError(f"calib_windows must be [W >= 1, T], got shape {windows.shape}")
+  start = time.perf_counter()
+  tokens = jnp.asarray(windows[:, :-1] if windows.shape[1] > 1 else windows)
+  batches = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
+  teachers = [_teacher_logprobs(params, b, config=config) for b in batches]
+  enabled = dict(plan.enabled)
+  theta = {p: jnp.log(jnp.maximum(plan.factors[p], 1e-6)) for p in enabled}
+  kw = dict(config=config, pattern=plan.pattern, temperature=temperature)
+  loss_and_grad = jax.jit(
+    jax.value_and_grad(lambda th, tok, tea: _kl(params, tok, tea, th, enabled, **kw), argnums=0)
+  )
+  kl_only = jax.jit(lambda th, tok, tea: _kl(params, tok, tea, th, enabled, **kw))
+  opt = optax.adam(learning_rate)
+  state = opt.init(theta)
+
+  def mean_kl(th):
+    return float(
+      np.mean([float(kl_only(th, b, t)) for b, t in zip(batches, teachers, strict=True)])
+    )
+
+  initial = mean_kl(theta)
+  rng = np.random.default_rng(seed)
+  losses = []
+  with progress_bar(
+    total=steps, desc="learn factors", unit="step", disable=not show_progress
+  ) as bar:
+    for _ in range(steps):
+      i = int(rng.integers(len(batches)))
+      loss, grads = loss_and_grad(theta, batches[i], teachers[i])
+      updates, state = opt.update(grads, state, theta)
+      theta = optax.apply_updates(theta, updates)
+      losses.append(float(loss))
+      bar.set_postfix(kl=f"{float(loss):.4f}")
+      bar.update(1)
+  final = mean_kl(theta)
+  factors = {p: jnp.exp(theta[p]).astype(jnp.float32) for p in enabled}
+  return LearnedFactors(
+    plan=plan.replace(factors=factors),
+    losses=losses,
+    initial_kl=initial,
+    final_kl=final,
+    seconds=time.perf_counter() - start,
+  )
