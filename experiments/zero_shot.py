@@ -1,8 +1,9 @@
 """Zero-shot BIG-bench accuracy, dense vs N:M (naive and Amber Pruner), resumable.
 
-Command (the full table: 10 packaged tasks, dense + 8:16 and 2:4 with both methods):
+Command (10 packaged tasks, dense + 8:16 and 2:4 with both methods; the RESULTS.md table):
 
-    python experiments/zero_shot.py --output=zero_shot.json --results=RESULTS.md
+    python experiments/zero_shot.py --subsample=200 --output=results/zero_shot.json
+    python experiments/report.py     # tables into RESULTS.md, plots into results/plots/
 
 Each (method x pattern, task) pair is saved in --output as soon as it finishes; rerunning the
 same command skips the finished pairs (an entry made with another --limit, --num_fewshot or
@@ -11,10 +12,11 @@ same command skips the finished pairs (an entry made with another --limit, --num
     python experiments/zero_shot.py --tasks=physical_intuition --patterns=dense --limit=20 \
       --output=/tmp/zero_shot.json
 
-It took 16 s wall on 2 CPU cores with the cached SmolLM2-135M (7.4 s of evaluation, 73 scored
-choices; acc 0.250, acc_norm 0.100, n=20). The full table scores 20,411 choices (9,285 questions)
-per row, 5 rows: at ~10 choices/s that is about 35 minutes a row, 3 hours in all on 2 CPU cores
-(longer prompts score slower); far less on one GPU.
+The choices of a question are scored in one packed row (the context once). The full dense row
+(9,285 questions, 20,411 choices) took 47 minutes on 2 CPU cores shared with other jobs (load
+average 5-8; results/zero_shot_dense_full.json); the RESULTS.md table uses a seeded random subset
+of 200 questions per task (--subsample=200, 1,871 questions per row, about 8-15 minutes a row),
+the same questions for every row, so the change vs dense is measured pairwise.
 
 Only the table, from an existing results file (nothing evaluated):
 
