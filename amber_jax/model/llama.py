@@ -19,6 +19,7 @@ from amber_jax.impl import kernel_options, pallas_nm_matmul
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
 from amber_jax.quant import int8_dot_general, quantize_activation
+from amber_jax.sharding import constrain_batch
 from amber_jax.sparsity import sparsify
 
 Params = dict[str, Any]
@@ -221,6 +222,7 @@ def run_layers(config, params, h, positions, mask, cache: KVCache | None, make_l
 
   def body(h, xs):
     layer_params, layer_x, layer, kv = xs
+    h = constrain_batch(h)  # batch over "data" when a mesh is set (amber_jax.sharding); else no-op
     lin, records = make_lin(layer_params, layer_x, layer)
     kv_in = None if kv is None else (kv[0], kv[1], cache.length)
     norms = (layer_params["attn_norm"], layer_params["mlp_norm"])
