@@ -8,7 +8,9 @@ For every projection the plan holds, stacked over layers:
   (all ones for the naive |x| score).
 
 and optionally ``quant``, the W8A8 part (``amber_jax.quant_plan.QuantState``: smoothed
-int8 weights, scales, folded norms, float sites).
+int8 weights, scales, folded norms, float sites), and ``correction``, per-site output
+corrections of the sparse sites calibrated by ``amber_jax.corrections`` (arrays stacked over
+layers; None: no correction, the plain N:M transform).
 
 Only the N:M pattern (and the implementation choices) are static: they fix shapes and
 code inside the mask computation; changing which sites are enabled or the factors
@@ -43,6 +45,9 @@ class SparsityPlan:
   mask_method: str = struct.field(pytree_node=False, default="auto")
   # W8A8 part (amber_jax.quant_plan.QuantState) or None for float weights.
   quant: Any = None
+  # Output corrections of sparse sites in prefill (amber_jax.corrections: proj -> center,
+  # in_scale, token_rescale, out_scale, out_bias stacked over layers) or None for none.
+  correction: Any = None
 
   def enabled_sites(self) -> list[tuple[int, str]]:
     """(layer, projection) pairs that are sparsified, in layer-major order."""

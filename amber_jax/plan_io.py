@@ -2,8 +2,8 @@
 
 The arrays go through ``amber_jax.io.plan_checkpoint`` (atomic, per-leaf SHA-256, clear
 errors for truncated, corrupt or mismatched checkpoints); the plan's static fields
-(pattern, impl, mask algorithm, W8A8 activation mode and order) travel in the metadata, so
-a restored plan is the saved one, bit for bit.
+(pattern, impl, mask algorithm, W8A8 activation mode and order) travel in the metadata (output
+corrections, if any, are arrays like the rest), so a restored plan is the saved one, bit for bit.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def save_sparsity_plan(path: str | os.PathLike, plan: SparsityPlan, *, metadata:
   tree = {"enabled": plan.enabled, "factors": plan.factors}
   if plan.quant is not None:
     tree["quant"] = {"sites": plan.quant.sites, "norms": plan.quant.norms}
+  if plan.correction is not None:
+    tree["correction"] = plan.correction
   save_plan(path, tree, metadata={**metadata, "plan_static": _static(plan)})
 
 
@@ -66,5 +68,6 @@ def load_sparsity_plan(
     impl=static["impl"],
     mask_method=static["mask_method"],
     quant=quant,
+    correction=as_jnp(tree["correction"]) if "correction" in tree else None,
   )
   return plan, metadata

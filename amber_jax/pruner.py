@@ -8,6 +8,13 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from amber_jax.corrections import (
+  CorrectionResult,
+  CorrectionSpec,
+  calibrate_corrections,
+  check_correction,
+  check_correction_inputs,
+)
 from amber_jax.coverage import Coverage, plan_coverage
 from amber_jax.impl import check_impl
 from amber_jax.model.config import LlamaConfig
@@ -42,6 +49,11 @@ class AmberConfig:
   coverage: float = 0.55  # target for policy="auto"
   robust_clip: bool = True
   impl: str | None = None  # "xla" | "pallas"; None: the backend's default (amber_jax.impl)
+  # Output correction of the sparse sites (amber_jax.corrections), e.g. "median+bias"; fitted
+  # on the calibration windows, on the dense model's inputs or the sparse one's ("sequential",
+  # "global"). Off by default: none won on a held-out text yet (RESULTS.md "corrections").
+  correction: str = "none"
+  correction_inputs: str = "dense"
 
   def __post_init__(self):
     if self.impl is not None:
@@ -55,6 +67,10 @@ class AmberConfig:
       )
     if self.policy == "auto" and self.skip_layers:
       raise ValueError("skip_layers cannot be given with policy='auto' (auto chooses them)")
+    check_correction(self.correction)
+    check_correction_inputs(self.correction_inputs)
+    if self.impl == "pallas" and not CorrectionSpec.parse(self.correction).is_none:
+      raise ValueError(f"correction={self.correction!r} needs impl='xla', got impl='pallas'")
 
   def validate_for(self, config: LlamaConfig) -> None:
     """Model-dependent checks (skip layers in range, M divides widths), before loading weights."""
@@ -72,6 +88,7 @@ class PlanInfo:
   sensitivity: Sensitivity | None
   seconds: float  # factors + calibration + search
   dense_sites: tuple[tuple[int, str], ...] = ()  # granularity="site": q/gate sites kept dense
+  correction: CorrectionResult | None = None  # the calibrated corrections (if any)
 
 
 def build_plan(
@@ -84,7 +101,8 @@ def build_plan(
   dtype=jnp.float32,
   show_progress: bool = True,
 ) -> PlanInfo:
-  """The plan of ``amber`` for this model; ``calib_windows`` [W, T] are needed for "auto"."""
+  """The plan of ``amber`` for this model; ``calib_windows`` [W, T] are needed for "auto" and
+  for a correction (fitted on all of them in one pass)."""
   start = time.perf_counter()
   amber.validate_for(config)
   if amber.pattern is None:
@@ -122,6 +140,21 @@ def build_plan(
   )
   if dense_sites:  # report whole layers where both q and gate stayed dense
     skip = tuple(l for l in range(config.n_layers) if {(l, "q"), (l, "gate")} <= dense_sites)
+  correction = None
+  if not CorrectionSpec.parse(amber.correction).is_none:
+    if calib_windows is None or len(calib_windows) == 0:
+      raise ValueError(f"correction={amber.correction!r} needs calibration windows")
+    correction = calibrate_corrections(
+      params,
+      plan,
+      calib_windows,
+      config=config,
+      correction=amber.correction,
+      inputs=amber.correction_inputs,
+      dtype=dtype,
+      show_progress=show_progress,
+    )
+    plan = plan.replace(correction=correction.correction)
   return PlanInfo(
     plan,
     plan_coverage(config, plan),
@@ -129,4 +162,5 @@ def build_plan(
     sensitivity,
     time.perf_counter() - start,
     tuple(sorted(dense_sites)),
+    correction,
   )

@@ -59,9 +59,17 @@ def project(
   None (decode, or a dense plan) means the input is used as is. ``impl`` "xla"
   sparsifies in jnp then calls XLA's dot; "pallas" calls the fused kernel (the
   mask is computed on each tile inside the matmul). ``layer`` is the traced layer
-  index (kept for transforms that need the site identity).
+  index (kept for transforms that need the site identity). A ``correction`` entry in
+  ``plan_slice`` (``amber_jax.corrections``) corrects the sparse output of an enabled site
+  (impl "xla", float weights only); without one the code path is exactly the plain N:M one.
   """
   del layer  # The plan slice is already this layer's row.
+  correction = None if plan_slice is None else plan_slice.get("correction")
+  if correction is not None and (quant_slice is not None or impl != "xla"):
+    raise ValueError(
+      "plan.correction needs impl='xla' and float weights (no W8A8 part), got "
+      f"impl={impl!r}, quant={'yes' if quant_slice is not None else 'no'}"
+    )
   if quant_slice is not None:
     y = _project_w8a8(x, weights, plan_slice, pattern, mask_method, quant_slice, act_mode, order)
     if "b" in weights:
@@ -82,6 +90,16 @@ def project(
       return y2d.reshape(*lead, w.shape[1])
 
     y = jax.lax.cond(plan_slice["enabled"], fused, dense, x)
+  elif correction is not None:
+    # Imported here: amber_jax.corrections imports this module (its calibration runs the model).
+    from amber_jax.corrections import corrected_sparse_matmul
+
+    def corrected(x_):
+      return corrected_sparse_matmul(
+        x_, w, pattern, plan_slice["factors"], correction, method=mask_method
+      )
+
+    y = jax.lax.cond(plan_slice["enabled"], corrected, dense, x)
   else:
     factors = plan_slice["factors"]
     x = jax.lax.cond(
@@ -178,6 +196,8 @@ def plan_injection(plan: SparsityPlan | None, *, sparse: bool = True):
       site = {}
       if pattern is not None:
         site.update(enabled=plan.enabled[p], factors=plan.factors[p])
+        if plan.correction is not None:  # prefill only: decode (pattern None) stays uncorrected
+          site["correction"] = plan.correction[p]
       if quant is not None:
         site["quant"] = quant.sites[p]
       plan_xs["sites"][p] = site
