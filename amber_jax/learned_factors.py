@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.llama import _logits, causal_mask, embed, run_layers
+from amber_jax.model.llama import _logits, causal_mask, embed, forward, run_layers
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import SparsityPlan
 from amber_jax.progress import progress_bar
@@ -77,19 +77,9 @@ def _sparse_logits(params, tokens_BxT, log_factors, enabled, *, config, pattern,
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _teacher_logprobs(params, tokens_BxT, *, config):
-  b, t = tokens_BxT.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  h = embed(params, tokens_BxT, jnp.float32)
-
-  def make_lin(layer_params, layer_x, layer):
-    def lin(x, proj):
-      y = jnp.einsum("...i,io->...o", x, layer_params[proj]["w"].astype(x.dtype))
-      return y + layer_params[proj]["b"].astype(y.dtype) if "b" in layer_params[proj] else y
-
-    return lin, {}
-
-  h, _, _ = run_layers(config, params, h, positions, causal_mask(t, None, b), None, make_lin, None)
-  return jax.nn.log_softmax(_logits(config, params, h), axis=-1).astype(jnp.bfloat16)
+  """The dense model's next-token log-probabilities (bf16 to halve their memory)."""
+  logits = forward(params, tokens_BxT, config=config)
+  return jax.nn.log_softmax(logits, axis=-1).astype(jnp.bfloat16)
 
 
 def _kl(params, tokens, teacher, log_factors, enabled, *, config, pattern, temperature):

@@ -38,7 +38,7 @@ from amber_jax.data.bigbench import (
 from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.eval.multiple_choice import bucket_length, mean_stderr
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.llama import KVCache, causal_mask, decode_step, forward_hidden
+from amber_jax.model.llama import KVCache, decode_step, forward_hidden, left_padded_layout
 from amber_jax.plan import SparsityPlan
 from amber_jax.progress import progress_bar
 
@@ -139,10 +139,8 @@ def _prefill_first_token(params, tokens_BxT, start_B, plan, *, config, max_len, 
   token attends to padding, and the N:M mask and W8A8 scales act per token, so padding changes
   no real activation. Only the last position goes through the LM head.
   """
-  b, t = tokens_BxT.shape
-  slots = jnp.arange(t, dtype=jnp.int32)
-  positions = jnp.maximum(slots[None, :] - start_B[:, None], 0)
-  mask = causal_mask(t, slots[None, :] >= start_B[:, None], b)
+  t = tokens_BxT.shape[1]
+  positions, mask = left_padded_layout(start_B, t)
   h, (k, v) = forward_hidden(
     params,
     tokens_BxT,

@@ -282,6 +282,14 @@ def causal_mask(t: int, valid_BxT: jax.Array | None, b: int) -> jax.Array:
   return causal & valid_BxT[:, None, :].astype(bool)
 
 
+def left_padded_layout(start_B: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
+  """(positions [B, T], attention mask [B, T, T]) of left-padded rows whose real tokens start at
+  slot ``start_B[b]``: real tokens at positions 0, 1, ..., no key before the start attended."""
+  slots = jnp.arange(t, dtype=jnp.int32)
+  positions = jnp.maximum(slots[None, :] - start_B[:, None], 0)
+  return positions, causal_mask(t, slots[None, :] >= start_B[:, None], start_B.shape[0])
+
+
 def forward_hidden(
   params: Params,
   tokens_BxT: jax.Array,
@@ -358,9 +366,7 @@ def prefill(
   positions = mask = None
   if start_B is not None:
     start_B = jnp.asarray(start_B, jnp.int32)
-    slots = jnp.arange(t, dtype=jnp.int32)
-    positions = jnp.maximum(slots[None, :] - start_B[:, None], 0)
-    mask = causal_mask(t, slots[None, :] >= start_B[:, None], b)
+    positions, mask = left_padded_layout(start_B, t)
   h, (k, v) = forward_hidden(
     params,
     tokens_BxT,
