@@ -57,8 +57,12 @@ def test_learning_lowers_the_kl_and_changes_only_factors(model):
   # The learned plan runs through the ordinary model (no recompilation: factors are data).
   tokens = jnp.asarray(windows[:, :-1])
   fwd = jax.jit(forward, static_argnames=("config", "dtype"))
-  a, b = fwd(params, tokens, config=CFG, plan=plan), fwd(params, tokens, config=CFG, plan=out.plan)
-  assert fwd._cache_size() == 1 and not np.allclose(a, b)
+  a = fwd(params, tokens, config=CFG, plan=plan)
+  # jit's cache is shared by every jax.jit(forward) with these options (other test modules
+  # add entries too), so compare its size before and after rather than against 1.
+  compiled = fwd._cache_size()
+  b = fwd(params, tokens, config=CFG, plan=out.plan)
+  assert fwd._cache_size() == compiled and not np.allclose(a, b)
 
 
 def test_bad_arguments(model):
