@@ -128,3 +128,39 @@ def save_accuracy_change(
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
   return _save(fig, path)
+
+
+def save_coverage_front(
+  rows: Sequence[dict],
+  dense_perplexity: float,
+  path: str | os.PathLike,
+  *,
+  text: str,
+  title: str = "",
+) -> Path:
+  """Perplexity on ``text`` against achieved coverage, one panel per pattern and one line per
+  method, dense as a dashed line. ``rows``: dicts with ``pattern``, ``method``, ``coverage`` and
+  ``perplexity`` (text -> value), the ``rows`` of a run_front result."""
+  rows = [r for r in rows if text in r["perplexity"]]
+  if not rows:
+    raise ValueError(f"no rows with a {text!r} perplexity: nothing to plot")
+  plt = _pyplot()
+  patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+  fig, axes = plt.subplots(1, len(patterns), figsize=(5.2 * len(patterns), 4.2), squeeze=False)
+  for ax, pattern in zip(axes[0], patterns, strict=True):
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+      if r["pattern"] == pattern:
+        series.setdefault(r["method"], []).append((r["coverage"], r["perplexity"][text]))
+    for method, points in series.items():
+      xs, ys = zip(*sorted(points), strict=True)
+      ax.plot(xs, ys, marker="o", ls="-" if len(xs) > 1 else "none", label=method)
+    ax.axhline(
+      dense_perplexity, color="black", lw=1, ls="--", label=f"dense {dense_perplexity:.2f}"
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel("coverage (share of linear multiply-adds with sparse input)")
+    ax.set_ylabel(f"perplexity on {text} (log scale)")
+    ax.set_title(f"{pattern} {title}".strip(), fontsize=9)
+    ax.legend(fontsize=7)
+  return _save(fig, path)

@@ -8,7 +8,9 @@ Policies:
 * ``auto``: the paper's rules, with the q/gate skip layers chosen from measured
   sensitivities: as many of the most sensitive layers as the coverage target
   allows (every layer's q+gate costs the same multiply-adds, so taking the
-  largest errors first minimises the total error of the sparse sites).
+  largest errors first minimises the total error of the sparse sites);
+* ``search``: any projection of any layer, chosen by each site's measured effect on the
+  next-token distribution to reach the coverage target (``amber_jax.site_search``).
 
 Sensitivity of a site = ||Y - Y'|| / ||Y|| for that projection alone, with Y the
 dense output and Y' the output with its input sparsified, accumulated over the
@@ -34,7 +36,7 @@ from amber_jax.patterns import NMPattern
 from amber_jax.progress import progress_bar
 from amber_jax.sparsity import sparsify
 
-POLICIES = ("all", "paper", "auto")
+POLICIES = ("all", "paper", "auto", "search")
 PAPER_SPARSE = ("q", "gate", "down")
 SKIPPABLE = ("q", "gate")
 
@@ -195,8 +197,15 @@ def select_dense_sites(
   items = [(l, p) for l in range(config.n_layers) for p in SKIPPABLE]
   costs = [macs[p] // unit for _, p in items]
   values = [float(sensitivity.errors[l, PROJECTIONS.index(p)]) for l, p in items]
+  return tuple(sorted(items[i] for i in knapsack(costs, values, capacity)))
+
+
+def knapsack(costs: Sequence[int], values: Sequence[float], capacity: int) -> list[int]:
+  """Exact 0/1 knapsack by dynamic programming: indices of the items of largest total value
+  whose integer costs sum to at most ``capacity`` (O(items x capacity))."""
+  capacity = max(0, int(capacity))
   best = np.zeros(capacity + 1)
-  take = np.zeros((len(items), capacity + 1), bool)
+  take = np.zeros((len(costs), capacity + 1), bool)
   for i, (cost, value) in enumerate(zip(costs, values, strict=True)):
     if cost > capacity:
       continue
@@ -205,11 +214,11 @@ def select_dense_sites(
     take[i, cost:] = better
     best[cost:] = np.where(better, candidate, best[cost:])
   chosen, c = [], capacity
-  for i in range(len(items) - 1, -1, -1):
+  for i in range(len(costs) - 1, -1, -1):
     if take[i, c]:
-      chosen.append(items[i])
+      chosen.append(i)
       c -= costs[i]
-  return tuple(sorted(chosen))
+  return chosen[::-1]
 
 
 def parse_layer_list(spec: str | Sequence[int]) -> tuple[int, ...]:

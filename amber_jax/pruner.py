@@ -31,6 +31,7 @@ from amber_jax.policy import (
   select_skip_layers,
 )
 from amber_jax.scores import check_score, model_factors
+from amber_jax.site_search import SiteCosts, measure_site_costs, select_sites
 
 GRANULARITIES = ("layer", "site")
 
@@ -46,7 +47,7 @@ class AmberConfig:
   # auto: "layer" keeps q and gate dense together in whole layers (the paper's rule);
   # "site" chooses q and gate sites independently (a knapsack on the coverage budget).
   granularity: str = "layer"
-  coverage: float = 0.55  # target for policy="auto"
+  coverage: float = 0.55  # target for policy="auto" and "search"
   robust_clip: bool = True
   impl: str | None = None  # "xla" | "pallas"; None: the backend's default (amber_jax.impl)
   # Output correction of the sparse sites (amber_jax.corrections), e.g. "median+bias"; fitted
@@ -65,8 +66,10 @@ class AmberConfig:
       raise ValueError(
         f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
       )
-    if self.policy == "auto" and self.skip_layers:
-      raise ValueError("skip_layers cannot be given with policy='auto' (auto chooses them)")
+    if self.policy in ("auto", "search") and self.skip_layers:
+      raise ValueError(
+        f"skip_layers cannot be given with policy={self.policy!r} (it chooses the sites)"
+      )
     check_correction(self.correction)
     check_correction_inputs(self.correction_inputs)
     if self.impl == "pallas" and not CorrectionSpec.parse(self.correction).is_none:
@@ -76,8 +79,15 @@ class AmberConfig:
     """Model-dependent checks (skip layers in range, M divides widths), before loading weights."""
     check_skip_layers(config, self.skip_layers)
     if self.pattern is not None:
-      policy = "paper" if self.policy == "auto" else self.policy
+      policy = {"auto": "paper", "search": "all"}.get(self.policy, self.policy)
       make_plan(config, self.pattern, sites=policy_sites(config, policy, self.skip_layers))
+
+  @property
+  def needs_calibration(self) -> bool:
+    """Whether build_plan needs calibration windows (auto/search policy, or a correction)."""
+    return self.pattern is not None and (
+      self.policy in ("auto", "search") or not CorrectionSpec.parse(self.correction).is_none
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +99,7 @@ class PlanInfo:
   seconds: float  # factors + calibration + search
   dense_sites: tuple[tuple[int, str], ...] = ()  # granularity="site": q/gate sites kept dense
   correction: CorrectionResult | None = None  # the calibrated corrections (if any)
+  site_costs: SiteCosts | None = None  # policy="search": the measured per-site costs
 
 
 def build_plan(
@@ -100,9 +111,13 @@ def build_plan(
   batch_size: int = 4,
   dtype=jnp.float32,
   show_progress: bool = True,
+  site_costs: SiteCosts | None = None,
 ) -> PlanInfo:
-  """The plan of ``amber`` for this model; ``calib_windows`` [W, T] are needed for "auto" and
-  for a correction (fitted on all of them in one pass)."""
+  """The plan of ``amber`` for this model; ``calib_windows`` [W, T] are needed for "auto",
+  "search" and for a correction (fitted on all of them in one pass).
+
+  ``site_costs``: costs measured earlier for the same pattern and score (SiteCosts serve
+  every coverage target), so policy="search" skips measuring them again."""
   start = time.perf_counter()
   amber.validate_for(config)
   if amber.pattern is None:
@@ -130,14 +145,26 @@ def build_plan(
       skip = select_skip_layers(sensitivity, config, amber.coverage)
     else:
       dense_sites = set(select_dense_sites(sensitivity, config, amber.coverage))
-  policy = "paper" if amber.policy == "auto" else amber.policy
-  plan = make_plan(
-    config,
-    amber.pattern,
-    sites=[s for s in policy_sites(config, policy, skip) if s not in dense_sites],
-    factors=factors,
-    impl=amber.impl,
-  )
+  if amber.policy == "search":
+    if calib_windows is None or len(calib_windows) == 0:
+      raise ValueError("policy='search' needs calibration windows (calib_windows >= 1)")
+    if site_costs is None:
+      site_costs = measure_site_costs(
+        params,
+        make_plan(config, amber.pattern, factors=factors, impl=amber.impl),
+        calib_windows,
+        config=config,
+        batch_size=min(batch_size, 2),
+        dtype=dtype,
+        show_progress=show_progress,
+      )
+    elif site_costs.pattern != str(amber.pattern):
+      raise ValueError(f"site_costs are for {site_costs.pattern}, the plan is {amber.pattern}")
+    sites = select_sites(site_costs, config, amber.coverage)
+  else:
+    policy = "paper" if amber.policy == "auto" else amber.policy
+    sites = [s for s in policy_sites(config, policy, skip) if s not in dense_sites]
+  plan = make_plan(config, amber.pattern, sites=sites, factors=factors, impl=amber.impl)
   if dense_sites:  # report whole layers where both q and gate stayed dense
     skip = tuple(l for l in range(config.n_layers) if {(l, "q"), (l, "gate")} <= dense_sites)
   correction = None
@@ -163,4 +190,5 @@ def build_plan(
     time.perf_counter() - start,
     tuple(sorted(dense_sites)),
     correction,
+    site_costs if amber.policy == "search" else None,
   )

@@ -406,7 +406,7 @@ class AmberLM(LM):
     tokenizer = load_tokenizer(source)
     if amber.pattern is not None:
       calib = None
-      if amber.policy == "auto":
+      if amber.needs_calibration:
         from amber_jax.data.texts import load_text
         from amber_jax.eval.perplexity import make_windows
 

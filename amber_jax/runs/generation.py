@@ -141,7 +141,7 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
     log(f"resuming {cfg.output}: {done} of {len(wanted)} pairs already finished, skipped")
   if not pending:
     return result
-  sparse_amber = any(a.pattern is not None and a.policy == "auto" for _, a in runs)
+  sparse_amber = any(a.needs_calibration for _, a in runs)
   setup = prepare_eval(
     model=cfg.model,
     text=cfg.text,
@@ -163,7 +163,7 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
         setup.params,
         setup.config,
         amber,
-        calib_windows=setup.calib_windows if amber.policy == "auto" else None,
+        calib_windows=setup.calib_windows if amber.needs_calibration else None,
         batch_size=min(cfg.batch_size, 4),
         dtype=dtype,
         show_progress=show_progress,

@@ -303,7 +303,7 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
         setup.params,
         setup.config,
         amber,
-        calib_windows=setup.calib_windows if amber.policy == "auto" else None,
+        calib_windows=setup.calib_windows if amber.needs_calibration else None,
         batch_size=min(cfg.batch_size, 4),
         dtype=dtype,
         show_progress=show_progress,

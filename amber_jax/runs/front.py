@@ -1,0 +1,346 @@
+"""Coverage-quality front: the best plan of each method at each coverage target, on two texts.
+
+Methods (all calibrated on the main text's calibration windows only):
+
+* ``naive``: |x| scores, the paper's site rules (q, gate, down; q/gate skip layers by
+  sensitivity), so coverage at most 0.594 on Llama-shaped models;
+* ``paper``: the paper's robust scores under the same rules (Amber Pruner);
+* ``search``: robust scores, sites chosen by their measured KL cost (``amber_jax.site_search``),
+  any coverage;
+* ``search+<correction>``: the searched plan with an output correction (``amber_jax.corrections``);
+* ``search+learned``: the searched plan with score factors learned by optax
+  (``amber_jax.learned_factors``), evaluated at the goal coverage only (minutes per step on CPU).
+
+The per-site costs are measured once per pattern and reused for every target. Rows are written
+to the JSON output (atomically) as they finish, and a rerun with the same setup skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from amber_jax.corrections import CorrectionSpec
+from amber_jax.data.texts import DEFAULT_TEXT, load_text
+from amber_jax.eval.perplexity import make_windows, perplexity
+from amber_jax.io.atomic import write_json_atomic
+from amber_jax.io.loading import load_tokenizer
+from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
+from amber_jax.learned_factors import learn_score_factors
+from amber_jax.model.config import PROJECTIONS
+from amber_jax.patterns import NMPattern
+from amber_jax.plan import make_plan
+from amber_jax.policy import max_skips_for_coverage
+from amber_jax.pruner import AmberConfig, build_plan
+from amber_jax.report import markdown_table
+from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.scores import model_factors
+from amber_jax.site_search import SiteCosts, measure_site_costs, plan_kl
+
+BASE_METHODS = {
+  "naive": ("naive", "auto"),
+  "paper": ("robust", "auto"),
+  "search": ("robust", "search"),
+}
+DEFAULT_METHODS = ("naive", "paper", "search", "search+median", "search+learned")
+DEFAULT_COVERAGES = (0.4, 0.55, 0.7, 0.9)
+
+
+def parse_method(method: str) -> tuple[str, str, bool]:
+  """ "search+median" -> ("search", "median", False); "search+learned" -> ("search", "none",
+  True)."""
+  base, _, extra = method.partition("+")
+  if base not in BASE_METHODS:
+    raise ValueError(f"method must start with one of {', '.join(BASE_METHODS)}, got {method!r}")
+  learned = extra == "learned"
+  correction = "none" if learned or not extra else extra
+  CorrectionSpec.parse(correction)  # raises on an unknown correction
+  if (learned or correction != "none") and base != "search":
+    raise ValueError(f"corrections and learned factors apply to 'search' plans, got {method!r}")
+  return base, correction, learned
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FrontConfig:
+  model: str = DEFAULT_MODEL
+  patterns: tuple[str, ...] = ("8:16", "2:4")
+  methods: tuple[str, ...] = DEFAULT_METHODS
+  coverages: tuple[float, ...] = DEFAULT_COVERAGES
+  goal_coverage: float = 0.55  # the transfer text and learned factors are evaluated here only
+  seq_len: int = 512
+  num_windows: int = 8
+  calib_windows: int = 8
+  search_windows: int = 2  # of the calibration windows, for the per-site KL costs
+  learn_steps: int = 4
+  learning_rate: float = 0.05
+  batch_size: int = 4
+  dtype: str = "float32"
+  text: str = DEFAULT_TEXT
+  transfer_text: str = "enwiki"  # evaluation only ("" to skip)
+  output: str = ""  # JSON written after every row; rows already there are skipped
+  cache_dir: str = ""
+
+  def __post_init__(self):
+    for p in self.patterns:
+      NMPattern.parse(p)
+    for m in self.methods:
+      parse_method(m)
+    for c in (*self.coverages, self.goal_coverage):
+      AmberConfig(pattern=None, coverage=c)
+    if not 1 <= self.search_windows <= self.calib_windows:
+      raise ValueError(
+        f"search_windows must be in 1..{self.calib_windows} (calib_windows), "
+        f"got {self.search_windows}"
+      )
+    if self.learn_steps < 1:
+      raise ValueError(f"learn_steps must be >= 1, got {self.learn_steps}")
+    check_dtype(self.dtype)
+    if not self.cache_dir:
+      raise ValueError("cache_dir must be given")
+
+  def setup_key(self) -> dict:
+    """What makes stored rows comparable (anything else may change between reruns)."""
+    keys = ("model", "seq_len", "num_windows", "calib_windows", "search_windows", "dtype", "text")
+    return {k: getattr(self, k) for k in (*keys, "transfer_text", "learn_steps", "learning_rate")}
+
+
+def _row_key(row: dict) -> tuple:
+  return row["pattern"], row["method"], round(row["target"], 6)
+
+
+def _reachable(method: str, config, target: float) -> bool:
+  if BASE_METHODS[parse_method(method)[0]][1] != "auto":
+    return True
+  try:
+    max_skips_for_coverage(config, target)
+  except ValueError:
+    return False
+  return True
+
+
+def _load_previous(cfg: FrontConfig, log) -> dict:
+  if not cfg.output or not Path(cfg.output).exists():
+    return {"rows": [], "site_costs": {}}
+  previous = json.loads(Path(cfg.output).read_text(encoding="utf-8"))
+  if previous.get("setup") != cfg.setup_key():
+    log(f"{cfg.output} holds another setup: starting over")
+    return {"rows": [], "site_costs": {}}
+  return previous
+
+
+def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
+  """Every (pattern, method, coverage target) row; see the module docstring."""
+  previous = _load_previous(cfg, log)
+  done = {_row_key(r): r for r in previous["rows"]}
+  setup = prepare_eval(
+    model=cfg.model,
+    text=cfg.text,
+    cache_dir=cfg.cache_dir,
+    seq_len=cfg.seq_len,
+    num_windows=cfg.num_windows,
+    calib_windows=cfg.calib_windows,
+    dtype=cfg.dtype,
+    validate=lambda c: [
+      AmberConfig(pattern=NMPattern.parse(p), policy="search").validate_for(c) for p in cfg.patterns
+    ],
+    show_progress=show_progress,
+    log=log,
+  )
+  texts = {cfg.text: setup.eval_windows}
+  if cfg.transfer_text:
+    source = resolve_model(cfg.model, cfg.cache_dir, log=log)
+    ids = load_tokenizer(source).encode(load_text(cfg.transfer_text, cfg.cache_dir, log=log)).ids
+    texts[cfg.transfer_text] = make_windows(np.asarray(ids, np.int32), cfg.seq_len, cfg.num_windows)
+  dtype = DTYPES[cfg.dtype]
+  search_windows = setup.calib_windows[: cfg.search_windows]
+  common = dict(config=setup.config, batch_size=cfg.batch_size, dtype=dtype)
+
+  def evaluate(plan, desc, names):
+    return {
+      n: perplexity(
+        setup.params,
+        texts[n],
+        plan=plan,
+        desc=f"{desc} [{n}]",
+        show_progress=show_progress,
+        **common,
+      ).perplexity
+      for n in names
+    }
+
+  result = {
+    "setup": cfg.setup_key(),
+    "dense": previous.get("dense") or evaluate(None, "dense", list(texts)),
+    "site_costs": dict(previous.get("site_costs", {})),
+    "rows": list(previous["rows"]),
+    "config": dataclasses.asdict(cfg),
+    **environment(),
+  }
+  log(f"dense: {result['dense']}")
+  costs: dict[str, SiteCosts] = {
+    p: SiteCosts(kl=np.asarray(c["kl"]), pattern=p, tokens=c["tokens"], seconds=c["seconds"])
+    for p, c in result["site_costs"].items()
+  }
+  for pattern in cfg.patterns:
+    for target in cfg.coverages:
+      for method in cfg.methods:
+        base, correction, learned = parse_method(method)
+        if (pattern, method, round(target, 6)) in done:
+          continue
+        if learned and abs(target - cfg.goal_coverage) > 1e-9:
+          continue
+        if not _reachable(method, setup.config, target):
+          log(f"{pattern} {method} @ {target}: unreachable under the paper's rules, skipped")
+          continue
+        score, policy = BASE_METHODS[base]
+        amber = AmberConfig(
+          pattern=NMPattern.parse(pattern),
+          score=score,
+          policy=policy,
+          coverage=target,
+          correction=correction,
+        )
+        if policy == "search" and pattern not in costs:
+          costs[pattern] = measure_site_costs(
+            setup.params,
+            make_plan(setup.config, amber.pattern, factors=model_factors(setup.params, score)),
+            search_windows,
+            config=setup.config,
+            dtype=dtype,
+            show_progress=show_progress,
+          )
+          log(f"{pattern} site costs in {costs[pattern].seconds:.0f}s:\n{costs[pattern].table()}")
+          result["site_costs"][pattern] = {
+            "kl": costs[pattern].kl.tolist(),
+            "tokens": costs[pattern].tokens,
+            "seconds": costs[pattern].seconds,
+          }
+        start = time.perf_counter()
+        info = build_plan(
+          setup.params,
+          setup.config,
+          amber,
+          calib_windows=setup.calib_windows,
+          batch_size=cfg.batch_size,
+          dtype=dtype,
+          show_progress=show_progress,
+          site_costs=costs.get(pattern) if policy == "search" else None,
+        )
+        plan = info.plan
+        learn_log = None
+        if learned:
+          out = learn_score_factors(
+            setup.params,
+            plan,
+            setup.calib_windows,
+            config=setup.config,
+            steps=cfg.learn_steps,
+            learning_rate=cfg.learning_rate,
+            show_progress=show_progress,
+          )
+          plan = out.plan
+          learn_log = {"losses": out.losses, "initial_kl": out.initial_kl, "final_kl": out.final_kl}
+        calib_seconds = time.perf_counter() - start
+        names = list(texts) if abs(target - cfg.goal_coverage) < 1e-9 else [cfg.text]
+        row = {
+          "pattern": pattern,
+          "method": method,
+          "target": target,
+          "coverage": info.coverage.covered,
+          "sparse_sites": {p: int(np.asarray(plan.enabled[p]).sum()) for p in PROJECTIONS},
+          "calib_kl": plan_kl(setup.params, plan, search_windows, **common),
+          "perplexity": evaluate(plan, f"{pattern} {method} @ {target}", names),
+          "calib_seconds": calib_seconds,
+          "learned": learn_log,
+        }
+        result["rows"].append(row)
+        log(
+          f"{pattern:>5} {method:>16} target {target:.2f} (coverage {row['coverage']:.3f}): "
+          + " ".join(f"{k} {v:7.2f}" for k, v in row["perplexity"].items())
+          + f"  calib {calib_seconds:.0f}s"
+        )
+        if cfg.output:
+          write_json_atomic(cfg.output, result)
+  return result
+
+
+def _gap_closed(ppl: float, base: float, dense: float) -> float:
+  """Share of the paper's log-perplexity gap to dense that a plan closes (1 = dense)."""
+  gap = np.log(base) - np.log(dense)
+  return float((np.log(base) - np.log(ppl)) / gap) if gap > 0 else float("nan")
+
+
+def front_markdown(result: dict, command: str) -> str:
+  """RESULTS.md section: the front (perplexity per method and coverage target) and, at the goal
+  coverage, the ablation with the transfer text and the share of the paper's gap closed."""
+  cfg = result["config"]
+  main, dense = cfg["text"], result["dense"]
+  rows = result["rows"]
+  methods = [m for m in cfg["methods"] if any(r["method"] == m for r in rows)]
+  out = [
+    f"Command: `{command}` ({cfg['num_windows']} windows x {cfg['seq_len']} tokens of {main};"
+    f" calibration on {cfg['calib_windows']} other windows, site costs on"
+    f" {cfg['search_windows']} of them). Dense: "
+    + ", ".join(f"{t} {p:.2f}" for t, p in dense.items())
+    + ".",
+    "",
+  ]
+  for pattern in cfg["patterns"]:
+    by = {(r["method"], round(r["target"], 6)): r for r in rows if r["pattern"] == pattern}
+    targets = sorted({t for _, t in by})
+    if not targets:
+      continue
+    table = []
+    for m in methods:
+      cells = []
+      for t in targets:
+        r = by.get((m, t))
+        cells.append("-" if r is None else f"{r['perplexity'][main]:.2f} ({r['coverage']:.3f})")
+      table.append([m, *cells])
+    out += [
+      f"**{pattern}**: {main} perplexity (achieved coverage) per coverage target; '-' = not"
+      " reachable under the method's rules or not run.",
+      "",
+      markdown_table(["method", *[f"{t:g}" for t in targets]], table),
+      "",
+    ]
+  goal = round(cfg["goal_coverage"], 6)
+  ablation = []
+  for pattern in cfg["patterns"]:
+    base = next(
+      (
+        r
+        for r in rows
+        if (r["pattern"], r["method"], round(r["target"], 6)) == (pattern, "paper", goal)
+      ),
+      None,
+    )
+    for r in rows:
+      if r["pattern"] != pattern or round(r["target"], 6) != goal:
+        continue
+      cells = [pattern, r["method"], f"{r['coverage']:.3f}"]
+      for t in dense:
+        p = r["perplexity"].get(t)
+        closed = (
+          ""
+          if base is None or p is None
+          else f" ({_gap_closed(p, base['perplexity'][t], dense[t]):+.0%})"
+        )
+        cells.append("-" if p is None else f"{p:.2f}{closed}")
+      cells += [f"{1e3 * r['calib_kl']:.1f}", f"{r['calib_seconds']:.0f}"]
+      ablation.append(cells)
+  if ablation:
+    out += [
+      f"Ablation at coverage target {cfg['goal_coverage']}: perplexity (share of the paper's"
+      " log-perplexity gap to dense closed), KL to dense on the site-search windows (x 1e3),"
+      " calibration seconds (site costs, measured once per pattern, not included:"
+      + ", ".join(f" {p} {c['seconds']:.0f}s" for p, c in result.get("site_costs", {}).items())
+      + ").",
+      "",
+      markdown_table(["pattern", "method", "coverage", *dense, "KL x1e3", "calib s"], ablation),
+    ]
+  return "\n".join(out)

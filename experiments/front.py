@@ -1,0 +1,111 @@
+"""Coverage-quality front and ablation of the methods beyond the paper (issue 8), into RESULTS.md.
+
+    python experiments/front.py --output=results/front.json
+
+For each pattern and coverage target, the plan of each method (naive and the paper's under the
+paper's site rules; the KL-searched sites; searched + median correction; searched + learned score
+factors at the goal coverage only), calibrated on the main text's calibration windows, then
+perplexity on its evaluation windows (and at the goal coverage also on the transfer text, never
+calibrated on). Rows are saved to --output as they finish; a rerun skips them. Writes the table
+and the ablation into the "front" section of --results and the plot to --plot.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import default_cache_dir  # noqa: E402
+
+from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.plots import save_coverage_front  # noqa: E402
+from amber_jax.report import update_markdown_section  # noqa: E402
+from amber_jax.runs.front import (  # noqa: E402
+  DEFAULT_COVERAGES,
+  DEFAULT_METHODS,
+  FrontConfig,
+  front_markdown,
+  run_front,
+)
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
+_PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
+_METHODS = flags.DEFINE_list(
+  "methods", list(DEFAULT_METHODS), "naive, paper, search, search+<correction>, search+learned."
+)
+_COVERAGES = flags.DEFINE_list(
+  "coverages", [str(c) for c in DEFAULT_COVERAGES], "Coverage targets."
+)
+_GOAL = flags.DEFINE_float(
+  "goal_coverage", 0.55, "Target where the transfer text and learned factors are evaluated."
+)
+_NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Evaluation windows per text.")
+_CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 8, "Calibration windows (main text).")
+_SEARCH_WINDOWS = flags.DEFINE_integer(
+  "search_windows", 2, "Calibration windows for the per-site KL costs."
+)
+_LEARN_STEPS = flags.DEFINE_integer("learn_steps", 4, "Optimiser steps of search+learned.")
+_TEXT = flags.DEFINE_string("text", "lee_background", "Main text: evaluation and calibration.")
+_TEXT_FILE = flags.DEFINE_string(
+  "text_file", "enwiki", "Transfer text (known name or UTF-8 file), evaluation only ('' to skip)."
+)
+_RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown file to update ('' to skip).")
+_PLOT = flags.DEFINE_string("plot", "results/plots/coverage_front.png", "PNG ('' to skip).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON results path (rows saved as they finish).")
+_FROM_JSON = flags.DEFINE_string(
+  "from_json", None, "Re-render the table and plot of a saved --output JSON instead of running."
+)
+_CACHE_DIR = flags.DEFINE_string(
+  "cache_dir", None, "Cache directory (default: $AMBER_JAX_CACHE or ~/.cache/amber_jax)."
+)
+
+
+def main(argv):
+  del argv
+  if _FROM_JSON.value:
+    result = json.loads(Path(_FROM_JSON.value).read_text(encoding="utf-8"))
+  else:
+    try:
+      cfg = FrontConfig(
+        model=_MODEL.value,
+        patterns=tuple(_PATTERNS.value),
+        methods=tuple(_METHODS.value),
+        coverages=tuple(float(c) for c in _COVERAGES.value),
+        goal_coverage=_GOAL.value,
+        num_windows=_NUM_WINDOWS.value,
+        calib_windows=_CALIB_WINDOWS.value,
+        search_windows=_SEARCH_WINDOWS.value,
+        learn_steps=_LEARN_STEPS.value,
+        text=_TEXT.value,
+        transfer_text=_TEXT_FILE.value,
+        output=_OUTPUT.value or "",
+        cache_dir=_CACHE_DIR.value or default_cache_dir(),
+      )
+      result = run_front(cfg)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    result["command"] = "python experiments/front.py" + "".join(
+      f" {a}"
+      for a in sys.argv[1:]
+      if not a.startswith(("--cache_dir", "--output", "--results", "--plot"))
+    )
+    if _OUTPUT.value:
+      write_json_atomic(_OUTPUT.value, result)
+  markdown = front_markdown(result, result.get("command", "python experiments/front.py"))
+  print(markdown)
+  if _RESULTS.value:
+    update_markdown_section(_RESULTS.value, "front", markdown)
+  if _PLOT.value:
+    text = result["config"]["text"]
+    save_coverage_front(result["rows"], result["dense"][text], _PLOT.value, text=text)
+    print(f"wrote {_PLOT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
