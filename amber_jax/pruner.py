@@ -55,6 +55,10 @@ class AmberConfig:
   # "global"). Off by default: none won on a held-out text yet (RESULTS.md "corrections").
   correction: str = "none"
   correction_inputs: str = "dense"
+  # policy="search": the per-site KL costs are measured on the first this many calibration
+  # windows (one forward pass per site and window: 2 x 512 tokens take ~7 min for 210 sites
+  # of SmolLM2-135M on 2 CPU cores).
+  search_windows: int = 2
 
   def __post_init__(self):
     if self.impl is not None:
@@ -72,6 +76,8 @@ class AmberConfig:
       )
     check_correction(self.correction)
     check_correction_inputs(self.correction_inputs)
+    if self.search_windows < 1:
+      raise ValueError(f"search_windows must be >= 1, got {self.search_windows}")
     if self.impl == "pallas" and not CorrectionSpec.parse(self.correction).is_none:
       raise ValueError(f"correction={self.correction!r} needs impl='xla', got impl='pallas'")
 
@@ -152,7 +158,7 @@ def build_plan(
       site_costs = measure_site_costs(
         params,
         make_plan(config, amber.pattern, factors=factors, impl=amber.impl),
-        calib_windows,
+        calib_windows[: amber.search_windows],
         config=config,
         batch_size=min(batch_size, 2),
         dtype=dtype,

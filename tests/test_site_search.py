@@ -99,7 +99,9 @@ def test_select_sites_is_the_cheapest_set_reaching_the_target(target):
 
 def test_build_plan_search_policy(model, costs):
   params, windows = model
-  amber = AmberConfig(pattern=PATTERN, score="robust", policy="search", coverage=0.5)
+  amber = AmberConfig(
+    pattern=PATTERN, score="robust", policy="search", coverage=0.5, search_windows=3
+  )
   assert amber.needs_calibration
   info = build_plan(params, CFG, amber, calib_windows=windows, show_progress=False)
   assert info.coverage.covered >= 0.5 and info.site_costs is not None
@@ -143,6 +145,8 @@ def test_bad_inputs(model, costs):
     select_sites(costs, other, 0.5)
   with pytest.raises(ValueError, match="skip_layers cannot be given with policy='search'"):
     AmberConfig(pattern=PATTERN, policy="search", skip_layers=(0,))
+  with pytest.raises(ValueError, match="search_windows must be >= 1"):
+    AmberConfig(pattern=PATTERN, policy="search", search_windows=0)
   amber = AmberConfig(pattern=PATTERN, score="robust", policy="search")
   with pytest.raises(ValueError, match="needs calibration windows"):
     build_plan(params, CFG, amber, show_progress=False)

@@ -282,6 +282,8 @@ def front_markdown(result: dict, command: str) -> str:
   rows = result["rows"]
   methods = [m for m in cfg["methods"] if any(r["method"] == m for r in rows)]
   out = [
+    f"## Coverage-quality front: site search, corrections, learned factors ({cfg['model']})",
+    "",
     f"Command: `{command}` ({cfg['num_windows']} windows x {cfg['seq_len']} tokens of {main};"
     f" calibration on {cfg['calib_windows']} other windows, site costs on"
     f" {cfg['search_windows']} of them). Dense: "

@@ -65,8 +65,8 @@ class PrefillRunConfig:
     for name in ("calib_windows", "gen_prompts"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-    if self.policy == "auto" and self.calib_windows < 1:
-      raise ValueError("policy=auto needs calib_windows >= 1")
+    if self.policy in ("auto", "search") and self.calib_windows < 1:
+      raise ValueError(f"policy={self.policy} needs calib_windows >= 1")
     check_dtype(self.dtype)
     if self.quant not in ("none", "w8a8"):
       raise ValueError(f"quant must be one of none, w8a8, got {self.quant!r}")
