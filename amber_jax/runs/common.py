@@ -93,3 +93,13 @@ def environment() -> dict:
     "processor": platform.processor(),
   }
   return {"versions": versions, "device": device}
+
+
+def text_windows(
+  model: str, text: str, cache_dir: str, seq_len: int, num_windows: int, log=print
+) -> np.ndarray:
+  """The first ``num_windows`` windows of ``text`` (known name or file) in ``model``'s tokens, as
+  evaluation windows of a second text (no calibration windows taken from it)."""
+  tokenizer = load_tokenizer(resolve_model(model, cache_dir, log=log))
+  ids = tokenizer.encode(load_text(text, cache_dir, log=log)).ids
+  return make_windows(np.asarray(ids, np.int32), seq_len, num_windows)

@@ -19,15 +19,14 @@ from amber_jax.corrections import (
   calibrate_corrections,
   check_correction_inputs,
 )
-from amber_jax.data.texts import DEFAULT_TEXT, load_text
-from amber_jax.eval.perplexity import make_windows, perplexity
-from amber_jax.io.loading import load_tokenizer
-from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
+from amber_jax.data.texts import DEFAULT_TEXT
+from amber_jax.eval.perplexity import perplexity
+from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval, text_windows
 
 # Base plans: name -> (score, policy).
 METHODS = {"paper": ("robust", "auto"), "naive": ("naive", "all")}
@@ -85,12 +84,6 @@ class CorrectionsConfig:
       raise ValueError("cache_dir must be given")
 
 
-def _transfer_windows(cfg: CorrectionsConfig, log) -> np.ndarray:
-  source = resolve_model(cfg.model, cfg.cache_dir, log=log)
-  ids = load_tokenizer(source).encode(load_text(cfg.transfer_text, cfg.cache_dir, log=log)).ids
-  return make_windows(np.asarray(ids, np.int32), cfg.seq_len, cfg.num_windows)
-
-
 def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) -> dict:
   """Dense perplexities, then every (pattern, method, correction, inputs) on both texts."""
   setup = prepare_eval(
@@ -106,7 +99,9 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
   )
   texts = {cfg.text: setup.eval_windows}
   if cfg.transfer_text:
-    texts[cfg.transfer_text] = _transfer_windows(cfg, log)
+    texts[cfg.transfer_text] = text_windows(
+      cfg.model, cfg.transfer_text, cfg.cache_dir, cfg.seq_len, cfg.num_windows, log
+    )
   dtype = DTYPES[cfg.dtype]
   common = dict(
     config=setup.config, batch_size=cfg.batch_size, dtype=dtype, show_progress=show_progress

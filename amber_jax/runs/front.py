@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from amber_jax.corrections import CorrectionSpec
-from amber_jax.data.texts import DEFAULT_TEXT, load_text
-from amber_jax.eval.perplexity import make_windows, perplexity
+from amber_jax.data.texts import DEFAULT_TEXT
+from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.atomic import write_json_atomic
-from amber_jax.io.loading import load_tokenizer
-from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
+from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.learned_factors import learn_score_factors
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
@@ -37,7 +36,7 @@ from amber_jax.plan import make_plan
 from amber_jax.policy import max_skips_for_coverage
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval, text_windows
 from amber_jax.scores import model_factors
 from amber_jax.site_search import SiteCosts, measure_site_costs, plan_kl
 
@@ -152,9 +151,9 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
   )
   texts = {cfg.text: setup.eval_windows}
   if cfg.transfer_text:
-    source = resolve_model(cfg.model, cfg.cache_dir, log=log)
-    ids = load_tokenizer(source).encode(load_text(cfg.transfer_text, cfg.cache_dir, log=log)).ids
-    texts[cfg.transfer_text] = make_windows(np.asarray(ids, np.int32), cfg.seq_len, cfg.num_windows)
+    texts[cfg.transfer_text] = text_windows(
+      cfg.model, cfg.transfer_text, cfg.cache_dir, cfg.seq_len, cfg.num_windows, log
+    )
   dtype = DTYPES[cfg.dtype]
   search_windows = setup.calib_windows[: cfg.search_windows]
   common = dict(config=setup.config, batch_size=cfg.batch_size, dtype=dtype)
