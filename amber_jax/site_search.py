@@ -14,9 +14,10 @@ the coverage target: an exact 0/1 knapsack over multiply-add units. Summing sing
 ignores interactions between sites; ``SiteCosts.plan_kl`` of the chosen plan is measured to show
 how far the sum is off.
 
-Measuring costs needs one forward pass per site over the calibration tokens (plans are data, so
-one compiled function serves every site); it is done once per (pattern, scores) and serves any
-coverage target.
+Measuring costs needs one pass per site over the calibration tokens, resumed at the site's layer
+from the dense residual stream (the layers before it are unchanged), so half a forward pass on
+average; plans are data, so one compiled function serves every site. It is done once per
+(pattern, scores) and serves any coverage target.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 from amber_jax.coverage import site_macs
 from amber_jax.model.config import PROJECTIONS, LlamaConfig
-from amber_jax.model.llama import forward
+from amber_jax.model.llama import forward, forward_from_layer, layer_inputs
 from amber_jax.plan import SparsityPlan
 from amber_jax.policy import check_coverage_target, knapsack
 from amber_jax.progress import progress_bar
@@ -45,14 +46,19 @@ def _dense_logprobs(params, tokens_BxT, *, config, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _kl_sum(params, tokens_BxT, dense_logprobs, plan, *, config, dtype):
-  """Sum over tokens of KL(dense || plan) of the next-token distributions."""
-  logp = jax.nn.log_softmax(forward(params, tokens_BxT, config=config, plan=plan, dtype=dtype), -1)
+def _kl_sum(params, h_BxTxD, first_layer, dense_logprobs, plan, *, config, dtype):
+  """Sum over tokens of KL(dense || plan), the pass resumed at ``first_layer`` from the dense
+  residual stream ``h_BxTxD`` entering it (exact when the plan is dense before that layer)."""
+  logits = forward_from_layer(params, h_BxTxD, first_layer, config=config, plan=plan, dtype=dtype)
+  logp = jax.nn.log_softmax(logits, -1)
   return jnp.sum(jnp.exp(dense_logprobs) * (dense_logprobs - logp))
 
 
 class _KLMeter:
-  """KL(dense || plan) per token on fixed calibration tokens, the dense side computed once."""
+  """KL(dense || plan) per token on fixed calibration tokens. The dense side (next-token
+  log-probabilities, the residual stream entering each layer) is computed once; a plan whose
+  first sparse site is in layer l is run from layer l on (one site at a time: half the layers
+  on average)."""
 
   def __init__(self, params, windows: np.ndarray, *, config, batch_size: int, dtype):
     windows = np.asarray(windows, np.int32)
@@ -60,16 +66,29 @@ class _KLMeter:
       raise ValueError(f"calib_windows must be [W >= 1, T >= 2] token ids, got {windows.shape}")
     tokens = windows[:, :-1]
     self.params, self.config, self.dtype = params, config, dtype
-    self.batches = [
-      jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)
+    batches = [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+    kw = dict(config=config, dtype=dtype)
+    self.dense = [
+      (_dense_logprobs(params, b, **kw), layer_inputs(params, b, **kw)) for b in batches
     ]
-    self.dense = [_dense_logprobs(params, b, config=config, dtype=dtype) for b in self.batches]
     self.tokens = int(tokens.size)
 
   def __call__(self, plan: SparsityPlan) -> float:
+    sparse_layers = [l for l, _ in plan.enabled_sites()] if plan.pattern is not None else []
+    first = min(sparse_layers, default=self.config.n_layers - 1)
     total = 0.0
-    for b, d in zip(self.batches, self.dense, strict=True):
-      total += float(_kl_sum(self.params, b, d, plan, config=self.config, dtype=self.dtype))
+    for logprobs, inputs in self.dense:
+      total += float(
+        _kl_sum(
+          self.params,
+          inputs[first],
+          first,
+          logprobs,
+          plan,
+          config=self.config,
+          dtype=self.dtype,
+        )
+      )
     return total / self.tokens
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from amber_jax.coverage import coverage, site_macs
-from amber_jax.model import LlamaConfig
+from amber_jax.model import LlamaConfig, forward
 from amber_jax.model.config import PROJECTIONS
+from amber_jax.model.llama import forward_from_layer, layer_inputs, plan_injection, run_layers
 from amber_jax.model.presets import init_random_params
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
@@ -66,10 +67,15 @@ def test_site_cost_is_the_kl_of_that_site_alone(model, costs):
   # KL >= 0 up to float error; sparsifying any site of this random model changes its output.
   assert np.all(costs.kl > -1e-6) and np.all(costs.kl.max(axis=1) > 1e-4)
   plan = make_plan(CFG, PATTERN, factors=model_factors(params, "robust"))
+  tokens = jnp.asarray(windows[:, :-1])
+  dense = jax.nn.log_softmax(forward(params, tokens, config=CFG), -1)
   for layer, proj in [(0, "gate"), (1, "v")]:
     one = make_plan(CFG, PATTERN, sites=[(layer, proj)], factors=plan.factors)
-    direct = plan_kl(params, one, windows, config=CFG)
-    assert costs.kl[layer, PROJECTIONS.index(proj)] == pytest.approx(direct, rel=1e-5, abs=1e-8)
+    # Independent of the resumed passes the costs use: a whole forward pass, plain KL.
+    logp = jax.nn.log_softmax(forward(params, tokens, config=CFG, plan=one), -1)
+    direct = float(jnp.mean(jnp.sum(jnp.exp(dense) * (dense - logp), -1)))
+    assert costs.kl[layer, PROJECTIONS.index(proj)] == pytest.approx(direct, rel=1e-4, abs=1e-8)
+    assert plan_kl(params, one, windows, config=CFG) == pytest.approx(direct, rel=1e-4, abs=1e-8)
   assert plan_kl(params, make_plan(CFG, PATTERN, sites=()), windows, config=CFG) == pytest.approx(
     0.0, abs=1e-6
   )
@@ -159,3 +165,23 @@ def test_bad_inputs(model, costs):
       site_costs=costs,
       show_progress=False,
     )
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_forward_from_layer_resumes_the_dense_stream(model, first):
+  params, windows = model
+  tokens = jnp.asarray(windows[:, :-1])
+  inputs = layer_inputs(params, tokens, config=CFG)
+  assert inputs.shape == (CFG.n_layers, *tokens.shape, CFG.d_model)
+  factors = model_factors(params, "robust")
+  # Sparse from `first` on: the layers before it are dense, so resuming there is exact.
+  sites = [(l, p) for l in range(first, CFG.n_layers) for p in PROJECTIONS]
+  plan = make_plan(CFG, PATTERN, sites=sites, factors=factors)
+  want = forward(params, tokens, config=CFG, plan=plan)
+  got = forward_from_layer(params, inputs[first], first, config=CFG, plan=plan)
+  err = float(jnp.max(jnp.abs(got - want)))
+  print(f"\nmax |logit diff| resumed at layer {first}: {err:.2e}")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  make_lin, xs = plan_injection(None)
+  with pytest.raises(ValueError, match="takes no KV cache"):
+    run_layers(CFG, params, inputs[0], None, None, object(), make_lin, xs, first_layer=0)

@@ -9,6 +9,7 @@ honours the plan; decode never sparsifies.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -230,29 +231,63 @@ def plan_injection(plan: SparsityPlan | None, *, sparse: bool = True):
   return make_lin, plan_xs
 
 
-def run_layers(config, params, h, positions, mask, cache: KVCache | None, make_lin, layer_xs):
+def run_layers(
+  config,
+  params,
+  h,
+  positions,
+  mask,
+  cache: KVCache | None,
+  make_lin,
+  layer_xs,
+  *,
+  first_layer: jax.Array | None = None,
+  keep_inputs: bool = False,
+):
   """Scans the decoder layers. ``make_lin(layer_params, layer_x, layer) -> (lin, records)``.
 
   ``records`` is a dict the injection point may fill while the layer is traced
   (e.g. per-site statistics); it is returned stacked over layers.
-  Returns (h, (k, v) per layer, records).
+  Returns (h, (k, v) per layer, records), and with ``keep_inputs`` also the residual stream
+  entering each layer, [L, B, T, D].
+
+  ``first_layer`` (int32 scalar, may be traced): ``h`` is the residual stream entering that
+  layer, and the layers before it are skipped at run time (``lax.cond``; their K/V are zeros),
+  so one compiled function resumes a pass from any layer. No cache, no records with it.
   """
+  if first_layer is not None and cache is not None:
+    raise ValueError("first_layer resumes a prefill pass: it takes no KV cache")
   cos, sin = rope_tables(positions, rope_inv_freq(config))
   layer_ids = jnp.arange(config.n_layers)
 
   def body(h, xs):
     layer_params, layer_x, layer, kv = xs
     h = constrain_batch(h)  # batch over "data" when a mesh is set (amber_jax.sharding); else no-op
+    h_in = h
     lin, records = make_lin(layer_params, layer_x, layer)
     kv_in = None if kv is None else (kv[0], kv[1], cache.length)
     norms = (layer_params["attn_norm"], layer_params["mlp_norm"])
     if isinstance(layer_x, dict) and layer_x.get("norms") is not None:
       norms = layer_x["norms"]  # RMSNorm weights with smoothing folded in (W8A8 plans)
-    h, kv_out = _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms)
-    return h, (kv_out, records)
+
+    def run(h_):
+      return _decoder_layer(config, h_, lin, cos, sin, kv_in, mask, norms)
+
+    if first_layer is None:
+      h, kv_out = run(h)
+    else:
+      kv_shape = jax.eval_shape(run, h)[1]
+
+      def skip(h_):
+        return h_, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_shape)
+
+      h, kv_out = jax.lax.cond(layer >= first_layer, run, skip, h)
+    return h, (kv_out, records, h_in if keep_inputs else None)
 
   kv_xs = None if cache is None else (cache.k, cache.v)
-  h, (kv, records) = jax.lax.scan(body, h, (params["layers"], layer_xs, layer_ids, kv_xs))
+  h, (kv, records, inputs) = jax.lax.scan(body, h, (params["layers"], layer_xs, layer_ids, kv_xs))
+  if keep_inputs:
+    return h, kv, records, inputs
   return h, kv, records
 
 
@@ -320,6 +355,58 @@ def forward_hidden(
     mask = attn_mask_BxTxT.astype(bool)
   h = embed(params, tokens_BxT, dtype)
   return _run_layers(config, params, plan, h, positions_BxT, mask, None)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def layer_inputs(params: Params, tokens_BxT: jax.Array, *, config: LlamaConfig, dtype=jnp.float32):
+  """The dense model's residual stream entering each layer, [L, B, T, D] (causal, no padding):
+  with ``forward_from_layer`` it lets a pass that changes only layer l and later start at l."""
+  b, t = tokens_BxT.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  make_lin, plan_xs = plan_injection(None)
+  h = embed(params, tokens_BxT, dtype)
+  *_, inputs = run_layers(
+    config,
+    params,
+    h,
+    positions,
+    causal_mask(t, None, b),
+    None,
+    make_lin,
+    plan_xs,
+    keep_inputs=True,
+  )
+  return inputs
+
+
+def forward_from_layer(
+  params: Params,
+  h_BxTxD: jax.Array,
+  first_layer: jax.Array,
+  *,
+  config: LlamaConfig,
+  plan: SparsityPlan | None = None,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """Logits [B, T, V] of a causal prefill pass resumed at ``first_layer`` (int32, may be
+  traced) from ``h_BxTxD``, the residual stream entering it (``layer_inputs(...)[first_layer]``).
+  Equals ``forward`` when the plan sparsifies nothing before ``first_layer``; the skipped layers
+  cost nothing at run time."""
+  b, t, _ = h_BxTxD.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  make_lin, plan_xs = plan_injection(plan)
+  h, _, _ = run_layers(
+    config,
+    params,
+    h_BxTxD.astype(dtype),
+    positions,
+    causal_mask(t, None, b),
+    None,
+    make_lin,
+    plan_xs,
+    first_layer=jnp.asarray(first_layer, jnp.int32),
+  )
+  return _logits(config, params, h)
 
 
 def forward(
