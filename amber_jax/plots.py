@@ -43,6 +43,13 @@ def _pyplot():
   return plt
 
 
+def _plain_ticks():
+  """Tick labels like 40 and 45 on a log axis (instead of 4 x 10^1)."""
+  from matplotlib.ticker import FuncFormatter
+
+  return FuncFormatter(lambda v, _: f"{v:g}")
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
   """Writes the figure as PNG under a temporary name, then renames it (never half-written)."""
   plt = _pyplot()
@@ -159,6 +166,8 @@ def save_coverage_front(
       dense_perplexity, color="black", lw=1, ls="--", label=f"dense {dense_perplexity:.2f}"
     )
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_plain_ticks())
+    ax.yaxis.set_minor_formatter(_plain_ticks())
     ax.set_xlabel("coverage (share of linear multiply-adds with sparse input)")
     ax.set_ylabel(f"perplexity on {text} (log scale)")
     ax.set_title(f"{pattern} {title}".strip(), fontsize=9)

@@ -37,7 +37,9 @@ from amber_jax.runs.front import (  # noqa: E402
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _METHODS = flags.DEFINE_list(
-  "methods", list(DEFAULT_METHODS), "naive, paper, search, search+<correction>, search+learned."
+  "methods",
+  list(DEFAULT_METHODS),
+  "naive, paper, search, search+<correction>, search+learned[N] (N optimiser steps, default 4).",
 )
 _COVERAGES = flags.DEFINE_list(
   "coverages", [str(c) for c in DEFAULT_COVERAGES], "Coverage targets."
@@ -50,7 +52,6 @@ _CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 8, "Calibration windows (
 _SEARCH_WINDOWS = flags.DEFINE_integer(
   "search_windows", 2, "Calibration windows for the per-site KL costs."
 )
-_LEARN_STEPS = flags.DEFINE_integer("learn_steps", 4, "Optimiser steps of search+learned.")
 _TEXT = flags.DEFINE_string("text", "lee_background", "Main text: evaluation and calibration.")
 _TEXT_FILE = flags.DEFINE_string(
   "text_file", "enwiki", "Transfer text (known name or UTF-8 file), evaluation only ('' to skip)."
@@ -81,7 +82,6 @@ def main(argv):
         num_windows=_NUM_WINDOWS.value,
         calib_windows=_CALIB_WINDOWS.value,
         search_windows=_SEARCH_WINDOWS.value,
-        learn_steps=_LEARN_STEPS.value,
         text=_TEXT.value,
         transfer_text=_TEXT_FILE.value,
         output=_OUTPUT.value or "",
@@ -90,14 +90,16 @@ def main(argv):
       result = run_front(cfg)
     except ValueError as e:
       sys.exit(f"error: {e}")
-    result["command"] = "python experiments/front.py" + "".join(
+    command = "python experiments/front.py" + "".join(
       f" {a}"
       for a in sys.argv[1:]
       if not a.startswith(("--cache_dir", "--output", "--results", "--plot"))
     )
+    if command not in result["commands"]:
+      result["commands"].append(command)
     if _OUTPUT.value:
       write_json_atomic(_OUTPUT.value, result)
-  markdown = front_markdown(result, result.get("command", "python experiments/front.py"))
+  markdown = front_markdown(result, result.get("commands") or ["python experiments/front.py"])
   print(markdown)
   if _RESULTS.value:
     update_markdown_section(_RESULTS.value, "front", markdown)

@@ -12,7 +12,7 @@ from amber_jax.plots import save_coverage_front
 from amber_jax.runs.front import FrontConfig, front_markdown, parse_method, run_front
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
-METHODS = ("naive", "paper", "search", "search+median", "search+learned")
+METHODS = ("naive", "paper", "search", "search+median", "search+learned1")
 
 
 def _quiet(*args):
@@ -36,7 +36,6 @@ def make_cfg(tmp_path):
       num_windows=2,
       calib_windows=2,
       search_windows=1,
-      learn_steps=1,
       batch_size=2,
       text=str(main),
       transfer_text=str(other),
@@ -56,14 +55,14 @@ def test_front_rows_resume_report_and_plot(make_cfg, tmp_path, monkeypatch):
   # learned factors are trained at the goal coverage only.
   expected = {(m, t) for m in METHODS[:4] for t in (0.3, 0.55, 0.9)}
   expected -= {("naive", 0.9), ("paper", 0.9)}
-  expected |= {("search+learned", 0.55)}
+  expected |= {("search+learned1", 0.55)}
   assert set(rows) == expected
   for (_, target), r in rows.items():
     assert r["coverage"] >= target - 1e-9
     assert r["calib_kl"] >= -1e-6 and r["perplexity"][cfg.text] > 1
     # The transfer text only at the goal coverage.
     assert (cfg.transfer_text in r["perplexity"]) == (target == 0.55)
-  assert rows[("search+learned", 0.55)]["learned"]["losses"]
+  assert len(rows[("search+learned1", 0.55)]["learned"]["losses"]) == 1
   assert result["site_costs"]["2:4"]["tokens"] == 32
   assert json.loads(pathlib.Path(cfg.output).read_text())["rows"] == result["rows"]
 
@@ -75,7 +74,7 @@ def test_front_rows_resume_report_and_plot(make_cfg, tmp_path, monkeypatch):
   again = run_front(cfg, log=_quiet, show_progress=False)
   assert again["rows"] == result["rows"]
 
-  markdown = front_markdown(result, "python experiments/front.py")
+  markdown = front_markdown(result, ["python experiments/front.py"])
   assert "| search+median |" in markdown and "Ablation at coverage target 0.55" in markdown
   png = save_coverage_front(
     result["rows"], result["dense"][cfg.text], tmp_path / "front.png", text=cfg.text
@@ -87,7 +86,7 @@ def test_other_setup_starts_over(make_cfg):
   run_front(make_cfg(methods=("search",), coverages=(0.5,)), log=_quiet, show_progress=False)
   lines = []
   out = run_front(
-    make_cfg(methods=("search",), coverages=(0.5,), learn_steps=2),
+    make_cfg(methods=("search",), coverages=(0.5,), learning_rate=0.1),
     log=lines.append,
     show_progress=False,
   )
@@ -102,7 +101,8 @@ def test_other_setup_starts_over(make_cfg):
     (dict(methods=("search+nonsense",)), "correction"),
     (dict(coverages=(1.5,)), "coverage must be in"),
     (dict(search_windows=3), "search_windows must be in 1..2"),
-    (dict(learn_steps=0), "learn_steps must be >= 1"),
+    (dict(methods=("search+learned0",)), "learned steps must be a positive integer"),
+    (dict(methods=("search+learnedx",)), "learned steps must be a positive integer"),
     (dict(patterns=("3:2",)), "N"),
     (dict(cache_dir=""), "cache_dir"),
   ],
@@ -113,6 +113,7 @@ def test_bad_config(make_cfg, kwargs, match):
 
 
 def test_parse_method():
-  assert parse_method("search+median+bias") == ("search", "median+bias", False)
-  assert parse_method("search+learned") == ("search", "none", True)
-  assert parse_method("naive") == ("naive", "none", False)
+  assert parse_method("search+median+bias") == ("search", "median+bias", 0)
+  assert parse_method("search+learned") == ("search", "none", 4)
+  assert parse_method("search+learned12") == ("search", "none", 12)
+  assert parse_method("naive") == ("naive", "none", 0)

@@ -8,8 +8,9 @@ Methods (all calibrated on the main text's calibration windows only):
 * ``search``: robust scores, sites chosen by their measured KL cost (``amber_jax.site_search``),
   any coverage;
 * ``search+<correction>``: the searched plan with an output correction (``amber_jax.corrections``);
-* ``search+learned``: the searched plan with score factors learned by optax
-  (``amber_jax.learned_factors``), evaluated at the goal coverage only (minutes per step on CPU).
+* ``search+learned`` (4 optimiser steps) or ``search+learnedN`` (N steps): the searched plan
+  with score factors learned by optax (``amber_jax.learned_factors``), evaluated at the goal
+  coverage only (about 40 s per step on 2 CPU cores for SmolLM2-135M).
 
 The per-site costs are measured once per pattern and reused for every target. Rows are written
 to the JSON output (atomically) as they finish, and a rerun with the same setup skips them.
@@ -47,16 +48,22 @@ BASE_METHODS = {
 }
 DEFAULT_METHODS = ("naive", "paper", "search", "search+median", "search+learned")
 DEFAULT_COVERAGES = (0.4, 0.55, 0.7, 0.9)
+DEFAULT_LEARN_STEPS = 4
 
 
-def parse_method(method: str) -> tuple[str, str, bool]:
-  """ "search+median" -> ("search", "median", False); "search+learned" -> ("search", "none",
-  True)."""
+def parse_method(method: str) -> tuple[str, str, int]:
+  """(base, correction, learning steps): "search+median" -> ("search", "median", 0);
+  "search+learned" -> ("search", "none", 4); "search+learned12" -> ("search", "none", 12)."""
   base, _, extra = method.partition("+")
   if base not in BASE_METHODS:
     raise ValueError(f"method must start with one of {', '.join(BASE_METHODS)}, got {method!r}")
-  learned = extra == "learned"
-  correction = "none" if learned or not extra else extra
+  learned = 0
+  if extra.startswith("learned"):
+    steps = extra[len("learned") :]
+    if steps and not (steps.isdigit() and int(steps) >= 1):
+      raise ValueError(f"learned steps must be a positive integer, got {method!r}")
+    learned, extra = int(steps or DEFAULT_LEARN_STEPS), ""
+  correction = extra or "none"
   CorrectionSpec.parse(correction)  # raises on an unknown correction
   if (learned or correction != "none") and base != "search":
     raise ValueError(f"corrections and learned factors apply to 'search' plans, got {method!r}")
@@ -74,7 +81,6 @@ class FrontConfig:
   num_windows: int = 8
   calib_windows: int = 8
   search_windows: int = 2  # of the calibration windows, for the per-site KL costs
-  learn_steps: int = 4
   learning_rate: float = 0.05
   batch_size: int = 4
   dtype: str = "float32"
@@ -95,8 +101,6 @@ class FrontConfig:
         f"search_windows must be in 1..{self.calib_windows} (calib_windows), "
         f"got {self.search_windows}"
       )
-    if self.learn_steps < 1:
-      raise ValueError(f"learn_steps must be >= 1, got {self.learn_steps}")
     check_dtype(self.dtype)
     if not self.cache_dir:
       raise ValueError("cache_dir must be given")
@@ -104,7 +108,7 @@ class FrontConfig:
   def setup_key(self) -> dict:
     """What makes stored rows comparable (anything else may change between reruns)."""
     keys = ("model", "seq_len", "num_windows", "calib_windows", "search_windows", "dtype", "text")
-    return {k: getattr(self, k) for k in (*keys, "transfer_text", "learn_steps", "learning_rate")}
+    return {k: getattr(self, k) for k in (*keys, "transfer_text", "learning_rate")}
 
 
 def _row_key(row: dict) -> tuple:
@@ -176,6 +180,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
     "dense": previous.get("dense") or evaluate(None, "dense", list(texts)),
     "site_costs": dict(previous.get("site_costs", {})),
     "rows": list(previous["rows"]),
+    "commands": list(previous.get("commands", [])),  # callers append theirs
     "config": dataclasses.asdict(cfg),
     **environment(),
   }
@@ -237,12 +242,17 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
             plan,
             setup.calib_windows,
             config=setup.config,
-            steps=cfg.learn_steps,
+            steps=learned,
             learning_rate=cfg.learning_rate,
             show_progress=show_progress,
           )
           plan = out.plan
-          learn_log = {"losses": out.losses, "initial_kl": out.initial_kl, "final_kl": out.final_kl}
+          learn_log = {
+            "steps": learned,
+            "losses": out.losses,
+            "initial_kl": out.initial_kl,
+            "final_kl": out.final_kl,
+          }
         calib_seconds = time.perf_counter() - start
         names = list(texts) if abs(target - cfg.goal_coverage) < 1e-9 else [cfg.text]
         row = {
@@ -273,24 +283,28 @@ def _gap_closed(ppl: float, base: float, dense: float) -> float:
   return float((np.log(base) - np.log(ppl)) / gap) if gap > 0 else float("nan")
 
 
-def front_markdown(result: dict, command: str) -> str:
+def front_markdown(result: dict, commands: list[str]) -> str:
   """RESULTS.md section: the front (perplexity per method and coverage target) and, at the goal
   coverage, the ablation with the transfer text and the share of the paper's gap closed."""
   cfg = result["config"]
   main, dense = cfg["text"], result["dense"]
   rows = result["rows"]
-  methods = [m for m in cfg["methods"] if any(r["method"] == m for r in rows)]
+  # Rows may come from several runs into one file (other methods or targets): list them all.
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  patterns = list(dict.fromkeys(r["pattern"] for r in rows))
   out = [
     f"## Coverage-quality front: site search, corrections, learned factors ({cfg['model']})",
     "",
-    f"Command: `{command}` ({cfg['num_windows']} windows x {cfg['seq_len']} tokens of {main};"
+    "Commands: "
+    + ", ".join(f"`{c}`" for c in commands)
+    + f" ({cfg['num_windows']} windows x {cfg['seq_len']} tokens of {main};"
     f" calibration on {cfg['calib_windows']} other windows, site costs on"
     f" {cfg['search_windows']} of them). Dense: "
     + ", ".join(f"{t} {p:.2f}" for t, p in dense.items())
     + ".",
     "",
   ]
-  for pattern in cfg["patterns"]:
+  for pattern in patterns:
     by = {(r["method"], round(r["target"], 6)): r for r in rows if r["pattern"] == pattern}
     targets = sorted({t for _, t in by})
     if not targets:
@@ -311,7 +325,7 @@ def front_markdown(result: dict, command: str) -> str:
     ]
   goal = round(cfg["goal_coverage"], 6)
   ablation = []
-  for pattern in cfg["patterns"]:
+  for pattern in patterns:
     base = next(
       (
         r
