@@ -10,10 +10,11 @@ missing file given explicitly is an error):
 * results/generation.json -> the generation table (exact match, agreement with dense);
 * results/amber_table.json -> the score x policy x pattern perplexity table and
   results/plots/perplexity_vs_pattern.png;
-* results/sensitivity.json -> results/plots/sensitivity_heatmap.png.
+* results/sensitivity.json -> results/plots/sensitivity_heatmap.png;
+* results/front.json -> the coverage-quality front and ablation, results/plots/coverage_front.png.
 
-The JSON files come from experiments/zero_shot.py, generation.py, amber_table.py --output and
-sensitivity.py --output. Nothing is evaluated here; it takes a few seconds.
+The JSON files come from experiments/zero_shot.py, generation.py, amber_table.py --output,
+sensitivity.py --output and front.py --output. Nothing is evaluated here; it takes a few seconds.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ DEFAULTS = {
   "generation": "results/generation.json",
   "amber_table": "results/amber_table.json",
   "sensitivity": "results/sensitivity.json",
+  "front": "results/front.json",
 }
 _FILES = {
   name: flags.DEFINE_string(name, None, f"Results JSON (default {path}, skipped if absent).")

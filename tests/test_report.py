@@ -60,6 +60,16 @@ def files(tmp_path):
   sens = {"errors": rng.random((4, 7)).tolist(), "projections": list("qkvogud"),
           "skip_layers": [1], "config": {"pattern": "8:16", "score": "robust"}}  # fmt: skip
   (tmp_path / "sens.json").write_text(json.dumps(sens))
+  front_rows = [
+    {"pattern": "8:16", "method": m, "target": t, "coverage": t + 0.01, "calib_kl": 0.1,
+     "calib_seconds": 3.0, "perplexity": {"t": 40.0 - 5 * (m == "search") + 10 * t, "u": 30.0}}
+    for m in ("paper", "search") for t in (0.4, 0.55)
+  ]  # fmt: skip
+  front = {"dense": {"t": 33.3, "u": 23.4}, "rows": front_rows, "site_costs": {},
+           "commands": ["python experiments/front.py"],
+           "config": {"model": "m", "text": "t", "num_windows": 8, "seq_len": 512,
+                      "calib_windows": 8, "search_windows": 2, "goal_coverage": 0.55}}  # fmt: skip
+  (tmp_path / "front.json").write_text(json.dumps(front))
   return tmp_path, zs, dense
 
 
@@ -69,17 +79,25 @@ def test_write_report_renders_every_section_and_plot(files):
   md.write_text("# Results\n\nkept text\n")
   written = write_report(
     dense_full=tmp / "zs.json", zero_shot=tmp / "zs.json", generation=tmp / "gen.json",
-    amber_table=tmp / "table.json", sensitivity=tmp / "sens.json", results_md=md,
+    amber_table=tmp / "table.json", sensitivity=tmp / "sens.json", front=tmp / "front.json",
+    results_md=md,
     plots_dir=tmp / "plots", log=lambda *a: None,
   )  # fmt: skip
   text = md.read_text()
   assert "kept text" in text
-  for section in ("zero-shot-dense", "zero-shot", "generation", "amber-table"):
+  for section in ("zero-shot-dense", "zero-shot", "generation", "amber-table", "front"):
     assert f"<!-- {section}:start -->" in text
   assert f"| task_a | 40 | {100 * dense['task_a'].mean():.1f} ± " in text  # the dense table
   assert "| 2:4 naive |" in text and "| dense |" in text  # the paper-style table
   pngs = sorted(p.name for p in written if p.suffix == ".png")
-  assert pngs == ["accuracy_change.png", "perplexity_vs_pattern.png", "sensitivity_heatmap.png"]
+  assert pngs == [
+    "accuracy_change.png",
+    "coverage_front.png",
+    "perplexity_vs_pattern.png",
+    "sensitivity_heatmap.png",
+  ]
+  # The front's ablation: the search row closes part of the paper's gap on both texts.
+  assert "| 8:16 | search | 0.560 | 40.50 (" in text
   for p in written:
     if p.suffix == ".png":
       assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000

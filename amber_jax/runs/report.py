@@ -9,7 +9,9 @@ Each input is optional; what is given is rendered, what is not is left as it is:
 * ``generation``: exact match and agreement with dense ("generation" section);
 * ``amber_table``: perplexity by score x policy x pattern ("amber-table" section) and
   ``perplexity_vs_pattern.png``;
-* ``sensitivity``: ``sensitivity_heatmap.png``.
+* ``sensitivity``: ``sensitivity_heatmap.png``;
+* ``front`` (experiments/front.py output): the coverage-quality front and ablation ("front"
+  section) and ``coverage_front.png``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import numpy as np
 
 from amber_jax.plots import (
   save_accuracy_change,
+  save_coverage_front,
   save_perplexity_vs_pattern,
   save_sensitivity_heatmap,
 )
 from amber_jax.report import markdown_table, update_markdown_section
 from amber_jax.runs.amber_table import amber_table_markdown
+from amber_jax.runs.front import front_markdown
 from amber_jax.runs.generation import RESULTS_FORMAT as GENERATION_FORMAT
 from amber_jax.runs.generation import generation_markdown
 from amber_jax.runs.zero_shot import DENSE, entry_id, load_results, report_markdown
@@ -94,6 +98,7 @@ def write_report(
   generation: str | os.PathLike | None = None,
   amber_table: str | os.PathLike | None = None,
   sensitivity: str | os.PathLike | None = None,
+  front: str | os.PathLike | None = None,
   results_md: str | os.PathLike | None = None,
   plots_dir: str | os.PathLike | None = None,
   log=print,
@@ -105,7 +110,7 @@ def write_report(
   Raises:
     ValueError: an unreadable or malformed result file, or nothing to render.
   """
-  if not any((dense_full, zero_shot, generation, amber_table, sensitivity)):
+  if not any((dense_full, zero_shot, generation, amber_table, sensitivity, front)):
     raise ValueError("give at least one result file to render")
   sections: list[tuple[str, str]] = []
   plots = []  # (file name, callable(path))
@@ -171,6 +176,20 @@ def write_report(
           title=f"{r['config']['pattern']} {r['config']['score']}: relative output error",
           skip_layers=r.get("skip_layers", ()),
         ),
+      )
+    )
+  if front:
+    result = _read_json(front, "front")
+    if not {"rows", "dense", "config"} <= set(result):
+      raise ValueError(f"front file {front} lacks rows/dense/config")
+    sections.append(
+      ("front", front_markdown(result, result.get("commands") or ["python experiments/front.py"]))
+    )
+    text = result["config"]["text"]
+    plots.append(
+      (
+        "coverage_front.png",
+        lambda p, r=result, t=text: save_coverage_front(r["rows"], r["dense"][t], p, text=t),
       )
     )
   written: list[Path] = []
