@@ -1,0 +1,165 @@
+"""How much of an N:M site's output error any mask or cheap compensation could remove.
+
+    python experiments/error_floor.py --pattern=8:16
+
+For a few sites (projection:layer) of the default model, on calibration tokens of the default text
+(dense model inputs), prints the relative output error energy ||(x - S(x)) W||^2 / ||x W||^2:
+
+* ``robust``: the robust score's mask (what the library does);
+* ``gram``: per group of M, a greedy mask that minimises the group's own output error using the
+  Gram matrix of W's rows (x_D^T (W W^T)_DD x_D for the dropped set D): the best a per-channel
+  score could hope for inside a group;
+* ``rank r``: what is left after the best rank-r compensation of the dropped part, y += x_d A B
+  with A B fitted to E[x_d^T x_d] (data-aware SVD) on one calibration window and measured on
+  another, as a share of the robust error; it costs r * (d_in + d_out) extra multiply-adds per
+  token (given as a share of the site's).
+
+RESULTS.md ("front-notes") uses its numbers to explain why the issue-8 goals are out of reach at
+coverage 0.55. About 2 minutes on 2 CPU cores (the Gram greedy is plain numpy).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import default_cache_dir  # noqa: E402
+
+from amber_jax.data.texts import DEFAULT_TEXT  # noqa: E402
+from amber_jax.io.sources import DEFAULT_MODEL  # noqa: E402
+from amber_jax.model.config import PROJECTIONS  # noqa: E402
+from amber_jax.model.llama import dense_pass_records  # noqa: E402
+from amber_jax.patterns import NMPattern  # noqa: E402
+from amber_jax.report import markdown_table  # noqa: E402
+from amber_jax.runs.common import prepare_eval  # noqa: E402
+from amber_jax.scores import model_factors  # noqa: E402
+from amber_jax.sparsity import sparsify  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "Known model name, .gguf file or HF dir.")
+_PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")
+_SITES = flags.DEFINE_list(
+  "sites", ["q:15", "gate:3", "gate:15", "gate:25", "down:15", "down:25"], "projection:layer."
+)
+_RANKS = flags.DEFINE_list("ranks", ["16", "32", "64", "128"], "Compensation ranks.")
+_TOKENS = flags.DEFINE_integer(
+  "tokens", 512, "Tokens per window: compensation fitted on one, all measured on another."
+)
+_GRAM_TOKENS = flags.DEFINE_integer("gram_tokens", 64, "Tokens for the (slow) Gram-greedy mask.")
+_CACHE_DIR = flags.DEFINE_string(
+  "cache_dir", None, "Cache directory (default: $AMBER_JAX_CACHE or ~/.cache/amber_jax)."
+)
+
+
+def _parse_site(spec: str, n_layers: int) -> tuple[str, int]:
+  proj, _, layer = spec.partition(":")
+  if proj not in PROJECTIONS or not layer.isdigit() or not 0 <= int(layer) < n_layers:
+    raise ValueError(
+      f"sites must be projection:layer with projection in {PROJECTIONS} and layer in "
+      f"0..{n_layers - 1}, got {spec!r}"
+    )
+  return proj, int(layer)
+
+
+def gram_greedy_mask(x_TxD: np.ndarray, w_DxO: np.ndarray, pattern: NMPattern) -> np.ndarray:
+  """Per token and group, drops M - N channels one at a time, each time the one that adds the
+  least to the group's output error energy x_D^T (W W^T)_DD x_D. Returns the 0/1 keep mask."""
+  gram = w_DxO @ w_DxO.T
+  keep = np.ones_like(x_TxD)
+  drop_count = pattern.m - pattern.n
+  for t, x in enumerate(x_TxD):
+    for start in range(0, x.shape[0], pattern.m):
+      idx = np.arange(start, start + pattern.m)
+      g = gram[np.ix_(idx, idx)] * np.outer(x[idx], x[idx])
+      dropped: list[int] = []
+      for _ in range(drop_count):
+        rest = [j for j in range(pattern.m) if j not in dropped]
+        cost = [g[np.ix_(dropped + [j], dropped + [j])].sum() for j in rest]
+        dropped.append(rest[int(np.argmin(cost))])
+      keep[t, idx[dropped]] = 0
+  return keep
+
+
+def main(argv):
+  del argv
+  pattern = NMPattern.parse(_PATTERN.value)
+  setup = prepare_eval(
+    model=_MODEL.value,
+    text=DEFAULT_TEXT,
+    cache_dir=_CACHE_DIR.value or default_cache_dir(),
+    seq_len=512,
+    num_windows=8,
+    calib_windows=2,
+    dtype="float32",
+  )
+  config, params = setup.config, setup.params
+  try:
+    sites = [_parse_site(s, config.n_layers) for s in _SITES.value]
+    ranks = [int(r) for r in _RANKS.value]
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  factors = {p: jnp.asarray(v) for p, v in model_factors(params, "robust").items()}
+  record = jax.jit(
+    lambda p, t: dense_pass_records(
+      p, t, config=config, dtype=jnp.float32, site_xs=None, record=lambda x, w, f: x
+    )
+  )
+  fit_inputs, test_inputs = (
+    record(params, jnp.asarray(setup.calib_windows[i : i + 1, : _TOKENS.value])) for i in (0, 1)
+  )
+
+  def site_inputs(inputs, proj, layer):
+    return np.asarray(inputs[proj][layer], np.float64).reshape(-1, inputs[proj].shape[-1])
+
+  def dropped_part(x, proj, layer):
+    return x - np.asarray(sparsify(jnp.asarray(x, jnp.float32), pattern, factors[proj][layer]))
+
+  rows = []
+  for proj, layer in sites:
+    w = np.asarray(params["layers"][proj]["w"][layer], np.float64)
+    x = site_inputs(test_inputs, proj, layer)
+    x_d = dropped_part(x, proj, layer)
+    robust_err = np.sum((x_d @ w) ** 2)
+    robust = robust_err / np.sum((x @ w) ** 2)
+    sub = x[: _GRAM_TOKENS.value]
+    gram_dropped = sub * (1 - gram_greedy_mask(sub, w, pattern))
+    gram_ratio = np.sum((gram_dropped @ w) ** 2) / np.sum((dropped_part(sub, proj, layer) @ w) ** 2)
+    # Data-aware low rank: whiten by the fit window's dropped-part covariance C = L L^T, keep the
+    # top-r left singular vectors P_r of L^T W, compensate with W_r = L^-T P_r P_r^T L^T W.
+    fit_d = dropped_part(site_inputs(fit_inputs, proj, layer), proj, layer)
+    cov = fit_d.T @ fit_d / len(fit_d)
+    evals, evecs = np.linalg.eigh(cov + 1e-6 * np.trace(cov) / len(cov) * np.eye(len(cov)))
+    root = evecs * np.sqrt(evals)  # L
+    inv_root_t = evecs / np.sqrt(evals)  # L^-T
+    p_mat = np.linalg.svd(root.T @ w, full_matrices=False)[0]
+    left = []
+    for r in ranks:
+      w_r = inv_root_t @ (p_mat[:, :r] @ (p_mat[:, :r].T @ (root.T @ w)))
+      left.append(np.sum((x_d @ (w - w_r)) ** 2) / robust_err)
+    extra = [r * sum(w.shape) / w.size for r in ranks]
+    rows.append(
+      [
+        f"{proj}:{layer}",
+        f"{robust:.4f}",
+        f"{gram_ratio:.3f}",
+        *[f"{lf:.2f} (+{e:.0%})" for lf, e in zip(left, extra, strict=True)],
+      ]
+    )
+  print(
+    f"{pattern}, {_TOKENS.value} held-out tokens: robust = relative output error energy of the "
+    f"robust mask; gram = Gram-greedy error / robust error (first {_GRAM_TOKENS.value} tokens); "
+    "rank r = error left after rank-r compensation fitted on another window / robust error "
+    "(+ extra multiply-adds of the site)."
+  )
+  print(markdown_table(["site", "robust", "gram", *[f"rank {r}" for r in ranks]], rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
