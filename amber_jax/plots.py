@@ -97,6 +97,8 @@ def save_perplexity_vs_pattern(
   ax.axhline(dense_perplexity, color="black", lw=1, ls="--", label=f"dense {dense_perplexity:.2f}")
   ax.set_xticks(range(len(patterns)), patterns)
   ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(_plain_ticks())
+  ax.yaxis.set_minor_formatter(_plain_ticks())
   ax.set_xlabel("N:M pattern")
   ax.set_ylabel("perplexity (log scale)")
   ax.set_title(title, fontsize=9)
