@@ -10,8 +10,11 @@ relative to the group's mean score. ``f`` is parametrised as ``exp(theta)`` (pos
 free) and starts from the plan's factors (e.g. the robust score's).
 
 Only sites the plan sparsifies are trained; the learned factors replace the plan's ``factors``
-(plain data: no recompilation, saved with the plan by ``plan_io``). Float plans only (a W8A8
-plan's quantization is not differentiated here).
+(plain data: no recompilation, saved with the plan by ``plan_io``). With ``learn_scales`` a
+per-output-channel scale of every sparse site is learned too (``exp`` of a parameter starting at
+0) and stored as the ``out_scale`` of the plan's correction (``amber_jax.corrections``), which
+the ordinary model applies. Float plans without a correction only (a W8A8 plan's quantization
+is not differentiated here).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amber_jax.corrections import identity_correction
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import _logits, causal_mask, embed, forward, run_layers
 from amber_jax.patterns import NMPattern
@@ -51,18 +55,26 @@ def ste_sparsify(
   return x * mask.astype(x.dtype)
 
 
-def _sparse_logits(params, tokens_BxT, log_factors, enabled, *, config, pattern, temperature):
+def _sparse_logits(params, tokens_BxT, theta, enabled, *, config, pattern, temperature):
+  """Logits with the STE mask at enabled sites; ``theta["factors"]`` proj -> [L, d_in] log score
+  factors, ``theta["scales"]`` (or None) proj -> [L, d_out] log output scales of sparse sites."""
   b, t = tokens_BxT.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   h = embed(params, tokens_BxT, jnp.float32)
-  layer_xs = {p: (enabled[p], log_factors[p]) for p in enabled}
+  scales = theta["scales"]
+  layer_xs = {
+    p: (enabled[p], theta["factors"][p], None if scales is None else scales[p]) for p in enabled
+  }
 
   def make_lin(layer_params, layer_x, layer):
     def lin(x, proj):
-      on, theta = layer_x[proj]
-      xs = ste_sparsify(x, pattern, jnp.exp(theta), temperature)
+      on, log_factors, log_scale = layer_x[proj]
+      xs = ste_sparsify(x, pattern, jnp.exp(log_factors), temperature)
       x_eff = jnp.where(on, xs, x)
       y = jnp.einsum("...i,io->...o", x_eff, layer_params[proj]["w"].astype(x.dtype))
+      if log_scale is not None:  # the plan's correction out_scale, on sparse sites only
+        scale = jnp.exp(log_scale).astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+        y = jnp.where(on, y * scale, y)
       if "b" in layer_params[proj]:
         y = y + layer_params[proj]["b"].astype(y.dtype)
       return y
@@ -82,9 +94,9 @@ def _teacher_logprobs(params, tokens_BxT, *, config):
   return jax.nn.log_softmax(logits, axis=-1).astype(jnp.bfloat16)
 
 
-def _kl(params, tokens, teacher, log_factors, enabled, *, config, pattern, temperature):
+def _kl(params, tokens, teacher, theta, enabled, *, config, pattern, temperature):
   logits = _sparse_logits(
-    params, tokens, log_factors, enabled, config=config, pattern=pattern, temperature=temperature
+    params, tokens, theta, enabled, config=config, pattern=pattern, temperature=temperature
   )
   logp = jax.nn.log_softmax(logits, axis=-1)
   teacher = teacher.astype(jnp.float32)
@@ -111,19 +123,27 @@ def learn_score_factors(
   temperature: float = 0.5,
   batch_size: int = 2,
   seed: int = 0,
+  learn_scales: bool = False,
   show_progress: bool = True,
 ) -> LearnedFactors:
-  """Trains the plan's score factors on ``calib_windows`` ([W, T+1] or [W, T] token ids; the
-  inputs are the first T) to minimise KL(dense || sparse) of the next-token distributions.
+  """Trains the plan's score factors (and with ``learn_scales`` the sparse sites' output
+  scales) on ``calib_windows`` ([W, T+1] or [W, T] token ids; the inputs are the first T) to
+  minimise KL(dense || sparse) of the next-token distributions.
 
   Raises:
-    ValueError: the plan is dense or W8A8, bad steps/learning rate/temperature/batch size, or
-      no calibration windows.
+    ValueError: the plan is dense, W8A8 or has a correction, bad steps/learning
+      rate/temperature/batch size, or no calibration windows.
   """
   if plan.pattern is None:
     raise ValueError("plan has no N:M pattern: there are no score factors to learn")
   if plan.quant is not None:
     raise ValueError("learn_score_factors takes float plans (plan.quant must be None)")
+  if plan.correction is not None:
+    # Training would not see the correction, so the learned factors would fit another model.
+    raise ValueError(
+      "learn_score_factors takes plans without a correction (learn_scales=True learns the "
+      "output scales itself)"
+    )
   for name, v in (("steps", steps), ("batch_size", batch_size)):
     if v < 1:
       raise ValueError(f"{name} must be >= 1, got {v}")
@@ -139,7 +159,13 @@ def learn_score_factors(
   batches = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
   teachers = [_teacher_logprobs(params, b, config=config) for b in batches]
   enabled = dict(plan.enabled)
-  theta = {p: jnp.log(jnp.maximum(plan.factors[p], 1e-6)) for p in enabled}
+  theta = {
+    "factors": {p: jnp.log(jnp.maximum(plan.factors[p], 1e-6)) for p in enabled},
+    "scales": None,
+  }
+  if learn_scales:
+    shapes = config.linear_shapes()
+    theta["scales"] = {p: jnp.zeros((config.n_layers, shapes[p][1])) for p in enabled}
   kw = dict(config=config, pattern=plan.pattern, temperature=temperature)
   loss_and_grad = jax.jit(
     jax.value_and_grad(lambda th, tok, tea: _kl(params, tok, tea, th, enabled, **kw), argnums=0)
@@ -168,9 +194,15 @@ def learn_score_factors(
       bar.set_postfix(kl=f"{float(loss):.4f}")
       bar.update(1)
   final = mean_kl(theta)
-  factors = {p: jnp.exp(theta[p]).astype(jnp.float32) for p in enabled}
+  factors = {p: jnp.exp(theta["factors"][p]).astype(jnp.float32) for p in enabled}
+  learned = plan.replace(factors=factors)
+  if learn_scales:
+    correction = identity_correction(config)
+    for p in enabled:
+      correction[p]["out_scale"] = jnp.exp(theta["scales"][p]).astype(jnp.float32)
+    learned = learned.replace(correction=correction)
   return LearnedFactors(
-    plan=plan.replace(factors=factors),
+    plan=learned,
     losses=losses,
     initial_kl=initial,
     final_kl=final,

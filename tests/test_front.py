@@ -12,7 +12,7 @@ from amber_jax.plots import save_coverage_front
 from amber_jax.runs.front import FrontConfig, front_markdown, parse_method, run_front
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
-METHODS = ("naive", "paper", "search", "search+median", "search+learned1")
+METHODS = ("naive", "paper", "search", "search+median", "search+learned1", "search+learnedscale1")
 
 
 def _quiet(*args):
@@ -55,7 +55,7 @@ def test_front_rows_resume_report_and_plot(make_cfg, tmp_path, monkeypatch):
   # learned factors are trained at the goal coverage only.
   expected = {(m, t) for m in METHODS[:4] for t in (0.3, 0.55, 0.9)}
   expected -= {("naive", 0.9), ("paper", 0.9)}
-  expected |= {("search+learned1", 0.55)}
+  expected |= {("search+learned1", 0.55), ("search+learnedscale1", 0.55)}
   assert set(rows) == expected
   for (_, target), r in rows.items():
     assert r["coverage"] >= target - 1e-9
@@ -103,6 +103,7 @@ def test_other_setup_starts_over(make_cfg):
     (dict(search_windows=3), "search_windows must be in 1..2"),
     (dict(methods=("search+learned0",)), "learned steps must be a positive integer"),
     (dict(methods=("search+learnedx",)), "learned steps must be a positive integer"),
+    (dict(methods=("search+learnedscale0",)), "learned steps must be a positive integer"),
     (dict(patterns=("3:2",)), "N"),
     (dict(cache_dir=""), "cache_dir"),
   ],
@@ -113,7 +114,8 @@ def test_bad_config(make_cfg, kwargs, match):
 
 
 def test_parse_method():
-  assert parse_method("search+median+bias") == ("search", "median+bias", 0)
-  assert parse_method("search+learned") == ("search", "none", 4)
-  assert parse_method("search+learned12") == ("search", "none", 12)
-  assert parse_method("naive") == ("naive", "none", 0)
+  assert parse_method("search+median+bias") == ("search", "median+bias", 0, False)
+  assert parse_method("search+learned") == ("search", "none", 4, False)
+  assert parse_method("search+learned12") == ("search", "none", 12, False)
+  assert parse_method("search+learnedscale2") == ("search", "none", 2, True)
+  assert parse_method("naive") == ("naive", "none", 0, False)

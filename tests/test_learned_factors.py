@@ -76,3 +76,36 @@ def test_bad_arguments(model):
     learn_score_factors(params, plan, windows, config=CFG, temperature=0.0)
   with pytest.raises(ValueError, match="calib_windows"):
     learn_score_factors(params, plan, windows[:0], config=CFG)
+
+
+def test_learned_scales_are_the_plans_correction_and_the_model_reproduces_training(model):
+  params, windows = model
+  sites = [(l, p) for l in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")]
+  plan = make_plan(CFG, "2:4", sites=[s for s in sites if s != (1, "gate")])
+  out = learn_score_factors(
+    params,
+    plan,
+    windows,
+    config=CFG,
+    steps=15,
+    learning_rate=0.05,
+    learn_scales=True,
+    show_progress=False,
+  )
+  print(f"\nKL {out.initial_kl:.4f} -> {out.final_kl:.4f} (factors and output scales)")
+  assert out.final_kl < out.initial_kl
+  scales = {p: np.asarray(out.plan.correction[p]["out_scale"]) for p in ("gate", "q", "down")}
+  assert not np.allclose(scales["gate"][0], 1) and not np.allclose(scales["down"][1], 1)
+  assert np.allclose(scales["gate"][1], 1)  # the dense site's scale is never trained
+  # The ordinary model with the learned plan (corrected sparse path) gives the KL that training
+  # reported (its forward pass is the exact hard mask and the same scales).
+  tokens = jnp.asarray(windows[:, :-1])
+  # The teacher as training stores it (bf16 log-probabilities).
+  teacher = jax.nn.log_softmax(forward(params, tokens, config=CFG), -1)
+  teacher = teacher.astype(jnp.bfloat16).astype(jnp.float32)
+  logp = jax.nn.log_softmax(forward(params, tokens, config=CFG, plan=out.plan), -1)
+  kl = float(jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), -1)))
+  print(f"model KL {kl:.5f}, reported {out.final_kl:.5f}")
+  assert kl == pytest.approx(out.final_kl, rel=1e-3)
+  with pytest.raises(ValueError, match="without a correction"):
+    learn_score_factors(params, out.plan, windows, config=CFG, steps=1)

@@ -10,7 +10,8 @@ Methods (all calibrated on the main text's calibration windows only):
 * ``search+<correction>``: the searched plan with an output correction (``amber_jax.corrections``);
 * ``search+learned`` (4 optimiser steps) or ``search+learnedN`` (N steps): the searched plan
   with score factors learned by optax (``amber_jax.learned_factors``), evaluated at the goal
-  coverage only (about 40 s per step on 2 CPU cores for SmolLM2-135M).
+  coverage only (about 40 s per step on 2 CPU cores for SmolLM2-135M); ``search+learnedscale[N]``
+  also learns a per-output-channel scale of every sparse site.
 
 The per-site costs are measured once per pattern and reused for every target. Rows are written
 to the JSON output (atomically) as they finish, and a rerun with the same setup skips them.
@@ -51,15 +52,16 @@ DEFAULT_COVERAGES = (0.4, 0.55, 0.7, 0.9)
 DEFAULT_LEARN_STEPS = 4
 
 
-def parse_method(method: str) -> tuple[str, str, int]:
-  """(base, correction, learning steps): "search+median" -> ("search", "median", 0);
-  "search+learned" -> ("search", "none", 4); "search+learned12" -> ("search", "none", 12)."""
+def parse_method(method: str) -> tuple[str, str, int, bool]:
+  """(base, correction, learning steps, learn output scales): "search+median" -> ("search",
+  "median", 0, False); "search+learned" -> ("search", "none", 4, False); "search+learned12" ->
+  ("search", "none", 12, False); "search+learnedscale" -> ("search", "none", 4, True)."""
   base, _, extra = method.partition("+")
   if base not in BASE_METHODS:
     raise ValueError(f"method must start with one of {', '.join(BASE_METHODS)}, got {method!r}")
-  learned = 0
+  learned, scales = 0, extra.startswith("learnedscale")
   if extra.startswith("learned"):
-    steps = extra[len("learned") :]
+    steps = extra[len("learnedscale" if scales else "learned") :]
     if steps and not (steps.isdigit() and int(steps) >= 1):
       raise ValueError(f"learned steps must be a positive integer, got {method!r}")
     learned, extra = int(steps or DEFAULT_LEARN_STEPS), ""
@@ -67,7 +69,7 @@ def parse_method(method: str) -> tuple[str, str, int]:
   CorrectionSpec.parse(correction)  # raises on an unknown correction
   if (learned or correction != "none") and base != "search":
     raise ValueError(f"corrections and learned factors apply to 'search' plans, got {method!r}")
-  return base, correction, learned
+  return base, correction, learned, scales
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -192,7 +194,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
   for pattern in cfg.patterns:
     for target in cfg.coverages:
       for method in cfg.methods:
-        base, correction, learned = parse_method(method)
+        base, correction, learned, learn_scales = parse_method(method)
         if (pattern, method, round(target, 6)) in done:
           continue
         if learned and abs(target - cfg.goal_coverage) > 1e-9:
@@ -244,11 +246,13 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
             config=setup.config,
             steps=learned,
             learning_rate=cfg.learning_rate,
+            learn_scales=learn_scales,
             show_progress=show_progress,
           )
           plan = out.plan
           learn_log = {
             "steps": learned,
+            "scales": learn_scales,
             "losses": out.losses,
             "initial_kl": out.initial_kl,
             "final_kl": out.final_kl,
