@@ -55,11 +55,13 @@ def _kl_sum(params, h_BxTxD, first_layer, dense_logprobs, plan, *, config, dtype
   return jnp.sum(jnp.exp(dense_logprobs) * (dense_logprobs - logp))
 
 
-class _KLMeter:
-  """KL(dense || plan) per token on fixed calibration tokens. The dense side (next-token
-  log-probabilities, the residual stream entering each layer) is computed once; a plan whose
-  first sparse site is in layer l is run from layer l on (one site at a time: half the layers
-  on average)."""
+class KLMeter:
+  """KL(dense || plan) per token on fixed calibration tokens: ``meter(plan)``.
+
+  The dense side (next-token log-probabilities, the residual stream entering each layer) is
+  computed once; a plan whose first sparse site is in layer l is run from layer l on (one site
+  at a time: half the layers on average).
+  """
 
   def __init__(self, params, windows: np.ndarray, *, config, batch_size: int, dtype):
     windows = np.asarray(windows, np.int32)
@@ -130,7 +132,7 @@ def measure_site_costs(
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   start = time.perf_counter()
-  meter = _KLMeter(params, calib_windows, config=config, batch_size=batch_size, dtype=dtype)
+  meter = KLMeter(params, calib_windows, config=config, batch_size=batch_size, dtype=dtype)
   off = {p: jnp.zeros((config.n_layers,), bool) for p in PROJECTIONS}
   kl = np.zeros((config.n_layers, len(PROJECTIONS)))
   with progress_bar(
@@ -176,5 +178,5 @@ def plan_kl(
   dtype=jnp.float32,
 ) -> float:
   """KL(dense || plan) in nats per token on ``calib_windows`` [W, T+1]."""
-  meter = _KLMeter(params, calib_windows, config=config, batch_size=batch_size, dtype=dtype)
+  meter = KLMeter(params, calib_windows, config=config, batch_size=batch_size, dtype=dtype)
   return meter(plan)

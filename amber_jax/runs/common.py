@@ -95,11 +95,14 @@ def environment() -> dict:
   return {"versions": versions, "device": device}
 
 
-def text_windows(
-  model: str, text: str, cache_dir: str, seq_len: int, num_windows: int, log=print
-) -> np.ndarray:
-  """The first ``num_windows`` windows of ``text`` (known name or file) in ``model``'s tokens, as
-  evaluation windows of a second text (no calibration windows taken from it)."""
-  tokenizer = load_tokenizer(resolve_model(model, cache_dir, log=log))
-  ids = tokenizer.encode(load_text(text, cache_dir, log=log)).ids
-  return make_windows(np.asarray(ids, np.int32), seq_len, num_windows)
+def evaluation_texts(setup: EvalSetup, cfg, log=print) -> dict[str, np.ndarray]:
+  """Evaluation windows per text: ``cfg.text``'s from ``setup``, and when ``cfg.transfer_text``
+  is set, the first ``cfg.num_windows`` windows of that second text (known name or file; only
+  evaluated, never calibrated on). ``cfg`` needs model, text, transfer_text, cache_dir, seq_len
+  and num_windows."""
+  texts = {cfg.text: setup.eval_windows}
+  if cfg.transfer_text:
+    tokenizer = load_tokenizer(resolve_model(cfg.model, cfg.cache_dir, log=log))
+    ids = tokenizer.encode(load_text(cfg.transfer_text, cfg.cache_dir, log=log)).ids
+    texts[cfg.transfer_text] = make_windows(np.asarray(ids, np.int32), cfg.seq_len, cfg.num_windows)
+  return texts

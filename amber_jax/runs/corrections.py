@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from amber_jax.corrections import (
+  CORRECTIONS,
   CorrectionSpec,
   calibrate_corrections,
   check_correction_inputs,
@@ -26,21 +27,14 @@ from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval, text_windows
+from amber_jax.runs.common import DTYPES, check_dtype, environment, evaluation_texts, prepare_eval
 
 # Base plans: name -> (score, policy).
 METHODS = {"paper": ("robust", "auto"), "naive": ("naive", "all")}
 BEST = "median+scale+bias"
 # "correction" (fitted on the dense model's inputs) or "correction@inputs".
 DEFAULT_CORRECTIONS = (
-  "none",
-  "scale",
-  "scale_channel",
-  "bias",
-  "median",
-  "mean",
-  "rescale",
-  "rescale_channel",
+  *CORRECTIONS,
   BEST,
   "median+scale_channel+bias",
   f"{BEST}@sequential",
@@ -97,11 +91,7 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
     show_progress=show_progress,
     log=log,
   )
-  texts = {cfg.text: setup.eval_windows}
-  if cfg.transfer_text:
-    texts[cfg.transfer_text] = text_windows(
-      cfg.model, cfg.transfer_text, cfg.cache_dir, cfg.seq_len, cfg.num_windows, log
-    )
+  texts = evaluation_texts(setup, cfg, log)
   dtype = DTYPES[cfg.dtype]
   common = dict(
     config=setup.config, batch_size=cfg.batch_size, dtype=dtype, show_progress=show_progress

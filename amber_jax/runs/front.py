@@ -38,9 +38,9 @@ from amber_jax.plan import make_plan
 from amber_jax.policy import max_skips_for_coverage
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval, text_windows
+from amber_jax.runs.common import DTYPES, check_dtype, environment, evaluation_texts, prepare_eval
 from amber_jax.scores import model_factors
-from amber_jax.site_search import SiteCosts, measure_site_costs, plan_kl
+from amber_jax.site_search import KLMeter, SiteCosts, measure_site_costs
 
 BASE_METHODS = {
   "naive": ("naive", "auto"),
@@ -155,14 +155,11 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
     show_progress=show_progress,
     log=log,
   )
-  texts = {cfg.text: setup.eval_windows}
-  if cfg.transfer_text:
-    texts[cfg.transfer_text] = text_windows(
-      cfg.model, cfg.transfer_text, cfg.cache_dir, cfg.seq_len, cfg.num_windows, log
-    )
+  texts = evaluation_texts(setup, cfg, log)
   dtype = DTYPES[cfg.dtype]
   search_windows = setup.calib_windows[: cfg.search_windows]
   common = dict(config=setup.config, batch_size=cfg.batch_size, dtype=dtype)
+  kl_to_dense = KLMeter(setup.params, search_windows, **common)  # dense side computed once
 
   def evaluate(plan, desc, names):
     return {
@@ -265,7 +262,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
           "target": target,
           "coverage": info.coverage.covered,
           "sparse_sites": {p: int(np.asarray(plan.enabled[p]).sum()) for p in PROJECTIONS},
-          "calib_kl": plan_kl(setup.params, plan, search_windows, **common),
+          "calib_kl": kl_to_dense(plan),
           "perplexity": evaluate(plan, f"{pattern} {method} @ {target}", names),
           "calib_seconds": calib_seconds,
           "learned": learn_log,
