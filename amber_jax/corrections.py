@@ -70,6 +70,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,7 @@ from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.model.llama import causal_mask, dense_pass_records, embed, project, run_layers
 from amber_jax.patterns import NMPattern
 from amber_jax.progress import progress_bar
-from amber_jax.sparsity import nm_mask, nm_scores
+from amber_jax.sparsity import nm_keep
 
 # Single corrections; combine them with "+" (one of each kind: centre, rescale, scale, bias).
 CORRECTIONS = (
@@ -222,10 +223,10 @@ def _token_gain(xc: jax.Array, xs: jax.Array, flag: jax.Array) -> jax.Array:
   return jnp.where(flag > 0, gain, 1.0)
 
 
-def _sparse_operand(x, pattern, factors, center, method):
+def _sparse_operand(x, pattern, factors, center, method, channel_order=None):
   """(x_c, x_s): the centred input and its N:M-sparse version (mask chosen on x_c)."""
   xc = x - _row(center, x)
-  keep = nm_mask(nm_scores(xc, factors), pattern, method=method)
+  keep = nm_keep(xc, pattern, factors, channel_order=channel_order, method=method)
   return xc, jnp.where(keep, xc, jnp.zeros((), xc.dtype))
 
 
@@ -236,13 +237,22 @@ def corrected_sparse_matmul(
   factors: jax.Array,
   correction: dict[str, jax.Array],
   *,
+  channel_order: jax.Array | None = None,
   method: str = "auto",
+  sparsify_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
   """One site's corrected sparse output: x [..., d_in], w [d_in, d_out] -> [..., d_out].
 
-  ``correction`` holds this site's row of the plan's arrays (see the module docstring).
+  ``correction`` holds this site's row of the plan's arrays (see the module docstring);
+  ``channel_order`` forms the N:M groups as in ``amber_jax.sparsity.nm_keep``.
+  ``sparsify_fn`` (x_c -> its N:M-sparse version) replaces the hard mask of ``pattern`` and
+  ``factors``, e.g. with the straight-through mask that ``amber_jax.learned_factors`` trains.
   """
-  xc, xs = _sparse_operand(x, pattern, factors, correction["center"], method)
+  if sparsify_fn is None:
+    xc, xs = _sparse_operand(x, pattern, factors, correction["center"], method, channel_order)
+  else:
+    xc = x - _row(correction["center"], x)
+    xs = sparsify_fn(xc)
   gain = _token_gain(xc, xs, correction["token_rescale"]).astype(x.dtype)
   y = jnp.einsum("...i,io->...o", xs * _row(correction["in_scale"], xs), w)
   return y * gain * _row(correction["out_scale"], y) + _row(correction["out_bias"], y)
@@ -297,6 +307,7 @@ def fit_site_correction(
   *,
   method: str = "auto",
   target: jax.Array | None = None,
+  channel_order: jax.Array | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
   """Fits one site's correction on its calibration inputs ``x`` [..., d_in] (w [d_in, d_out]).
 
@@ -315,7 +326,7 @@ def fit_site_correction(
   else:
     center = jnp.zeros((d_in,), jnp.float32)
   # The mask is chosen exactly as at inference (in the input's dtype).
-  xc, xs = _sparse_operand(x, pattern, factors, center, method)
+  xc, xs = _sparse_operand(x, pattern, factors, center, method, channel_order)
   xc, xs = f32(xc), f32(xs)
   if spec.rescale == "channel":
     in_scale = jnp.sqrt(_safe_ratio(jnp.sum(xc * xc, axis=0), jnp.sum(xs * xs, axis=0)))
@@ -349,7 +360,8 @@ def fit_site_correction(
     "out_scale": alpha,
     "out_bias": alpha * center_out + bias,
   }
-  _, x_plain = _sparse_operand(x32, pattern, factors, jnp.zeros((d_in,), jnp.float32), method)
+  zero = jnp.zeros((d_in,), jnp.float32)
+  _, x_plain = _sparse_operand(x32, pattern, factors, zero, method, channel_order)
   err_plain = y - x_plain @ w32
   err_fit = y - (y_hat * alpha[None, :] + bias[None, :])
   errors = jnp.stack([jnp.sum(err_plain**2), jnp.sum(err_fit**2), jnp.sum(y * y)])
@@ -362,7 +374,16 @@ def _site_record(x, weights, site, *, pattern, spec, method, target=None):
   d_in, d_out = w.shape
 
   def fit(x_, target_):
-    return fit_site_correction(x_, w, site["factors"], pattern, spec, method=method, target=target_)
+    return fit_site_correction(
+      x_,
+      w,
+      site["factors"],
+      pattern,
+      spec,
+      method=method,
+      target=target_,
+      channel_order=site.get("channel_order"),
+    )
 
   def identity(x_, target_):
     if target_ is None:
@@ -406,7 +427,7 @@ def _calibration_pass(params, tokens_BxT, sites, *, config, pattern, spec, input
         target = jnp.einsum("...i,io->...o", x_dense, weights["w"].astype(x_dense.dtype))
       arrays, errors = record(x, weights, site, target=target)
       records[proj] = (arrays, errors)
-      plan_slice = {"enabled": site["enabled"], "factors": site["factors"], "correction": arrays}
+      plan_slice = dict(site, correction=arrays)
       y = project(
         x,
         weights,
@@ -473,6 +494,8 @@ def calibrate_corrections(
     raise ValueError(f"windows must be a non-empty [W, T] array, got shape {windows.shape}")
   start = time.perf_counter()
   sites = {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in PROJECTIONS}
+  for p, order in (plan.channel_order or {}).items():
+    sites[p]["channel_order"] = order
   with progress_bar(
     total=len(windows),
     desc=f"corrections {spec} ({inputs})",

@@ -13,8 +13,10 @@ Only sites the plan sparsifies are trained; the learned factors replace the plan
 (plain data: no recompilation, saved with the plan by ``plan_io``). With ``learn_scales`` a
 per-output-channel scale of every sparse site is learned too (``exp`` of a parameter starting at
 0) and stored as the ``out_scale`` of the plan's correction (``amber_jax.corrections``), which
-the ordinary model applies. Float plans without a correction only (a W8A8 plan's quantization
-is not differentiated here).
+the ordinary model applies. A plan that already has a correction (e.g. the median centring) is
+trained through it: the straight-through mask is taken on the centred input exactly as the
+corrected model does, and learned scales multiply the correction's output scale and bias.
+Float plans only (a W8A8 plan's quantization is not differentiated here).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amber_jax.corrections import identity_correction
+from amber_jax.corrections import corrected_sparse_matmul, identity_correction
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import _logits, causal_mask, embed, forward, run_layers
 from amber_jax.patterns import NMPattern
@@ -38,10 +40,19 @@ from amber_jax.sparsity import nm_mask, nm_scores
 
 
 def ste_sparsify(
-  x: jax.Array, pattern: NMPattern, factors: jax.Array, temperature: float
+  x: jax.Array,
+  pattern: NMPattern,
+  factors: jax.Array,
+  temperature: float,
+  channel_order: jax.Array | None = None,
 ) -> jax.Array:
-  """``sparsify(x, pattern, factors)`` in the forward pass; a sigmoid surrogate's gradient
-  with respect to ``factors`` (and ``x``) in the backward pass."""
+  """``sparsify(x, pattern, factors, channel_order=...)`` in the forward pass; a sigmoid
+  surrogate's gradient with respect to ``factors`` (and ``x``) in the backward pass."""
+  if channel_order is not None:  # groups are consecutive in the permuted order
+    xs = ste_sparsify(
+      jnp.take(x, channel_order, axis=-1), pattern, jnp.take(factors, channel_order), temperature
+    )
+    return jnp.take(xs, jnp.argsort(channel_order), axis=-1)
   score = nm_scores(x, factors)
   hard = nm_mask(jax.lax.stop_gradient(score), pattern)
   *lead, width = score.shape
@@ -55,23 +66,40 @@ def ste_sparsify(
   return x * mask.astype(x.dtype)
 
 
-def _sparse_logits(params, tokens_BxT, theta, enabled, *, config, pattern, temperature):
+def _sparse_logits(params, tokens_BxT, theta, plan, *, config, temperature):
   """Logits with the STE mask at enabled sites; ``theta["factors"]`` proj -> [L, d_in] log score
-  factors, ``theta["scales"]`` (or None) proj -> [L, d_out] log output scales of sparse sites."""
+  factors, ``theta["scales"]`` (or None) proj -> [L, d_out] log output scales of sparse sites;
+  ``plan`` gives the enabled sites, pattern, channel orders and correction."""
   b, t = tokens_BxT.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   h = embed(params, tokens_BxT, jnp.float32)
   scales = theta["scales"]
+  pattern, correction = plan.pattern, plan.correction
+  orders = plan.channel_order or {}
   layer_xs = {
-    p: (enabled[p], theta["factors"][p], None if scales is None else scales[p]) for p in enabled
+    p: (
+      plan.enabled[p],
+      theta["factors"][p],
+      None if scales is None else scales[p],
+      orders.get(p),
+      None if correction is None else correction[p],
+    )
+    for p in plan.enabled
   }
 
   def make_lin(layer_params, layer_x, layer):
     def lin(x, proj):
-      on, log_factors, log_scale = layer_x[proj]
-      xs = ste_sparsify(x, pattern, jnp.exp(log_factors), temperature)
-      x_eff = jnp.where(on, xs, x)
-      y = jnp.einsum("...i,io->...o", x_eff, layer_params[proj]["w"].astype(x.dtype))
+      on, log_factors, log_scale, order, corr = layer_x[proj]
+      w = layer_params[proj]["w"].astype(x.dtype)
+
+      def ste(v):
+        return ste_sparsify(v, pattern, jnp.exp(log_factors), temperature, order)
+
+      if corr is None:
+        y = jnp.einsum("...i,io->...o", jnp.where(on, ste(x), x), w)
+      else:  # the model's corrected path, with the straight-through mask
+        y_sparse = corrected_sparse_matmul(x, w, pattern, None, corr, sparsify_fn=ste)
+        y = jnp.where(on, y_sparse, jnp.einsum("...i,io->...o", x, w))
       if log_scale is not None:  # the plan's correction out_scale, on sparse sites only
         scale = jnp.exp(log_scale).astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
         y = jnp.where(on, y * scale, y)
@@ -94,10 +122,8 @@ def _teacher_logprobs(params, tokens_BxT, *, config):
   return jax.nn.log_softmax(logits, axis=-1).astype(jnp.bfloat16)
 
 
-def _kl(params, tokens, teacher, theta, enabled, *, config, pattern, temperature):
-  logits = _sparse_logits(
-    params, tokens, theta, enabled, config=config, pattern=pattern, temperature=temperature
-  )
+def _kl(params, tokens, teacher, theta, plan, *, config, temperature):
+  logits = _sparse_logits(params, tokens, theta, plan, config=config, temperature=temperature)
   logp = jax.nn.log_softmax(logits, axis=-1)
   teacher = teacher.astype(jnp.float32)
   return jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), axis=-1))
@@ -132,19 +158,13 @@ def learn_score_factors(
   minimise KL(dense || sparse) of the next-token distributions.
 
   Raises:
-    ValueError: the plan is dense, W8A8 or has a correction, bad steps/learning
+    ValueError: the plan is dense or W8A8, bad steps/learning
       rate/temperature/batch size, or no calibration windows.
   """
   if plan.pattern is None:
     raise ValueError("plan has no N:M pattern: there are no score factors to learn")
   if plan.quant is not None:
     raise ValueError("learn_score_factors takes float plans (plan.quant must be None)")
-  if plan.correction is not None:
-    # Training would not see the correction, so the learned factors would fit another model.
-    raise ValueError(
-      "learn_score_factors takes plans without a correction (learn_scales=True learns the "
-      "output scales itself)"
-    )
   for name, v in (("steps", steps), ("batch_size", batch_size)):
     if v < 1:
       raise ValueError(f"{name} must be >= 1, got {v}")
@@ -168,11 +188,10 @@ def learn_score_factors(
   if learn_scales:
     shapes = config.linear_shapes()
     theta["scales"] = {p: jnp.zeros((config.n_layers, shapes[p][1])) for p in enabled}
-  kw = dict(config=config, pattern=plan.pattern, temperature=temperature)
-  loss_and_grad = jax.jit(
-    jax.value_and_grad(lambda th, tok, tea: _kl(params, tok, tea, th, enabled, **kw), argnums=0)
-  )
-  kl_only = jax.jit(lambda th, tok, tea: _kl(params, tok, tea, th, enabled, **kw))
+  kw = dict(config=config, temperature=temperature)
+  kl = lambda th, tok, tea: _kl(params, tok, tea, th, plan, **kw)
+  loss_and_grad = jax.jit(jax.value_and_grad(kl, argnums=0))
+  kl_only = jax.jit(kl)
   # Adam moves every parameter by about its learning rate per step. For the output scales that
   # must be small: at 0.05 (the factors' rate) all of a site's channels move by ~5% at once, and
   # on SmolLM2-135M the KL tripled after one step (0.20 -> 0.60) and perplexity rose 40.3 -> 45.6.
@@ -205,9 +224,14 @@ def learn_score_factors(
   factors = {p: jnp.exp(theta["factors"][p]).astype(jnp.float32) for p in enabled}
   learned = plan.replace(factors=factors)
   if learn_scales:
-    correction = identity_correction(config)
+    # The learned scale multiplies the site's corrected output: its out_scale and out_bias.
+    base = identity_correction(config) if plan.correction is None else plan.correction
+    correction = {}
     for p in enabled:
-      correction[p]["out_scale"] = jnp.exp(theta["scales"][p]).astype(jnp.float32)
+      scale = jnp.exp(theta["scales"][p]).astype(jnp.float32)
+      correction[p] = dict(
+        base[p], out_scale=scale * base[p]["out_scale"], out_bias=scale * base[p]["out_bias"]
+      )
     learned = learned.replace(correction=correction)
   return LearnedFactors(
     plan=learned,

@@ -10,7 +10,9 @@ For every projection the plan holds, stacked over layers:
 and optionally ``quant``, the W8A8 part (``amber_jax.quant_plan.QuantState``: smoothed
 int8 weights, scales, folded norms, float sites), and ``correction``, per-site output
 corrections of the sparse sites calibrated by ``amber_jax.corrections`` (arrays stacked over
-layers; None: no correction, the plain N:M transform).
+layers; None: no correction, the plain N:M transform), and ``channel_order``, per projection
+a permutation of its input channels per layer that forms the N:M groups
+(``amber_jax.channel_order``; None, or a projection left out: M consecutive channels).
 
 Only the N:M pattern (and the implementation choices) are static: they fix shapes and
 code inside the mask computation; changing which sites are enabled or the factors
@@ -30,7 +32,7 @@ from flax import struct
 from amber_jax.impl import check_impl, default_impl
 from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import MASK_METHODS
+from amber_jax.sparsity import MASK_METHODS, check_channel_order
 
 
 @struct.dataclass
@@ -48,6 +50,9 @@ class SparsityPlan:
   # Output corrections of sparse sites in prefill (amber_jax.corrections: proj -> center,
   # in_scale, token_rescale, out_scale, out_bias stacked over layers) or None for none.
   correction: Any = None
+  # proj -> int32 [L, d_in]: the groups of M are consecutive in x[..., order[l]] (see
+  # amber_jax.sparsity.nm_keep); projections not in the dict (or None) use the natural order.
+  channel_order: dict[str, jax.Array] | None = None
 
   def enabled_sites(self) -> list[tuple[int, str]]:
     """(layer, projection) pairs that are sparsified, in layer-major order."""
@@ -69,6 +74,7 @@ def make_plan(
   factors: Mapping[str, np.ndarray] | None = None,
   impl: str | None = None,
   mask_method: str = "auto",
+  channel_order: Mapping[str, np.ndarray] | None = None,
 ) -> SparsityPlan:
   """Builds a plan.
 
@@ -80,10 +86,13 @@ def make_plan(
     factors: optional proj -> [L, d_in] score factors (default: ones, the |x| score).
     impl: "xla" or "pallas" (the fused kernel); None picks the backend's default
       (xla everywhere for now: see amber_jax.impl). An impl that cannot run raises ValueError.
+    mask_method: the mask algorithm of impl "xla" (amber_jax.sparsity.nm_mask).
+    channel_order: optional proj -> [L, d_in] permutations of each layer's input channels
+      that form the N:M groups (amber_jax.channel_order.model_channel_order makes them).
 
   Raises:
     ValueError: naming the projection, if M does not divide a sparsified input
-      width, or if a site is out of range.
+      width, if a site is out of range, or if a channel order is not a permutation.
   """
   pattern = None if pattern is None else NMPattern.parse(pattern)
   impl = check_impl(default_impl() if impl is None else impl, pattern)
@@ -121,4 +130,29 @@ def make_plan(
     pattern=pattern,
     impl=impl,
     mask_method=mask_method,
+    channel_order=check_plan_channel_order(config, channel_order),
   )
+
+
+def check_plan_channel_order(
+  config: LlamaConfig, channel_order: Mapping[str, np.ndarray] | None
+) -> dict[str, jax.Array] | None:
+  """``channel_order`` as the plan stores it (int32 jax arrays; None for an empty mapping),
+  after checking that every row is a permutation of its projection's input channels."""
+  if not channel_order:
+    return None
+  shapes = config.linear_shapes()
+  out = {}
+  for proj, order in channel_order.items():
+    if proj not in PROJECTIONS:
+      raise ValueError(f"channel_order has unknown projection {proj!r}; valid: {PROJECTIONS}")
+    order = np.asarray(order)
+    d_in = shapes[proj][0]
+    if order.shape != (config.n_layers, d_in):
+      raise ValueError(
+        f"channel_order[{proj!r}] must have shape {(config.n_layers, d_in)}, got {order.shape}"
+      )
+    for layer, row in enumerate(order):
+      check_channel_order(row, d_in, where=f"channel_order[{proj!r}][{layer}]")
+    out[proj] = jnp.asarray(order, jnp.int32)
+  return out

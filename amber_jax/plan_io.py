@@ -3,7 +3,8 @@
 The arrays go through ``amber_jax.io.plan_checkpoint`` (atomic, per-leaf SHA-256, clear
 errors for truncated, corrupt or mismatched checkpoints); the plan's static fields
 (pattern, impl, mask algorithm, W8A8 activation mode and order) travel in the metadata (output
-corrections, if any, are arrays like the rest), so a restored plan is the saved one, bit for bit.
+corrections and channel orders, if any, are arrays like the rest), so a restored plan is the
+saved one, bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def save_sparsity_plan(path: str | os.PathLike, plan: SparsityPlan, *, metadata:
     tree["quant"] = {"sites": plan.quant.sites, "norms": plan.quant.norms}
   if plan.correction is not None:
     tree["correction"] = plan.correction
+  if plan.channel_order is not None:
+    tree["channel_order"] = plan.channel_order
   save_plan(path, tree, metadata={**metadata, "plan_static": _static(plan)})
 
 
@@ -69,5 +72,6 @@ def load_sparsity_plan(
     mask_method=static["mask_method"],
     quant=quant,
     correction=as_jnp(tree["correction"]) if "correction" in tree else None,
+    channel_order=as_jnp(tree["channel_order"]) if "channel_order" in tree else None,
   )
   return plan, metadata

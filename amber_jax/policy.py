@@ -98,16 +98,17 @@ class Sensitivity:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "pattern", "dtype"))
-def _sensitivity_sums(params, tokens_BxT, factors, *, config, pattern, dtype):
-  def record(x, weights, site_factors):
+def _sensitivity_sums(params, tokens_BxT, sites, *, config, pattern, dtype):
+  def record(x, weights, site):
     w = weights["w"].astype(x.dtype)
     y = jnp.einsum("...i,io->...o", x, w).astype(jnp.float32)
-    err = jnp.einsum("...i,io->...o", x - sparsify(x, pattern, site_factors), w)
+    x_sparse = sparsify(x, pattern, site["factors"], channel_order=site.get("channel_order"))
+    err = jnp.einsum("...i,io->...o", x - x_sparse, w)
     err = err.astype(jnp.float32)
     return jnp.sum(err * err), jnp.sum(y * y)
 
   return dense_pass_records(
-    params, tokens_BxT, config=config, dtype=dtype, site_xs=factors, record=record
+    params, tokens_BxT, config=config, dtype=dtype, site_xs=sites, record=record
   )
 
 
@@ -122,13 +123,17 @@ def measure_sensitivity(
   batch_size: int = 4,
   dtype=jnp.float32,
   show_progress: bool = True,
+  channel_order: dict[str, np.ndarray] | None = None,
 ) -> Sensitivity:
   """Per-site relative output error of sparsifying that site alone, on ``windows`` (dense model).
 
-  ``windows`` [W, T] token ids; ``factors`` proj -> [L, d_in] score factors.
+  ``windows`` [W, T] token ids; ``factors`` proj -> [L, d_in] score factors; ``channel_order``
+  a plan's (proj -> [L, d_in] permutations forming the N:M groups) or None.
   """
   windows = np.asarray(windows, np.int32)
-  factors = {p: jnp.asarray(factors[p]) for p in PROJECTIONS}
+  sites = {p: {"factors": jnp.asarray(factors[p])} for p in PROJECTIONS}
+  for p, order in (channel_order or {}).items():
+    sites[p]["channel_order"] = jnp.asarray(order)
   err2 = np.zeros((config.n_layers, len(PROJECTIONS)))
   ref2 = np.zeros_like(err2)
   with progress_bar(
@@ -136,9 +141,7 @@ def measure_sensitivity(
   ) as bar:
     for start in range(0, len(windows), batch_size):
       rows = jnp.asarray(windows[start : start + batch_size])
-      records = _sensitivity_sums(
-        params, rows, factors, config=config, pattern=pattern, dtype=dtype
-      )
+      records = _sensitivity_sums(params, rows, sites, config=config, pattern=pattern, dtype=dtype)
       for j, proj in enumerate(PROJECTIONS):
         err2[:, j] += np.asarray(records[proj][0], np.float64)
         ref2[:, j] += np.asarray(records[proj][1], np.float64)

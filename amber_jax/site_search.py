@@ -103,6 +103,9 @@ class SiteCosts:
   pattern: str
   tokens: int
   seconds: float
+  # Projections whose N:M groups followed a channel order of the plan (e.g. ("o",) for
+  # o_order="mixed"): their costs hold only for plans with the same grouping.
+  ordered: tuple[str, ...] = ()
 
   def table(self) -> str:
     header = "layer " + " ".join(f"{p:>8}" for p in PROJECTIONS)
@@ -122,9 +125,10 @@ def measure_site_costs(
   dtype=jnp.float32,
   show_progress: bool = True,
 ) -> SiteCosts:
-  """KL(dense || only that site sparse) for every site, with ``plan``'s pattern, factors and
-  corrections (its ``enabled`` flags are ignored). ``calib_windows`` [W, T+1] token ids (the
-  first T are the inputs). Raises ValueError for a plan without pattern or a W8A8 plan."""
+  """KL(dense || only that site sparse) for every site, with ``plan``'s pattern, factors,
+  channel orders and corrections (its ``enabled`` flags are ignored). ``calib_windows``
+  [W, T+1] token ids (the first T are the inputs). Raises ValueError for a plan without
+  pattern or a W8A8 plan."""
   if plan.pattern is None:
     raise ValueError("plan has no N:M pattern: there are no sparse sites to search")
   if plan.quant is not None:
@@ -144,7 +148,11 @@ def measure_site_costs(
         kl[l, j] = meter(plan.replace(enabled=enabled))
         bar.update(1)
   return SiteCosts(
-    kl=kl, pattern=str(plan.pattern), tokens=meter.tokens, seconds=time.perf_counter() - start
+    kl=kl,
+    pattern=str(plan.pattern),
+    tokens=meter.tokens,
+    seconds=time.perf_counter() - start,
+    ordered=tuple(sorted(plan.channel_order or {})),
   )
 
 

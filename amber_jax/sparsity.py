@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from amber_jax.patterns import NMPattern
 
@@ -116,11 +117,46 @@ def nm_mask(score: jax.Array, pattern: NMPattern, *, method: str = "auto") -> ja
   return keep.reshape(score.shape)
 
 
+def nm_keep(
+  x: jax.Array,
+  pattern: NMPattern,
+  factors: jax.Array | None = None,
+  *,
+  channel_order: jax.Array | None = None,
+  method: str = "auto",
+) -> jax.Array:
+  """The boolean keep mask of ``sparsify`` (same arguments), in ``x``'s channel order.
+
+  With ``channel_order`` (a permutation of ``range(x.shape[-1])``) the groups are M consecutive
+  entries of ``x[..., channel_order]``: group g holds channels ``channel_order[g*M:(g+1)*M]``.
+  """
+  score = nm_scores(x, factors)
+  if channel_order is None:
+    return nm_mask(score, pattern, method=method)
+  keep_ordered = nm_mask(jnp.take(score, channel_order, axis=-1), pattern, method=method)
+  return jnp.take(keep_ordered, jnp.argsort(channel_order), axis=-1)
+
+
+def check_channel_order(channel_order, width: int, *, where: str = "channel_order") -> None:
+  """ValueError naming ``where`` unless ``channel_order`` is a permutation of range(width).
+
+  Needs a concrete array (call it on plans and inputs, not inside jit)."""
+  order = np.asarray(channel_order)
+  if order.shape != (width,) or not np.issubdtype(order.dtype, np.integer):
+    raise ValueError(
+      f"{where} must be an integer array of shape ({width},), got dtype {order.dtype} and "
+      f"shape {order.shape}"
+    )
+  if not np.array_equal(np.sort(order), np.arange(width)):
+    raise ValueError(f"{where} must be a permutation of 0..{width - 1} (each channel once)")
+
+
 def sparsify(
   x: jax.Array,
   pattern: NMPattern | str | None,
   factors: jax.Array | None = None,
   *,
+  channel_order: jax.Array | None = None,
   method: str = "auto",
 ) -> jax.Array:
   """Keeps the N largest-score entries of every M consecutive ones on the last axis.
@@ -130,6 +166,10 @@ def sparsify(
     pattern: an NMPattern or "N:M"; None returns ``x`` unchanged (dense).
     factors: optional per-channel score factors, shape ``[x.shape[-1]]``
       (score = |x| * factors, e.g. the weight-aware score of Amber Pruner).
+    channel_order: optional permutation of the channels, shape ``[x.shape[-1]]``: the groups
+      of M are formed over ``x[..., channel_order]`` instead of ``x`` (see ``nm_keep``). The
+      result stays in ``x``'s order. Not checked to be a permutation here (it may be traced):
+      ``check_channel_order`` does that where plans are built.
     method: the mask algorithm (see ``nm_mask``); every method gives the same result.
 
   Returns:
@@ -145,5 +185,10 @@ def sparsify(
       f"factors must have shape ({x.shape[-1]},) to match x's last axis, "
       f"got factors.shape={factors.shape}"
     )
-  keep = nm_mask(nm_scores(x, factors), pattern, method=method)
+  if channel_order is not None and channel_order.shape != (x.shape[-1],):
+    raise ValueError(
+      f"channel_order must have shape ({x.shape[-1]},) to match x's last axis, "
+      f"got channel_order.shape={channel_order.shape}"
+    )
+  keep = nm_keep(x, pattern, factors, channel_order=channel_order, method=method)
   return jnp.where(keep, x, jnp.zeros((), x.dtype))

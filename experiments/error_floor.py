@@ -6,6 +6,9 @@ For a few sites (projection:layer) of the default model, on calibration tokens o
 (dense model inputs), prints the relative output error energy ||(x - S(x)) W||^2 / ||x W||^2:
 
 * ``robust``: the robust score's mask (what the library does);
+* ``mixed``: the robust score's mask with the groups formed over a random channel order
+  (``amber_jax.channel_order.mixed_order``, as ``o_order="mixed"`` uses for o), as a share of
+  the robust error: for o the groups then mix attention heads;
 * ``gram``: per group of M, a greedy mask that minimises the group's own output error using the
   Gram matrix of W's rows (x_D^T (W W^T)_DD x_D for the dropped set D): the best a per-channel
   score could hope for inside a group;
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import default_cache_dir  # noqa: E402
 
+from amber_jax.channel_order import mixed_order  # noqa: E402
 from amber_jax.data.texts import DEFAULT_TEXT  # noqa: E402
 from amber_jax.io.sources import DEFAULT_MODEL  # noqa: E402
 from amber_jax.model.config import PROJECTIONS  # noqa: E402
@@ -46,7 +50,9 @@ from amber_jax.sparsity import sparsify  # noqa: E402
 _MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "Known model name, .gguf file or HF dir.")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")
 _SITES = flags.DEFINE_list(
-  "sites", ["q:15", "gate:3", "gate:15", "gate:25", "down:15", "down:25"], "projection:layer."
+  "sites",
+  ["q:15", "o:3", "o:15", "o:25", "gate:3", "gate:15", "gate:25", "down:15", "down:25"],
+  "projection:layer.",
 )
 _RANKS = flags.DEFINE_list("ranks", ["16", "32", "64", "128"], "Compensation ranks.")
 _TOKENS = flags.DEFINE_integer(
@@ -118,8 +124,9 @@ def main(argv):
   def site_inputs(inputs, proj, layer):
     return np.asarray(inputs[proj][layer], np.float64).reshape(-1, inputs[proj].shape[-1])
 
-  def dropped_part(x, proj, layer):
-    return x - np.asarray(sparsify(jnp.asarray(x, jnp.float32), pattern, factors[proj][layer]))
+  def dropped_part(x, proj, layer, order=None):
+    kept = sparsify(jnp.asarray(x, jnp.float32), pattern, factors[proj][layer], channel_order=order)
+    return x - np.asarray(kept)
 
   rows = []
   for proj, layer in sites:
@@ -128,6 +135,8 @@ def main(argv):
     x_d = dropped_part(x, proj, layer)
     robust_err = np.sum((x_d @ w) ** 2)
     robust = robust_err / np.sum((x @ w) ** 2)
+    order = jnp.asarray(mixed_order(config.n_layers, x.shape[1])[layer])
+    mixed_ratio = np.sum((dropped_part(x, proj, layer, order) @ w) ** 2) / robust_err
     sub = x[: _GRAM_TOKENS.value]
     gram_dropped = sub * (1 - gram_greedy_mask(sub, w, pattern))
     gram_ratio = np.sum((gram_dropped @ w) ** 2) / np.sum((dropped_part(sub, proj, layer) @ w) ** 2)
@@ -148,17 +157,19 @@ def main(argv):
       [
         f"{proj}:{layer}",
         f"{robust:.4f}",
+        f"{mixed_ratio:.3f}",
         f"{gram_ratio:.3f}",
         *[f"{lf:.2f} (+{e:.0%})" for lf, e in zip(left, extra, strict=True)],
       ]
     )
   print(
     f"{pattern}, {_TOKENS.value} held-out tokens: robust = relative output error energy of the "
-    f"robust mask; gram = Gram-greedy error / robust error (first {_GRAM_TOKENS.value} tokens); "
+    "robust mask; mixed = error with the groups over a random channel order / robust error; "
+    f"gram = Gram-greedy error / robust error (first {_GRAM_TOKENS.value} tokens); "
     "rank r = error left after rank-r compensation fitted on another window / robust error "
     "(+ extra multiply-adds of the site)."
   )
-  print(markdown_table(["site", "robust", "gram", *[f"rank {r}" for r in ranks]], rows))
+  print(markdown_table(["site", "robust", "mixed", "gram", *[f"rank {r}" for r in ranks]], rows))
 
 
 if __name__ == "__main__":

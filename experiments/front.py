@@ -42,8 +42,9 @@ _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _METHODS = flags.DEFINE_list(
   "methods",
   list(DEFAULT_METHODS),
-  "naive, paper, search, search+<correction>, search+learned[N] (N optimiser steps, default 4), "
-  "search+learnedscale[N] (also output scales).",
+  "naive, paper, search, search_mixed (o groups mix heads), and for search or search_mixed: "
+  "+<correction>, +learned[N] (N optimiser steps, default 4), +learnedscale[N] (also output "
+  "scales).",
 )
 _COVERAGES = flags.DEFINE_list(
   "coverages", [str(c) for c in DEFAULT_COVERAGES], "Coverage targets."

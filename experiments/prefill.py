@@ -19,6 +19,11 @@ The Amber Pruner plan (robust score, paper rules, q/gate skip layers chosen
 automatically on 8 calibration windows so that coverage stays >= 55%):
 
     python experiments/prefill.py --pattern=8:16 --score=robust --policy=auto
+
+Beyond the paper (RESULTS.md "front"): the sites chosen by their measured KL cost, with the
+o-projection's N:M groups mixing attention heads (about 5 minutes of calibration):
+
+    python experiments/prefill.py --pattern=8:16 --score=robust --policy=search --o_order=mixed
 """
 
 from __future__ import annotations
@@ -67,6 +72,12 @@ _GRANULARITY = flags.DEFINE_enum(
   "layer",
   ["layer", "site"],
   "policy=auto: keep q and gate dense in whole layers (paper) or choose q/gate sites separately.",
+)
+_O_ORDER = flags.DEFINE_enum(
+  "o_order",
+  "heads",
+  ["heads", "mixed"],
+  "o-projection N:M groups: M consecutive channels of one head, or mixed across heads.",
 )
 _QUANT = flags.DEFINE_enum("quant", "none", ["none", "w8a8"], "Weight and activation int8.")
 _SMOOTH = flags.DEFINE_enum(
@@ -147,6 +158,7 @@ def main(argv):
       gen_prompts=_GEN_PROMPTS.value,
       impl=_IMPL.value,
       granularity=_GRANULARITY.value,
+      o_order=_O_ORDER.value,
       quant=_QUANT.value,
       smooth=_SMOOTH.value,
       alpha=_ALPHA.value,

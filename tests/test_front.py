@@ -97,7 +97,7 @@ def test_other_setup_starts_over(make_cfg):
   "kwargs, match",
   [
     (dict(methods=("magic",)), "method must start with one of naive, paper, search"),
-    (dict(methods=("paper+median",)), "apply to 'search' plans"),
+    (dict(methods=("paper+median",)), "apply to searched plans"),
     (dict(methods=("search+nonsense",)), "correction"),
     (dict(coverages=(1.5,)), "coverage must be in"),
     (dict(search_windows=3), "search_windows must be in 1..2"),

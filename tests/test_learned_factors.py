@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from amber_jax.corrections import calibrate_corrections
 from amber_jax.learned_factors import learn_score_factors, ste_sparsify
 from amber_jax.model import LlamaConfig, forward
 from amber_jax.model.presets import init_random_params
@@ -107,5 +108,38 @@ def test_learned_scales_are_the_plans_correction_and_the_model_reproduces_traini
   kl = float(jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), -1)))
   print(f"model KL {kl:.5f}, reported {out.final_kl:.5f}")
   assert kl == pytest.approx(out.final_kl, rel=1e-3)
-  with pytest.raises(ValueError, match="without a correction"):
-    learn_score_factors(params, out.plan, windows, config=CFG, steps=1)
+
+
+def _model_kl(params, windows, plan):
+  """KL(dense || plan) per token as training measures it (bf16 teacher)."""
+  tokens = jnp.asarray(windows[:, :-1])
+  teacher = jax.nn.log_softmax(forward(params, tokens, config=CFG), -1)
+  teacher = teacher.astype(jnp.bfloat16).astype(jnp.float32)
+  logp = jax.nn.log_softmax(forward(params, tokens, config=CFG, plan=plan), -1)
+  return float(jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), -1)))
+
+
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_learning_trains_through_a_calibrated_correction(model, learn_scales):
+  params, windows = model
+  plan = make_plan(CFG, "2:4", sites=[(l, p) for l in range(2) for p in ("q", "o", "down")])
+  median = calibrate_corrections(
+    params, plan, windows[:, :-1], config=CFG, correction="median+bias", show_progress=False
+  )
+  plan = plan.replace(correction=median.correction)
+  out = learn_score_factors(
+    params, plan, windows, config=CFG, steps=6, learn_scales=learn_scales, show_progress=False
+  )
+  print(f"\nmedian+bias plan, scales={learn_scales}: KL {out.initial_kl:.4f} -> {out.final_kl:.4f}")
+  # Training's forward pass is the corrected model's, before and after.
+  assert _model_kl(params, windows, plan) == pytest.approx(out.initial_kl, rel=1e-3)
+  assert _model_kl(params, windows, out.plan) == pytest.approx(out.final_kl, rel=1e-3)
+  assert out.final_kl < out.initial_kl
+  got, was = out.plan.correction["down"], plan.correction["down"]
+  np.testing.assert_array_equal(got["center"], was["center"])  # the centring is kept
+  if learn_scales:  # the learned scale multiplies the calibrated output scale and bias
+    ratio = np.asarray(got["out_bias"]) / np.asarray(was["out_bias"])
+    np.testing.assert_allclose(ratio, np.asarray(got["out_scale"]) / np.asarray(was["out_scale"]))
+    assert not np.allclose(got["out_scale"], was["out_scale"])
+  else:
+    np.testing.assert_array_equal(got["out_bias"], was["out_bias"])

@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import zipfile
 
 import gguf
@@ -634,6 +635,19 @@ def test_write_json_atomic(tmp_path):
   write_json_atomic(path, {"ppl": 1.0})
   assert json.loads(path.read_text()) == {"ppl": 1.0}
   assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
+  umask = os.umask(0o022)
+  try:
+    path = tmp_path / "result.json"
+    write_json_atomic(path, {"a": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0o600
+    path.chmod(0o640)
+    write_text_atomic(path, "b\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # an existing file keeps its mode
+  finally:
+    os.umask(umask)
 
 
 def test_write_json_atomic_failure_keeps_old_content(tmp_path):

@@ -63,9 +63,13 @@ def project(
   index (kept for transforms that need the site identity). A ``correction`` entry in
   ``plan_slice`` (``amber_jax.corrections``) corrects the sparse output of an enabled site
   (impl "xla", float weights only); without one the code path is exactly the plain N:M one.
+  A ``channel_order`` entry (a permutation of the input channels) forms the N:M groups over
+  ``x[..., order]`` (``amber_jax.sparsity.nm_keep``); the Pallas kernel then gets the
+  permuted input, weight rows and factors, which is the same product.
   """
   del layer  # The plan slice is already this layer's row.
   correction = None if plan_slice is None else plan_slice.get("correction")
+  channel_order = None if plan_slice is None else plan_slice.get("channel_order")
   if correction is not None and (quant_slice is not None or impl != "xla"):
     raise ValueError(
       "plan.correction needs impl='xla' and float weights (no W8A8 part), got "
@@ -85,9 +89,12 @@ def project(
 
     def fused(x_):
       lead = x_.shape[:-1]
-      y2d = pallas_nm_matmul(
-        x_.reshape(-1, x_.shape[-1]), w, pattern=pattern, factors=factors, options=kernel_options()
-      )
+      w_, factors_ = w, factors
+      if channel_order is not None:  # the kernel's groups are consecutive: permute its operands
+        x_ = jnp.take(x_, channel_order, axis=-1)
+        w_, factors_ = jnp.take(w, channel_order, axis=0), jnp.take(factors, channel_order)
+      x2d = x_.reshape(-1, x_.shape[-1])
+      y2d = pallas_nm_matmul(x2d, w_, pattern=pattern, factors=factors_, options=kernel_options())
       return y2d.reshape(*lead, w.shape[1])
 
     y = jax.lax.cond(plan_slice["enabled"], fused, dense, x)
@@ -97,7 +104,13 @@ def project(
 
     def corrected(x_):
       return corrected_sparse_matmul(
-        x_, w, pattern, plan_slice["factors"], correction, method=mask_method
+        x_,
+        w,
+        pattern,
+        plan_slice["factors"],
+        correction,
+        channel_order=channel_order,
+        method=mask_method,
       )
 
     y = jax.lax.cond(plan_slice["enabled"], corrected, dense, x)
@@ -105,7 +118,7 @@ def project(
     factors = plan_slice["factors"]
     x = jax.lax.cond(
       plan_slice["enabled"],
-      lambda x_: sparsify(x_, pattern, factors, method=mask_method),
+      lambda x_: sparsify(x_, pattern, factors, channel_order=channel_order, method=mask_method),
       lambda x_: x_,
       x,
     )
@@ -126,7 +139,13 @@ def _project_w8a8(x, weights, plan_slice, pattern, mask_method, q, act_mode, ord
       return v
     return jax.lax.cond(
       plan_slice["enabled"],
-      lambda v_: sparsify(v_, pattern, plan_slice["factors"], method=mask_method),
+      lambda v_: sparsify(
+        v_,
+        pattern,
+        plan_slice["factors"],
+        channel_order=plan_slice.get("channel_order"),
+        method=mask_method,
+      ),
       lambda v_: v_,
       v,
     )
@@ -199,6 +218,8 @@ def plan_injection(plan: SparsityPlan | None, *, sparse: bool = True):
         site.update(enabled=plan.enabled[p], factors=plan.factors[p])
         if plan.correction is not None:  # prefill only: decode (pattern None) stays uncorrected
           site["correction"] = plan.correction[p]
+        if plan.channel_order is not None and p in plan.channel_order:
+          site["channel_order"] = plan.channel_order[p]
       if quant is not None:
         site["quant"] = quant.sites[p]
       plan_xs["sites"][p] = site

@@ -7,11 +7,15 @@ Methods (all calibrated on the main text's calibration windows only):
 * ``paper``: the paper's robust scores under the same rules (Amber Pruner);
 * ``search``: robust scores, sites chosen by their measured KL cost (``amber_jax.site_search``),
   any coverage;
+* ``search_mixed``: ``search`` with the o-projection's N:M groups mixing attention heads
+  (``AmberConfig(o_order="mixed")``, ``amber_jax.channel_order``); its site costs are measured
+  with that grouping. Every suffix below applies to it as to ``search``;
 * ``search+<correction>``: the searched plan with an output correction (``amber_jax.corrections``);
 * ``search+learned`` (4 optimiser steps) or ``search+learnedN`` (N steps): the searched plan
   with score factors learned by optax (``amber_jax.learned_factors``), evaluated at the goal
   coverage only (about 40 s per step on 2 CPU cores for SmolLM2-135M); ``search+learnedscale[N]``
-  also learns a per-output-channel scale of every sparse site.
+  also learns a per-output-channel scale of every sparse site. After a correction
+  (``search+median+learned``) the factors are learned through the calibrated correction.
 
 The per-site costs are measured once per pattern and reused for every target. Rows are written
 to the JSON output (atomically) as they finish, and a rerun with the same setup skips them.
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amber_jax.channel_order import model_channel_order
 from amber_jax.corrections import CorrectionSpec
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
@@ -42,10 +47,11 @@ from amber_jax.runs.common import DTYPES, check_dtype, environment, evaluation_t
 from amber_jax.scores import model_factors
 from amber_jax.site_search import KLMeter, SiteCosts, measure_site_costs
 
-BASE_METHODS = {
-  "naive": ("naive", "auto"),
-  "paper": ("robust", "auto"),
-  "search": ("robust", "search"),
+BASE_METHODS = {  # name -> (score, policy, o_order)
+  "naive": ("naive", "auto", "heads"),
+  "paper": ("robust", "auto", "heads"),
+  "search": ("robust", "search", "heads"),
+  "search_mixed": ("robust", "search", "mixed"),
 }
 DEFAULT_METHODS = ("naive", "paper", "search", "search+median", "search+learned")
 DEFAULT_COVERAGES = (0.4, 0.55, 0.7, 0.9)
@@ -55,20 +61,27 @@ DEFAULT_LEARN_STEPS = 4
 def parse_method(method: str) -> tuple[str, str, int, bool]:
   """(base, correction, learning steps, learn output scales): "search+median" -> ("search",
   "median", 0, False); "search+learned" -> ("search", "none", 4, False); "search+learned12" ->
-  ("search", "none", 12, False); "search+learnedscale" -> ("search", "none", 4, True)."""
-  base, _, extra = method.partition("+")
+  ("search", "none", 12, False); "search+learnedscale" -> ("search", "none", 4, True);
+  "search+median+learned" -> ("search", "median", 4, False) (learned through the correction).
+  """
+  base, *extras = method.split("+")
   if base not in BASE_METHODS:
     raise ValueError(f"method must start with one of {', '.join(BASE_METHODS)}, got {method!r}")
-  learned, scales = 0, extra.startswith("learnedscale")
-  if extra.startswith("learned"):
-    steps = extra[len("learnedscale" if scales else "learned") :]
+  learned, scales = 0, False
+  if extras and extras[-1].startswith("learned"):
+    last = extras.pop()
+    scales = last.startswith("learnedscale")
+    steps = last[len("learnedscale" if scales else "learned") :]
     if steps and not (steps.isdigit() and int(steps) >= 1):
       raise ValueError(f"learned steps must be a positive integer, got {method!r}")
-    learned, extra = int(steps or DEFAULT_LEARN_STEPS), ""
-  correction = extra or "none"
+    learned = int(steps or DEFAULT_LEARN_STEPS)
+  correction = "+".join(extras) or "none"
   CorrectionSpec.parse(correction)  # raises on an unknown correction
-  if (learned or correction != "none") and base != "search":
-    raise ValueError(f"corrections and learned factors apply to 'search' plans, got {method!r}")
+  if (learned or correction != "none") and BASE_METHODS[base][1] != "search":
+    raise ValueError(
+      f"corrections and learned factors apply to searched plans (search, search_mixed), got "
+      f"{method!r}"
+    )
   return base, correction, learned, scales
 
 
@@ -185,8 +198,14 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
   }
   log(f"dense: {result['dense']}")
   costs: dict[str, SiteCosts] = {
-    p: SiteCosts(kl=np.asarray(c["kl"]), pattern=p, tokens=c["tokens"], seconds=c["seconds"])
-    for p, c in result["site_costs"].items()
+    key: SiteCosts(
+      kl=np.asarray(c["kl"]),
+      pattern=key.split()[0],
+      tokens=c["tokens"],
+      seconds=c["seconds"],
+      ordered=tuple(c.get("ordered", ())),
+    )
+    for key, c in result["site_costs"].items()
   }
   for pattern in cfg.patterns:
     for target in cfg.coverages:
@@ -199,28 +218,38 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
         if not _reachable(method, setup.config, target):
           log(f"{pattern} {method} @ {target}: unreachable under the paper's rules, skipped")
           continue
-        score, policy = BASE_METHODS[base]
+        score, policy, o_order = BASE_METHODS[base]
         amber = AmberConfig(
           pattern=NMPattern.parse(pattern),
           score=score,
           policy=policy,
           coverage=target,
           correction=correction,
+          o_order=o_order,
         )
-        if policy == "search" and pattern not in costs:
-          costs[pattern] = measure_site_costs(
+        # Site costs per (pattern, grouping): "8:16", or "8:16 o_order=mixed".
+        cost_key = pattern if o_order == "heads" else f"{pattern} o_order={o_order}"
+        if policy == "search" and cost_key not in costs:
+          base_plan = make_plan(
+            setup.config,
+            amber.pattern,
+            factors=model_factors(setup.params, score),
+            channel_order=model_channel_order(setup.config, o_order),
+          )
+          costs[cost_key] = found = measure_site_costs(
             setup.params,
-            make_plan(setup.config, amber.pattern, factors=model_factors(setup.params, score)),
+            base_plan,
             search_windows,
             config=setup.config,
             dtype=dtype,
             show_progress=show_progress,
           )
-          log(f"{pattern} site costs in {costs[pattern].seconds:.0f}s:\n{costs[pattern].table()}")
-          result["site_costs"][pattern] = {
-            "kl": costs[pattern].kl.tolist(),
-            "tokens": costs[pattern].tokens,
-            "seconds": costs[pattern].seconds,
+          log(f"{cost_key} site costs in {found.seconds:.0f}s:\n{found.table()}")
+          result["site_costs"][cost_key] = {
+            "kl": found.kl.tolist(),
+            "tokens": found.tokens,
+            "seconds": found.seconds,
+            "ordered": list(found.ordered),
           }
         start = time.perf_counter()
         info = build_plan(
@@ -231,7 +260,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
           batch_size=cfg.batch_size,
           dtype=dtype,
           show_progress=show_progress,
-          site_costs=costs.get(pattern) if policy == "search" else None,
+          site_costs=costs.get(cost_key) if policy == "search" else None,
         )
         plan = info.plan
         learn_log = None

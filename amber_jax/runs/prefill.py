@@ -37,6 +37,7 @@ class PrefillRunConfig:
   robust_clip: bool = True
   impl: str | None = None  # "xla" | "pallas"; None: the default of amber_jax.impl (xla)
   granularity: str = "layer"  # auto policy: "layer" (q+gate together) or "site"
+  o_order: str = "heads"  # o-projection N:M groups: "heads" or "mixed" (amber_jax.channel_order)
   quant: str = "none"  # "none" | "w8a8"
   smooth: str = "smoothquant"  # w8a8: "none" | "smoothquant" | "outstanding"
   alpha: float | None = None  # None: 0.5 (smoothquant), 0.10 (outstanding)
@@ -89,6 +90,7 @@ class PrefillRunConfig:
       robust_clip=self.robust_clip,
       impl=self.impl,
       granularity=self.granularity,
+      o_order=self.o_order,
     )
 
 

@@ -1,0 +1,54 @@
+"""Channel orders: which input channels of a site share an N:M group.
+
+By default a group is M consecutive input channels. For the o-projection those lie inside one
+attention head (head_dim is a multiple of M), and heads differ a lot in output size from token
+to token: in a group of a loud head N large outputs must go, while a quiet head keeps N of its
+near-zero ones. Grouping channels of different heads removes most of that loss. On
+SmolLM2-135M (RESULTS.md "o-order") a fixed random order of the o input per layer leaves
+0.19-0.80x the output error of the head-major groups at 8:16 and 0.35-0.80x at 2:4, for
+every layer measured; the same random order changes nothing (1.00 +- 0.02) for the
+residual-stream and MLP inputs, whose neighbouring channels are not related.
+
+The order is data of the plan (``SparsityPlan.channel_order``); the model's result is the
+same function of the input, only the mask groups change. What it costs: the XLA path gathers
+the scores and the mask (a [tokens, d] permutation per layer, no matmul work); a fused
+attention kernel can write its output in that order directly, and the N:M matmul then reads
+the o weight with its rows permuted once (``amber_jax.model.llama.project`` permutes them per
+call on the Pallas path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amber_jax.model.config import LlamaConfig
+
+# "heads": the natural layout, groups of M consecutive channels of one head;
+# "mixed": a fixed random permutation per layer (seeded), so groups mix heads.
+O_ORDERS = ("heads", "mixed")
+
+
+def check_o_order(o_order: str) -> str:
+  if o_order not in O_ORDERS:
+    raise ValueError(f"o_order must be one of {', '.join(O_ORDERS)}, got {o_order!r}")
+  return o_order
+
+
+def mixed_order(n_layers: int, width: int, *, seed: int = 0) -> np.ndarray:
+  """int32 [n_layers, width]: an independent random permutation per layer, reproducible
+  from ``seed`` (layer l uses ``numpy.random.default_rng([seed, l])``)."""
+  return np.stack(
+    [np.random.default_rng([seed, l]).permutation(width) for l in range(n_layers)]
+  ).astype(np.int32)
+
+
+def model_channel_order(
+  config: LlamaConfig, o_order: str, *, seed: int = 0
+) -> dict[str, np.ndarray] | None:
+  """The plan's ``channel_order`` for ``o_order``: None for "heads" (natural order
+  everywhere), {"o": [L, n_heads * head_dim]} for "mixed"."""
+  check_o_order(o_order)
+  if o_order == "heads":
+    return None
+  width = config.linear_shapes()["o"][0]
+  return {"o": mixed_order(config.n_layers, width, seed=seed)}
