@@ -2,19 +2,21 @@
 
 By default a group is M consecutive input channels. For the o-projection those lie inside one
 attention head (head_dim is a multiple of M), and heads differ a lot in output size from token
-to token: in a group of a loud head N large outputs must go, while a quiet head keeps N of its
-near-zero ones. Grouping channels of different heads removes most of that loss. On
-SmolLM2-135M (RESULTS.md "o-order") a fixed random order of the o input per layer leaves
-0.19-0.80x the output error of the head-major groups at 8:16 and 0.35-0.80x at 2:4, for
-every layer measured; the same random order changes nothing (1.00 +- 0.02) for the
-residual-stream and MLP inputs, whose neighbouring channels are not related.
+to token: a group inside a loud head must drop M - N large outputs, while a group inside a quiet
+head keeps N near-zero ones. Grouping channels of different heads removes much of that loss. On
+SmolLM2-135M (RESULTS.md "front-notes"), with a fixed random order of the o input per layer, the
+KL cost of sparsifying one o site alone falls to a median 0.57x (0.17-1.04x over the 30 layers)
+at 8:16 and 0.66x (0.18-0.85x) at 2:4, and the site search then sparsifies o in 26 layers
+instead of 9. The same random order changes nothing for the residual-stream and MLP inputs
+(output error 0.98-1.02x), whose neighbouring channels are not related
+(``experiments/error_floor.py`` measures both).
 
-The order is data of the plan (``SparsityPlan.channel_order``); the model's result is the
-same function of the input, only the mask groups change. What it costs: the XLA path gathers
-the scores and the mask (a [tokens, d] permutation per layer, no matmul work); a fused
-attention kernel can write its output in that order directly, and the N:M matmul then reads
-the o weight with its rows permuted once (``amber_jax.model.llama.project`` permutes them per
-call on the Pallas path).
+The order is data of the plan (``SparsityPlan.channel_order``); the weights are untouched, only
+which channels compete in a group changes. What it costs: the XLA path gathers the scores and
+the mask (a [tokens, d] permutation per layer, no matmul work); a fused attention kernel can
+write its output in that order directly, and the N:M matmul then reads the o weight with its
+rows permuted once (``amber_jax.model.llama.project`` permutes them per call on the Pallas
+path).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp.png")
   try:
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # "tight": legends outside the axes too
     os.replace(tmp, path)
   finally:
     plt.close(fig)
@@ -155,6 +155,10 @@ def save_coverage_front(
     raise ValueError(f"no rows with a {text!r} perplexity: nothing to plot")
   plt = _pyplot()
   patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  # One colour per method in every panel (tab20 has 20: enough for the front's methods), and
+  # diamonds for methods measured at one coverage only (the learned ones).
+  colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
   fig, axes = plt.subplots(1, len(patterns), figsize=(5.2 * len(patterns), 4.2), squeeze=False)
   for ax, pattern in zip(axes[0], patterns, strict=True):
     series: dict[str, list[tuple[float, float]]] = {}
@@ -163,7 +167,15 @@ def save_coverage_front(
         series.setdefault(r["method"], []).append((r["coverage"], r["perplexity"][text]))
     for method, points in series.items():
       xs, ys = zip(*sorted(points), strict=True)
-      ax.plot(xs, ys, marker="o", ls="-" if len(xs) > 1 else "none", label=method)
+      line = len(xs) > 1
+      ax.plot(
+        xs,
+        ys,
+        marker="o" if line else "D",
+        ls="-" if line else "none",
+        color=colors[method],
+        label=method,
+      )
     ax.axhline(
       dense_perplexity, color="black", lw=1, ls="--", label=f"dense {dense_perplexity:.2f}"
     )
@@ -173,5 +185,12 @@ def save_coverage_front(
     ax.set_xlabel("coverage (share of linear multiply-adds with sparse input)")
     ax.set_ylabel(f"perplexity on {text} (log scale)")
     ax.set_title(f"{pattern} {title}".strip(), fontsize=9)
-    ax.legend(fontsize=7)
+  # One legend for all panels, outside them (inside, it hid the points at coverage 0.7).
+  handles = {}
+  for ax in axes[0]:
+    for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+      handles.setdefault(label, handle)
+  fig.legend(
+    handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7
+  )
   return _save(fig, path)

@@ -62,7 +62,7 @@ class AmberConfig:
   search_windows: int = 2
   # How the o-projection's input channels form N:M groups (amber_jax.channel_order): "heads"
   # (M consecutive channels of one head) or "mixed" (a fixed random order per layer, mixing
-  # heads in every group: 0.2-0.8x the output error of "heads" on SmolLM2-135M).
+  # heads in every group: on SmolLM2-135M the o sites' KL costs fall to a median 0.57x at 8:16).
   o_order: str = "heads"
 
   def __post_init__(self):

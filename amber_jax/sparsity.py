@@ -3,7 +3,9 @@
 The mask is chosen per token and per group of M consecutive entries along the
 last (input-channel, i.e. contraction) axis: the N entries with the largest
 score survive, the others are zeroed. Ties are broken by position (the lower
-index wins), so exactly N entries survive in every group, always.
+index wins), so exactly N entries survive in every group, always. With a ``channel_order``
+the groups are M consecutive entries of the permuted channels instead
+(``amber_jax.channel_order`` says why the o-projection wants one).
 
 NaN and inf: a NaN score counts as larger than every finite score, so a NaN
 activation is kept and propagates into the matmul exactly as in the dense

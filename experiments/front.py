@@ -11,6 +11,10 @@ and the ablation into the "front" section of --results and the plot to --plot. T
 42 minutes on 2 CPU cores (two patterns; site costs were measured before they resumed passes at
 the site's layer, which now saves about 3 minutes per pattern). Rerunning with other --methods or
 --coverages adds rows to the same --output (e.g. --methods=search+learned12 --coverages=0.55).
+RESULTS.md's rows with head-mixed o groups come from
+--methods=search_mixed,search_mixed+median,search_mixed+learned,search_mixed+learnedscale
+(25 minutes) and --methods=search_mixed+median+learned,search_mixed+median+learnedscale
+--coverages=0.55.
 """
 
 from __future__ import annotations

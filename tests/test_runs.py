@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 import amber_jax.runs.common as common
-from amber_jax.runs.prefill import PrefillRunConfig, run_prefill
+from amber_jax.runs.prefill import PrefillRunConfig, format_table, run_prefill
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
 
@@ -113,3 +113,20 @@ def test_tiny_model_end_to_end(tmp_path, policy):
   assert 0.55 <= result["coverage"] <= 1  # the default coverage target
   assert 0 <= result["generation"]["agreement"] <= 1
   assert result["versions"]["jax"]
+
+
+def test_prefill_table_of_a_searched_plan_with_mixed_o_groups():
+  row = dict(perplexity=39.44, tokens=4096, tokens_per_second=450.0, seconds=9.0)
+  result = {
+    "dense": dict(row, perplexity=33.31, seconds=7.0),
+    "sparse": dict(row, pattern="8:16", policy="search", score="robust", o_order="mixed"),
+    "coverage": 0.55,
+    "removed": 0.275,
+    "sparse_sites": {"q": 26, "k": 17, "v": 3, "o": 26, "gate": 12, "up": 2, "down": 30},
+    "skip_layers": [],
+  }
+  table = format_table(result)
+  print(table)
+  assert "8:16 search/robust, o mixed" in table
+  assert "layers sparse per projection: q 26, k 17, v 3, o 26, gate 12, up 2, down 30" in table
+  assert "q/gate dense in layers" not in table

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
+
 from amber_jax.calibration import collect_input_absmax, measure_quant_errors, most_sensitive_sites
 from amber_jax.coverage import plan_coverage
 from amber_jax.data.texts import DEFAULT_TEXT
@@ -271,7 +273,9 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       impl=info.plan.impl,
       quant=cfg.quant,
       order=cfg.order if cfg.quant != "none" else None,
+      o_order=amber.o_order,
     )
+    result["sparse_sites"] = {p: int(np.asarray(plan.enabled[p]).sum()) for p in plan.enabled}
     result["coverage"] = info.coverage.covered
     result["removed"] = info.coverage.removed
     result["skip_layers"] = list(info.skip_layers)
@@ -305,6 +309,8 @@ def format_table(result: dict) -> str:
   if "sparse" in result:
     s = result["sparse"]
     name = f"{s['pattern']} {s['policy']}/{s['score']}"
+    if s.get("o_order", "heads") != "heads":
+      name += f", o {s['o_order']}"
     if s.get("quant", "none") != "none":
       name += f" + w8a8 ({s['order'].replace('_', ' ')})"
     rows.append((name, s, f"{100 * result['coverage']:.1f}%"))
@@ -323,7 +329,10 @@ def format_table(result: dict) -> str:
       f"coverage: {100 * result['coverage']:.1f}% of linear multiply-adds sparsified, "
       f"{100 * result['removed']:.1f}% removed (x (1 - N/M)); LM head excluded"
     )
-    if result["sparse"]["policy"] not in ("all", "loaded"):
+    if result["sparse"]["policy"] == "search":
+      counts = ", ".join(f"{p} {n}" for p, n in result["sparse_sites"].items())
+      lines.append(f"layers sparse per projection: {counts}")
+    elif result["sparse"]["policy"] not in ("all", "loaded"):
       lines.append(f"q/gate dense in layers: {result['skip_layers'] or 'none'}")
       if result.get("dense_sites"):
         lines.append(f"q/gate sites kept dense: {', '.join(result['dense_sites'])}")
