@@ -194,3 +194,24 @@ def save_coverage_front(
     handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7
   )
   return _save(fig, path)
+
+
+def save_learning_curves(
+  curves: dict[str, Sequence[float]], path: str | os.PathLike, *, title: str = ""
+) -> Path:
+  """KL (nats/token) per optimiser step, one line per run: ``curves`` maps a label to the
+  values from the first step's (before any update) to the last (the learned factors' run
+  records its training-batch losses and the final mean KL)."""
+  if not curves or not all(len(v) for v in curves.values()):
+    raise ValueError("curves must map at least one label to a non-empty list of KL values")
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  for i, (label, values) in enumerate(curves.items()):
+    ax.plot(
+      range(len(values)), values, marker="o", color=plt.get_cmap("tab20")(i % 20), label=label
+    )
+  ax.set_xlabel("optimiser step")
+  ax.set_ylabel("KL(dense || sparse), nats per token")
+  ax.set_title(title, fontsize=9)
+  ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+  return _save(fig, path)

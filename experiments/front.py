@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import default_cache_dir  # noqa: E402
 
 from amber_jax.io.atomic import write_json_atomic  # noqa: E402
-from amber_jax.plots import save_coverage_front  # noqa: E402
+from amber_jax.plots import save_coverage_front, save_learning_curves  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
 from amber_jax.runs.front import (  # noqa: E402
   DEFAULT_COVERAGES,
   DEFAULT_METHODS,
   FrontConfig,
   front_markdown,
+  learning_curves,
   run_front,
 )
 
@@ -66,7 +67,11 @@ _TEXT_FILE = flags.DEFINE_string(
   "text_file", "enwiki", "Transfer text (known name or UTF-8 file), evaluation only ('' to skip)."
 )
 _RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown file to update ('' to skip).")
-_PLOT = flags.DEFINE_string("plot", "results/plots/coverage_front.png", "PNG ('' to skip).")
+_PLOT = flags.DEFINE_string(
+  "plot",
+  "results/plots/coverage_front.png",
+  "PNG ('' to skip); learning_curves.png goes next to it.",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "JSON results path (rows saved as they finish).")
 _FROM_JSON = flags.DEFINE_string(
   "from_json", None, "Re-render the table and plot of a saved --output JSON instead of running."
@@ -116,6 +121,11 @@ def main(argv):
     text = result["config"]["text"]
     save_coverage_front(result["rows"], result["dense"][text], _PLOT.value, text=text)
     print(f"wrote {_PLOT.value}")
+    curves = learning_curves(result)
+    if curves:  # next to the front's plot
+      path = Path(_PLOT.value).with_name("learning_curves.png")
+      save_learning_curves(curves, path, title="learned score factors: KL to dense per step")
+      print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ missing file given explicitly is an error):
 * results/amber_table.json -> the score x policy x pattern perplexity table and
   results/plots/perplexity_vs_pattern.png;
 * results/sensitivity.json -> results/plots/sensitivity_heatmap.png;
-* results/front.json -> the coverage-quality front and ablation, results/plots/coverage_front.png.
+* results/front.json -> the coverage-quality front and ablation, results/plots/coverage_front.png
+  and results/plots/learning_curves.png (KL per step of the learned rows).
 
 The JSON files come from experiments/zero_shot.py, generation.py, amber_table.py --output,
 sensitivity.py --output and front.py --output. Nothing is evaluated here; it takes a few seconds.

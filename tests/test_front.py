@@ -8,8 +8,14 @@ import pathlib
 import pytest
 
 from amber_jax import runs
-from amber_jax.plots import save_coverage_front
-from amber_jax.runs.front import FrontConfig, front_markdown, parse_method, run_front
+from amber_jax.plots import save_coverage_front, save_learning_curves
+from amber_jax.runs.front import (
+  FrontConfig,
+  front_markdown,
+  learning_curves,
+  parse_method,
+  run_front,
+)
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
 METHODS = ("naive", "paper", "search", "search+median", "search+learned1", "search+learnedscale1")
@@ -80,6 +86,13 @@ def test_front_rows_resume_report_and_plot(make_cfg, tmp_path, monkeypatch):
     result["rows"], result["dense"][cfg.text], tmp_path / "front.png", text=cfg.text
   )
   assert png.stat().st_size > 1000
+  curves = learning_curves(result)
+  learned = rows[("search+learned1", 0.55)]["learned"]
+  assert curves["2:4 search+learned1"] == [*learned["losses"], learned["final_kl"]]
+  assert set(curves) == {"2:4 search+learned1", "2:4 search+learnedscale1"}
+  assert save_learning_curves(curves, tmp_path / "curves.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="non-empty list of KL values"):
+    save_learning_curves({"a": []}, tmp_path / "empty.png")
 
 
 def test_other_setup_starts_over(make_cfg):

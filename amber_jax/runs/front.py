@@ -389,3 +389,13 @@ def front_markdown(result: dict, commands: list[str]) -> str:
       markdown_table(["pattern", "method", "coverage", *dense, "KL x1e3", "calib s"], ablation),
     ]
   return "\n".join(out)
+
+
+def learning_curves(result: dict) -> dict[str, list[float]]:
+  """ "pattern method" -> KL per step of every learned row: the training-batch KL before each
+  update, then the mean KL over all calibration windows after the last one."""
+  return {
+    f"{r['pattern']} {r['method']}": [*r["learned"]["losses"], r["learned"]["final_kl"]]
+    for r in result["rows"]
+    if r.get("learned")
+  }

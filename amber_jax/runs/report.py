@@ -26,12 +26,13 @@ import numpy as np
 from amber_jax.plots import (
   save_accuracy_change,
   save_coverage_front,
+  save_learning_curves,
   save_perplexity_vs_pattern,
   save_sensitivity_heatmap,
 )
 from amber_jax.report import markdown_table, update_markdown_section
 from amber_jax.runs.amber_table import amber_table_markdown
-from amber_jax.runs.front import front_markdown
+from amber_jax.runs.front import front_markdown, learning_curves
 from amber_jax.runs.generation import RESULTS_FORMAT as GENERATION_FORMAT
 from amber_jax.runs.generation import generation_markdown
 from amber_jax.runs.zero_shot import DENSE, entry_id, load_results, report_markdown
@@ -192,6 +193,16 @@ def write_report(
         lambda p, r=result, t=text: save_coverage_front(r["rows"], r["dense"][t], p, text=t),
       )
     )
+    curves = learning_curves(result)
+    if curves:
+      plots.append(
+        (
+          "learning_curves.png",
+          lambda p, c=curves: save_learning_curves(
+            c, p, title="learned score factors: KL to dense per step (last: all windows)"
+          ),
+        )
+      )
   written: list[Path] = []
   if results_md:
     for name, body in sections:
