@@ -38,7 +38,8 @@ def check_o_order(o_order: str) -> str:
 
 def mixed_order(n_layers: int, width: int, *, seed: int = 0) -> np.ndarray:
   """int32 [n_layers, width]: an independent random permutation per layer, reproducible
-  from ``seed`` (layer l uses ``numpy.random.default_rng([seed, l])``)."""
+  from ``seed`` (layer l uses ``numpy.random.default_rng([seed, l])``). Plans store the
+  orders they use, so a saved plan does not depend on numpy's generator staying the same."""
   return np.stack(
     [np.random.default_rng([seed, l]).permutation(width) for l in range(n_layers)]
   ).astype(np.int32)

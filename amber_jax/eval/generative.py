@@ -38,7 +38,7 @@ from amber_jax.data.bigbench import (
 from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.eval.multiple_choice import bucket_length, mean_stderr
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.llama import KVCache, decode_step, forward_hidden, left_padded_layout
+from amber_jax.model.llama import decode_step, prefill_hidden
 from amber_jax.plan import SparsityPlan
 from amber_jax.progress import progress_bar
 
@@ -139,25 +139,19 @@ def _prefill_first_token(params, tokens_BxT, start_B, plan, *, config, max_len, 
   token attends to padding, and the N:M mask and W8A8 scales act per token, so padding changes
   no real activation. Only the last position goes through the LM head.
   """
-  t = tokens_BxT.shape[1]
-  positions, mask = left_padded_layout(start_B, t)
-  h, (k, v) = forward_hidden(
+  h, cache = prefill_hidden(
     params,
     tokens_BxT,
     config=config,
     plan=plan,
+    max_len=max_len,
     dtype=dtype,
-    positions_BxT=positions,
-    attn_mask_BxTxT=mask,
+    start_B=start_B,
   )
   h_last = h[:, -1:]  # [B, 1, D]
   dummy = jnp.zeros(h_last.shape[:2], jnp.int32)
   first = map_logit_chunks(
     config, params, h_last, dummy, lambda logits, _: jnp.argmax(logits, axis=-1)
-  )
-  pad = ((0, 0), (0, 0), (0, max_len - t), (0, 0), (0, 0))
-  cache = KVCache(
-    k=jnp.pad(k, pad), v=jnp.pad(v, pad), length=jnp.asarray(t, jnp.int32), start=start_B
   )
   return first[:, 0].astype(jnp.int32), cache
 

@@ -2,7 +2,15 @@
 
 from amber_jax.model.config import PROJECTIONS, LlamaConfig, RopeScaling
 from amber_jax.model.generate import generate_greedy
-from amber_jax.model.llama import KVCache, decode_step, forward, forward_hidden, prefill, project
+from amber_jax.model.llama import (
+  KVCache,
+  decode_step,
+  forward,
+  forward_hidden,
+  prefill,
+  prefill_hidden,
+  project,
+)
 
 __all__ = [
   "PROJECTIONS",
@@ -14,5 +22,6 @@ __all__ = [
   "forward_hidden",
   "generate_greedy",
   "prefill",
+  "prefill_hidden",
   "project",
 ]

@@ -450,7 +450,7 @@ def forward(
   return _logits(config, params, h)
 
 
-def prefill(
+def prefill_hidden(
   params: Params,
   tokens_BxT: jax.Array,
   *,
@@ -460,13 +460,8 @@ def prefill(
   dtype=jnp.float32,
   start_B: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
-  """Sparse (per plan) prefill: logits [B, T, V] and a KV cache of ``max_len`` positions.
-
-  ``start_B`` (optional) left-pads prompts of different lengths into one batch: row b's tokens
-  before ``start_B[b]`` are padding, its real tokens sit at positions 0, 1, ... and no real
-  token attends to the padding (the N:M masks and W8A8 scales are per token, so padding changes
-  no real activation). Logits of padding positions are meaningless; decode keeps the offsets.
-  """
+  """:func:`prefill` without the LM head: the last layer's hidden states [B, T, D] and the KV
+  cache, for callers that need the logits of some positions only (e.g. the last one)."""
   b, t = tokens_BxT.shape
   max_len = t if max_len is None else max_len
   if max_len < t:
@@ -487,6 +482,29 @@ def prefill(
   pad = ((0, 0), (0, 0), (0, max_len - t), (0, 0), (0, 0))
   cache = KVCache(
     k=jnp.pad(k, pad), v=jnp.pad(v, pad), length=jnp.asarray(t, jnp.int32), start=start_B
+  )
+  return h, cache
+
+
+def prefill(
+  params: Params,
+  tokens_BxT: jax.Array,
+  *,
+  config: LlamaConfig,
+  plan: SparsityPlan | None = None,
+  max_len: int | None = None,
+  dtype=jnp.float32,
+  start_B: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache]:
+  """Sparse (per plan) prefill: logits [B, T, V] and a KV cache of ``max_len`` positions.
+
+  ``start_B`` (optional) left-pads prompts of different lengths into one batch: row b's tokens
+  before ``start_B[b]`` are padding, its real tokens sit at positions 0, 1, ... and no real
+  token attends to the padding (the N:M masks and W8A8 scales are per token, so padding changes
+  no real activation). Logits of padding positions are meaningless; decode keeps the offsets.
+  """
+  h, cache = prefill_hidden(
+    params, tokens_BxT, config=config, plan=plan, max_len=max_len, dtype=dtype, start_B=start_B
   )
   return _logits(config, params, h), cache
 
