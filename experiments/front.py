@@ -13,7 +13,7 @@ the site's layer, which now saves about 3 minutes per pattern). Rerunning with o
 --coverages adds rows to the same --output (e.g. --methods=search+learned12 --coverages=0.55).
 RESULTS.md's rows with head-mixed o groups come from
 --methods=search_mixed,search_mixed+median,search_mixed+learned,search_mixed+learnedscale
-(25 minutes) and --methods=search_mixed+median+learned,search_mixed+median+learnedscale
+(32 minutes) and --methods=search_mixed+median+learned,search_mixed+median+learnedscale
 --coverages=0.55.
 """
 
