@@ -108,3 +108,20 @@ def test_bad_inputs():
 def test_frozen_and_hashable():
   assert nm_dot_general("8:16", "weight") == nm_dot_general("8:16", "weight")
   assert hash(nm_dot_general("8:16")) == hash(nm_dot_general("8:16"))
+
+
+def test_channel_order_groups_the_permuted_channels():
+  perm = np.random.default_rng(4).permutation(32)
+  dg = nm_dot_general(pattern="2:4", score="weight", channel_order=perm)
+  x = _x()
+  w = jax.random.normal(jax.random.key(5), (32, 8))
+  out = jax.jit(lambda a, b: dg(a, b, (((2,), (0,)), ((), ()))))(x, w)
+  f = channel_factors(w, "weight")
+  want = amber_jax.sparsify(x, "2:4", f, channel_order=jnp.asarray(perm)) @ w
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  assert not np.allclose(out, amber_jax.sparsify(x, "2:4", f) @ w, atol=1e-3)
+  assert hash(dg) == hash(nm_dot_general(pattern="2:4", score="weight", channel_order=perm))
+  with pytest.raises(ValueError, match=r"must be a permutation of 0..3"):
+    nm_dot_general(pattern="2:4", channel_order=[0, 1, 1, 3])
+  with pytest.raises(ValueError, match=r"channel_order must have shape \(32,\)"):
+    nm_dot_general(pattern="2:4", channel_order=np.arange(16))(x, w, (((2,), (0,)), ((), ())))
