@@ -31,15 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import default_cache_dir  # noqa: E402
 
 from amber_jax.io.atomic import write_json_atomic  # noqa: E402
-from amber_jax.plots import save_coverage_front, save_learning_curves  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
 from amber_jax.runs.front import (  # noqa: E402
   DEFAULT_COVERAGES,
   DEFAULT_METHODS,
   FrontConfig,
   front_markdown,
-  learning_curves,
   run_front,
+  save_front_plots,
 )
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
@@ -113,18 +112,12 @@ def main(argv):
       result["commands"].append(command)
     if _OUTPUT.value:
       write_json_atomic(_OUTPUT.value, result)
-  markdown = front_markdown(result, result.get("commands") or ["python experiments/front.py"])
+  markdown = front_markdown(result)
   print(markdown)
   if _RESULTS.value:
     update_markdown_section(_RESULTS.value, "front", markdown)
   if _PLOT.value:
-    text = result["config"]["text"]
-    save_coverage_front(result["rows"], result["dense"][text], _PLOT.value, text=text)
-    print(f"wrote {_PLOT.value}")
-    curves = learning_curves(result)
-    if curves:  # next to the front's plot
-      path = Path(_PLOT.value).with_name("learning_curves.png")
-      save_learning_curves(curves, path, title="learned score factors: KL to dense per step")
+    for path in save_front_plots(result, _PLOT.value):
       print(f"wrote {path}")
 
 

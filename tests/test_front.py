@@ -8,13 +8,14 @@ import pathlib
 import pytest
 
 from amber_jax import runs
-from amber_jax.plots import save_coverage_front, save_learning_curves
+from amber_jax.plots import save_learning_curves
 from amber_jax.runs.front import (
   FrontConfig,
   front_markdown,
   learning_curves,
   parse_method,
   run_front,
+  save_front_plots,
 )
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
@@ -80,17 +81,16 @@ def test_front_rows_resume_report_and_plot(make_cfg, tmp_path, monkeypatch):
   again = run_front(cfg, log=_quiet, show_progress=False)
   assert again["rows"] == result["rows"]
 
-  markdown = front_markdown(result, ["python experiments/front.py"])
+  markdown = front_markdown(result)
   assert "| search+median |" in markdown and "Ablation at coverage target 0.55" in markdown
-  png = save_coverage_front(
-    result["rows"], result["dense"][cfg.text], tmp_path / "front.png", text=cfg.text
-  )
-  assert png.stat().st_size > 1000
+  assert "`python experiments/front.py`" in markdown  # no commands recorded: the default one
+  written = save_front_plots(result, tmp_path / "front.png")
+  assert [p.name for p in written] == ["front.png", "learning_curves.png"]
+  assert all(p.stat().st_size > 1000 for p in written)
   curves = learning_curves(result)
   learned = rows[("search+learned1", 0.55)]["learned"]
   assert curves["2:4 search+learned1"] == [*learned["losses"], learned["final_kl"]]
   assert set(curves) == {"2:4 search+learned1", "2:4 search+learnedscale1"}
-  assert save_learning_curves(curves, tmp_path / "curves.png").stat().st_size > 1000
   with pytest.raises(ValueError, match="non-empty list of KL values"):
     save_learning_curves({"a": []}, tmp_path / "empty.png")
 

@@ -29,6 +29,15 @@ def model():
   return params, windows
 
 
+def _model_kl(params, windows, plan):
+  """KL(dense || plan) per token as training measures it (the teacher stored in bf16)."""
+  tokens = jnp.asarray(windows[:, :-1])
+  teacher = jax.nn.log_softmax(forward(params, tokens, config=CFG), -1)
+  teacher = teacher.astype(jnp.bfloat16).astype(jnp.float32)
+  logp = jax.nn.log_softmax(forward(params, tokens, config=CFG, plan=plan), -1)
+  return float(jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), -1)))
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_ste_forward_is_the_exact_mask_and_has_a_gradient(pattern):
   p = NMPattern.parse(pattern)
@@ -100,23 +109,9 @@ def test_learned_scales_are_the_plans_correction_and_the_model_reproduces_traini
   assert np.allclose(scales["gate"][1], 1)  # the dense site's scale is never trained
   # The ordinary model with the learned plan (corrected sparse path) gives the KL that training
   # reported (its forward pass is the exact hard mask and the same scales).
-  tokens = jnp.asarray(windows[:, :-1])
-  # The teacher as training stores it (bf16 log-probabilities).
-  teacher = jax.nn.log_softmax(forward(params, tokens, config=CFG), -1)
-  teacher = teacher.astype(jnp.bfloat16).astype(jnp.float32)
-  logp = jax.nn.log_softmax(forward(params, tokens, config=CFG, plan=out.plan), -1)
-  kl = float(jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), -1)))
+  kl = _model_kl(params, windows, out.plan)
   print(f"model KL {kl:.5f}, reported {out.final_kl:.5f}")
   assert kl == pytest.approx(out.final_kl, rel=1e-3)
-
-
-def _model_kl(params, windows, plan):
-  """KL(dense || plan) per token as training measures it (bf16 teacher)."""
-  tokens = jnp.asarray(windows[:, :-1])
-  teacher = jax.nn.log_softmax(forward(params, tokens, config=CFG), -1)
-  teacher = teacher.astype(jnp.bfloat16).astype(jnp.float32)
-  logp = jax.nn.log_softmax(forward(params, tokens, config=CFG, plan=plan), -1)
-  return float(jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), -1)))
 
 
 @pytest.mark.parametrize("learn_scales", [False, True])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from amber_jax.learned_factors import learn_score_factors
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
+from amber_jax.plots import save_coverage_front, save_learning_curves
 from amber_jax.policy import max_skips_for_coverage
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
@@ -313,9 +315,11 @@ def _gap_closed(ppl: float, base: float, dense: float) -> float:
   return float((np.log(base) - np.log(ppl)) / gap) if gap > 0 else float("nan")
 
 
-def front_markdown(result: dict, commands: list[str]) -> str:
+def front_markdown(result: dict, commands: list[str] | None = None) -> str:
   """RESULTS.md section: the front (perplexity per method and coverage target) and, at the goal
-  coverage, the ablation with the transfer text and the share of the paper's gap closed."""
+  coverage, the ablation with the transfer text and the share of the paper's gap closed.
+  ``commands`` default to the ones recorded in ``result``."""
+  commands = commands or result.get("commands") or ["python experiments/front.py"]
   cfg = result["config"]
   main, dense = cfg["text"], result["dense"]
   rows = result["rows"]
@@ -389,6 +393,19 @@ def front_markdown(result: dict, commands: list[str]) -> str:
       markdown_table(["pattern", "method", "coverage", *dense, "KL x1e3", "calib s"], ablation),
     ]
   return "\n".join(out)
+
+
+def save_front_plots(result: dict, coverage_png: str | os.PathLike) -> list[Path]:
+  """The front's PNGs: ``coverage_png`` (perplexity against coverage per method) and, if any
+  row learned factors, ``learning_curves.png`` next to it (KL per step). Returns the paths."""
+  text = result["config"]["text"]
+  written = [save_coverage_front(result["rows"], result["dense"][text], coverage_png, text=text)]
+  curves = learning_curves(result)
+  if curves:
+    path = Path(coverage_png).with_name("learning_curves.png")
+    title = "learned score factors: KL to dense per step (last: mean over all windows)"
+    written.append(save_learning_curves(curves, path, title=title))
+  return written
 
 
 def learning_curves(result: dict) -> dict[str, list[float]]:

@@ -11,7 +11,7 @@ Each input is optional; what is given is rendered, what is not is left as it is:
   ``perplexity_vs_pattern.png``;
 * ``sensitivity``: ``sensitivity_heatmap.png``;
 * ``front`` (experiments/front.py output): the coverage-quality front and ablation ("front"
-  section) and ``coverage_front.png``.
+  section), ``coverage_front.png`` and ``learning_curves.png``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,12 @@ import numpy as np
 
 from amber_jax.plots import (
   save_accuracy_change,
-  save_coverage_front,
-  save_learning_curves,
   save_perplexity_vs_pattern,
   save_sensitivity_heatmap,
 )
 from amber_jax.report import markdown_table, update_markdown_section
 from amber_jax.runs.amber_table import amber_table_markdown
-from amber_jax.runs.front import front_markdown, learning_curves
+from amber_jax.runs.front import front_markdown, save_front_plots
 from amber_jax.runs.generation import RESULTS_FORMAT as GENERATION_FORMAT
 from amber_jax.runs.generation import generation_markdown
 from amber_jax.runs.zero_shot import DENSE, entry_id, load_results, report_markdown
@@ -114,7 +112,7 @@ def write_report(
   if not any((dense_full, zero_shot, generation, amber_table, sensitivity, front)):
     raise ValueError("give at least one result file to render")
   sections: list[tuple[str, str]] = []
-  plots = []  # (file name, callable(path))
+  plots = []  # (file name, callable(path) -> the PNG(s) written)
   if dense_full:
     entries = load_results(dense_full)
     body = dense_accuracy_markdown(entries)
@@ -183,26 +181,8 @@ def write_report(
     result = _read_json(front, "front")
     if not {"rows", "dense", "config"} <= set(result):
       raise ValueError(f"front file {front} lacks rows/dense/config")
-    sections.append(
-      ("front", front_markdown(result, result.get("commands") or ["python experiments/front.py"]))
-    )
-    text = result["config"]["text"]
-    plots.append(
-      (
-        "coverage_front.png",
-        lambda p, r=result, t=text: save_coverage_front(r["rows"], r["dense"][t], p, text=t),
-      )
-    )
-    curves = learning_curves(result)
-    if curves:
-      plots.append(
-        (
-          "learning_curves.png",
-          lambda p, c=curves: save_learning_curves(
-            c, p, title="learned score factors: KL to dense per step (last: all windows)"
-          ),
-        )
-      )
+    sections.append(("front", front_markdown(result)))
+    plots.append(("coverage_front.png", lambda p, r=result: save_front_plots(r, p)))
   written: list[Path] = []
   if results_md:
     for name, body in sections:
@@ -213,7 +193,9 @@ def write_report(
     for _, body in sections:
       log(body)
   if plots_dir:
-    for name, make in plots:
-      written.append(make(Path(plots_dir) / name))
-      log(f"wrote {written[-1]}")
+    for name, make in plots:  # make(path) -> the PNG written, or a list of them
+      made = make(Path(plots_dir) / name)
+      for path in made if isinstance(made, list) else [made]:
+        written.append(path)
+        log(f"wrote {path}")
   return written
