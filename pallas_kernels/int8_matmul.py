@@ -15,11 +15,20 @@
 Non-finite activations: quantization of a row holding NaN/inf is undefined (its scale is
 NaN/inf); the int8 path is for finite activations.
 
-Backends as in ``pallas_kernels.nm_matmul``: ``"triton"`` on GPU (grid over output tiles,
-grouped along M; K loop inside the kernel with an int32 register accumulator;
-``jnp.dot(..., preferred_element_type=jnp.int32)`` lowers to Triton's int8 MMA), and
-``"mosaic_tpu"`` on TPU (K as the last grid axis, int32 VMEM accumulator). Mosaic GPU is not
-implemented. On CPU, ``interpret=True`` is required.
+Backends:
+
+* ``"triton"`` (the GPU default): grid over output tiles, grouped along M; K loop inside the
+  kernel with an int32 register accumulator; ``jnp.dot(..., preferred_element_type=
+  jnp.int32)`` lowers to Triton's int8 MMA. Measured 1.9-2.4x slower than XLA's bf16 dot on
+  an H200 (BENCHMARKS.md).
+* ``"mosaic_gpu"`` (Hopper, by name only until it is measured): warp-specialized TMA + wgmma
+  s8 kernel with the same fused epilogue, ``pallas_kernels.int8_matmul_mgpu``. It reads the
+  weight K-major: pass ``w_layout="nk"`` with a pre-transposed [N, K] weight to skip the
+  transpose that a [K, N] weight costs on every call.
+* ``"mosaic_tpu"`` (TPU): K as the last grid axis, int32 VMEM accumulator.
+
+On CPU, ``interpret=True`` is required (the Triton and TPU kernels run in the generic Pallas
+interpreter, the Mosaic GPU kernel in Pallas' GPU interpreter).
 """
 
 from __future__ import annotations
@@ -34,7 +43,14 @@ from jax.experimental import pallas as pl
 
 from amber_jax.patterns import NMPattern
 from amber_jax.sparsity import sparsify
+from pallas_kernels.int8_matmul_mgpu import (
+  W_LAYOUTS,
+  check_mgpu_block_sizes,
+  int8_matmul_mgpu_padded,
+)
 from pallas_kernels.nm_matmul import (
+  BACKENDS,
+  MOSAIC_GPU,
   MOSAIC_TPU,
   TRITON,
   BlockSizes,
@@ -63,8 +79,12 @@ TUNED_BLOCK_SIZES: dict[tuple[str, str, tuple[int, int], tuple[int, int]], Block
     block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=3
   ),
   (MOSAIC_TPU, "int8", _ANY, _ANY): BlockSizes(block_m=256, block_n=256, block_k=512),
+  # Untimed: CUTLASS's usual Hopper int8 CTA tile (two warpgroups of 128x128), 3 stages
+  # (4 stages with a float32 output exceed the 227 KB of shared memory).
+  (MOSAIC_GPU, "int8", _ANY, _ANY): BlockSizes(block_m=128, block_n=256, block_k=128, num_stages=3),
 }
 _FALLBACK_BLOCK_SIZES = {
+  MOSAIC_GPU: BlockSizes(block_m=128, block_n=256, block_k=128, num_stages=3),
   TRITON: BlockSizes(block_m=64, block_n=64, block_k=128),
   MOSAIC_TPU: BlockSizes(block_m=128, block_n=128, block_k=512),
 }
@@ -101,6 +121,16 @@ def quantize_per_channel(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 def default_block_sizes(backend: str, m_tokens: int, k: int, n: int) -> BlockSizes:
   """Tuned-table entry, shrunk to small problems (Triton: powers of two; TPU: (16, 128))."""
   base = lookup_block_sizes(TUNED_BLOCK_SIZES, backend, jnp.int8, k, n, _FALLBACK_BLOCK_SIZES)
+  if backend == MOSAIC_GPU:
+    wg_n = min(base.block_n // 2, round_up(-(-n // 2), 8))
+    if wg_n > 64:
+      wg_n = round_up(wg_n, 64)
+    return dataclasses.replace(
+      base,
+      block_m=min(base.block_m, round_up(m_tokens, 64)),
+      block_n=2 * wg_n,
+      block_k=min(base.block_k, round_up(k, 128)),
+    )
   if backend == TRITON:
     return dataclasses.replace(
       base,
@@ -117,6 +147,11 @@ def default_block_sizes(backend: str, m_tokens: int, k: int, n: int) -> BlockSiz
 
 
 def _check_int8_block_sizes(bs: BlockSizes, backend: str, *, op: str) -> None:
+  if backend == MOSAIC_GPU:
+    if not isinstance(bs, BlockSizes):
+      raise TypeError(f"{op}: block_sizes must be a BlockSizes or None, got {bs!r}")
+    check_mgpu_block_sizes(bs, op=op)
+    return
   check_block_sizes(bs, backend, jnp.int8, op=op)
   if backend == TRITON and bs.block_k < 32:
     raise ValueError(f"{op}: on Triton int8 block_k must be >= 32 (int8 MMA depth), got {bs=}")
@@ -209,22 +244,44 @@ def _int8_matmul(x_q, w_q, x_scale, w_scale, *, out_dtype, block_sizes, interpre
   return out[:m_tokens, :n_out]
 
 
-def _check_int8_inputs(x_q, w_q, x_scale, w_scale, out_dtype, *, op: str) -> None:
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret", "w_layout"))
+def _int8_matmul_mgpu(x_q, w_q, x_scale, w_scale, *, out_dtype, block_sizes, interpret, w_layout):
+  m_tokens, k = x_q.shape
+  n_out = w_q.shape[1] if w_layout == "kn" else w_q.shape[0]
+  bs = block_sizes
+  mp, kp, np_ = round_up(m_tokens, bs.block_m), round_up(k, bs.block_k), round_up(n_out, bs.block_n)
+  w_shape = (kp, np_) if w_layout == "kn" else (np_, kp)
+  out = int8_matmul_mgpu_padded(
+    pad_to(x_q, (mp, kp)),
+    pad_to(w_q, w_shape),
+    pad_to(x_scale.astype(jnp.float32), (mp, 1))[:, 0],
+    pad_to(w_scale.astype(jnp.float32), (1, np_))[0, :],
+    out_dtype=out_dtype,
+    block_sizes=bs,
+    interpret=interpret,
+    w_layout=w_layout,
+  )
+  return out[:m_tokens, :n_out]
+
+
+def _check_int8_inputs(x_q, w_q, x_scale, w_scale, out_dtype, *, op: str, w_layout="kn") -> None:
+  if w_layout not in W_LAYOUTS:
+    raise ValueError(f"{op}: w_layout must be one of {W_LAYOUTS}, got {w_layout!r}")
+  w_desc = "w_q [K, N]" if w_layout == "kn" else "w_q [N, K] (w_layout='nk')"
   if x_q.ndim != 2 or w_q.ndim != 2:
-    raise ValueError(
-      f"{op}: x_q must be [tokens, K] and w_q [K, N], got {x_q.shape=}, {w_q.shape=}"
-    )
+    raise ValueError(f"{op}: x_q must be [tokens, K] and {w_desc}, got {x_q.shape=}, {w_q.shape=}")
   if x_q.dtype != jnp.int8 or w_q.dtype != jnp.int8:
     raise TypeError(f"{op}: x_q and w_q must be int8, got {x_q.dtype=}, {w_q.dtype=}")
   m_tokens, k = x_q.shape
-  if w_q.shape[0] != k:
-    raise ValueError(f"{op}: x_q's K must equal w_q's K, got {x_q.shape=}, {w_q.shape=}")
+  w_k, n_out = w_q.shape if w_layout == "kn" else w_q.shape[::-1]
+  if w_k != k:
+    raise ValueError(f"{op}: x_q's K must equal that of {w_desc}, got {x_q.shape=}, {w_q.shape=}")
   if k > MAX_K:
     raise ValueError(f"{op}: K={k} would overflow the int32 accumulator (max K {MAX_K})")
   if x_scale.shape != (m_tokens, 1):
     raise ValueError(f"{op}: x_scale must have shape ({m_tokens}, 1), got {x_scale.shape=}")
-  if w_scale.shape != (1, w_q.shape[1]):
-    raise ValueError(f"{op}: w_scale must have shape (1, {w_q.shape[1]}), got {w_scale.shape=}")
+  if w_scale.shape != (1, n_out):
+    raise ValueError(f"{op}: w_scale must have shape (1, {n_out}), got {w_scale.shape=}")
   for name, s in (("x_scale", x_scale), ("w_scale", w_scale)):
     if not jnp.issubdtype(s.dtype, jnp.floating):
       raise TypeError(f"{op}: {name} must be floating point, got {name}.dtype={s.dtype}")
@@ -242,25 +299,43 @@ def int8_matmul(
   block_sizes: BlockSizes | None = None,
   interpret=False,
   backend: str | None = None,
+  w_layout: str = "kn",
 ) -> jax.Array:
   """``(x_q @ w_q) * x_scale * w_scale``: int8 x int8 -> int32, dequantized in the epilogue.
 
   Args:
     x_q: int8 activations [tokens, K]; x_scale: float [tokens, 1] (per token).
-    w_q: int8 weights [K, N]; w_scale: float [1, N] (per output channel).
+    w_q: int8 weights [K, N] (``w_layout="kn"``) or [N, K] (``"nk"``); w_scale: float
+      [1, N] (per output channel).
     out_dtype: float32, bfloat16 or float16.
-    block_sizes: tile sizes (None: ``TUNED_BLOCK_SIZES``, untuned defaults).
+    block_sizes: tile sizes (None: ``TUNED_BLOCK_SIZES``, fitted to the problem).
     interpret: run in the Pallas interpreter (required on CPU).
-    backend: "triton" or "mosaic_tpu"; None: from the platform.
+    backend: "triton", "mosaic_gpu" or "mosaic_tpu"; None: from the platform (GPUs get
+      "triton").
+    w_layout: "kn" or "nk". The Mosaic GPU kernel reads [N, K]; the others read [K, N]. The
+      other layout is transposed on the fly (one pass over the weight per call).
   """
-  _check_int8_inputs(x_q, w_q, x_scale, w_scale, out_dtype, op="int8_matmul")
-  backend = resolve_backend(backend, interpret, op="int8_matmul")
+  _check_int8_inputs(x_q, w_q, x_scale, w_scale, out_dtype, op="int8_matmul", w_layout=w_layout)
+  backend = resolve_backend(backend, interpret, op="int8_matmul", implemented=BACKENDS)
+  k = x_q.shape[1]
+  n_out = w_q.shape[1] if w_layout == "kn" else w_q.shape[0]
   if block_sizes is None:
-    block_sizes = default_block_sizes(backend, x_q.shape[0], x_q.shape[1], w_q.shape[1])
+    block_sizes = default_block_sizes(backend, x_q.shape[0], k, n_out)
   _check_int8_block_sizes(block_sizes, backend, op="int8_matmul")
+  if backend == MOSAIC_GPU:
+    return _int8_matmul_mgpu(
+      x_q,
+      w_q,
+      x_scale,
+      w_scale,
+      out_dtype=jnp.dtype(out_dtype),
+      block_sizes=block_sizes,
+      interpret=interpret,
+      w_layout=w_layout,
+    )
   return _int8_matmul(
     x_q,
-    w_q,
+    w_q if w_layout == "kn" else w_q.T,
     x_scale,
     w_scale,
     out_dtype=jnp.dtype(out_dtype),

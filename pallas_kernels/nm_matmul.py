@@ -85,19 +85,22 @@ _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # Shared helpers (also used by int8_matmul).
 
 
-def resolve_backend(backend: str | None, interpret, *, op: str) -> str:
+def resolve_backend(
+  backend: str | None, interpret, *, op: str, implemented: tuple[str, ...] = (TRITON, MOSAIC_TPU)
+) -> str:
   """The kernel flavour to build: ``backend`` if given, else from ``jax.default_backend()``.
 
   On CPU without ``interpret`` this raises (Pallas compiles no CPU kernels), unless a
   backend is named explicitly: that is how a kernel is lowered for another platform.
+  ``implemented`` lists the backends the calling op has a kernel for.
   """
   if backend is not None:
     if backend not in BACKENDS:
       raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend=!r}")
-    if backend == MOSAIC_GPU:
+    if backend not in implemented:
       raise NotImplementedError(
-        f"{op}: backend='mosaic_gpu' is not implemented (see pallas_kernels.nm_matmul's "
-        "docstring for why); use backend='triton' on GPUs"
+        f"{op}: backend={backend!r} is not implemented for this op (it has {implemented}; "
+        "see pallas_kernels.nm_matmul's docstring for why)"
       )
     return backend
   platform = jax.default_backend()

@@ -24,6 +24,7 @@ from pallas_kernels.int8_matmul import (
   quantize_per_token,
   sparsify_quantize_per_token,
 )
+from pallas_kernels.int8_matmul_mgpu import int8_matmul_mgpu_padded
 from pallas_kernels.nm_matmul import BlockSizes, nm_matmul_reference
 
 SHAPES = [(37, 576, 192), (64, 1536, 576), (128, 576, 1536)]
@@ -149,6 +150,58 @@ def test_int8_matmul_default_blocks_and_quantization_error(report):
   assert max_err < 0.05 * float(jnp.max(jnp.abs(exact)))
 
 
+MGPU_CASES = [
+  ((37, 576, 192), jnp.float32, None, "kn"),
+  (
+    (64, 1536, 576),
+    jnp.bfloat16,
+    BlockSizes(block_m=64, block_n=256, block_k=256, num_stages=2),
+    "nk",
+  ),
+  ((130, 384, 200), jnp.float16, BlockSizes(block_m=128, block_n=128, block_k=128), "kn"),
+]
+
+
+@pytest.mark.parametrize(
+  "shape,out_dtype,bs,w_layout",
+  MGPU_CASES,
+  ids=[f"{'x'.join(map(str, s))}-{jnp.dtype(d).name}-{lay}" for s, d, _, lay in MGPU_CASES],
+)
+@cpu_interpret
+def test_mgpu_int8_matmul_matches_reference(shape, out_dtype, bs, w_layout, report):
+  """The Mosaic GPU kernel in Pallas' GPU interpreter (warpgroups, barriers, TMA simulated)."""
+  x, w = _data(shape, seed=7)
+  x_q, x_s = quantize_per_token(x)
+  w_q, w_s = quantize_per_channel(w)
+  w_in = w_q if w_layout == "kn" else w_q.T
+  out = int8_matmul(
+    x_q, w_in, x_s, w_s, out_dtype=out_dtype, block_sizes=bs, interpret=True,
+    backend="mosaic_gpu", w_layout=w_layout,
+  )  # fmt: skip
+  ref = int8_matmul_reference(x_q, w_q, x_s, w_s, out_dtype=jnp.float32)
+  assert out.shape == (shape[0], shape[2]) and out.dtype == jnp.dtype(out_dtype)
+  report(f"mosaic_gpu {shape} out={jnp.dtype(out_dtype).name} w={w_layout}", out, ref)
+  rtol, atol = TOLERANCES.get(jnp.dtype(out_dtype), (8e-3, 1e-6))
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol, atol)
+
+
+@cpu_interpret
+def test_mgpu_int8_persistent_grid_walks_every_tile(report):
+  """Fewer CTAs than output tiles: each CTA loops over several tiles (the snake order)."""
+  kx, kw = jax.random.split(jax.random.key(3))
+  x_q = jax.random.randint(kx, (256, 384), -127, 128, jnp.int8)
+  w_q = jax.random.randint(kw, (384, 384), -127, 128, jnp.int8)
+  x_s = jnp.linspace(0.01, 0.02, 256, dtype=jnp.float32)
+  w_s = jnp.linspace(0.03, 0.01, 384, dtype=jnp.float32)
+  bs = BlockSizes(block_m=64, block_n=128, block_k=128, num_stages=2)
+  out = int8_matmul_mgpu_padded(
+    x_q, w_q, x_s, w_s, out_dtype=jnp.float32, block_sizes=bs, interpret=True, grid_size=5
+  )
+  ref = int8_matmul_reference(x_q, w_q, x_s[:, None], w_s[None, :], out_dtype=jnp.float32)
+  report("mosaic_gpu 256x384x384, 12 tiles on 5 CTAs", out, ref)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), 1e-6, 1e-6)
+
+
 def test_int8_dot_takes_int8_operands():
   """The kernel's dot really multiplies int8 by int8 into int32 (walk the kernel jaxpr)."""
   x_q = jnp.ones((32, 128), jnp.int8)
@@ -254,6 +307,32 @@ def test_compiled_gpu_int8_matches_reference(shape, out_dtype, bs, report):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol, atol)
 
 
+def _is_hopper() -> bool:
+  device = jax.devices()[0]
+  return device.platform == "gpu" and getattr(device, "compute_capability", "0") in ("9.0",)
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="runs the compiled Mosaic GPU kernel: needs sm_90")
+@pytest.mark.parametrize("w_layout", ["kn", "nk"])
+@pytest.mark.parametrize(
+  "shape,out_dtype",
+  [((37, 576, 192), jnp.float32), ((1024, 4096, 1536), jnp.bfloat16)],
+  ids=["small-f32", "1024x4096x1536-bf16"],
+)
+def test_compiled_mgpu_int8_matches_reference(shape, out_dtype, w_layout, report):
+  x, w = _data(shape)
+  x_q, x_s = quantize_per_token(x)
+  w_q, w_s = quantize_per_channel(w)
+  w_in = w_q if w_layout == "kn" else w_q.T
+  out = int8_matmul(
+    x_q, w_in, x_s, w_s, out_dtype=out_dtype, backend="mosaic_gpu", w_layout=w_layout
+  )
+  ref = int8_matmul_reference(x_q, w_q, x_s, w_s, out_dtype=out_dtype)
+  report(f"GPU mosaic_gpu int8 {shape} out={jnp.dtype(out_dtype).name} w={w_layout}", out, ref)
+  rtol, atol = TOLERANCES[jnp.dtype(out_dtype)]
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol, atol)
+
+
 @needs_gpu
 @pytest.mark.parametrize("pattern", ["2:4", "8:16"])
 def test_compiled_gpu_nm_int8_matches_reference(pattern, report):
@@ -293,6 +372,18 @@ def test_int8_matmul_lowers(platform, backend, out_dtype):
   text = _lower(fn, *_int8_args(), platform=platform)
   assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
   text = _lower(fn, *_int8_args(37, 576, 192), platform=platform)  # padded shapes
+
+
+@pytest.mark.parametrize("w_layout", ["kn", "nk"])
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_mgpu_int8_matmul_lowers(out_dtype, w_layout):
+  """The compiled Mosaic GPU kernel (K-major weight tiles, wgmma s8) lowers for cuda."""
+  fn = functools.partial(int8_matmul, out_dtype=out_dtype, backend="mosaic_gpu", w_layout=w_layout)
+  for m_tokens, k, n in ((2048, 4096, 1536), (37, 576, 192)):
+    args = list(_int8_args(m_tokens, k, n))
+    if w_layout == "nk":
+      args[1] = jax.ShapeDtypeStruct((n, k), jnp.int8)
+    assert "mosaic_gpu" in _lower(fn, *args, platform="cuda")
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -339,6 +430,30 @@ def test_int8_bad_inputs():
     bs = BlockSizes(block_m=32, block_n=64, block_k=128)
     int8_matmul(x_q, w_q, x_s, w_s, out_dtype=jnp.float32, block_sizes=bs, interpret=True,
                 backend="mosaic_tpu")  # fmt: skip
+
+
+def test_mgpu_int8_bad_inputs():
+  x_q, w_q = jnp.ones((16, 128), jnp.int8), jnp.ones((128, 64), jnp.int8)
+  x_s, w_s = jnp.ones((16, 1)), jnp.ones((1, 64))
+  kw = dict(out_dtype=jnp.float32, interpret=True, backend="mosaic_gpu")
+  with pytest.raises(ValueError, match="w_layout must be one of"):
+    int8_matmul(x_q, w_q, x_s, w_s, w_layout="kN", **kw)
+  with pytest.raises(ValueError, match=r"w_q \[N, K\] \(w_layout='nk'\)"):
+    int8_matmul(x_q, w_q, x_s, w_s, w_layout="nk", **kw)
+  for bs, match in (
+    (BlockSizes(block_m=32, block_n=64, block_k=128), "block_m must be a multiple of 64"),
+    (BlockSizes(block_m=64, block_n=40, block_k=128), "block_n must be a multiple of 16"),
+    (BlockSizes(block_m=64, block_n=1024, block_k=128), "block_n must be a multiple of 16"),
+    (BlockSizes(block_m=64, block_n=64, block_k=64), "block_k must be a multiple of 128"),
+    (BlockSizes(block_m=64, block_n=160, block_k=128), "multiple of 64 when it exceeds 64"),
+  ):
+    with pytest.raises(ValueError, match=match):
+      int8_matmul(x_q, w_q, x_s, w_s, block_sizes=bs, **kw)
+  with pytest.raises(ValueError, match="not multiples of"):
+    int8_matmul_mgpu_padded(
+      x_q, w_q, x_s[:, 0], w_s[0], out_dtype=jnp.float32,
+      block_sizes=BlockSizes(block_m=64, block_n=64, block_k=128), interpret=True,
+    )  # fmt: skip
 
 
 def test_nm_int8_bad_inputs():
