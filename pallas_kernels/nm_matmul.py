@@ -292,7 +292,7 @@ def check_block_sizes(bs: BlockSizes, backend: str, dtype, *, m: int = 1, op: st
 # In-kernel mask.
 
 
-def _score(x: jax.Array, factors: jax.Array | None) -> jax.Array:
+def tile_scores(x: jax.Array, factors: jax.Array | None) -> jax.Array:
   """Same float32 ops as ``amber_jax.sparsity.nm_scores``: |x| (* factors), NaN -> +inf."""
   s = jnp.abs(x.astype(jnp.float32))
   if factors is not None:
@@ -364,7 +364,7 @@ def _triton_kernel(*refs, n: int, m: int, block_k: int, num_k: int, has_factors:
       fs = [f_ref[:, pl.ds(k0 + p, depth, stride=m)] for p in range(m)]  # m x [1, depth]
     else:
       fs = [None] * m
-    keeps = keep_from_group_slices([_score(xp, fp) for xp, fp in zip(xs, fs, strict=True)], n)
+    keeps = keep_from_group_slices([tile_scores(xp, fp) for xp, fp in zip(xs, fs, strict=True)], n)
     zero = jnp.zeros((), x_ref.dtype)
     x_masked = interleave_group_slices(
       [jnp.where(keep, xp, zero) for keep, xp in zip(keeps, xs, strict=True)]
@@ -387,7 +387,7 @@ def _tpu_kernel(*refs, n: int, m: int, has_factors: bool):
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
   x = x_ref[...]
-  keep = keep_from_lane_rolls(_score(x, None if f_ref is None else f_ref[...]), n, m)
+  keep = keep_from_lane_rolls(tile_scores(x, None if f_ref is None else f_ref[...]), n, m)
   x_masked = jnp.where(keep, x, jnp.zeros((), x.dtype))
   acc_ref[...] += jnp.dot(x_masked, w_ref[...], preferred_element_type=jnp.float32)
 
@@ -471,15 +471,12 @@ def _nm_matmul(x, w, factors, *, pattern, block_sizes, interpret, backend):
 # Public API.
 
 
-def _check_inputs(x, w, factors, pattern: NMPattern, *, op: str) -> None:
-  if x.ndim != 2 or w.ndim != 2:
-    raise ValueError(f"{op}: x must be [tokens, K] and w [K, N_out], got {x.shape=}, {w.shape=}")
-  if x.shape[1] != w.shape[0]:
-    raise ValueError(f"{op}: x's K must equal w's K, got {x.shape=}, {w.shape=}")
+def check_activation(x, factors, pattern: NMPattern, *, op: str) -> None:
+  """x [tokens, K] float32/bfloat16 with M dividing K; factors None or floating [K]."""
+  if x.ndim != 2:
+    raise ValueError(f"{op}: x must be [tokens, K], got {x.shape=}")
   if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
     raise TypeError(f"{op}: x must be float32 or bfloat16, got {x.dtype=}")
-  if w.dtype != x.dtype:
-    raise TypeError(f"{op}: w must have x's dtype, got {x.dtype=}, {w.dtype=}")
   k = x.shape[1]
   if k % pattern.m:
     raise ValueError(
@@ -491,6 +488,17 @@ def _check_inputs(x, w, factors, pattern: NMPattern, *, op: str) -> None:
       raise ValueError(f"{op}: factors must have shape ({k},) (x's K), got {factors.shape=}")
     if not jnp.issubdtype(factors.dtype, jnp.floating):
       raise TypeError(f"{op}: factors must be floating point, got {factors.dtype=}")
+
+
+def check_inputs(x, w, factors, pattern: NMPattern, *, op: str) -> None:
+  """``check_activation`` plus w [K, N_out] in x's dtype."""
+  if x.ndim != 2 or w.ndim != 2:
+    raise ValueError(f"{op}: x must be [tokens, K] and w [K, N_out], got {x.shape=}, {w.shape=}")
+  if x.shape[1] != w.shape[0]:
+    raise ValueError(f"{op}: x's K must equal w's K, got {x.shape=}, {w.shape=}")
+  check_activation(x, factors, pattern, op=op)
+  if w.dtype != x.dtype:
+    raise TypeError(f"{op}: w must have x's dtype, got {x.dtype=}, {w.dtype=}")
 
 
 def nm_matmul(
@@ -519,7 +527,7 @@ def nm_matmul(
     [tokens, N_out] in x's dtype, accumulated in float32.
   """
   pattern = NMPattern.parse(pattern)
-  _check_inputs(x, w, factors, pattern, op="nm_matmul")
+  check_inputs(x, w, factors, pattern, op="nm_matmul")
   backend = resolve_backend(backend, interpret, op="nm_matmul")
   m_tokens, k = x.shape
   if block_sizes is None:
@@ -535,7 +543,7 @@ def nm_matmul_reference(
 ) -> jax.Array:
   """Plain-jnp reference: ``sparsify`` then a dot accumulated in float32, output in x.dtype."""
   pattern = NMPattern.parse(pattern)
-  _check_inputs(x, w, factors, pattern, op="nm_matmul_reference")
+  check_inputs(x, w, factors, pattern, op="nm_matmul_reference")
   x_sparse = sparsify(x, pattern, factors)
   return jnp.dot(x_sparse, w, preferred_element_type=jnp.float32).astype(x.dtype)
 

@@ -1,0 +1,215 @@
+"""The N:M mask as its own memory-bound kernel, and the two-pass sparse matmul built on it.
+
+Why a second route next to the fused kernel (``pallas_kernels.nm_matmul``): the fused kernel
+recomputes the mask for every N tile, and an exact mask costs about ``m`` compare/add
+operations per activation entry (the pairwise ranks), on the CUDA cores. Against the
+``block_n`` multiply-adds that the tensor cores spend on the same entry, that is not free:
+on an H100/H200 an SM retires about 1024 bf16 multiply-adds per cycle on its tensor cores
+but 128 scalar operations on its CUDA cores, so with ``block_n = 256`` the dot takes about
+0.25 cycles per entry and the 8:16 ranks (about 16 compares and 16 adds) about 0.25 more;
+the measured fused kernel ran at 3.5-4.8x the dense dot (BENCHMARKS.md). Computing the mask
+once per entry instead (this kernel: read x, write the masked x, at memory bandwidth) and
+letting the vendor GEMM do the dot costs one extra read and write of the activation:
+4 bytes per entry against ``2 * N`` FLOPs, about 5-10% of the dot at N = 4096 on an H200
+(4.8 TB/s, 989 TFLOP/s) and 2-3% at N = 14336.
+
+* ``nm_mask(x, pattern, factors)``: ``sparsify(x, pattern, factors)`` (same scores, ties and
+  NaN handling, bit-identical kept values) as a Pallas kernel over [block_m, block_k] tiles.
+  Triton reads each tile as ``m`` strided slices and ranks them pairwise, as the fused
+  kernel does; Mosaic TPU uses lane rotations. Shapes are zero-padded to the blocks.
+* ``nm_matmul_two_pass(x, w, pattern, factors)``: ``nm_mask`` then XLA's dot (cuBLAS on GPU),
+  float32 accumulation, output in x's dtype: the same contract as ``nm_matmul``.
+
+On CPU, ``interpret=True`` is required (the generic Pallas interpreter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from amber_jax.patterns import NMPattern
+from pallas_kernels.nm_matmul import (
+  MOSAIC_TPU,
+  TRITON,
+  check_activation,
+  check_inputs,
+  interleave_group_slices,
+  is_power_of_2,
+  keep_from_group_slices,
+  keep_from_lane_rolls,
+  next_power_of_2,
+  pad_to,
+  resolve_backend,
+  round_up,
+  tile_scores,
+  tpu_compiler_params,
+  triton_compiler_params,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MaskBlockSizes:
+  """Tile of the mask kernel: [block_m, block_k] activation entries per program.
+
+  ``block_k`` holds whole groups (a multiple of M). Triton: powers of two; TPU: block_m a
+  multiple of 8 (16 for bf16) and block_k of 128.
+  """
+
+  block_m: int = 64
+  block_k: int = 256
+  num_warps: int | None = 4
+
+  def __post_init__(self):
+    for name in ("block_m", "block_k"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"MaskBlockSizes.{name} must be a positive int, got {name}={value!r}")
+
+
+def _check_mask_blocks(bs: MaskBlockSizes, backend: str, dtype, m: int, *, op: str) -> None:
+  if not isinstance(bs, MaskBlockSizes):
+    raise TypeError(f"{op}: block_sizes must be a MaskBlockSizes or None, got {bs!r}")
+  if bs.block_k % m:
+    raise ValueError(f"{op}: block_k must be a multiple of the pattern's M={m}, got {bs=}")
+  if backend == TRITON:
+    if not is_power_of_2(m):
+      raise ValueError(f"{op}: the Triton kernel needs a power-of-2 pattern M, got M={m}")
+    for name in ("block_m", "block_k"):
+      v = getattr(bs, name)
+      if not is_power_of_2(v) or v < 16:
+        raise ValueError(f"{op}: on Triton {name} must be a power of 2 >= 16, got {name}={v}")
+  elif backend == MOSAIC_TPU:
+    sub = 16 if jnp.dtype(dtype).itemsize < 4 else 8
+    if bs.block_m % sub or bs.block_k % 128:
+      raise ValueError(
+        f"{op}: on TPU block_m must be a multiple of {sub} and block_k of 128, got {bs=}"
+      )
+
+
+def default_mask_block_sizes(backend: str, m_tokens: int, k: int, m: int) -> MaskBlockSizes:
+  """64 x 256 tiles (32 KB of bf16: enough bytes in flight per program), shrunk to the problem."""
+  if backend == TRITON:
+    block_k = max(16, m, min(256, next_power_of_2(k)))
+    return MaskBlockSizes(block_m=max(16, min(64, next_power_of_2(m_tokens))), block_k=block_k)
+  unit = 128 * m // math.gcd(128, m)
+  return MaskBlockSizes(
+    block_m=min(64, round_up(m_tokens, 16)), block_k=max(unit, min(512, round_up(k, unit)))
+  )
+
+
+def _triton_mask_kernel(*refs, n: int, m: int, has_factors: bool):
+  if has_factors:
+    x_ref, f_ref, o_ref = refs
+  else:
+    (x_ref, o_ref), f_ref = refs, None
+  depth = x_ref.shape[1] // m
+  xs = [x_ref[:, pl.ds(p, depth, stride=m)] for p in range(m)]
+  fs = [f_ref[:, pl.ds(p, depth, stride=m)] for p in range(m)] if has_factors else [None] * m
+  keeps = keep_from_group_slices([tile_scores(xp, fp) for xp, fp in zip(xs, fs, strict=True)], n)
+  zero = jnp.zeros((), x_ref.dtype)
+  o_ref[...] = interleave_group_slices(
+    [jnp.where(keep, xp, zero) for keep, xp in zip(keeps, xs, strict=True)]
+  )
+
+
+def _tpu_mask_kernel(*refs, n: int, m: int, has_factors: bool):
+  if has_factors:
+    x_ref, f_ref, o_ref = refs
+  else:
+    (x_ref, o_ref), f_ref = refs, None
+  x = x_ref[...]
+  keep = keep_from_lane_rolls(tile_scores(x, None if f_ref is None else f_ref[...]), n, m)
+  o_ref[...] = jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("pattern", "block_sizes", "interpret", "backend"))
+def _nm_mask(x, factors, *, pattern, block_sizes, interpret, backend):
+  m_tokens, k = x.shape
+  bs = block_sizes
+  mp, kp = round_up(m_tokens, bs.block_m), round_up(k, bs.block_k)
+  has_factors = factors is not None
+  args = [pad_to(x, (mp, kp))]
+  specs = [pl.BlockSpec((bs.block_m, bs.block_k), lambda i, j: (i, j))]
+  if has_factors:
+    args.append(pad_to(factors.astype(jnp.float32)[None, :], (1, kp)))
+    specs.append(pl.BlockSpec((1, bs.block_k), lambda i, j: (0, j)))
+  kernel = _triton_mask_kernel if backend == TRITON else _tpu_mask_kernel
+  params = (
+    triton_compiler_params(bs.num_warps, 1)
+    if backend == TRITON
+    else tpu_compiler_params(("parallel", "parallel"))
+  )
+  out = pl.pallas_call(
+    functools.partial(kernel, n=pattern.n, m=pattern.m, has_factors=has_factors),
+    out_shape=jax.ShapeDtypeStruct((mp, kp), x.dtype),
+    grid=(mp // bs.block_m, kp // bs.block_k),
+    in_specs=specs,
+    out_specs=pl.BlockSpec((bs.block_m, bs.block_k), lambda i, j: (i, j)),
+    compiler_params=params,
+    interpret=interpret,
+    name="nm_mask",
+  )(*args)
+  return out[:m_tokens, :k]
+
+
+def nm_mask(
+  x: jax.Array,
+  *,
+  pattern: NMPattern | str,
+  factors: jax.Array | None = None,
+  block_sizes: MaskBlockSizes | None = None,
+  interpret=False,
+  backend: str | None = None,
+) -> jax.Array:
+  """``sparsify(x, pattern, factors)`` for a [tokens, K] activation, as one Pallas pass.
+
+  Args:
+    x: float32 or bfloat16 [tokens, K]; pattern: NMPattern or "N:M" (M must divide K).
+    factors: optional score factors [K] (score = |x| * factors).
+    block_sizes: ``MaskBlockSizes`` (None: ``default_mask_block_sizes``).
+    interpret: run in the Pallas interpreter (required on CPU).
+    backend: "triton" or "mosaic_tpu"; None: from the platform.
+  """
+  pattern = NMPattern.parse(pattern)
+  check_activation(x, factors, pattern, op="nm_mask")
+  backend = resolve_backend(backend, interpret, op="nm_mask")
+  if block_sizes is None:
+    block_sizes = default_mask_block_sizes(backend, x.shape[0], x.shape[1], pattern.m)
+  _check_mask_blocks(block_sizes, backend, x.dtype, pattern.m, op="nm_mask")
+  return _nm_mask(
+    x, factors, pattern=pattern, block_sizes=block_sizes, interpret=interpret, backend=backend
+  )
+
+
+def nm_matmul_two_pass(
+  x: jax.Array,
+  w: jax.Array,
+  *,
+  pattern: NMPattern | str,
+  factors: jax.Array | None = None,
+  block_sizes: MaskBlockSizes | None = None,
+  interpret=False,
+  backend: str | None = None,
+) -> jax.Array:
+  """``nm_mask`` then XLA's dot: ``sparsify(x) @ w`` in float32, output in x's dtype.
+
+  Same contract as ``pallas_kernels.nm_matmul.nm_matmul``; the masked activation is written
+  to memory once (see the module docstring for the trade).
+  """
+  pattern = NMPattern.parse(pattern)
+  check_inputs(x, w, factors, pattern, op="nm_matmul_two_pass")
+  x_sparse = nm_mask(
+    x,
+    pattern=pattern,
+    factors=factors,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    backend=backend,
+  )
+  return jnp.dot(x_sparse, w, preferred_element_type=jnp.float32).astype(x.dtype)

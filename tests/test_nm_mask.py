@@ -1,0 +1,155 @@
+"""The standalone N:M mask kernel and the two-pass sparse matmul: interpret mode against
+``sparsify`` / ``nm_matmul_reference``, the exact-N invariant, lowering, bad inputs.
+
+Errors are reported, not only asserted: run with ``-s`` to see the ``[nm_mask] ...`` lines.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amber_jax.patterns import NMPattern
+from amber_jax.sparsity import sparsify
+from pallas_kernels.nm_mask import MaskBlockSizes, nm_mask, nm_matmul_two_pass
+from pallas_kernels.nm_matmul import nm_matmul_reference
+
+cpu_interpret = pytest.mark.skipif(
+  jax.default_backend() != "cpu", reason="interpret-mode check: runs on CPU hosts"
+)
+BLOCKS = {
+  "triton": MaskBlockSizes(block_m=32, block_k=256),
+  "mosaic_tpu": MaskBlockSizes(block_m=16, block_k=256),
+}
+
+
+def _activation(shape, dtype, seed=0):
+  x = jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+  # Exact ties inside groups exercise the lower-index rule.
+  return x.at[:, 1].set(x[:, 0]).at[:, 18].set(-x[:, 17])
+
+
+def _factors(k, seed=1):
+  return jax.random.uniform(jax.random.key(seed), (k,), jnp.float32, 0.25, 4.0)
+
+
+CASES = [
+  (backend, pattern, dtype, shape, with_factors)
+  for backend in ("triton", "mosaic_tpu")
+  for pattern, dtype, shape, with_factors in (
+    ("2:4", jnp.float32, (37, 576), False),
+    ("8:16", jnp.bfloat16, (37, 576), True),
+    ("4:8", jnp.bfloat16, (64, 1536), False),
+    ("8:16", jnp.float32, (16, 256), True),
+  )
+]
+
+
+@cpu_interpret
+@pytest.mark.parametrize(
+  "backend,pattern,dtype,shape,with_factors",
+  CASES,
+  ids=[
+    f"{b}-{p}-{jnp.dtype(d).name}-{'x'.join(map(str, s))}{'-factors' if f else ''}"
+    for b, p, d, s, f in CASES
+  ],
+)
+def test_nm_mask_equals_sparsify(backend, pattern, dtype, shape, with_factors):
+  x = _activation(shape, dtype)
+  factors = _factors(shape[1]) if with_factors else None
+  out = nm_mask(
+    x, pattern=pattern, factors=factors, block_sizes=BLOCKS[backend], interpret=True,
+    backend=backend,
+  )  # fmt: skip
+  ref = sparsify(x, NMPattern.parse(pattern), factors)
+  mismatches = int(jnp.sum(out != ref))
+  print(f"\n[nm_mask] {backend} {pattern} {jnp.dtype(dtype).name} {shape}: {mismatches} mismatches")
+  assert out.dtype == x.dtype and out.shape == x.shape
+  assert mismatches == 0
+  nm = NMPattern.parse(pattern)
+  kept = np.asarray(out != 0).reshape(shape[0], -1, nm.m).sum(-1)
+  assert (kept == nm.n).all()  # no zeros in x: exactly N survive in every group
+
+
+@cpu_interpret
+def test_nm_mask_nan_counts_as_largest():
+  x = _activation((16, 256), jnp.float32).at[2, 3].set(jnp.nan).at[5, 40].set(-jnp.inf)
+  out = nm_mask(x, pattern="2:4", block_sizes=BLOCKS["triton"], interpret=True, backend="triton")
+  ref = sparsify(x, NMPattern.parse("2:4"))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  assert np.isnan(out[2, 3]) and out[5, 40] == -jnp.inf
+
+
+@cpu_interpret
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_two_pass_matmul_matches_reference(dtype):
+  x = _activation((37, 576), dtype, seed=2)
+  w = (jax.random.normal(jax.random.key(3), (576, 192)) / 24).astype(dtype)
+  factors = _factors(576)
+  out = nm_matmul_two_pass(
+    x, w, pattern="8:16", factors=factors, block_sizes=BLOCKS["triton"], interpret=True,
+    backend="triton",
+  )  # fmt: skip
+  ref = nm_matmul_reference(x, w, pattern="8:16", factors=factors)
+  diff = np.abs(np.asarray(out, np.float32) - np.asarray(ref, np.float32))
+  print(
+    f"\n[nm_mask] two-pass {jnp.dtype(dtype).name}: max={diff.max():.3e} mean={diff.mean():.3e}"
+  )
+  # Same masked operand and the same XLA dot: identical up to the dot's own determinism.
+  assert diff.max() <= (1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])
+@pytest.mark.parametrize("pattern", ["2:4", "8:16"])
+def test_nm_mask_lowers(platform, backend, pattern):
+  x = jax.ShapeDtypeStruct((2048, 4096), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((4096, 1536), jnp.bfloat16)
+  f = jax.ShapeDtypeStruct((4096,), jnp.float32)
+
+  def fn(x, w, f):
+    return nm_matmul_two_pass(x, w, pattern=pattern, factors=f, backend=backend)
+
+  text = jax.jit(fn).trace(x, w, f).lower(lowering_platforms=(platform,)).as_text()
+  assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
+  x_odd = jax.ShapeDtypeStruct((37, 576), jnp.float32)  # padded shapes
+  fn = functools.partial(nm_mask, pattern=pattern, backend=backend)
+  jax.jit(fn).trace(x_odd).lower(lowering_platforms=(platform,))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernel: needs a GPU")
+@pytest.mark.parametrize("pattern", ["2:4", "8:16"])
+def test_compiled_gpu_nm_mask_equals_sparsify(pattern):
+  x = _activation((1000, 4096), jnp.bfloat16)
+  out = nm_mask(x, pattern=pattern, factors=_factors(4096))
+  ref = sparsify(x, NMPattern.parse(pattern), _factors(4096))
+  assert int(jnp.sum(out != ref)) == 0
+
+
+def test_nm_mask_bad_inputs():
+  x = _activation((16, 576), jnp.float32)
+  kw = dict(interpret=True, backend="triton")
+  with pytest.raises(ValueError, match="M=16 must divide K"):
+    nm_mask(x[:, :568], pattern="8:16", **kw)
+  with pytest.raises(ValueError, match="power-of-2 pattern M"):
+    nm_mask(x, pattern="2:6", block_sizes=MaskBlockSizes(block_m=16, block_k=192), **kw)
+  with pytest.raises(ValueError, match="block_k must be a multiple"):
+    nm_mask(x, pattern="8:16", block_sizes=MaskBlockSizes(block_m=16, block_k=24), **kw)
+  with pytest.raises(ValueError, match="on Triton block_m must be a power of 2"):
+    nm_mask(x, pattern="2:4", block_sizes=MaskBlockSizes(block_m=24, block_k=64), **kw)
+  with pytest.raises(ValueError, match="on TPU block_m must be a multiple of 8"):
+    bs = MaskBlockSizes(block_m=12, block_k=128)
+    nm_mask(x, pattern="2:4", block_sizes=bs, interpret=True, backend="mosaic_tpu")
+  with pytest.raises(TypeError, match="MaskBlockSizes"):
+    nm_mask(x, pattern="2:4", block_sizes=(16, 64), **kw)
+  with pytest.raises(ValueError, match=r"factors must have shape \(576,\)"):
+    nm_mask(x, pattern="2:4", factors=jnp.ones(575), **kw)
+  with pytest.raises(TypeError, match="float32 or bfloat16"):
+    nm_mask(x.astype(jnp.float16), pattern="2:4", **kw)
+  with pytest.raises(ValueError, match="positive int"):
+    MaskBlockSizes(block_m=0)
+  with pytest.raises(TypeError, match="w must have x's dtype"):
+    nm_matmul_two_pass(x, jnp.ones((576, 8), jnp.bfloat16), pattern="2:4", **kw)
