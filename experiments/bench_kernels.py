@@ -21,11 +21,17 @@ activations and weights. For every shape it times (median of --repeats runs afte
 * ``xla_mask_dot``  ``sparsify(x, pattern)`` then the dot, one jit (the unfused path: the
                     masked activation goes through memory unless XLA fuses it).
 * ``pallas_nm``     ``pallas_kernels.nm_matmul``: mask computed in the kernel (Triton on GPU).
+* ``pallas_mask``   ``pallas_kernels.nm_mask`` alone: the mask as one memory-bound pass
+                    (read x, write the masked x); its floor is those bytes at peak bandwidth.
+* ``pallas_mask_dot`` ``nm_matmul_two_pass``: that pass, then XLA's dot.
 * ``xla_int8``      ``lax.dot_general`` int8 x int8 -> int32, then the per-token x
                     per-channel rescale (quantized inputs made beforehand, untimed).
 * ``pallas_int8``   ``pallas_kernels.int8_matmul`` on the same inputs (rescale fused).
 * ``pallas_nm_int8`` ``nm_int8_matmul`` end to end: fused sparsify + per-token quantize pass
                     over x, then the int8 kernel.
+* ``mgpu_int8``     the Mosaic GPU (Hopper wgmma) int8 kernel, ``int8_matmul(backend=
+                    "mosaic_gpu", w_layout="nk")`` with the weight stored [N, K] beforehand.
+* ``mgpu_nm_int8``  ``nm_int8_matmul`` with that kernel.
 
 It prints the device and versions, then one table: shape, method, ms, TFLOP/s (dense-
 equivalent 2*M*K*N; TOPS for int8), ratio to xla_dense, the floor (the larger of FLOPs at
@@ -72,6 +78,7 @@ from pallas_kernels.int8_matmul import (  # noqa: E402
   quantize_per_channel,
   quantize_per_token,
 )
+from pallas_kernels.nm_mask import nm_mask, nm_matmul_two_pass  # noqa: E402
 from pallas_kernels.nm_matmul import (  # noqa: E402
   BlockSizes,
   default_block_sizes,
@@ -85,9 +92,29 @@ SHAPES = {
   ],
   "small": [(m, k, n) for m in (128, 512) for k, n in ((576, 1536), (1536, 576))],
 }
-METHODS = ("xla_dense", "xla_mask_dot", "pallas_nm", "xla_int8", "pallas_int8", "pallas_nm_int8")
-_PALLAS = ("pallas_nm", "pallas_int8", "pallas_nm_int8")
-_INT8 = ("xla_int8", "pallas_int8", "pallas_nm_int8")
+METHODS = (
+  "xla_dense",
+  "xla_mask_dot",
+  "pallas_nm",
+  "pallas_mask",
+  "pallas_mask_dot",
+  "xla_int8",
+  "pallas_int8",
+  "pallas_nm_int8",
+  "mgpu_int8",
+  "mgpu_nm_int8",
+)
+_PALLAS = (
+  "pallas_nm",
+  "pallas_mask",
+  "pallas_mask_dot",
+  "pallas_int8",
+  "pallas_nm_int8",
+  "mgpu_int8",
+  "mgpu_nm_int8",
+)
+_INT8 = ("xla_int8", "pallas_int8", "pallas_nm_int8", "mgpu_int8", "mgpu_nm_int8")
+_MGPU = ("mgpu_int8", "mgpu_nm_int8")
 
 # Autotune candidates (Triton). Each compiled for sm_90 with Triton 3.9 offline without
 # spills at <= 208 KB of shared memory; the first ones are the tables' defaults.
@@ -104,6 +131,15 @@ INT8_CANDIDATES = [
   BlockSizes(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
   BlockSizes(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3),
   BlockSizes(block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=3),
+]
+# Mosaic GPU int8 (CTA tile; two compute warpgroups split block_n). Untimed so far: a
+# candidate over the 227 KB of shared memory fails to compile and is skipped.
+MGPU_INT8_CANDIDATES = [
+  BlockSizes(block_m=128, block_n=256, block_k=128, num_stages=3),
+  BlockSizes(block_m=128, block_n=256, block_k=128, num_stages=4),
+  BlockSizes(block_m=128, block_n=128, block_k=256, num_stages=3),
+  BlockSizes(block_m=256, block_n=128, block_k=128, num_stages=3),
+  BlockSizes(block_m=64, block_n=256, block_k=256, num_stages=3),
 ]
 
 _SHAPES = flags.DEFINE_enum("shapes", "full", sorted(SHAPES), "Shape set (small: quick CPU run).")
@@ -148,11 +184,15 @@ def _floor(method: str, m: int, k: int, n: int) -> tuple[float, str]:
   if method in _INT8:
     compute = flops / (_PEAK_INT8_TOPS.value * 1e12)
     nbytes = m * k + k * n + 2 * m * n + 4 * (m + n)  # int8 in, bf16 out, fp32 scales
-    if method == "pallas_nm_int8":
+    if method in ("pallas_nm_int8", "mgpu_nm_int8"):
       nbytes += 2 * m * k + m * k  # the sparsify+quantize pass: read bf16 x, write int8 x
+  elif method == "pallas_mask":
+    compute, nbytes = 0.0, 4 * m * k  # read and write the bf16 activation
   else:
     compute = flops / (_PEAK_TFLOPS.value * 1e12)
     nbytes = 2 * (m * k + k * n + m * n)
+    if method == "pallas_mask_dot":
+      nbytes += 4 * m * k  # the mask pass
   memory = nbytes / (_PEAK_TBPS.value * 1e12)
   return (compute, "compute") if compute >= memory else (memory, "memory")
 
@@ -173,7 +213,9 @@ class _Bench:
     w = (jax.random.normal(kw, (k, n), jnp.float32) / (k**0.5)).astype(jnp.bfloat16)
     x_q, x_s = jax.jit(quantize_per_token)(x)
     w_q, w_s = jax.jit(quantize_per_channel)(w)
-    return dict(x=x, w=w, x_q=x_q, x_s=x_s, w_q=w_q, w_s=w_s)
+    # The Mosaic GPU kernel reads the weight K-major: stored so once, as a deployment would.
+    w_q_nk = jax.jit(jnp.transpose)(w_q)
+    return dict(x=x, w=w, x_q=x_q, x_s=x_s, w_q=w_q, w_s=w_s, w_q_nk=w_q_nk)
 
   def build(self, method: str, block_sizes: BlockSizes | None = None):
     """(jitted fn, names of its inputs)."""
@@ -191,6 +233,23 @@ class _Bench:
         nm_matmul, pattern=pat, block_sizes=block_sizes, interpret=self.interpret
       )
       return jax.jit(fn), ("x", "w")
+    if method == "pallas_mask":
+      return jax.jit(functools.partial(nm_mask, pattern=pat, interpret=self.interpret)), ("x",)
+    if method == "pallas_mask_dot":
+      fn = functools.partial(nm_matmul_two_pass, pattern=pat, interpret=self.interpret)
+      return jax.jit(fn), ("x", "w")
+    if method == "mgpu_int8":
+      fn = functools.partial(
+        int8_matmul, out_dtype=jnp.bfloat16, block_sizes=block_sizes, interpret=self.interpret,
+        backend="mosaic_gpu", w_layout="nk",
+      )  # fmt: skip
+      return jax.jit(fn), ("x_q", "w_q_nk", "x_s", "w_s")
+    if method == "mgpu_nm_int8":
+      fn = functools.partial(
+        nm_int8_matmul, pattern=pat, block_sizes=block_sizes, interpret=self.interpret,
+        backend="mosaic_gpu", w_layout="nk",
+      )  # fmt: skip
+      return jax.jit(fn), ("x", "w_q_nk", "w_s")
     if method == "xla_int8":
 
       def fn(x_q, w_q, x_s, w_s):
@@ -213,13 +272,15 @@ class _Bench:
   def check(self, method: str, out, data, rows: int) -> float | None:
     pat = self.pattern
     r = min(rows, out.shape[0])
-    if method in ("xla_mask_dot", "pallas_nm"):
+    if method in ("xla_mask_dot", "pallas_nm", "pallas_mask_dot"):
       ref = nm_matmul_reference(data["x"][:r], data["w"], pattern=pat)
-    elif method in ("xla_int8", "pallas_int8"):
+    elif method == "pallas_mask":
+      ref = sparsify(data["x"][:r], pat)
+    elif method in ("xla_int8", "pallas_int8", "mgpu_int8"):
       ref = int8_matmul_reference(
         data["x_q"][:r], data["w_q"], data["x_s"][:r], data["w_s"], out_dtype=jnp.bfloat16
       )
-    elif method == "pallas_nm_int8":
+    elif method in ("pallas_nm_int8", "mgpu_nm_int8"):
       ref = nm_int8_matmul_reference(data["x"][:r], data["w_q"], data["w_s"], pattern=pat)
     else:
       return None
@@ -237,6 +298,10 @@ def _block_sizes_for(method: str, bench: _Bench, m: int, k: int, n: int, tuned: 
       return tuned[("int8", k, n)]
     backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
     return int8_default_block_sizes(backend, m, k, n)
+  if method in _MGPU:
+    if ("mgpu_int8", k, n) in tuned:
+      return tuned[("mgpu_int8", k, n)]
+    return int8_default_block_sizes("mosaic_gpu", m, k, n)
   return None
 
 
@@ -252,6 +317,7 @@ def _autotune(bench: _Bench, shapes, repeats: int) -> tuple[dict, list]:
   for kernel, method, cands in (
     ("nm", "pallas_nm", NM_CANDIDATES),
     ("int8", "pallas_int8", INT8_CANDIDATES),
+    ("mgpu_int8", "mgpu_int8", MGPU_INT8_CANDIDATES),
   ):
     for m, k, n in shapes:
       data = bench.inputs(m, k, n)
@@ -380,7 +446,8 @@ def main(argv):
     for (kernel, k, n), bs in sorted(tuned.items()):
       table = "nm_matmul" if kernel == "nm" else "int8_matmul"
       dtype = "bfloat16" if kernel == "nm" else "int8"
-      print(f"  {table}: (TRITON, {dtype!r}, ({k}, {k + 1}), ({n}, {n + 1})): {bs!r},")
+      backend_name = "MOSAIC_GPU" if kernel == "mgpu_int8" else "TRITON"
+      print(f"  {table}: ({backend_name}, {dtype!r}, ({k}, {k + 1}), ({n}, {n + 1})): {bs!r},")
 
   if _OUTPUT.value:
     result = dict(

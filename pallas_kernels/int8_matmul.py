@@ -361,10 +361,16 @@ def sparsify_quantize_per_token(
   return _quantize(sparsify(x, pattern, factors), axis=1)
 
 
-def _check_nm_int8_inputs(x, w_q, w_scale, factors, pattern: NMPattern, *, op: str) -> None:
+def _check_nm_int8_inputs(
+  x, w_q, w_scale, factors, pattern: NMPattern, *, op: str, w_layout: str = "kn"
+) -> None:
   _check_float(x, "x", op)
-  if w_q.ndim != 2 or x.shape[1] != w_q.shape[0]:
-    raise ValueError(f"{op}: x must be [tokens, K] and w_q [K, N], got {x.shape=}, {w_q.shape=}")
+  if w_layout not in W_LAYOUTS:
+    raise ValueError(f"{op}: w_layout must be one of {W_LAYOUTS}, got {w_layout!r}")
+  k_axis = 0 if w_layout == "kn" else 1
+  if w_q.ndim != 2 or x.shape[1] != w_q.shape[k_axis]:
+    w_desc = "w_q [K, N]" if w_layout == "kn" else "w_q [N, K] (w_layout='nk')"
+    raise ValueError(f"{op}: x must be [tokens, K] and {w_desc}, got {x.shape=}, {w_q.shape=}")
   pattern.check_width(x.shape[1], where="x.shape[1] (K)")
   if factors is not None and factors.shape != (x.shape[1],):
     raise ValueError(f"{op}: factors must have shape ({x.shape[1]},), got {factors.shape=}")
@@ -381,13 +387,15 @@ def nm_int8_matmul(
   block_sizes: BlockSizes | None = None,
   interpret=False,
   backend: str | None = None,
+  w_layout: str = "kn",
 ) -> jax.Array:
   """N:M-sparse W8A8: sparsify + per-token int8 (one fused jnp pass), then ``int8_matmul``.
 
-  ``out_dtype`` defaults to x's dtype.
+  ``out_dtype`` defaults to x's dtype; ``w_layout`` as in ``int8_matmul`` (w_q [K, N] or
+  [N, K]).
   """
   pattern = NMPattern.parse(pattern)
-  _check_nm_int8_inputs(x, w_q, w_scale, factors, pattern, op="nm_int8_matmul")
+  _check_nm_int8_inputs(x, w_q, w_scale, factors, pattern, op="nm_int8_matmul", w_layout=w_layout)
   x_q, x_scale = sparsify_quantize_per_token(x, pattern=pattern, factors=factors)
   return int8_matmul(
     x_q,
@@ -398,6 +406,7 @@ def nm_int8_matmul(
     block_sizes=block_sizes,
     interpret=interpret,
     backend=backend,
+    w_layout=w_layout,
   )
 
 
