@@ -1,9 +1,12 @@
-"""Implementation choice of the sparse matmul at the injection point: ``xla`` or ``pallas``.
+"""Implementation choice of the sparse matmul at the injection point.
 
 * ``xla``: the mask in plain jnp (``sparsify``), then an XLA dot. Runs everywhere.
 * ``pallas``: the fused kernel of ``pallas_kernels.nm_matmul`` (mask computed on each
   activation tile, never written to memory): Triton on GPU, Mosaic on TPU, the Pallas
   interpreter on CPU (slow: for tests).
+* ``pallas_mask``: two passes, ``pallas_kernels.nm_mask`` (the mask as one memory-bound
+  Pallas kernel) then XLA's dot; the masked activation goes through memory once. Not yet
+  timed on a GPU.
 
 The default is ``xla`` on every backend: measured on an H200 (BENCHMARKS.md), the XLA path
 with the sorting-network mask runs a Llama-3.1-8B-shaped 8:16 prefill at 1.35x the dense
@@ -20,7 +23,8 @@ import jax
 
 from amber_jax.patterns import NMPattern
 
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "pallas_mask")
+PALLAS_IMPLS = ("pallas", "pallas_mask")
 
 
 def default_impl(backend: str | None = None) -> str:
@@ -34,12 +38,12 @@ def check_impl(impl: str, pattern: NMPattern | None, backend: str | None = None)
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
   backend = backend or jax.default_backend()
-  if impl == "pallas" and pattern is not None:
+  if impl in PALLAS_IMPLS and pattern is not None:
     if backend == "rocm":
-      raise ValueError("impl='pallas' has no kernel for ROCm here; use impl='xla'")
+      raise ValueError(f"impl={impl!r} has no kernel for ROCm here; use impl='xla'")
     if backend in ("gpu", "cuda", "cpu") and pattern.m & (pattern.m - 1):
       raise ValueError(
-        f"impl='pallas' (the Triton kernel) needs a power-of-2 M, got pattern {pattern}; "
+        f"impl={impl!r} (a Triton kernel) needs a power-of-2 M, got pattern {pattern}; "
         "use impl='xla' for this pattern"
       )
   return impl
@@ -73,6 +77,29 @@ def pallas_nm_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelOpt
       block_k=max(16, pattern.m, next_power_of_2(min(k, 1024))),
     )
   return nm_matmul(
+    x_2d,
+    w.astype(x_2d.dtype),
+    pattern=pattern,
+    factors=factors,
+    block_sizes=block_sizes,
+    interpret=options.interpret,
+    backend="triton" if options.interpret else None,
+  )
+
+
+def pallas_mask_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelOptions):
+  """[tokens, K] x [K, N]: the Pallas mask pass, then XLA's dot (impl "pallas_mask")."""
+  from pallas_kernels.nm_mask import MaskBlockSizes, nm_matmul_two_pass
+  from pallas_kernels.nm_matmul import next_power_of_2
+
+  block_sizes = None
+  if options.coarse_blocks:
+    tokens, k = x_2d.shape
+    block_sizes = MaskBlockSizes(
+      block_m=max(16, next_power_of_2(min(tokens, 512))),
+      block_k=max(16, pattern.m, next_power_of_2(min(k, 2048))),
+    )
+  return nm_matmul_two_pass(
     x_2d,
     w.astype(x_2d.dtype),
     pattern=pattern,

@@ -84,8 +84,9 @@ def make_plan(
     sites: "all" (every projection of every layer) or an iterable of
       (layer, projection) pairs to sparsify.
     factors: optional proj -> [L, d_in] score factors (default: ones, the |x| score).
-    impl: "xla" or "pallas" (the fused kernel); None picks the backend's default
-      (xla everywhere for now: see amber_jax.impl). An impl that cannot run raises ValueError.
+    impl: "xla", "pallas" (the fused kernel) or "pallas_mask" (mask pass + dot); None picks
+      the backend's default (xla everywhere for now: see amber_jax.impl). An impl that
+      cannot run raises ValueError.
     mask_method: the mask algorithm of impl "xla" (amber_jax.sparsity.nm_mask).
     channel_order: optional proj -> [L, d_in] permutations of each layer's input channels
       that form the N:M groups (amber_jax.channel_order.model_channel_order makes them).

@@ -50,7 +50,9 @@ class AmberConfig:
   granularity: str = "layer"
   coverage: float = 0.55  # target for policy="auto" and "search"
   robust_clip: bool = True
-  impl: str | None = None  # "xla" | "pallas"; None: the backend's default (amber_jax.impl)
+  impl: str | None = (
+    None  # "xla" | "pallas" | "pallas_mask"; None: the backend's default (amber_jax.impl)
+  )
   # Output correction of the sparse sites (amber_jax.corrections), e.g. "median+bias"; fitted
   # on the calibration windows, on the dense model's inputs or the sparse one's ("sequential",
   # "global"). Off by default: none won on a held-out text yet (RESULTS.md "corrections").
@@ -84,8 +86,8 @@ class AmberConfig:
     check_o_order(self.o_order)
     if self.search_windows < 1:
       raise ValueError(f"search_windows must be >= 1, got {self.search_windows}")
-    if self.impl == "pallas" and not CorrectionSpec.parse(self.correction).is_none:
-      raise ValueError(f"correction={self.correction!r} needs impl='xla', got impl='pallas'")
+    if self.impl not in (None, "xla") and not CorrectionSpec.parse(self.correction).is_none:
+      raise ValueError(f"correction={self.correction!r} needs impl='xla', got impl={self.impl!r}")
 
   def validate_for(self, config: LlamaConfig) -> None:
     """Model-dependent checks (skip layers in range, M divides widths), before loading weights."""

@@ -152,6 +152,11 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 peak, TFLOP/
 _PEAK_INT8_TOPS = flags.DEFINE_float("peak_int8_tops", 1979.0, "Dense int8 peak, TOPS (H200).")
 _PEAK_TBPS = flags.DEFINE_float("peak_tbps", 4.8, "HBM bandwidth, TB/s (H200).")
 _AUTOTUNE = flags.DEFINE_bool("autotune", False, "Try NM/INT8_CANDIDATES per shape first.")
+_AUTOTUNE_KERNELS = flags.DEFINE_list(
+  "autotune_kernels",
+  ["nm", "int8", "mgpu_int8"],
+  "Kernels --autotune searches: nm, int8, mgpu_int8.",
+)
 _AUTOTUNE_REPEATS = flags.DEFINE_integer("autotune_repeats", 3, "Timed runs per candidate.")
 _INTERPRET = flags.DEFINE_bool(
   "interpret", False, "On CPU, run the Pallas methods in the interpreter (slow)."
@@ -305,7 +310,7 @@ def _block_sizes_for(method: str, bench: _Bench, m: int, k: int, n: int, tuned: 
   return None
 
 
-def _autotune(bench: _Bench, shapes, repeats: int) -> tuple[dict, list]:
+def _autotune(bench: _Bench, shapes, repeats: int, kernels) -> tuple[dict, list]:
   """Best candidate per (kernel, K, N), timed at the largest M of that (K, N) (the tables
   are not keyed by M); a candidate that fails to compile is reported and skipped."""
   largest = {}
@@ -319,6 +324,8 @@ def _autotune(bench: _Bench, shapes, repeats: int) -> tuple[dict, list]:
     ("int8", "pallas_int8", INT8_CANDIDATES),
     ("mgpu_int8", "mgpu_int8", MGPU_INT8_CANDIDATES),
   ):
+    if kernel not in kernels:
+      continue
     for m, k, n in shapes:
       data = bench.inputs(m, k, n)
       for bs in cands:
@@ -390,7 +397,7 @@ def main(argv):
   tuned, tune_log = {}, []
   if _AUTOTUNE.value and (not on_cpu or interpret):
     print("autotune:")
-    tuned, tune_log = _autotune(bench, shapes, _AUTOTUNE_REPEATS.value)
+    tuned, tune_log = _autotune(bench, shapes, _AUTOTUNE_REPEATS.value, _AUTOTUNE_KERNELS.value)
 
   rows = []
   header = (

@@ -112,8 +112,9 @@ _LOAD_PLAN = flags.DEFINE_string(
 _IMPL = flags.DEFINE_enum(
   "impl",
   None,
-  ["xla", "pallas"],
-  "Sparse matmul: xla (jnp mask + XLA dot) or pallas (fused kernel; interpret mode on CPU). "
+  ["xla", "pallas", "pallas_mask"],
+  "Sparse matmul: xla (jnp mask + XLA dot), pallas (fused kernel) or pallas_mask (Pallas mask "
+  "pass + XLA dot); the Pallas ones run in interpret mode on CPU. "
   "Default: xla (faster than the current kernel on an H200; see BENCHMARKS.md).",
 )
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Predicted tokens per window.")

@@ -51,8 +51,9 @@ def _params(seed=0):
   }
 
 
+@pytest.mark.parametrize("impl", ["pallas", "pallas_mask"])
 @pytest.mark.parametrize("pattern,score", [("8:16", "weight"), ("2:4", "naive")])
-def test_pallas_forward_equals_xla(pattern, score):
+def test_pallas_forward_equals_xla(pattern, score, impl):
   params = _params()
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 12)), jnp.int32)
   f = model_factors(params, score)
@@ -61,10 +62,10 @@ def test_pallas_forward_equals_xla(pattern, score):
     params, tokens, config=CFG, plan=make_plan(CFG, pattern, sites=sites, factors=f, impl="xla")
   )
   pallas = forward(
-    params, tokens, config=CFG, plan=make_plan(CFG, pattern, sites=sites, factors=f, impl="pallas")
+    params, tokens, config=CFG, plan=make_plan(CFG, pattern, sites=sites, factors=f, impl=impl)
   )
   err = float(jnp.max(jnp.abs(xla - pallas)))
-  print(f"{pattern} {score}: max |pallas - xla| logits = {err:.2e}")
+  print(f"{pattern} {score}: max |{impl} - xla| logits = {err:.2e}")
   assert err < 1e-4
 
 
@@ -76,8 +77,12 @@ def test_default_impl_by_backend():
 
 
 def test_impl_that_cannot_run_is_an_error():
-  with pytest.raises(ValueError, match="impl must be one of xla, pallas"):
+  with pytest.raises(ValueError, match="impl must be one of xla, pallas, pallas_mask"):
     make_plan(CFG, "8:16", impl="cuda")
+  with pytest.raises(ValueError, match="impl='pallas_mask' .* needs a power-of-2 M"):
+    check_impl("pallas_mask", NMPattern.parse("2:6"), backend="cpu")
+  with pytest.raises(ValueError, match="needs impl='xla', got impl='pallas_mask'"):
+    AmberConfig(pattern=NMPattern.parse("2:4"), correction="bias", impl="pallas_mask")
   with pytest.raises(ValueError, match="power-of-2 M"):
     check_impl("pallas", NMPattern.parse("2:6"), backend="gpu")
   with pytest.raises(ValueError, match="power-of-2 M"):

@@ -103,7 +103,8 @@ def test_greedy_generation_is_deterministic(real):
 
 
 def test_pallas_kernel_perplexity_equals_xla(real, text):
-  """The model through the fused Pallas kernel (interpret mode on CPU) equals the xla path."""
+  """The model through the Pallas kernels (interpret mode on CPU) equals the xla path: the
+  fused kernel ("pallas") and the mask pass + XLA dot ("pallas_mask")."""
   config, params, tokenizer = real
   ids = np.asarray(tokenizer.encode(text).ids, np.int32)
   window = make_windows(ids, 64, 1)  # small: each interpreted grid step costs milliseconds
@@ -116,10 +117,11 @@ def test_pallas_kernel_perplexity_equals_xla(real, text):
       batch_size=1,
       show_progress=False,
     ).perplexity
-    for impl in ("xla", "pallas")
+    for impl in ("xla", "pallas", "pallas_mask")
   }
   print(f"perplexity through the kernels: {results}")
   assert results["pallas"] == pytest.approx(results["xla"], rel=1e-5)
+  assert results["pallas_mask"] == pytest.approx(results["xla"], rel=1e-5)
 
 
 def test_amber_auto_robust_8_16_meets_goal(real, windows, text):

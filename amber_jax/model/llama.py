@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from amber_jax.impl import kernel_options, pallas_nm_matmul
+from amber_jax.impl import PALLAS_IMPLS, kernel_options, pallas_mask_matmul, pallas_nm_matmul
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
 from amber_jax.quant import int8_dot_general, quantize_activation
@@ -60,7 +60,8 @@ def project(
   None (decode, or a dense plan) means the input is used as is. ``impl`` "xla"
   sparsifies in jnp then calls XLA's dot; "pallas" calls the fused kernel (the
   mask is computed on each tile inside the matmul). ``layer`` is the traced layer
-  index (kept for transforms that need the site identity). A ``correction`` entry in
+  index (kept for transforms that need the site identity). "pallas_mask" runs the mask as its
+  own Pallas pass, then XLA's dot. A ``correction`` entry in
   ``plan_slice`` (``amber_jax.corrections``) corrects the sparse output of an enabled site
   (impl "xla", float weights only); without one the code path is exactly the plain N:M one.
   A ``channel_order`` entry (a permutation of the input channels) forms the N:M groups over
@@ -84,8 +85,9 @@ def project(
   dense = lambda x_: jnp.einsum("...i,io->...o", x_, w)
   if plan_slice is None or pattern is None:
     y = dense(x)
-  elif impl == "pallas":
+  elif impl in PALLAS_IMPLS:
     factors = plan_slice["factors"]
+    kernel = pallas_nm_matmul if impl == "pallas" else pallas_mask_matmul
 
     def fused(x_):
       lead = x_.shape[:-1]
@@ -94,7 +96,7 @@ def project(
         x_ = jnp.take(x_, channel_order, axis=-1)
         w_, factors_ = jnp.take(w, channel_order, axis=0), jnp.take(factors, channel_order)
       x2d = x_.reshape(-1, x_.shape[-1])
-      y2d = pallas_nm_matmul(x2d, w_, pattern=pattern, factors=factors_, options=kernel_options())
+      y2d = kernel(x2d, w_, pattern=pattern, factors=factors_, options=kernel_options())
       return y2d.reshape(*lead, w.shape[1])
 
     y = jax.lax.cond(plan_slice["enabled"], fused, dense, x)

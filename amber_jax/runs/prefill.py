@@ -37,7 +37,7 @@ class PrefillRunConfig:
   skip_layers: tuple[int, ...] = ()
   coverage: float = 0.55
   robust_clip: bool = True
-  impl: str | None = None  # "xla" | "pallas"; None: the default of amber_jax.impl (xla)
+  impl: str | None = None  # one of amber_jax.impl.IMPLS; None: the default (xla)
   granularity: str = "layer"  # auto policy: "layer" (q+gate together) or "site"
   o_order: str = "heads"  # o-projection N:M groups: "heads" or "mixed" (amber_jax.channel_order)
   quant: str = "none"  # "none" | "w8a8"
