@@ -98,7 +98,10 @@ _RANDOM_INIT = flags.DEFINE_string(
   "loading --model: for machines that cannot fetch the checkpoint (no HF column).",
 )
 _IMPLS = flags.DEFINE_list(
-  "impls", ["xla"], "With --random_init: sparse implementations to time (xla, pallas)."
+  "impls",
+  ["xla"],
+  "With --random_init: sparse implementations to time (xla, xla-<mask method>, pallas, "
+  "pallas_mask).",
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (BENCHMARKS.md).")

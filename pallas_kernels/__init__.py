@@ -1,7 +1,8 @@
-"""Pallas kernels of amber_jax: fused N:M-sparse matmul and W8A8 int8 matmul.
+"""Pallas kernels of amber_jax: N:M-sparse matmul (fused, or mask pass + dot) and W8A8 int8.
 
-Each op has a plain-jnp ``*_reference``, takes a frozen ``BlockSizes`` and ``interpret=``;
-see each module's docstring for its backends (Triton on GPU, Mosaic on TPU).
+Each op has a plain-jnp reference (``*_reference``, or ``amber_jax.sparsity.sparsify`` for
+the mask), takes frozen block sizes and ``interpret=``; see each module's docstring for its
+backends (Triton on GPU, Mosaic on TPU, Mosaic GPU for the Hopper int8 kernel).
 
 The op functions exported here shadow their modules as attributes of the package
 (``pallas_kernels.nm_matmul`` is the function); reach the rest of a module with
@@ -16,6 +17,7 @@ from pallas_kernels.int8_matmul import (
   quantize_per_channel,
   quantize_per_token,
 )
+from pallas_kernels.nm_mask import MaskBlockSizes, nm_mask, nm_matmul_two_pass
 from pallas_kernels.nm_matmul import (
   BlockSizes,
   nm_mask_in_kernel,
@@ -25,13 +27,16 @@ from pallas_kernels.nm_matmul import (
 
 __all__ = [
   "BlockSizes",
+  "MaskBlockSizes",
   "int8_matmul",
   "int8_matmul_reference",
   "nm_int8_matmul",
   "nm_int8_matmul_reference",
+  "nm_mask",
   "nm_mask_in_kernel",
   "nm_matmul",
   "nm_matmul_reference",
+  "nm_matmul_two_pass",
   "quantize_per_channel",
   "quantize_per_token",
 ]

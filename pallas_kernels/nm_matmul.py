@@ -34,12 +34,18 @@ Backends (``backend=``; default from ``jax.default_backend()``):
   places before and after each entry; a lane-position mask (``lane % m``) drops rotations
   that leave the group. One dot of depth ``block_k`` per step. ``block_n``, ``block_k``
   multiples of 128, ``block_m`` of 8 (16 for bf16).
-* ``"mosaic_gpu"``: not implemented. Mosaic GPU feeds wgmma from shared memory filled by
-  TMA, so masking would need a shared->registers->mask->shared round trip of every
-  activation tile inside its pipeline, and the rank needs the ``m`` members of a group side
-  by side, which means strided views of WGMMA-layout register arrays that we did not find
-  in its API; it could not be tried without a GPU here either. Asking for it raises
-  ``NotImplementedError``; nothing falls back silently.
+* ``"mosaic_gpu"``: not implemented here. What was found (2026-11-29, CPU only): Mosaic GPU
+  can feed wgmma an A operand from registers (as JAX's ``hopper_mixed_type_matmul_mgpu``
+  does after a dtype conversion), but its register arrays support no strided slices,
+  concatenation, reshape into groups or sort, and no strided shared-memory loads either; the
+  ``m`` members of a group (4 lanes x 2-4 registers in the WGMMA layout) can only be brought
+  together by warp shuffles written in ``plgpu.inline_mgpu``. Such a kernel lowers for cuda,
+  but Pallas' GPU interpreter runs neither ``inline_mgpu`` nor register-A wgmma, so it could
+  not be checked on CPU. Nor would it make the mask free: about ``m / 2`` shuffles and ``m``
+  compare/adds per entry on the CUDA cores for every N tile is as much time as the tensor
+  cores spend on the tile's dot (see ``pallas_kernels.nm_mask`` for the count). The two-pass
+  route there (mask once per entry, then the vendor dot) is the one built instead. Asking for
+  it raises ``NotImplementedError``; nothing falls back silently.
 
 On CPU, Pallas runs kernels only in its interpreter: ``interpret=True`` is required and runs
 the body of ``backend`` (default ``"triton"``). ``interpret=False`` with an explicit backend
