@@ -4,6 +4,8 @@
 * ``pallas``: the fused kernel of ``pallas_kernels.nm_matmul`` (mask computed on each
   activation tile, never written to memory): Triton on GPU, Mosaic on TPU, the Pallas
   interpreter on CPU (slow: for tests).
+* W8A8 sites (a plan with a quant part): under either Pallas impl the int8 product runs in
+  ``pallas_kernels.int8_matmul`` (Triton on GPU; the Mosaic GPU kernel only by name).
 * ``pallas_mask``: two passes, ``pallas_kernels.nm_mask`` (the mask as one memory-bound
   Pallas kernel) then XLA's dot; the masked activation goes through memory once. Not yet
   timed on a GPU.
@@ -104,6 +106,31 @@ def pallas_mask_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelO
     w.astype(x_2d.dtype),
     pattern=pattern,
     factors=factors,
+    block_sizes=block_sizes,
+    interpret=options.interpret,
+    backend="triton" if options.interpret else None,
+  )
+
+
+def pallas_int8_matmul(x_q_2d, w_q, x_scale_2d, w_scale_2d, *, out_dtype, options: KernelOptions):
+  """W8A8 [tokens, K] int8 x [K, N] int8 through the Pallas int8 kernel (rescale fused)."""
+  from pallas_kernels.int8_matmul import int8_matmul
+  from pallas_kernels.nm_matmul import BlockSizes, next_power_of_2
+
+  block_sizes = None
+  if options.coarse_blocks:
+    tokens, k = x_q_2d.shape
+    block_sizes = BlockSizes(
+      block_m=max(16, next_power_of_2(min(tokens, 512))),
+      block_n=max(16, next_power_of_2(min(w_q.shape[1], 2048))),
+      block_k=max(32, next_power_of_2(min(k, 1024))),
+    )
+  return int8_matmul(
+    x_q_2d,
+    w_q,
+    x_scale_2d,
+    w_scale_2d,
+    out_dtype=out_dtype,
     block_sizes=block_sizes,
     interpret=options.interpret,
     backend="triton" if options.interpret else None,

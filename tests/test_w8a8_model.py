@@ -109,6 +109,36 @@ def test_quantized_prefill_jaxpr_has_int8_dots_with_int32_accumulation(model, or
     assert eqn.outvars[0].aval.dtype == jnp.int32
 
 
+@pytest.mark.parametrize(
+  "order,act_mode,pattern",
+  [("sparsify_first", "token", "8:16"), ("quantize_first", "tensor", "2:4"), (None, "token", None)],
+)
+def test_w8a8_through_the_pallas_int8_kernel_equals_xla(model, order, act_mode, pattern):
+  """impl pallas / pallas_mask run every int8 site through pallas_kernels.int8_matmul
+  (interpret mode here): the same int32 sums and float32 rescale, so the same logits."""
+  params, tokens, absmax = model
+  kw = dict(smooth="outstanding", act_mode=act_mode)
+  if order is not None:
+    kw["order"] = order
+  state, _ = build_quant_state(params, CFG, absmax, **kw)
+  logits = {
+    impl: forward(
+      params, tokens, config=CFG, plan=make_plan(CFG, pattern, impl=impl).replace(quant=state)
+    )
+    for impl in ("xla", "pallas", "pallas_mask")
+  }
+  for impl in ("pallas", "pallas_mask"):
+    err = float(jnp.max(jnp.abs(logits[impl] - logits["xla"])))
+    print(f"\nW8A8 {order} {act_mode} {pattern}: max |{impl} - xla| logits = {err:.2e}")
+    assert err <= 1e-5
+  jaxpr = jax.make_jaxpr(
+    lambda t: forward(
+      params, t, config=CFG, plan=make_plan(CFG, pattern, impl="pallas").replace(quant=state)
+    )
+  )(tokens)
+  assert "int8_matmul" in str(jaxpr)  # the kernel, not the jnp int8 dot
+
+
 def test_decode_uses_int8_without_sparsity(model):
   params, tokens, absmax = model
   state, _ = build_quant_state(params, CFG, absmax, smooth="smoothquant")

@@ -16,7 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from amber_jax.impl import PALLAS_IMPLS, kernel_options, pallas_mask_matmul, pallas_nm_matmul
+from amber_jax.impl import (
+  PALLAS_IMPLS,
+  kernel_options,
+  pallas_int8_matmul,
+  pallas_mask_matmul,
+  pallas_nm_matmul,
+)
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
 from amber_jax.quant import int8_dot_general, quantize_activation
@@ -77,7 +83,9 @@ def project(
       f"impl={impl!r}, quant={'yes' if quant_slice is not None else 'no'}"
     )
   if quant_slice is not None:
-    y = _project_w8a8(x, weights, plan_slice, pattern, mask_method, quant_slice, act_mode, order)
+    y = _project_w8a8(
+      x, weights, plan_slice, pattern, mask_method, quant_slice, act_mode, order, impl
+    )
     if "b" in weights:
       y = y + weights["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
     return y
@@ -130,8 +138,13 @@ def project(
   return y
 
 
-def _project_w8a8(x, weights, plan_slice, pattern, mask_method, q, act_mode, order):
-  """W8A8 at the injection point, with the N:M transform before or after quantizing."""
+def _project_w8a8(x, weights, plan_slice, pattern, mask_method, q, act_mode, order, impl):
+  """W8A8 at the injection point, with the N:M transform before or after quantizing.
+
+  With a Pallas ``impl`` the int8 product and its rescale run in the Pallas int8 kernel
+  (``pallas_kernels.int8_matmul``: the same int32 sums and float32 rescale); the N:M mask and
+  the quantization stay in jnp (the per-token scale needs the whole row).
+  """
 
   def row(a):  # per-input-channel vector [d_in] -> broadcastable against x
     return a.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
@@ -166,6 +179,18 @@ def _project_w8a8(x, weights, plan_slice, pattern, mask_method, q, act_mode, ord
     else:
       x_q, x_scale = quantize_activation(xs, mode=act_mode, static_scale=static)
       x_q = maybe_sparsify(x_q)
+    if impl in PALLAS_IMPLS:
+      lead, k = x_q.shape[:-1], x_q.shape[-1]
+      x_scale_2d = jnp.broadcast_to(x_scale, lead + (1,)).reshape(-1, 1)
+      y2d = pallas_int8_matmul(
+        x_q.reshape(-1, k),
+        q["w_q"],
+        x_scale_2d,
+        q["w_scale"].reshape(1, -1),
+        out_dtype=x_.dtype,
+        options=kernel_options(),
+      )
+      return y2d.reshape(*lead, y2d.shape[-1])
     acc = int8_dot_general(x_q, q["w_q"], (((x_q.ndim - 1,), (0,)), ((), ())))
     w_scale = q["w_scale"].reshape((1,) * (acc.ndim - 1) + (-1,))
     return (acc.astype(jnp.float32) * x_scale * w_scale).astype(x_.dtype)
