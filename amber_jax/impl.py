@@ -66,17 +66,24 @@ def kernel_options(backend: str | None = None) -> KernelOptions:
   return KernelOptions(interpret=on_cpu, coarse_blocks=on_cpu)
 
 
+def _coarse(size: int, cap: int, floor: int = 16) -> int:
+  """A power-of-2 tile covering ``size`` up to ``cap`` (few interpreted grid steps on CPU)."""
+  from pallas_kernels.nm_matmul import next_power_of_2
+
+  return max(floor, next_power_of_2(min(size, cap)))
+
+
 def pallas_nm_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelOptions):
   """[tokens, K] x [K, N] through the fused kernel (imported lazily: optional dependency)."""
-  from pallas_kernels.nm_matmul import BlockSizes, next_power_of_2, nm_matmul
+  from pallas_kernels.nm_matmul import BlockSizes, nm_matmul
 
   block_sizes = None
   if options.coarse_blocks:
     tokens, k = x_2d.shape
     block_sizes = BlockSizes(
-      block_m=max(16, next_power_of_2(min(tokens, 512))),
-      block_n=max(16, next_power_of_2(min(w.shape[1], 2048))),
-      block_k=max(16, pattern.m, next_power_of_2(min(k, 1024))),
+      block_m=_coarse(tokens, 512),
+      block_n=_coarse(w.shape[1], 2048),
+      block_k=_coarse(k, 1024, floor=max(16, pattern.m)),
     )
   return nm_matmul(
     x_2d,
@@ -92,14 +99,12 @@ def pallas_nm_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelOpt
 def pallas_mask_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelOptions):
   """[tokens, K] x [K, N]: the Pallas mask pass, then XLA's dot (impl "pallas_mask")."""
   from pallas_kernels.nm_mask import MaskBlockSizes, nm_matmul_two_pass
-  from pallas_kernels.nm_matmul import next_power_of_2
 
   block_sizes = None
   if options.coarse_blocks:
     tokens, k = x_2d.shape
     block_sizes = MaskBlockSizes(
-      block_m=max(16, next_power_of_2(min(tokens, 512))),
-      block_k=max(16, pattern.m, next_power_of_2(min(k, 2048))),
+      block_m=_coarse(tokens, 512), block_k=_coarse(k, 2048, floor=max(16, pattern.m))
     )
   return nm_matmul_two_pass(
     x_2d,
@@ -115,15 +120,15 @@ def pallas_mask_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelO
 def pallas_int8_matmul(x_q_2d, w_q, x_scale_2d, w_scale_2d, *, out_dtype, options: KernelOptions):
   """W8A8 [tokens, K] int8 x [K, N] int8 through the Pallas int8 kernel (rescale fused)."""
   from pallas_kernels.int8_matmul import int8_matmul
-  from pallas_kernels.nm_matmul import BlockSizes, next_power_of_2
+  from pallas_kernels.nm_matmul import BlockSizes
 
   block_sizes = None
   if options.coarse_blocks:
     tokens, k = x_q_2d.shape
     block_sizes = BlockSizes(
-      block_m=max(16, next_power_of_2(min(tokens, 512))),
-      block_n=max(16, next_power_of_2(min(w_q.shape[1], 2048))),
-      block_k=max(32, next_power_of_2(min(k, 1024))),
+      block_m=_coarse(tokens, 512),
+      block_n=_coarse(w_q.shape[1], 2048),
+      block_k=_coarse(k, 1024, floor=32),  # int8 MMA depth
     )
   return int8_matmul(
     x_q_2d,

@@ -59,7 +59,7 @@ def _keep_mask_topk(score_GxM: jax.Array, n: int) -> jax.Array:
   return jnp.any(idx[..., :, None] == jnp.arange(m).reshape((1,) * idx.ndim + (m,)), axis=-2)
 
 
-def _batcher_pairs(n: int) -> list[tuple[int, int]]:
+def batcher_pairs(n: int) -> list[tuple[int, int]]:
   """Comparators of Batcher's odd-even merge sort for n a power of two."""
   pairs = []
   p = 1
@@ -83,7 +83,7 @@ def _keep_mask_sortnet(score_GxM: jax.Array, n: int) -> jax.Array:
   width = 1 << (m - 1).bit_length()
   cols = [score_GxM[..., j] for j in range(m)]
   cols += [jnp.full_like(cols[0], -1.0)] * (width - m)  # scores are >= 0
-  for a, b in _batcher_pairs(width):
+  for a, b in batcher_pairs(width):
     cols[a], cols[b] = jnp.maximum(cols[a], cols[b]), jnp.minimum(cols[a], cols[b])
   threshold = cols[n - 1][..., None]
   above = score_GxM > threshold

@@ -1,22 +1,27 @@
 """The N:M mask as its own memory-bound kernel, and the two-pass sparse matmul built on it.
 
 Why a second route next to the fused kernel (``pallas_kernels.nm_matmul``): the fused kernel
-recomputes the mask for every N tile, and an exact mask costs about ``m`` compare/add
-operations per activation entry (the pairwise ranks), on the CUDA cores. Against the
-``block_n`` multiply-adds that the tensor cores spend on the same entry, that is not free:
-on an H100/H200 an SM retires about 1024 bf16 multiply-adds per cycle on its tensor cores
-but 128 scalar operations on its CUDA cores, so with ``block_n = 256`` the dot takes about
-0.25 cycles per entry and the 8:16 ranks (about 16 compares and 16 adds) about 0.25 more;
-the measured fused kernel ran at 3.5-4.8x the dense dot (BENCHMARKS.md). Computing the mask
-once per entry instead (this kernel: read x, write the masked x, at memory bandwidth) and
-letting the vendor GEMM do the dot costs one extra read and write of the activation:
-4 bytes per entry against ``2 * N`` FLOPs, about 5-10% of the dot at N = 4096 on an H200
-(4.8 TB/s, 989 TFLOP/s) and 2-3% at N = 14336.
+recomputes the mask for every N tile, on the CUDA cores, while the tensor cores do the dot.
+On an H100/H200 an SM retires about 1024 bf16 multiply-adds per cycle on its tensor cores but
+128 scalar operations on its CUDA cores, so with ``block_n = 256`` the dot takes about 0.25
+cycles per activation entry and an exact 8:16 mask of ``c`` operations per entry about
+``c / 128`` more: the pairwise ranks the fused kernel used when it was measured (``c`` about
+32) cost as much as the dot, and it ran at 3.5-4.8x the dense time (BENCHMARKS.md); even the
+sorting network (``c`` about 16) is not free there. Computing the mask once per entry
+instead (this kernel: read x, write the masked x) and letting the vendor GEMM do the dot
+costs one extra read and write of the activation: 4 bytes per entry against ``2 * N``
+FLOPs, 1-6% of the dense dot at the prefill shapes on an H200 (4.8 TB/s, 989 TFLOP/s), if
+the pass runs at bandwidth. At 4 bytes per entry an H200 SM must finish about 4.6 entries
+per cycle, about 28 instructions per entry at perfect issue: the mask's instruction count is
+what decides. ``scripts/triton_sm90_count.py`` (an offline sm_90 compile) counts 59 SASS
+instructions per entry at 8:16 with the pairwise ranks and 27 with the sorting-network
+threshold, which ``keep_from_group_slices`` therefore uses for M > 4.
 
 * ``nm_mask(x, pattern, factors)``: ``sparsify(x, pattern, factors)`` (same scores, ties and
   NaN handling, bit-identical kept values) as a Pallas kernel over [block_m, block_k] tiles.
-  Triton reads each tile as ``m`` strided slices and ranks them pairwise, as the fused
-  kernel does; Mosaic TPU uses lane rotations. Shapes are zero-padded to the blocks.
+  Triton reads each tile as ``m`` strided slices and selects with the sorting network, as
+  the fused kernel does; Mosaic TPU uses lane rotations. Shapes are zero-padded to the
+  blocks.
 * ``nm_matmul_two_pass(x, w, pattern, factors)``: ``nm_mask`` then XLA's dot (cuBLAS on GPU),
   float32 accumulation, output in x's dtype: the same contract as ``nm_matmul``.
 
@@ -63,7 +68,8 @@ class MaskBlockSizes:
 
   block_m: int = 64
   block_k: int = 256
-  num_warps: int | None = 4
+  # 8 warps: at 4 an offline sm_90 compile of the [64, 256] tile spilled registers.
+  num_warps: int | None = 8
 
   def __post_init__(self):
     for name in ("block_m", "block_k"):

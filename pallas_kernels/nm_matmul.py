@@ -14,10 +14,12 @@ Backends (``backend=``; default from ``jax.default_backend()``):
   inside the kernel with an fp32 accumulator in registers. Each K step reads the activation
   tile as ``m`` strided slices ``x[:, k0 + p :: m]`` (``p`` = position inside the group), so
   the ``m`` members of every group sit at the same place of ``m`` [block_m, block_k/m]
-  tensors; the pairwise rank ``rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}`` is then
-  ``m(m-1)/2`` elementwise compares (one per pair, static ``p < q``: ``s_p >= s_q`` means
-  ``p`` beats ``q``, its complement means ``q`` beats ``p``) and integer adds: no 3-D reshape,
-  gather or cross-lane op, which Triton lacks. The masked slices are interleaved back into the
+  tensors; a sorting network of elementwise max/min across the ``m`` slices (Batcher's,
+  pruned to the N-th output) gives each group's N-th largest score, and the keep-mask is
+  "above it, or equal to it and among the first N by position" (``keep_from_group_slices``):
+  no 3-D reshape, gather or cross-lane op, which Triton lacks. (Until 2026-11-29 this was
+  the pairwise rank, m(m-1)/2 compares and twice as many adds: about twice the instructions
+  per entry at 8:16.) The masked slices are interleaved back into the
   [block_m, block_k] tile by a tree of 2-way stacks (``tt.join``) and multiplied with the
   contiguous [block_k, block_n] weight tile in one dot (wgmma on Hopper). Triton needs
   power-of-two shapes: ``block_m``, ``block_n``, ``block_k`` powers of two >= 16 and a
@@ -57,8 +59,9 @@ multiple of m: the padded entries form whole groups of their own, and their weig
 zero as well.
 
 Cost note: the mask is recomputed for every N tile (the price of never writing it); per
-activation entry it is about ``(m-1)/2`` compares plus ``m-1`` integer adds, against
-``2*block_n`` tensor-core FLOPs of the dot. Measure with ``experiments/bench_kernels.py``.
+activation entry it is about 16 operations at 8:16 (7 max/min, the threshold compares and
+the tie count), against ``2*block_n`` tensor-core FLOPs of the dot. Measure with
+``experiments/bench_kernels.py``; ``pallas_kernels.nm_mask`` holds the two-pass route.
 """
 
 from __future__ import annotations
@@ -306,11 +309,10 @@ def tile_scores(x: jax.Array, factors: jax.Array | None) -> jax.Array:
   return jnp.where(jnp.isnan(s), jnp.inf, s)
 
 
-def keep_from_group_slices(scores: list[jax.Array], n: int) -> list[jax.Array]:
-  """Keep-masks for ``m`` aligned slices: ``scores[p]`` holds group position ``p``.
-
-  rank_p = #{q: s_q > s_p or (s_q == s_p and q < p)}; keep rank_p < n. One compare per pair.
-  """
+def keep_by_pairwise_rank(scores: list[jax.Array], n: int) -> list[jax.Array]:
+  """Keep-masks for ``m`` aligned slices (``scores[p]`` holds group position ``p``) by rank:
+  rank_p = #{q: s_q > s_p or (s_q == s_p and q < p)}, keep rank_p < n. One compare per pair
+  (m(m-1)/2) and twice as many integer adds."""
   m = len(scores)
   ranks = [jnp.zeros(scores[0].shape, jnp.int32) for _ in range(m)]
   for p in range(m):
@@ -319,6 +321,71 @@ def keep_from_group_slices(scores: list[jax.Array], n: int) -> list[jax.Array]:
       ranks[q] = ranks[q] + p_beats_q
       ranks[p] = ranks[p] + (1 - p_beats_q)
   return [r < n for r in ranks]
+
+
+def selection_comparators(m: int, n: int) -> list[tuple[int, int]]:
+  """Comparators of Batcher's sorting network for ``m`` (a power of 2) wires, descending,
+  pruned to those that can reach output ``n - 1`` (the N-th largest)."""
+  from amber_jax.sparsity import batcher_pairs
+
+  needed, kept = {n - 1}, []
+  for a, b in reversed(batcher_pairs(m)):
+    if a in needed or b in needed:
+      needed |= {a, b}
+      kept.append((a, b))
+  return kept[::-1]
+
+
+def keep_by_threshold(scores: list[jax.Array], n: int) -> list[jax.Array]:
+  """Keep-masks for ``m`` aligned slices (``scores[p]`` holds group position ``p``), by the
+  N-th largest score of each group: keep scores above it, and of those equal to it the lowest
+  positions until N are kept (ties to the lower index, as ``sparsify``).
+
+  The threshold comes from a sorting network on the slices (max/min, pruned to the N-th
+  output: 53 comparators at 8:16).
+  """
+  m = len(scores)
+  cols = list(scores)
+  for a, b in selection_comparators(m, n):
+    cols[a], cols[b] = jnp.maximum(cols[a], cols[b]), jnp.minimum(cols[a], cols[b])
+  threshold = cols[n - 1]
+  above = [s > threshold for s in scores]
+  n_above = above[0].astype(jnp.int32)
+  for a in above[1:]:
+    n_above = n_above + a.astype(jnp.int32)
+  room = n - n_above  # how many of the entries equal to the threshold are kept
+  keeps, equal_before = [], jnp.zeros(threshold.shape, jnp.int32)
+  for s, a in zip(scores, above, strict=True):
+    equal = s == threshold
+    keeps.append(a | (equal & (equal_before < room)))
+    equal_before = equal_before + equal.astype(jnp.int32)
+  return keeps
+
+
+GROUP_SELECTIONS = ("auto", "pairwise", "threshold")
+# "auto": the pairwise rank up to this M, the sorting-network threshold above. Counted by
+# scripts/triton_sm90_count.py (offline sm_90 compile of the nm_mask kernel, pip Triton 3.9,
+# [64, 256] bf16 tile, 8 warps; SASS instructions per entry, pairwise vs threshold): 2:4 20.5
+# vs 29.6, 4:8 33.1 vs 28.9, 8:16 59 vs 27.2.
+_PAIRWISE_MAX_M = 4
+
+
+def keep_from_group_slices(
+  scores: list[jax.Array], n: int, method: str = "auto"
+) -> list[jax.Array]:
+  """Keep-masks of ``m`` aligned slices (``scores[p]`` holds group position ``p`` of every
+  group): the top ``n`` of each group, ties to the lower position, as ``sparsify``.
+
+  ``method``: "pairwise" (``keep_by_pairwise_rank``), "threshold" (``keep_by_threshold``) or
+  "auto" (pairwise up to M = 4, where it takes fewer instructions, threshold above).
+  """
+  if method not in GROUP_SELECTIONS:
+    raise ValueError(f"method must be one of {GROUP_SELECTIONS}, got {method!r}")
+  if method == "auto":
+    method = "pairwise" if len(scores) <= _PAIRWISE_MAX_M else "threshold"
+  if method == "pairwise":
+    return keep_by_pairwise_rank(scores, n)
+  return keep_by_threshold(scores, n)
 
 
 def keep_from_lane_rolls(score: jax.Array, n: int, m: int) -> jax.Array:

@@ -16,7 +16,12 @@ import pytest
 from amber_jax.patterns import NMPattern
 from amber_jax.sparsity import sparsify
 from pallas_kernels.nm_mask import MaskBlockSizes, nm_mask, nm_matmul_two_pass
-from pallas_kernels.nm_matmul import nm_matmul_reference
+from pallas_kernels.nm_matmul import (
+  keep_from_group_slices,
+  nm_matmul_reference,
+  selection_comparators,
+  tile_scores,
+)
 
 cpu_interpret = pytest.mark.skipif(
   jax.default_backend() != "cpu", reason="interpret-mode check: runs on CPU hosts"
@@ -35,6 +40,35 @@ def _activation(shape, dtype, seed=0):
 
 def _factors(k, seed=1):
   return jax.random.uniform(jax.random.key(seed), (k,), jnp.float32, 0.25, 4.0)
+
+
+@pytest.mark.parametrize("method", ["pairwise", "threshold", "auto"])
+@pytest.mark.parametrize("m", [2, 4, 8, 16, 32])
+def test_keep_from_group_slices_equals_sparsify_for_every_n(m, method):
+  """The in-kernel selection (pruned sorting network + tie count) on plain arrays, for every
+  N, on scores with many exact ties (small integers) and +inf (from NaN)."""
+  rng = np.random.default_rng(m)
+  x = rng.integers(-3, 4, size=(64, 8 * m)).astype(np.float32)
+  x[rng.random(x.shape) < 0.02] = np.nan
+  x = jnp.asarray(x)
+  for n in range(1, m):  # N < M
+    parts = [x[:, p::m] for p in range(m)]
+    keeps = keep_from_group_slices([tile_scores(xp, None) for xp in parts], n, method=method)
+    keep = jnp.stack(keeps, axis=-1).reshape(x.shape)
+    ref = sparsify(x, NMPattern.parse(f"{n}:{m}"))
+    assert bool(jnp.array_equal(jnp.where(keep, x, 0.0), ref, equal_nan=True)), (n, m)
+    assert int(keep.reshape(64, -1, m).sum(-1).min()) == n
+
+
+def test_keep_from_group_slices_bad_method():
+  with pytest.raises(ValueError, match="method must be one of"):
+    keep_from_group_slices([jnp.ones(4)] * 4, 2, method="sort")
+
+
+def test_selection_comparators_are_pruned_to_the_nth_output():
+  assert len(selection_comparators(16, 8)) == 53  # of Batcher's 63
+  assert len(selection_comparators(4, 1)) == 3  # the maximum: a tournament
+  assert len(selection_comparators(2, 1)) == 1
 
 
 CASES = [

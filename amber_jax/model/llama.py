@@ -65,9 +65,9 @@ def project(
   ``plan_slice`` holds this layer's ``enabled`` flag and ``factors`` for ``proj``;
   None (decode, or a dense plan) means the input is used as is. ``impl`` "xla"
   sparsifies in jnp then calls XLA's dot; "pallas" calls the fused kernel (the
-  mask is computed on each tile inside the matmul). ``layer`` is the traced layer
-  index (kept for transforms that need the site identity). "pallas_mask" runs the mask as its
-  own Pallas pass, then XLA's dot. A ``correction`` entry in
+  mask is computed on each tile inside the matmul); "pallas_mask" runs the mask as its own
+  Pallas pass, then XLA's dot. ``layer`` is the traced layer index (kept for transforms
+  that need the site identity). A ``correction`` entry in
   ``plan_slice`` (``amber_jax.corrections``) corrects the sparse output of an enabled site
   (impl "xla", float weights only); without one the code path is exactly the plain N:M one.
   A ``channel_order`` entry (a permutation of the input channels) forms the N:M groups over
