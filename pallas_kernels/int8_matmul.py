@@ -119,7 +119,8 @@ def quantize_per_channel(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def default_block_sizes(backend: str, m_tokens: int, k: int, n: int) -> BlockSizes:
-  """Tuned-table entry, shrunk to small problems (Triton: powers of two; TPU: (16, 128))."""
+  """Tuned-table entry, shrunk to small problems (Triton: powers of two; TPU: (16, 128);
+  Mosaic GPU: rows of 64, warpgroup columns of 8 or 64, K of 128)."""
   base = lookup_block_sizes(TUNED_BLOCK_SIZES, backend, jnp.int8, k, n, _FALLBACK_BLOCK_SIZES)
   if backend == MOSAIC_GPU:
     wg_n = min(base.block_n // 2, round_up(-(-n // 2), 8))
