@@ -46,6 +46,7 @@ from amber_jax.sparsity import sparsify
 from pallas_kernels.int8_matmul_mgpu import (
   W_LAYOUTS,
   check_mgpu_block_sizes,
+  check_mgpu_device,
   int8_matmul_mgpu_padded,
 )
 from pallas_kernels.nm_matmul import (
@@ -324,6 +325,8 @@ def int8_matmul(
     block_sizes = default_block_sizes(backend, x_q.shape[0], k, n_out)
   _check_int8_block_sizes(block_sizes, backend, op="int8_matmul")
   if backend == MOSAIC_GPU:
+    if not interpret:
+      check_mgpu_device(jax.devices()[0], op="int8_matmul")
     return _int8_matmul_mgpu(
       x_q,
       w_q,

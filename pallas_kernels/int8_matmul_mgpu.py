@@ -81,6 +81,20 @@ def num_sms() -> int:
   return DEFAULT_NUM_SMS
 
 
+def check_mgpu_device(device, *, op: str) -> None:
+  """The compiled kernel needs wgmma: a Hopper GPU (compute capability 9.0). Other devices
+  (a CPU host lowering for cuda, the interpreter) pass."""
+  if getattr(device, "platform", None) != "gpu":
+    return
+  capability = str(getattr(device, "compute_capability", ""))
+  if capability != "9.0":
+    raise ValueError(
+      f"{op}: backend='mosaic_gpu' is a Hopper (sm_90) kernel, but the device "
+      f"{getattr(device, 'device_kind', device)!s} has compute capability {capability or '?'}; "
+      "use backend='triton' there"
+    )
+
+
 def check_mgpu_block_sizes(bs: BlockSizes, *, op: str) -> None:
   """Mosaic GPU constraints of the int8 kernel (see the module docstring)."""
   if bs.block_m % 64:

@@ -24,7 +24,7 @@ from pallas_kernels.int8_matmul import (
   quantize_per_token,
   sparsify_quantize_per_token,
 )
-from pallas_kernels.int8_matmul_mgpu import int8_matmul_mgpu_padded
+from pallas_kernels.int8_matmul_mgpu import check_mgpu_device, int8_matmul_mgpu_padded
 from pallas_kernels.nm_matmul import BlockSizes, nm_matmul_reference
 
 SHAPES = [(37, 576, 192), (64, 1536, 576), (128, 576, 1536)]
@@ -454,6 +454,18 @@ def test_mgpu_int8_bad_inputs():
       x_q, w_q, x_s[:, 0], w_s[0], out_dtype=jnp.float32,
       block_sizes=BlockSizes(block_m=64, block_n=64, block_k=128), interpret=True,
     )  # fmt: skip
+
+
+def test_mgpu_needs_a_hopper_gpu():
+  class FakeGPU:
+    platform, device_kind = "gpu", "NVIDIA A100-SXM4-80GB"
+    compute_capability = "8.0"
+
+  with pytest.raises(ValueError, match="Hopper.*compute capability 8.0.*backend='triton'"):
+    check_mgpu_device(FakeGPU(), op="int8_matmul")
+  FakeGPU.compute_capability = "9.0"
+  check_mgpu_device(FakeGPU(), op="int8_matmul")
+  check_mgpu_device(jax.devices("cpu")[0], op="int8_matmul")  # a CPU host may lower
 
 
 def test_nm_int8_bad_inputs():
