@@ -15,9 +15,10 @@ Structure (one CTA per SM, persistent):
 * the output tiles are walked in a "planar snake" order (``plgpu.planar_snake``) so that
   neighbouring CTAs share operand tiles in L2;
 * the epilogue: the per-token scales of the block's rows and the per-channel scales of the
-  warpgroup's columns are copied to shared memory (TMA, issued before the K loop so they
-  arrive under it), then ``acc * x_scale * w_scale`` in float32, cast to ``out_dtype`` and
-  written back through shared memory in ``epi``-sized TMA stores.
+  warpgroup's columns are copied to shared memory (TMA), then ``acc * x_scale * w_scale`` in
+  float32, cast to ``out_dtype`` and written back through shared memory in 64 x 64 TMA
+  stores. The scale copies are issued after the K loop: issued before it, they deadlocked
+  Pallas' GPU interpreter (jax 0.10.2), so one copy latency per tile is not hidden.
 
 8-bit wgmma reads both operands K-major, so the weight is passed as [N, K] (K contiguous) and
 the kernel hands wgmma its transposed view. ``int8_matmul`` transposes a [K, N] weight on the
@@ -201,6 +202,8 @@ def _kernel(
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((block_m, wg_n), jnp.int32))
         def _acc_scope(acc_ref):
           eval_pipeline(acc_ref)
+          # The last tile's scales were read by plain loads: order them before the TMA writes.
+          plgpu.commit_smem()
           plgpu.copy_gmem_to_smem(xs_gmem.at[m_slice], xs_smem.at[wg], scale_barriers.at[wg])
           plgpu.copy_gmem_to_smem(
             ws_gmem.at[n_slice].at[wg_n_slice], ws_smem.at[wg], scale_barriers.at[2 + wg]
