@@ -76,6 +76,8 @@ class MaskBlockSizes:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"MaskBlockSizes.{name} must be a positive int, got {name}={value!r}")
+    if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16, 32):
+      raise ValueError(f"MaskBlockSizes.num_warps must be a power of 2 in [1, 32], got {self!r}")
 
 
 def _check_mask_blocks(bs: MaskBlockSizes, backend: str, dtype, m: int, *, op: str) -> None:

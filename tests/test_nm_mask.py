@@ -185,5 +185,7 @@ def test_nm_mask_bad_inputs():
     nm_mask(x.astype(jnp.float16), pattern="2:4", **kw)
   with pytest.raises(ValueError, match="positive int"):
     MaskBlockSizes(block_m=0)
+  with pytest.raises(ValueError, match="num_warps must be a power of 2"):
+    MaskBlockSizes(num_warps=6)
   with pytest.raises(TypeError, match="w must have x's dtype"):
     nm_matmul_two_pass(x, jnp.ones((576, 8), jnp.bfloat16), pattern="2:4", **kw)
