@@ -50,9 +50,8 @@ class AmberConfig:
   granularity: str = "layer"
   coverage: float = 0.55  # target for policy="auto" and "search"
   robust_clip: bool = True
-  impl: str | None = (
-    None  # "xla" | "pallas" | "pallas_mask"; None: the backend's default (amber_jax.impl)
-  )
+  # "xla" | "pallas" | "pallas_mask"; None: the backend's default (amber_jax.impl)
+  impl: str | None = None
   # Output correction of the sparse sites (amber_jax.corrections), e.g. "median+bias"; fitted
   # on the calibration windows, on the dense model's inputs or the sparse one's ("sequential",
   # "global"). Off by default: none won on a held-out text yet (RESULTS.md "corrections").

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import default_cache_dir  # noqa: E402
 
+from amber_jax.impl import IMPLS  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
 from amber_jax.runs.common import DTYPES  # noqa: E402
 from amber_jax.runs.generation import (  # noqa: E402
@@ -52,6 +53,13 @@ _MAX_NEW = flags.DEFINE_integer(
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per generation call.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
 _COVERAGE = flags.DEFINE_float("coverage", 0.55, "amber: minimum share of linear MACs sparsified.")
+_IMPL = flags.DEFINE_enum(
+  "impl",
+  None,
+  list(IMPLS),
+  "Sparse matmul: xla, pallas (fused kernel) or pallas_mask (mask pass + XLA dot); the "
+  "Pallas ones run in interpret mode on CPU. Default: xla. Scores do not depend on it.",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Results JSON (resumed when it exists).")
 _REPORT = flags.DEFINE_bool("report", False, "Only print the table of --output; evaluate nothing.")
 _RESULTS = flags.DEFINE_string("results", None, "Markdown file whose 'generation' section is set.")
@@ -86,6 +94,7 @@ def main(argv):
         coverage=_COVERAGE.value,
         output=_OUTPUT.value,
         cache_dir=_CACHE_DIR.value or default_cache_dir(),
+        impl=_IMPL.value,
       )
       result = run_generation(cfg)
   except ValueError as e:

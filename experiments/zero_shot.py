@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import default_cache_dir  # noqa: E402
 
 from amber_jax.data.bigbench import BIGBENCH_TASKS  # noqa: E402
+from amber_jax.impl import IMPLS  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
 from amber_jax.runs.common import DTYPES  # noqa: E402
 from amber_jax.runs.zero_shot import (  # noqa: E402
@@ -71,6 +72,13 @@ _CALIB_WINDOWS = flags.DEFINE_integer(
 )
 _TEXT_FILE = flags.DEFINE_string(
   "text_file", None, "Calibration text for amber (default: gensim's lee_background.cor)."
+)
+_IMPL = flags.DEFINE_enum(
+  "impl",
+  None,
+  list(IMPLS),
+  "Sparse matmul: xla, pallas (fused kernel) or pallas_mask (mask pass + XLA dot); the "
+  "Pallas ones run in interpret mode on CPU. Default: xla. Scores do not depend on it.",
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Results JSON (resumed when it exists).")
 _REPORT = flags.DEFINE_bool(
@@ -111,6 +119,7 @@ def main(argv):
         text=_TEXT_FILE.value or "lee_background",
         output=_OUTPUT.value,
         cache_dir=_CACHE_DIR.value or default_cache_dir(),
+        impl=_IMPL.value,
       )
       result = run_zero_shot(cfg)
   except ValueError as e:

@@ -239,3 +239,23 @@ def test_generation_runner_resumes_and_reports_agreement(make_cfg, monkeypatch):
   assert table[2].startswith("| dense |") and table[3].startswith("| 8:16 naive |")
   with pytest.raises(ValueError, match="max_new_tokens"):
     gen.GenerationConfig(**kw, max_new_tokens=0, output="x.json")
+
+
+def test_impl_reaches_every_sparse_row_and_is_validated(make_cfg):
+  """--impl picks the sparse matmul of every sparse row (scores do not depend on it, so it
+  is not part of an entry's settings); an unknown impl fails on construction."""
+  from amber_jax.runs import generation as gen
+
+  cfg = make_cfg(impl="pallas_mask")
+  impls = {key: amber.impl for key, amber in cfg.runs()}
+  assert impls[("naive", "8:16")] == impls[("amber", "8:16")] == "pallas_mask"
+  assert "impl" not in cfg.settings("amber")
+  assert {amber.impl for _, amber in make_cfg().runs()} == {None}
+  with pytest.raises(ValueError, match="impl must be one of xla, pallas, pallas_mask"):
+    make_cfg(impl="cuda")
+  base = make_cfg()
+  kw = {f: getattr(base, f) for f in ("model", "tasks", "text", "seq_len", "cache_dir")}
+  runs = gen.GenerationConfig(**kw, impl="pallas", output="x.json").runs()
+  assert {a.impl for _, a in runs if a.pattern is not None} == {"pallas"}
+  with pytest.raises(ValueError, match="impl must be one of"):
+    gen.GenerationConfig(**kw, impl="triton", output="x.json")

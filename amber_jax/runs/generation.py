@@ -58,6 +58,7 @@ class GenerationConfig:
   calib_windows: int = 8
   output: str = ""
   cache_dir: str = ""
+  impl: str | None = None  # sparse matmul implementation (amber_jax.impl); speed only
 
   def __post_init__(self):
     if not self.tasks:
@@ -89,7 +90,7 @@ class GenerationConfig:
       raise ValueError("cache_dir must be given (where the model and text are cached)")
 
   def runs(self):
-    return plan_rows(self.patterns, self.methods, self.coverage)
+    return plan_rows(self.patterns, self.methods, self.coverage, impl=self.impl)
 
   def settings(self, method: str) -> dict:
     s = {

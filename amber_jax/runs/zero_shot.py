@@ -68,6 +68,9 @@ class ZeroShotConfig:
   calib_windows: int = 8  # amber calibration windows, after those
   output: str = ""  # results JSON (resumed when it exists)
   cache_dir: str = ""
+  # Sparse matmul implementation (amber_jax.impl; None: the default). Speed only: the scores
+  # do not depend on it, so it is not part of an entry's settings.
+  impl: str | None = None
 
   def __post_init__(self):
     if not self.tasks:
@@ -121,7 +124,7 @@ class ZeroShotConfig:
 
   def runs(self) -> list[tuple[tuple[str, str], AmberConfig]]:
     """((method, pattern), AmberConfig) of every row, dense first when it is asked for."""
-    return plan_rows(self.patterns, self.methods, self.coverage)
+    return plan_rows(self.patterns, self.methods, self.coverage, impl=self.impl)
 
   def settings(self, method: str) -> dict:
     """What an entry must have been made with to be reused."""
@@ -145,12 +148,13 @@ class ZeroShotConfig:
 
 
 def plan_rows(
-  patterns: Sequence[str], methods: Sequence[str], coverage: float
+  patterns: Sequence[str], methods: Sequence[str], coverage: float, *, impl: str | None = None
 ) -> list[tuple[tuple[str, str], AmberConfig]]:
   """((method, pattern), AmberConfig) of every row, in the order of ``patterns``.
 
   ``naive``: every linear input sparsified, score |x|; ``amber``: the auto policy with the
-  robust score at ``coverage``. "dense" is one row whatever the methods.
+  robust score at ``coverage``. "dense" is one row whatever the methods. ``impl``: the
+  sparse rows' matmul implementation (``amber_jax.impl``; None: the default).
   """
   rows = []
   for p in patterns:
@@ -160,9 +164,11 @@ def plan_rows(
       continue
     for m in methods:
       if m == "naive":
-        amber = AmberConfig(pattern=pattern, score="naive", policy="all")
+        amber = AmberConfig(pattern=pattern, score="naive", policy="all", impl=impl)
       else:
-        amber = AmberConfig(pattern=pattern, score="robust", policy="auto", coverage=coverage)
+        amber = AmberConfig(
+          pattern=pattern, score="robust", policy="auto", coverage=coverage, impl=impl
+        )
       rows.append(((m, str(pattern)), amber))
   return rows
 
