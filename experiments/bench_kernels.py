@@ -40,9 +40,11 @@ that floor, the max abs error against the method's reference on the first --chec
 rows (``nm_matmul_reference``, ``int8_matmul_reference``, ``nm_int8_matmul_reference``), the
 first-call (compile) seconds and the block sizes. Peaks default to an H200: 989 TFLOP/s
 dense bf16, 1979 TOPS dense int8, 4.8 TB/s (flags). A method that fails to compile prints
-its error and the run goes on. --autotune first times 5 BlockSizes for each of the two
-Pallas kernels at the largest M of every (K, N) (about 30 extra compiles: 1-3 more minutes
-on a GPU), uses the best in the table and prints entries for the TUNED_BLOCK_SIZES tables.
+its error and the run goes on. --autotune first times 5 BlockSizes for each kernel named by
+--autotune_kernels (the fused N:M kernel "nm", the Triton "int8" and the Mosaic GPU
+"mgpu_int8") at the largest M of every (K, N) (15 extra compiles per kernel: about a minute
+each on a GPU), uses the best in the table and prints entries for the TUNED_BLOCK_SIZES
+tables.
 --output writes all rows as JSON (temporary file + os.replace).
 """
 
@@ -152,10 +154,9 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 peak, TFLOP/
 _PEAK_INT8_TOPS = flags.DEFINE_float("peak_int8_tops", 1979.0, "Dense int8 peak, TOPS (H200).")
 _PEAK_TBPS = flags.DEFINE_float("peak_tbps", 4.8, "HBM bandwidth, TB/s (H200).")
 _AUTOTUNE = flags.DEFINE_bool("autotune", False, "Try NM/INT8_CANDIDATES per shape first.")
+AUTOTUNE_KERNELS = ("nm", "int8", "mgpu_int8")
 _AUTOTUNE_KERNELS = flags.DEFINE_list(
-  "autotune_kernels",
-  ["nm", "int8", "mgpu_int8"],
-  "Kernels --autotune searches: nm, int8, mgpu_int8.",
+  "autotune_kernels", list(AUTOTUNE_KERNELS), "Kernels --autotune searches: nm, int8, mgpu_int8."
 )
 _AUTOTUNE_REPEATS = flags.DEFINE_integer("autotune_repeats", 3, "Timed runs per candidate.")
 _INTERPRET = flags.DEFINE_bool(
@@ -378,6 +379,9 @@ def main(argv):
   bad = [m for m in methods if m not in METHODS]
   if bad:
     sys.exit(f"error: unknown --methods {bad}; valid: {', '.join(METHODS)}")
+  bad = [k for k in _AUTOTUNE_KERNELS.value if k not in AUTOTUNE_KERNELS]
+  if bad:
+    sys.exit(f"error: unknown --autotune_kernels {bad}; valid: {', '.join(AUTOTUNE_KERNELS)}")
   backend = jax.default_backend()
   devices = jax.devices()
   versions = _versions()
