@@ -73,40 +73,30 @@ def _coarse(size: int, cap: int, floor: int = 16) -> int:
   return max(floor, next_power_of_2(min(size, cap)))
 
 
-def pallas_nm_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelOptions):
-  """[tokens, K] x [K, N] through the fused kernel (imported lazily: optional dependency)."""
+def pallas_sparse_matmul(
+  x_2d, w, *, impl: str, pattern: NMPattern, factors, options: KernelOptions
+):
+  """[tokens, K] x [K, N] through a Pallas impl (imported lazily: optional dependency):
+  "pallas" the fused kernel, "pallas_mask" the mask pass then XLA's dot."""
+  from pallas_kernels.nm_mask import MaskBlockSizes, nm_matmul_two_pass
   from pallas_kernels.nm_matmul import BlockSizes, nm_matmul
 
+  if impl not in PALLAS_IMPLS:
+    raise ValueError(f"impl must be one of {PALLAS_IMPLS}, got {impl!r}")
   block_sizes = None
   if options.coarse_blocks:
     tokens, k = x_2d.shape
-    block_sizes = BlockSizes(
-      block_m=_coarse(tokens, 512),
-      block_n=_coarse(w.shape[1], 2048),
-      block_k=_coarse(k, 1024, floor=max(16, pattern.m)),
-    )
-  return nm_matmul(
-    x_2d,
-    w.astype(x_2d.dtype),
-    pattern=pattern,
-    factors=factors,
-    block_sizes=block_sizes,
-    interpret=options.interpret,
-    backend="triton" if options.interpret else None,
-  )
-
-
-def pallas_mask_matmul(x_2d, w, *, pattern: NMPattern, factors, options: KernelOptions):
-  """[tokens, K] x [K, N]: the Pallas mask pass, then XLA's dot (impl "pallas_mask")."""
-  from pallas_kernels.nm_mask import MaskBlockSizes, nm_matmul_two_pass
-
-  block_sizes = None
-  if options.coarse_blocks:
-    tokens, k = x_2d.shape
-    block_sizes = MaskBlockSizes(
-      block_m=_coarse(tokens, 512), block_k=_coarse(k, 2048, floor=max(16, pattern.m))
-    )
-  return nm_matmul_two_pass(
+    k_floor = max(16, pattern.m)
+    if impl == "pallas":
+      block_sizes = BlockSizes(
+        block_m=_coarse(tokens, 512),
+        block_n=_coarse(w.shape[1], 2048),
+        block_k=_coarse(k, 1024, floor=k_floor),
+      )
+    else:
+      block_sizes = MaskBlockSizes(block_m=_coarse(tokens, 512), block_k=_coarse(k, 2048, k_floor))
+  matmul = nm_matmul if impl == "pallas" else nm_matmul_two_pass
+  return matmul(
     x_2d,
     w.astype(x_2d.dtype),
     pattern=pattern,

@@ -34,3 +34,20 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # Not on Linux.
     return os.cpu_count() or 1
+
+
+def define_impl_flag():
+  """The ``--impl`` flag of the experiments that run sparse prefills (one definition)."""
+  from absl import flags
+
+  from amber_jax.impl import IMPLS
+
+  return flags.DEFINE_enum(
+    "impl",
+    None,
+    list(IMPLS),
+    "Sparse matmul: xla (jnp mask + XLA dot), pallas (fused kernel) or pallas_mask (Pallas "
+    "mask pass + XLA dot); the Pallas ones run in interpret mode on CPU. Default: xla "
+    "(faster than the measured kernels on an H200; see BENCHMARKS.md). Results do not "
+    "depend on it.",
+  )

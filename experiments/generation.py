@@ -27,9 +27,8 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import default_cache_dir, define_impl_flag  # noqa: E402
 
-from amber_jax.impl import IMPLS  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
 from amber_jax.runs.common import DTYPES  # noqa: E402
 from amber_jax.runs.generation import (  # noqa: E402
@@ -53,13 +52,7 @@ _MAX_NEW = flags.DEFINE_integer(
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per generation call.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
 _COVERAGE = flags.DEFINE_float("coverage", 0.55, "amber: minimum share of linear MACs sparsified.")
-_IMPL = flags.DEFINE_enum(
-  "impl",
-  None,
-  list(IMPLS),
-  "Sparse matmul: xla, pallas (fused kernel) or pallas_mask (mask pass + XLA dot); the "
-  "Pallas ones run in interpret mode on CPU. Default: xla. Scores do not depend on it.",
-)
+_IMPL = define_impl_flag()
 _OUTPUT = flags.DEFINE_string("output", None, "Results JSON (resumed when it exists).")
 _REPORT = flags.DEFINE_bool("report", False, "Only print the table of --output; evaluate nothing.")
 _RESULTS = flags.DEFINE_string("results", None, "Markdown file whose 'generation' section is set.")

@@ -36,7 +36,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import default_cache_dir, define_impl_flag  # noqa: E402
 
 from amber_jax.io.atomic import write_json_atomic  # noqa: E402
 from amber_jax.policy import POLICIES, parse_layer_list  # noqa: E402
@@ -109,14 +109,7 @@ _SAVE_PLAN = flags.DEFINE_string("save_plan", None, "Save the calibrated plan he
 _LOAD_PLAN = flags.DEFINE_string(
   "load_plan", None, "Restore a saved plan (checked against model, pattern, quant) and use it."
 )
-_IMPL = flags.DEFINE_enum(
-  "impl",
-  None,
-  ["xla", "pallas", "pallas_mask"],
-  "Sparse matmul: xla (jnp mask + XLA dot), pallas (fused kernel) or pallas_mask (Pallas mask "
-  "pass + XLA dot); the Pallas ones run in interpret mode on CPU. "
-  "Default: xla (faster than the current kernel on an H200; see BENCHMARKS.md).",
-)
+_IMPL = define_impl_flag()
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Predicted tokens per window.")
 _NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Number of non-overlapping windows.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Windows per forward pass.")

@@ -33,10 +33,9 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import default_cache_dir, define_impl_flag  # noqa: E402
 
 from amber_jax.data.bigbench import BIGBENCH_TASKS  # noqa: E402
-from amber_jax.impl import IMPLS  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
 from amber_jax.runs.common import DTYPES  # noqa: E402
 from amber_jax.runs.zero_shot import (  # noqa: E402
@@ -73,13 +72,7 @@ _CALIB_WINDOWS = flags.DEFINE_integer(
 _TEXT_FILE = flags.DEFINE_string(
   "text_file", None, "Calibration text for amber (default: gensim's lee_background.cor)."
 )
-_IMPL = flags.DEFINE_enum(
-  "impl",
-  None,
-  list(IMPLS),
-  "Sparse matmul: xla, pallas (fused kernel) or pallas_mask (mask pass + XLA dot); the "
-  "Pallas ones run in interpret mode on CPU. Default: xla. Scores do not depend on it.",
-)
+_IMPL = define_impl_flag()
 _OUTPUT = flags.DEFINE_string("output", None, "Results JSON (resumed when it exists).")
 _REPORT = flags.DEFINE_bool(
   "report", False, "Only print the table of --output (and write --results); evaluate nothing."

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.impl import check_impl, default_impl
+from amber_jax.impl import check_impl, default_impl, kernel_options, pallas_sparse_matmul
 from amber_jax.model import LlamaConfig, forward
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
@@ -88,6 +88,11 @@ def test_impl_that_cannot_run_is_an_error():
   with pytest.raises(ValueError, match="power-of-2 M"):
     AmberConfig(pattern=NMPattern.parse("3:6"), impl="pallas")
   assert check_impl("xla", NMPattern.parse("3:6"), backend="gpu") == "xla"
+  with pytest.raises(ValueError, match="impl must be one of"):
+    pallas_sparse_matmul(
+      jnp.ones((4, 16)), jnp.ones((16, 8)), impl="xla", pattern=NMPattern.parse("2:4"),
+      factors=None, options=kernel_options("cpu"),
+    )  # fmt: skip
   assert check_impl("pallas", NMPattern.parse("3:6"), backend="tpu") == "pallas"
 
 

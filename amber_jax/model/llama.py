@@ -20,8 +20,7 @@ from amber_jax.impl import (
   PALLAS_IMPLS,
   kernel_options,
   pallas_int8_matmul,
-  pallas_mask_matmul,
-  pallas_nm_matmul,
+  pallas_sparse_matmul,
 )
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
@@ -95,7 +94,6 @@ def project(
     y = dense(x)
   elif impl in PALLAS_IMPLS:
     factors = plan_slice["factors"]
-    kernel = pallas_nm_matmul if impl == "pallas" else pallas_mask_matmul
 
     def fused(x_):
       lead = x_.shape[:-1]
@@ -104,7 +102,9 @@ def project(
         x_ = jnp.take(x_, channel_order, axis=-1)
         w_, factors_ = jnp.take(w, channel_order, axis=0), jnp.take(factors, channel_order)
       x2d = x_.reshape(-1, x_.shape[-1])
-      y2d = kernel(x2d, w_, pattern=pattern, factors=factors_, options=kernel_options())
+      y2d = pallas_sparse_matmul(
+        x2d, w_, impl=impl, pattern=pattern, factors=factors_, options=kernel_options()
+      )
       return y2d.reshape(*lead, w.shape[1])
 
     y = jax.lax.cond(plan_slice["enabled"], fused, dense, x)
