@@ -61,6 +61,9 @@ class KernelOptions:
 
 
 def kernel_options(backend: str | None = None) -> KernelOptions:
+  """How the model runs the Pallas kernels on ``backend`` (None: JAX's default backend): on
+  CPU in the interpreter with coarse tiles (each interpreted grid step costs milliseconds),
+  elsewhere compiled with the tuned tiles."""
   backend = backend or jax.default_backend()
   on_cpu = backend == "cpu"
   return KernelOptions(interpret=on_cpu, coarse_blocks=on_cpu)

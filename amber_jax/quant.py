@@ -17,8 +17,10 @@ the contraction axis is 0.
   ``(x / s) @ (s[:, None] * W)``: the activation is divided by s, the weight rows (input
   channels) are multiplied by s, so the dense output is unchanged.
 
-Non-finite activations: quantizing a row holding NaN/inf is undefined (its scale is NaN/inf);
-the int8 path is for finite activations.
+Non-finite activations: per-token quantization gives a row holding NaN or inf an inf scale, so
+the row's W8A8 output is non-finite (NaN or inf), as the dense one would be, never silently
+finite. A static per-tensor scale cannot carry it: there a NaN
+entry's code is what XLA makes of NaN cast to int8.
 """
 
 from __future__ import annotations
@@ -42,12 +44,20 @@ def _check_float(a: jax.Array, name: str, op: str) -> None:
     raise TypeError(f"{op}: {name} must be floating point, got {name}.dtype={a.dtype}")
 
 
-def _quantize_with_scale(a32: jax.Array, scale: jax.Array) -> jax.Array:
+def quantize_with_scale(a32: jax.Array, scale: jax.Array) -> jax.Array:
+  """int8 codes ``clip(round(a32 / scale), -127, 127)`` of a float32 array."""
   return jnp.clip(jnp.round(a32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
 
 
-def _absmax_scale(a32: jax.Array, axis: int) -> jax.Array:
-  absmax = jnp.max(jnp.abs(a32), axis=axis, keepdims=True)
+def absmax_scale(a32: jax.Array, axis: int) -> jax.Array:
+  """Symmetric scale ``absmax / 127`` along ``axis`` (kept), 1 where the absmax is 0.
+
+  A slice holding NaN or inf gets an inf scale, so its dequantized products stay non-finite.
+  NaN is mapped to inf first because XLA's CPU max reduction may drop NaN, and a NaN absmax
+  would fail ``absmax > 0`` and become scale 1 with finite codes: the NaN would vanish."""
+  magnitude = jnp.abs(a32)
+  magnitude = jnp.where(jnp.isnan(magnitude), jnp.inf, magnitude)
+  absmax = jnp.max(magnitude, axis=axis, keepdims=True)
   return jnp.where(absmax > 0, absmax / INT8_MAX, jnp.float32(1.0))
 
 
@@ -66,8 +76,8 @@ def quantize_weight(w_IxO: jax.Array) -> tuple[jax.Array, jax.Array]:
   if w_IxO.ndim != 2:
     raise ValueError(f"quantize_weight: w_IxO must be 2-D [d_in, d_out], got {w_IxO.shape=}")
   w32 = w_IxO.astype(jnp.float32)
-  scale_1xO = _absmax_scale(w32, axis=0)
-  return _quantize_with_scale(w32, scale_1xO), scale_1xO[0]
+  scale_1xO = absmax_scale(w32, axis=0)
+  return quantize_with_scale(w32, scale_1xO), scale_1xO[0]
 
 
 def quantize_activation(
@@ -96,7 +106,7 @@ def quantize_activation(
   if mode == "token":
     if static_scale is not None:
       raise ValueError(f"{op}: static_scale is only used with mode='tensor', got mode={mode!r}")
-    scale = _absmax_scale(x32, axis=-1)
+    scale = absmax_scale(x32, axis=-1)
   elif mode == "tensor":
     if static_scale is None:
       raise ValueError(f"{op}: mode='tensor' needs static_scale (a calibrated float32 scalar)")
@@ -105,7 +115,7 @@ def quantize_activation(
       raise ValueError(f"{op}: static_scale must be a scalar, got static_scale.shape={scale.shape}")
   else:
     raise ValueError(f"{op}: mode must be one of {ACT_MODES}, got mode={mode!r}")
-  return _quantize_with_scale(x32, scale), scale
+  return quantize_with_scale(x32, scale), scale
 
 
 def int8_dot_general(

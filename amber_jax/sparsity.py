@@ -82,7 +82,8 @@ def _keep_mask_sortnet(score_GxM: jax.Array, n: int) -> jax.Array:
   m = score_GxM.shape[-1]
   width = 1 << (m - 1).bit_length()
   cols = [score_GxM[..., j] for j in range(m)]
-  cols += [jnp.full_like(cols[0], -1.0)] * (width - m)  # scores are >= 0
+  # Padding below every score (factors may be negative, so scores can be too).
+  cols += [jnp.full_like(cols[0], -jnp.inf)] * (width - m)
   for a, b in batcher_pairs(width):
     cols[a], cols[b] = jnp.maximum(cols[a], cols[b]), jnp.minimum(cols[a], cols[b])
   threshold = cols[n - 1][..., None]

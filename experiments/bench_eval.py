@@ -29,7 +29,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _TASKS = flags.DEFINE_list(
@@ -42,7 +42,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per call for the batched mo
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed rounds per mode (best reported).")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print a markdown table.")
 _CACHE = flags.DEFINE_string(
-  "cache_dir", None, "Model cache (default $AMBER_JAX_CACHE or ~/.cache)."
+  "cache_dir",
+  None,
+  f"Model cache (default: {CACHE_DIR_DEFAULT}).",
 )
 
 MODES = {  # name -> (batch size, pack)

@@ -1,7 +1,8 @@
 """Kernel benchmark: fused N:M matmul and W8A8 int8 matmul vs XLA, side by side in one run.
 
-Command (GPU, the full prefill sweep; on one H200 the --autotune run covered the autotune
-and 26 of the 36 rows in 210 s, see BENCHMARKS.md):
+Command (GPU, the full prefill sweep: 10 methods x 6 shapes; on one H200 an --autotune run
+with the 6 methods of 2026-11-28 covered the autotune and 26 of its 36 rows in 210 s, see
+BENCHMARKS.md):
 
     python experiments/bench_kernels.py --output=bench_kernels.json
 
@@ -45,7 +46,8 @@ its error and the run goes on. --autotune first times 5 BlockSizes for each kern
 "mgpu_int8") at the largest M of every (K, N) (15 extra compiles per kernel: about a minute
 each on a GPU), uses the best in the table and prints entries for the TUNED_BLOCK_SIZES
 tables.
---output writes all rows as JSON (temporary file + os.replace).
+--output writes all rows as JSON (temporary file + os.replace), rewritten after every row so
+that a run stopped by a time limit keeps what it measured (``"complete": false`` until the end).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ _INT8 = ("xla_int8", "pallas_int8", "pallas_nm_int8", "mgpu_int8", "mgpu_nm_int8
 _MGPU = ("mgpu_int8", "mgpu_nm_int8")
 
 # Autotune candidates (Triton). Each compiled for sm_90 with Triton 3.9 offline without
-# spills at <= 208 KB of shared memory; the first ones are the tables' defaults.
+# spills at <= 208 KB of shared memory; the tables' defaults are among them (the 4th N:M and
+# the 5th int8 candidate, the H200 autotune's winners).
 NM_CANDIDATES = [
   BlockSizes(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
   BlockSizes(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
@@ -153,7 +156,12 @@ _CHECK_ROWS = flags.DEFINE_integer("check_rows", 256, "Rows checked against the 
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 peak, TFLOP/s (H200).")
 _PEAK_INT8_TOPS = flags.DEFINE_float("peak_int8_tops", 1979.0, "Dense int8 peak, TOPS (H200).")
 _PEAK_TBPS = flags.DEFINE_float("peak_tbps", 4.8, "HBM bandwidth, TB/s (H200).")
-_AUTOTUNE = flags.DEFINE_bool("autotune", False, "Try NM/INT8_CANDIDATES per shape first.")
+_AUTOTUNE = flags.DEFINE_bool(
+  "autotune",
+  False,
+  "First time the candidates of each --autotune_kernels kernel at the largest M of every "
+  "(K, N) and use the best in the table.",
+)
 AUTOTUNE_KERNELS = ("nm", "int8", "mgpu_int8")
 _AUTOTUNE_KERNELS = flags.DEFINE_list(
   "autotune_kernels", list(AUTOTUNE_KERNELS), "Kernels --autotune searches: nm, int8, mgpu_int8."
@@ -162,7 +170,9 @@ _AUTOTUNE_REPEATS = flags.DEFINE_integer("autotune_repeats", 3, "Timed runs per 
 _INTERPRET = flags.DEFINE_bool(
   "interpret", False, "On CPU, run the Pallas methods in the interpreter (slow)."
 )
-_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Write the results as JSON here (atomically, after every row)."
+)
 
 
 def _median_time(fn, args, repeats: int, warmup: int) -> tuple[float, float]:
@@ -398,12 +408,35 @@ def main(argv):
   peaks = f"{_PEAK_TFLOPS.value} TFLOP/s bf16, {_PEAK_INT8_TOPS.value} TOPS int8, "
   print(f"pattern {pattern}; peaks {peaks}{_PEAK_TBPS.value} TB/s; repeats {_REPEATS.value}")
 
-  tuned, tune_log = {}, []
+  tuned, tune_log, rows = {}, [], []
+
+  def save(complete: bool) -> None:
+    """--output, rewritten (atomically) after the autotune and after every row, so a run cut
+    short by a time limit still leaves what it measured; ``complete`` marks a finished run."""
+    if not _OUTPUT.value:
+      return
+    result = dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      complete=complete,
+      device=devices[0].device_kind,
+      backend=backend,
+      versions=versions,
+      pattern=str(pattern),
+      peaks=dict(tflops=_PEAK_TFLOPS.value, int8_tops=_PEAK_INT8_TOPS.value, tbps=_PEAK_TBPS.value),
+      repeats=_REPEATS.value,
+      rows=rows,
+      autotune=dict(
+        log=tune_log,
+        best={f"{kk}:{k}x{n}": dataclasses.asdict(bs) for (kk, k, n), bs in tuned.items()},
+      ),
+    )
+    write_json_atomic(_OUTPUT.value, result)
+
   if _AUTOTUNE.value and (not on_cpu or interpret):
     print("autotune:")
     tuned, tune_log = _autotune(bench, shapes, _AUTOTUNE_REPEATS.value, _AUTOTUNE_KERNELS.value)
+    save(complete=False)
 
-  rows = []
   header = (
     f"{'M x K x N':>20s} {'method':>15s} {'ms':>9s} {'TFLOP/s':>8s} {'vs dense':>8s} "
     f"{'floor ms':>9s} {'bound':>7s} {'%floor':>7s} {'max_err':>9s} {'compile s':>9s}  blocks"
@@ -426,6 +459,7 @@ def main(argv):
       except Exception as e:  # noqa: BLE001 - report and go on with the other methods
         row["error"] = _short_error(e)
         rows.append(row)
+        save(complete=False)
         print(f"{shape_s:>20s} {method:>15s} FAILED {row['error']}", flush=True)
         traceback.print_exc(limit=3, file=sys.stderr)
         continue
@@ -441,6 +475,7 @@ def main(argv):
         compile_s=first_s,
       )
       rows.append(row)
+      save(complete=False)
       vs = "-" if row["vs_dense"] is None else f"{row['vs_dense']:.2f}x"
       err_s = "-" if err is None else f"{err:.2e}"
       print(
@@ -460,22 +495,8 @@ def main(argv):
       backend_name = "MOSAIC_GPU" if kernel == "mgpu_int8" else "TRITON"
       print(f"  {table}: ({backend_name}, {dtype!r}, ({k}, {k + 1}), ({n}, {n + 1})): {bs!r},")
 
+  save(complete=True)
   if _OUTPUT.value:
-    result = dict(
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      device=devices[0].device_kind,
-      backend=backend,
-      versions=versions,
-      pattern=str(pattern),
-      peaks=dict(tflops=_PEAK_TFLOPS.value, int8_tops=_PEAK_INT8_TOPS.value, tbps=_PEAK_TBPS.value),
-      repeats=_REPEATS.value,
-      rows=rows,
-      autotune=dict(
-        log=tune_log,
-        best={f"{kk}:{k}x{n}": dataclasses.asdict(bs) for (kk, k, n), bs in tuned.items()},
-      ),
-    )
-    write_json_atomic(_OUTPUT.value, result)
     print(f"wrote {_OUTPUT.value}")
 
 

@@ -51,7 +51,7 @@ from absl import app, flags, logging  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
 
 from amber_jax.bench.prefill_bench import (  # noqa: E402
   DTYPES,
@@ -109,8 +109,7 @@ _DEVICE_INFO = flags.DEFINE_bool("device_info", False, "Print machine and JAX de
 _CACHE_DIR = flags.DEFINE_string(
   "cache_dir",
   None,
-  "Cache for the model, text and converted params "
-  "(default: $AMBER_JAX_CACHE or ~/.cache/amber_jax).",
+  f"Cache for the model, text and converted params (default: {CACHE_DIR_DEFAULT}).",
 )
 
 

@@ -56,7 +56,7 @@ from absl import app, flags, logging
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
 
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices",
@@ -86,7 +86,9 @@ _PROFILE_RUNS = flags.DEFINE_integer(
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (BENCHMARKS.md).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
 _CACHE_DIR = flags.DEFINE_string(
-  "cache_dir", None, "Model and text cache (default: $AMBER_JAX_CACHE or ~/.cache/amber_jax)."
+  "cache_dir",
+  None,
+  f"Model and text cache (default: {CACHE_DIR_DEFAULT}).",
 )
 
 # Trace events of collective ops: HLO instruction names on CPU ("all-reduce.3",

@@ -34,7 +34,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir  # noqa: E402
 
 from amber_jax.channel_order import mixed_order  # noqa: E402
 from amber_jax.data.texts import DEFAULT_TEXT  # noqa: E402
@@ -60,7 +60,9 @@ _TOKENS = flags.DEFINE_integer(
 )
 _GRAM_TOKENS = flags.DEFINE_integer("gram_tokens", 64, "Tokens for the (slow) Gram-greedy mask.")
 _CACHE_DIR = flags.DEFINE_string(
-  "cache_dir", None, "Cache directory (default: $AMBER_JAX_CACHE or ~/.cache/amber_jax)."
+  "cache_dir",
+  None,
+  f"Cache directory (default: {CACHE_DIR_DEFAULT}).",
 )
 
 

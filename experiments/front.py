@@ -28,7 +28,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir  # noqa: E402
 
 from amber_jax.io.atomic import write_json_atomic  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
@@ -76,7 +76,9 @@ _FROM_JSON = flags.DEFINE_string(
   "from_json", None, "Re-render the table and plot of a saved --output JSON instead of running."
 )
 _CACHE_DIR = flags.DEFINE_string(
-  "cache_dir", None, "Cache directory (default: $AMBER_JAX_CACHE or ~/.cache/amber_jax)."
+  "cache_dir",
+  None,
+  f"Cache directory (default: {CACHE_DIR_DEFAULT}).",
 )
 
 

@@ -27,7 +27,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir, define_impl_flag  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag  # noqa: E402
 
 from amber_jax.report import update_markdown_section  # noqa: E402
 from amber_jax.runs.common import DTYPES  # noqa: E402
@@ -53,11 +53,14 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per generation call
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
 _COVERAGE = flags.DEFINE_float("coverage", 0.55, "amber: minimum share of linear MACs sparsified.")
 _IMPL = define_impl_flag()
+flags.declare_key_flag("impl")  # defined in _common: listed by --help, not only --helpfull
 _OUTPUT = flags.DEFINE_string("output", None, "Results JSON (resumed when it exists).")
 _REPORT = flags.DEFINE_bool("report", False, "Only print the table of --output; evaluate nothing.")
 _RESULTS = flags.DEFINE_string("results", None, "Markdown file whose 'generation' section is set.")
 _CACHE_DIR = flags.DEFINE_string(
-  "cache_dir", None, "Model/text cache (default: $AMBER_JAX_CACHE or ~/.cache/amber_jax)."
+  "cache_dir",
+  None,
+  f"Model/text cache (default: {CACHE_DIR_DEFAULT}).",
 )
 flags.mark_flag_as_required("output")
 

@@ -36,7 +36,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir, define_impl_flag  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag  # noqa: E402
 
 from amber_jax.io.atomic import write_json_atomic  # noqa: E402
 from amber_jax.policy import POLICIES, parse_layer_list  # noqa: E402
@@ -110,6 +110,7 @@ _LOAD_PLAN = flags.DEFINE_string(
   "load_plan", None, "Restore a saved plan (checked against model, pattern, quant) and use it."
 )
 _IMPL = define_impl_flag()
+flags.declare_key_flag("impl")  # defined in _common: listed by --help, not only --helpfull
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Predicted tokens per window.")
 _NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Number of non-overlapping windows.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Windows per forward pass.")
@@ -121,8 +122,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (a
 _CACHE_DIR = flags.DEFINE_string(
   "cache_dir",
   None,
-  "Cache for the model, text and converted params "
-  "(default: $AMBER_JAX_CACHE or ~/.cache/amber_jax).",
+  f"Cache for the model, text and converted params (default: {CACHE_DIR_DEFAULT}).",
 )
 
 

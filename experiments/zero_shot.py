@@ -33,7 +33,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir, define_impl_flag  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag  # noqa: E402
 
 from amber_jax.data.bigbench import BIGBENCH_TASKS  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
@@ -73,6 +73,7 @@ _TEXT_FILE = flags.DEFINE_string(
   "text_file", None, "Calibration text for amber (default: gensim's lee_background.cor)."
 )
 _IMPL = define_impl_flag()
+flags.declare_key_flag("impl")  # defined in _common: listed by --help, not only --helpfull
 _OUTPUT = flags.DEFINE_string("output", None, "Results JSON (resumed when it exists).")
 _REPORT = flags.DEFINE_bool(
   "report", False, "Only print the table of --output (and write --results); evaluate nothing."
@@ -83,8 +84,7 @@ _RESULTS = flags.DEFINE_string(
 _CACHE_DIR = flags.DEFINE_string(
   "cache_dir",
   None,
-  "Cache for the model, text and converted params "
-  "(default: $AMBER_JAX_CACHE or ~/.cache/amber_jax).",
+  f"Cache for the model, text and converted params (default: {CACHE_DIR_DEFAULT}).",
 )
 flags.mark_flag_as_required("output")
 

@@ -1,10 +1,11 @@
 """W8A8 int8 matmul with the dequantization fused in the epilogue, and its N:M variant.
 
 * ``quantize_per_token(x)``: symmetric per-row int8, ``scale = absmax / 127`` (float32,
-  [tokens, 1]); an all-zero row gets scale 1 and zero codes (never a division by zero).
+  [tokens, 1]), codes in [-127, 127]; an all-zero row gets scale 1 and zero codes (never a
+  division by zero). The same quantizer as ``amber_jax.quant``.
 * ``quantize_per_channel(w)``: the same per output column of w [K, N]: scale [1, N].
 * ``int8_matmul(x_q, w_q, x_scale, w_scale, *, out_dtype)``: int8 x int8 products
-  accumulated in int32 (exact up to K = 133,144: 127 * 127 * K < 2**31), then
+  accumulated in int32 (exact up to K = 133,144 for codes in [-127, 127]), then
   ``acc * x_scale * w_scale`` in float32, cast to ``out_dtype``, in the kernel epilogue.
 * ``nm_int8_matmul(x, w_q, w_scale, *, pattern)``: N:M-sparse W8A8 prefill (the paper's
   "Outstanding-sparse" path): ``sparsify`` and the per-token quantization run as one fused
@@ -12,8 +13,9 @@
   no tile sees), then the int8 kernel. Zeros stay zeros under quantization, so the int8
   activation keeps the N:M pattern.
 
-Non-finite activations: quantization of a row holding NaN/inf is undefined (its scale is
-NaN/inf); the int8 path is for finite activations.
+Non-finite activations: a row holding NaN or inf gets an inf scale, so all its outputs are
+non-finite (NaN or inf), as in the dense product: sparsity and quantization never turn a
+non-finite row finite (its int8 codes are meaningless; the scale carries the non-finite).
 
 Backends:
 
@@ -42,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from amber_jax.patterns import NMPattern
+from amber_jax.quant import INT8_MAX, absmax_scale, quantize_with_scale
 from amber_jax.sparsity import sparsify
 from pallas_kernels.int8_matmul_mgpu import (
   W_LAYOUTS,
@@ -66,9 +69,9 @@ from pallas_kernels.nm_matmul import (
   triton_compiler_params,
 )
 
-_INT8_MAX = 127
-# 127 * 127 * K must stay below 2**31 for the int32 accumulator to be exact.
-MAX_K = (2**31 - 1) // (_INT8_MAX * _INT8_MAX)
+# 127 * 127 * K must stay below 2**31 for the int32 accumulator to be exact, with codes in
+# [-127, 127] as the quantizers make them (a -128 code lowers the bound to K = 131,072).
+MAX_K = (2**31 - 1) // (INT8_MAX * INT8_MAX)
 
 _ANY = (0, 1 << 40)
 # (backend, dtype name of x_q, [K lo, K hi), [N lo, N hi)) -> BlockSizes; first match wins.
@@ -84,11 +87,6 @@ TUNED_BLOCK_SIZES: dict[tuple[str, str, tuple[int, int], tuple[int, int]], Block
   # (4 stages with a float32 output exceed the 227 KB of shared memory).
   (MOSAIC_GPU, "int8", _ANY, _ANY): BlockSizes(block_m=128, block_n=256, block_k=128, num_stages=3),
 }
-_FALLBACK_BLOCK_SIZES = {
-  MOSAIC_GPU: BlockSizes(block_m=128, block_n=256, block_k=128, num_stages=3),
-  TRITON: BlockSizes(block_m=64, block_n=64, block_k=128),
-  MOSAIC_TPU: BlockSizes(block_m=128, block_n=128, block_k=512),
-}
 _OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -101,10 +99,8 @@ def _check_float(a: jax.Array, name: str, op: str) -> None:
 
 def _quantize(a: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   a32 = a.astype(jnp.float32)
-  absmax = jnp.max(jnp.abs(a32), axis=axis, keepdims=True)
-  scale = jnp.where(absmax > 0, absmax / _INT8_MAX, jnp.float32(1.0))
-  q = jnp.clip(jnp.round(a32 / scale), -_INT8_MAX, _INT8_MAX).astype(jnp.int8)
-  return q, scale
+  scale = absmax_scale(a32, axis=axis)
+  return quantize_with_scale(a32, scale), scale
 
 
 def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -120,16 +116,17 @@ def quantize_per_channel(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def default_block_sizes(backend: str, m_tokens: int, k: int, n: int) -> BlockSizes:
-  """Tuned-table entry, shrunk to small problems (Triton: powers of two; TPU: (16, 128);
+  """Tuned-table entry, shrunk to small problems (Triton: powers of two; TPU: rows of 32,
+  columns of 128;
   Mosaic GPU: rows of 64, warpgroup columns of 8 or 64, K of 128)."""
-  base = lookup_block_sizes(TUNED_BLOCK_SIZES, backend, jnp.int8, k, n, _FALLBACK_BLOCK_SIZES)
+  base = lookup_block_sizes(TUNED_BLOCK_SIZES, backend, jnp.int8, k, n)
   if backend == MOSAIC_GPU:
     wg_n = min(base.block_n // 2, round_up(-(-n // 2), 8))
     if wg_n > 64:
       wg_n = round_up(wg_n, 64)
     return dataclasses.replace(
       base,
-      block_m=min(base.block_m, round_up(m_tokens, 64)),
+      block_m=min(base.block_m, round_up(max(1, m_tokens), 64)),
       block_n=2 * wg_n,
       block_k=min(base.block_k, round_up(k, 128)),
     )
@@ -142,7 +139,7 @@ def default_block_sizes(backend: str, m_tokens: int, k: int, n: int) -> BlockSiz
     )
   return dataclasses.replace(
     base,
-    block_m=min(base.block_m, round_up(m_tokens, 32)),
+    block_m=min(base.block_m, round_up(max(1, m_tokens), 32)),
     block_n=min(base.block_n, round_up(n, 128)),
     block_k=min(base.block_k, round_up(k, 128)),
   )
@@ -324,6 +321,8 @@ def int8_matmul(
   if block_sizes is None:
     block_sizes = default_block_sizes(backend, x_q.shape[0], k, n_out)
   _check_int8_block_sizes(block_sizes, backend, op="int8_matmul")
+  if x_q.shape[0] == 0:  # no rows: a grid of zero programs is not launchable
+    return jnp.zeros((0, n_out), out_dtype)
   if backend == MOSAIC_GPU:
     if not interpret:
       check_mgpu_device(jax.devices()[0], op="int8_matmul")

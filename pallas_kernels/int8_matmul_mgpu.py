@@ -22,10 +22,12 @@ Structure (one CTA per SM, persistent):
 
 8-bit wgmma reads both operands K-major, so the weight is passed as [N, K] (K contiguous) and
 the kernel hands wgmma its transposed view. ``int8_matmul`` transposes a [K, N] weight on the
-fly; a deployment stores it pre-transposed (``int8_matmul_nk``).
+fly; a deployment stores it pre-transposed and passes it as
+``int8_matmul(..., backend="mosaic_gpu", w_layout="nk")``.
 
 Block sizes (``BlockSizes``): ``block_m`` a multiple of 64 (the wgmma M), ``block_n`` a
-multiple of 16 (each compute warpgroup takes ``block_n // 2`` <= 256 columns), ``block_k`` a
+multiple of 16 (each compute warpgroup takes ``block_n // 2`` <= 256 columns, a multiple of
+64, the epilogue tile, once it exceeds 64), ``block_k`` a
 multiple of 128 (one 128-byte swizzle row of int8), ``num_stages`` the pipeline depth
 (``num_warps`` is ignored: the warpgroup layout is fixed). Shapes are zero-padded to the
 blocks by the caller.

@@ -17,13 +17,14 @@ what decides. ``scripts/triton_sm90_count.py`` (an offline sm_90 compile) counts
 instructions per entry at 8:16 with the pairwise ranks and 27 with the sorting-network
 threshold, which ``keep_from_group_slices`` therefore uses for M > 4.
 
-* ``nm_mask(x, pattern, factors)``: ``sparsify(x, pattern, factors)`` (same scores, ties and
-  NaN handling, bit-identical kept values) as a Pallas kernel over [block_m, block_k] tiles.
-  Triton reads each tile as ``m`` strided slices and selects with the sorting network, as
-  the fused kernel does; Mosaic TPU uses lane rotations. Shapes are zero-padded to the
-  blocks.
-* ``nm_matmul_two_pass(x, w, pattern, factors)``: ``nm_mask`` then XLA's dot (cuBLAS on GPU),
-  float32 accumulation, output in x's dtype: the same contract as ``nm_matmul``.
+* ``nm_mask(x, *, pattern, factors=None)``: ``sparsify(x, pattern, factors)`` (same scores,
+  ties and NaN handling, bit-identical kept values) as a Pallas kernel over [block_m,
+  block_k] tiles. Triton reads each tile as ``m`` strided slices and selects as the fused
+  kernel does (``keep_from_group_slices``: the pairwise rank up to M = 4, the
+  sorting-network threshold above); Mosaic TPU uses lane rotations. Shapes are zero-padded
+  to the blocks.
+* ``nm_matmul_two_pass(x, w, *, pattern, factors=None)``: ``nm_mask`` then XLA's dot (cuBLAS
+  on GPU), float32 accumulation, output in x's dtype: the same contract as ``nm_matmul``.
 
 On CPU, ``interpret=True`` is required (the generic Pallas interpreter).
 """
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,9 @@ from pallas_kernels.nm_matmul import (
   MOSAIC_TPU,
   TRITON,
   check_activation,
+  check_group_tiling,
   check_inputs,
+  fit_block_k,
   interleave_group_slices,
   is_power_of_2,
   keep_from_group_slices,
@@ -76,18 +78,18 @@ class MaskBlockSizes:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"MaskBlockSizes.{name} must be a positive int, got {name}={value!r}")
-    if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16, 32):
+    if self.num_warps is not None and (
+      not isinstance(self.num_warps, int) or self.num_warps not in (1, 2, 4, 8, 16, 32)
+    ):
       raise ValueError(f"MaskBlockSizes.num_warps must be a power of 2 in [1, 32], got {self!r}")
 
 
-def _check_mask_blocks(bs: MaskBlockSizes, backend: str, dtype, m: int, *, op: str) -> None:
+def check_mask_block_sizes(bs: MaskBlockSizes, backend: str, dtype, m: int, *, op: str) -> None:
+  """Backend constraints of the mask kernel's tile (ValueError/TypeError naming ``op``)."""
   if not isinstance(bs, MaskBlockSizes):
     raise TypeError(f"{op}: block_sizes must be a MaskBlockSizes or None, got {bs!r}")
-  if bs.block_k % m:
-    raise ValueError(f"{op}: block_k must be a multiple of the pattern's M={m}, got {bs=}")
+  check_group_tiling(bs.block_k, backend, m, op=op)
   if backend == TRITON:
-    if not is_power_of_2(m):
-      raise ValueError(f"{op}: the Triton kernel needs a power-of-2 pattern M, got M={m}")
     for name in ("block_m", "block_k"):
       v = getattr(bs, name)
       if not is_power_of_2(v) or v < 16:
@@ -103,11 +105,10 @@ def _check_mask_blocks(bs: MaskBlockSizes, backend: str, dtype, m: int, *, op: s
 def default_mask_block_sizes(backend: str, m_tokens: int, k: int, m: int) -> MaskBlockSizes:
   """64 x 256 tiles (32 KB of bf16: enough bytes in flight per program), shrunk to the problem."""
   if backend == TRITON:
-    block_k = max(16, m, min(256, next_power_of_2(k)))
-    return MaskBlockSizes(block_m=max(16, min(64, next_power_of_2(m_tokens))), block_k=block_k)
-  unit = 128 * m // math.gcd(128, m)
+    block_m = max(16, min(64, next_power_of_2(m_tokens)))
+    return MaskBlockSizes(block_m=block_m, block_k=fit_block_k(backend, 256, k, m))
   return MaskBlockSizes(
-    block_m=min(64, round_up(m_tokens, 16)), block_k=max(unit, min(512, round_up(k, unit)))
+    block_m=min(64, round_up(max(1, m_tokens), 16)), block_k=fit_block_k(backend, 512, k, m)
   )
 
 
@@ -189,7 +190,9 @@ def nm_mask(
   backend = resolve_backend(backend, interpret, op="nm_mask")
   if block_sizes is None:
     block_sizes = default_mask_block_sizes(backend, x.shape[0], x.shape[1], pattern.m)
-  _check_mask_blocks(block_sizes, backend, x.dtype, pattern.m, op="nm_mask")
+  check_mask_block_sizes(block_sizes, backend, x.dtype, pattern.m, op="nm_mask")
+  if x.shape[0] == 0:  # nothing to mask (a grid of zero programs is not launchable)
+    return x
   return _nm_mask(
     x, factors, pattern=pattern, block_sizes=block_sizes, interpret=interpret, backend=backend
   )

@@ -14,12 +14,13 @@ Backends (``backend=``; default from ``jax.default_backend()``):
   inside the kernel with an fp32 accumulator in registers. Each K step reads the activation
   tile as ``m`` strided slices ``x[:, k0 + p :: m]`` (``p`` = position inside the group), so
   the ``m`` members of every group sit at the same place of ``m`` [block_m, block_k/m]
-  tensors; a sorting network of elementwise max/min across the ``m`` slices (Batcher's,
-  pruned to the N-th output) gives each group's N-th largest score, and the keep-mask is
-  "above it, or equal to it and among the first N by position" (``keep_from_group_slices``):
-  no 3-D reshape, gather or cross-lane op, which Triton lacks. (Until 2026-11-29 this was
-  the pairwise rank, m(m-1)/2 compares and twice as many adds: about twice the instructions
-  per entry at 8:16.) The masked slices are interleaved back into the
+  tensors. For M > 4 a sorting network of elementwise max/min across the ``m`` slices
+  (Batcher's, pruned to the N-th output) gives each group's N-th largest score, and the
+  keep-mask is "above it, or equal to it and among the first N by position"; for M <= 4
+  (2:4) the pairwise rank (m(m-1)/2 compares) takes fewer instructions and is used instead
+  (``keep_from_group_slices``). No 3-D reshape, gather or cross-lane op, which Triton lacks.
+  (Until 2026-11-29 every M used the pairwise rank: about twice the instructions per entry
+  at 8:16.) The masked slices are interleaved back into the
   [block_m, block_k] tile by a tree of 2-way stacks (``tt.join``) and multiplied with the
   contiguous [block_k, block_n] weight tile in one dot (wgmma on Hopper). Triton needs
   power-of-two shapes: ``block_m``, ``block_n``, ``block_k`` powers of two >= 16 and a
@@ -229,37 +230,59 @@ TUNED_BLOCK_SIZES: dict[tuple[str, str, tuple[int, int], tuple[int, int]], Block
   (MOSAIC_TPU, "bfloat16", _ANY, _ANY): BlockSizes(block_m=256, block_n=256, block_k=512),
   (MOSAIC_TPU, "float32", _ANY, _ANY): BlockSizes(block_m=128, block_n=256, block_k=512),
 }
-_FALLBACK_BLOCK_SIZES = {
-  TRITON: BlockSizes(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=2),
-  MOSAIC_TPU: BlockSizes(block_m=128, block_n=128, block_k=512),
-}
 
 
-def lookup_block_sizes(table, backend: str, dtype, k: int, n: int, fallback) -> BlockSizes:
-  """First entry of ``table`` matching (backend, dtype, K, N), else ``fallback[backend]``."""
+def lookup_block_sizes(table, backend: str, dtype, k: int, n: int) -> BlockSizes:
+  """First entry of ``table`` matching (backend, dtype, K, N). Every table ends with catch-all
+  ranges for each (backend, dtype) its kernel accepts, so a miss is a bug in the table."""
   name = jnp.dtype(dtype).name
   for (b, d, (k_lo, k_hi), (n_lo, n_hi)), sizes in table.items():
     if b == backend and d == name and k_lo <= k < k_hi and n_lo <= n < n_hi:
       return sizes
-  return fallback[backend]
+  raise LookupError(f"no block-size table entry for {backend=}, dtype={name}, {k=}, {n=}")
+
+
+def fit_block_k(backend: str, block_k: int, k: int, m: int) -> int:
+  """``block_k`` (a table entry) fitted to depth ``k`` and group size ``m``, so that a K tile
+  holds whole groups: on Triton a power of two >= 16 and >= M, no deeper than K needs (a
+  non-power-of-2 M is left to ``check_group_tiling`` to reject); on TPU a multiple of
+  lcm(128, M)."""
+  if backend == TRITON:
+    if not is_power_of_2(m):
+      return block_k
+    return max(m, min(block_k, max(16, next_power_of_2(k))))
+  unit = 128 * m // math.gcd(128, m)
+  return max(unit, min(block_k // unit, -(-k // unit)) * unit)
+
+
+def check_group_tiling(block_k: int, backend: str, m: int, *, op: str) -> None:
+  """The constraints every N:M kernel shares: on Triton a power-of-2 M (a tile is split into
+  M strided slices and joined back by 2-way stacks), and K tiles of whole groups."""
+  if backend == TRITON and not is_power_of_2(m):
+    raise ValueError(
+      f"{op}: the Triton kernel needs a power-of-2 pattern M (its tile is split into M "
+      f"strided slices and joined back by 2-way stacks), got M={m}; use 2:4, 4:8, 8:16, ..."
+    )
+  if block_k % m:
+    raise ValueError(
+      f"{op}: block_k must be a multiple of the pattern's M={m} (a K tile holds whole "
+      f"groups), got block_k={block_k}"
+    )
 
 
 def default_block_sizes(
   backend: str, dtype, m_tokens: int, k: int, n: int, pattern: NMPattern
 ) -> BlockSizes:
   """Tuned-table entry for the problem, fitted to the pattern and to small shapes."""
-  base = lookup_block_sizes(TUNED_BLOCK_SIZES, backend, dtype, k, n, _FALLBACK_BLOCK_SIZES)
+  base = lookup_block_sizes(TUNED_BLOCK_SIZES, backend, dtype, k, n)
   m = pattern.m
+  block_k = fit_block_k(backend, base.block_k, k, m)
   if backend == TRITON:
-    block_k = min(base.block_k, max(16, next_power_of_2(k)))
-    block_k = max(block_k, m) if is_power_of_2(m) else base.block_k
     block_m = min(base.block_m, max(16, next_power_of_2(m_tokens)))
     block_n = min(base.block_n, max(16, next_power_of_2(n)))
   else:
-    unit = 128 * m // math.gcd(128, m)
-    block_k = max(unit, min(base.block_k // unit, -(-k // unit)) * unit)
     sub = 16 if jnp.dtype(dtype).itemsize < 4 else 8
-    block_m = min(base.block_m, round_up(m_tokens, sub))
+    block_m = min(base.block_m, round_up(max(1, m_tokens), sub))
     block_n = min(base.block_n, round_up(n, 128))
   return dataclasses.replace(base, block_m=block_m, block_n=block_n, block_k=block_k)
 
@@ -268,16 +291,7 @@ def check_block_sizes(bs: BlockSizes, backend: str, dtype, *, m: int = 1, op: st
   """Backend constraints: Triton powers of two (dot operands >= 16); TPU (8|16, 128) tiles."""
   if not isinstance(bs, BlockSizes):
     raise TypeError(f"{op}: block_sizes must be a BlockSizes or None, got {bs!r}")
-  if backend == TRITON and not is_power_of_2(m):
-    raise ValueError(
-      f"{op}: the Triton kernel needs a power-of-2 pattern M (its tile is split into M "
-      f"strided slices and joined back by 2-way stacks), got M={m}; use 2:4, 4:8, 8:16, ..."
-    )
-  if bs.block_k % m:
-    raise ValueError(
-      f"{op}: block_k must be a multiple of the pattern's M={m} (a K tile holds whole "
-      f"groups), got {bs.block_k=}"
-    )
+  check_group_tiling(bs.block_k, backend, m, op=op)
   if backend == TRITON:
     for name in ("block_m", "block_n"):
       v = getattr(bs, name)
@@ -591,7 +605,8 @@ def nm_matmul(
     w: weights [K, N_out], x's dtype.
     pattern: NMPattern or "N:M"; M must divide K.
     factors: optional per-input-channel score factors [K] (score = |x| * factors).
-    block_sizes: tile sizes; None picks from ``TUNED_BLOCK_SIZES`` (untuned defaults).
+    block_sizes: tile sizes; None picks from ``TUNED_BLOCK_SIZES`` (Triton bf16: the H200
+      autotune's best; the other entries untimed), fitted to the shape and pattern.
     interpret: run in the Pallas interpreter (required on CPU). True or an interpret-params
       object of the installed jax.
     backend: "triton", "mosaic_tpu" (or "mosaic_gpu": raises); None: from the platform.
@@ -606,6 +621,8 @@ def nm_matmul(
   if block_sizes is None:
     block_sizes = default_block_sizes(backend, x.dtype, m_tokens, k, w.shape[1], pattern)
   check_block_sizes(block_sizes, backend, x.dtype, m=pattern.m, op="nm_matmul")
+  if m_tokens == 0:  # no rows: a grid of zero programs is not launchable
+    return jnp.zeros((0, w.shape[1]), x.dtype)
   return _nm_matmul(
     x, w, factors, pattern=pattern, block_sizes=block_sizes, interpret=interpret, backend=backend
   )

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+IMPL_SCRIPTS = ("prefill.py", "zero_shot.py", "generation.py")  # take --impl (_common)
 SCRIPTS = sorted(p.name for p in (ROOT / "experiments").glob("*.py") if not p.name.startswith("_"))
 
 
@@ -24,6 +25,8 @@ def test_help(script):
   # absl prints the help and exits with status 1; a broken script fails before that.
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert f"experiments/{script}:" in proc.stdout and "  --" in proc.stdout  # its own flags
+  if script in IMPL_SCRIPTS:  # the shared --impl flag is listed as the script's own
+    assert "  --impl: <xla|pallas|pallas_mask>" in proc.stdout
 
 
 def test_bad_flag_value_is_a_clear_error(tmp_path):

@@ -169,7 +169,12 @@ MGPU_CASES = [
 )
 @cpu_interpret
 def test_mgpu_int8_matmul_matches_reference(shape, out_dtype, bs, w_layout, report):
-  """The Mosaic GPU kernel in Pallas' GPU interpreter (warpgroups, barriers, TMA simulated)."""
+  """The Mosaic GPU kernel in Pallas' GPU interpreter (warpgroups, barriers, TMA simulated).
+
+  Not the compiled path in one respect: the interpreter does not model transposed views, so
+  it reads [K, N] weight tiles whatever ``w_layout`` is ("nk" checks the wrapper's transpose
+  back), while the compiled kernel reads [N, K] tiles through ``transpose_ref``. Only
+  ``test_compiled_mgpu_int8_matches_reference`` (sm_90) runs that path."""
   x, w = _data(shape, seed=7)
   x_q, x_s = quantize_per_token(x)
   w_q, w_s = quantize_per_channel(w)
@@ -372,6 +377,7 @@ def test_int8_matmul_lowers(platform, backend, out_dtype):
   text = _lower(fn, *_int8_args(), platform=platform)
   assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
   text = _lower(fn, *_int8_args(37, 576, 192), platform=platform)  # padded shapes
+  assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
 
 
 @pytest.mark.parametrize("w_layout", ["kn", "nk"])
@@ -393,7 +399,8 @@ def test_nm_int8_matmul_lowers(platform, backend, x_dtype):
   w_q = jax.ShapeDtypeStruct((4096, 1536), jnp.int8)
   w_s = jax.ShapeDtypeStruct((1, 1536), jnp.float32)
   fn = functools.partial(nm_int8_matmul, pattern="8:16", backend=backend)
-  _lower(fn, x, w_q, w_s, platform=platform)
+  text = _lower(fn, x, w_q, w_s, platform=platform)
+  assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
 
 
 # ------------------------------------------------------------------------------------------
@@ -484,3 +491,37 @@ def test_interpret_required_on_cpu():
   x_q, w_q = jnp.ones((16, 128), jnp.int8), jnp.ones((128, 64), jnp.int8)
   with pytest.raises(ValueError, match="interpret=True"):
     int8_matmul(x_q, w_q, jnp.ones((16, 1)), jnp.ones((1, 64)), out_dtype=jnp.float32)
+
+
+@cpu_interpret
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_non_finite_rows_stay_non_finite(backend, report):
+  """A NaN/inf row gets an inf scale (not scale 1 with a NaN code cast to int8): its outputs
+  are non-finite, as in the dense product; the other rows are untouched."""
+  x, w = _data((8, 256, 128), seed=11)
+  x = x.at[1, 5].set(jnp.nan).at[2, 7].set(jnp.inf).at[3, 9].set(-jnp.inf)
+  w_q, w_s = quantize_per_channel(w)
+  _, x_s = quantize_per_token(x)
+  assert np.isinf(np.asarray(x_s)[1:4, 0]).all()
+  out = nm_int8_matmul(x, w_q, w_s, pattern="2:4", interpret=True, backend=backend)
+  ref = nm_int8_matmul_reference(x, w_q, w_s, pattern="2:4")
+  bad = np.asarray(~jnp.isfinite(out))
+  assert bad[1:4].all() and not bad[[0, 4, 5, 6, 7]].any()
+  rows = np.array([0, 4, 5, 6, 7])
+  report(f"{backend} finite rows next to NaN/inf rows", out[rows], ref[rows])
+  np.testing.assert_allclose(np.asarray(out[rows]), np.asarray(ref[rows]), 1e-6, 1e-6)
+
+
+@cpu_interpret
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu", "mosaic_gpu"])
+def test_zero_tokens_give_an_empty_result(backend):
+  x_q = jnp.zeros((0, 256), jnp.int8)
+  w_q = jnp.ones((256, 128), jnp.int8)
+  out = int8_matmul(
+    x_q, w_q, jnp.ones((0, 1)), jnp.ones((1, 128)), out_dtype=jnp.bfloat16, interpret=True,
+    backend=backend,
+  )  # fmt: skip
+  assert out.shape == (0, 128) and out.dtype == jnp.bfloat16
+  w_s = jnp.ones((1, 128))
+  y = nm_int8_matmul(jnp.zeros((0, 256)), w_q, w_s, pattern="8:16", interpret=True, backend=backend)
+  assert y.shape == (0, 128) and y.dtype == jnp.float32

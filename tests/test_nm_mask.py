@@ -15,7 +15,13 @@ import pytest
 
 from amber_jax.patterns import NMPattern
 from amber_jax.sparsity import sparsify
-from pallas_kernels.nm_mask import MaskBlockSizes, nm_mask, nm_matmul_two_pass
+from pallas_kernels.nm_mask import (
+  MaskBlockSizes,
+  check_mask_block_sizes,
+  default_mask_block_sizes,
+  nm_mask,
+  nm_matmul_two_pass,
+)
 from pallas_kernels.nm_matmul import (
   keep_from_group_slices,
   nm_matmul_reference,
@@ -151,7 +157,8 @@ def test_nm_mask_lowers(platform, backend, pattern):
   assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
   x_odd = jax.ShapeDtypeStruct((37, 576), jnp.float32)  # padded shapes
   fn = functools.partial(nm_mask, pattern=pattern, backend=backend)
-  jax.jit(fn).trace(x_odd).lower(lowering_platforms=(platform,))
+  text = jax.jit(fn).trace(x_odd).lower(lowering_platforms=(platform,)).as_text()
+  assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernel: needs a GPU")
@@ -163,6 +170,17 @@ def test_compiled_gpu_nm_mask_equals_sparsify(pattern):
   assert int(jnp.sum(out != ref)) == 0
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled kernel: needs a GPU")
+def test_compiled_gpu_two_pass_matches_reference():
+  x = _activation((1000, 4096), jnp.bfloat16)
+  w = (jax.random.normal(jax.random.key(3), (4096, 1536)) / 64).astype(jnp.bfloat16)
+  out = nm_matmul_two_pass(x, w, pattern="8:16", factors=_factors(4096))
+  ref = nm_matmul_reference(x, w, pattern="8:16", factors=_factors(4096))
+  diff = np.abs(np.asarray(out, np.float32) - np.asarray(ref, np.float32))
+  print(f"\n[nm_mask] compiled two-pass bf16: max={diff.max():.3e} mean={diff.mean():.3e}")
+  assert diff.max() <= 1e-2  # the same masked operand and XLA dot: bf16 output rounding
+
+
 def test_nm_mask_bad_inputs():
   x = _activation((16, 576), jnp.float32)
   kw = dict(interpret=True, backend="triton")
@@ -170,6 +188,8 @@ def test_nm_mask_bad_inputs():
     nm_mask(x[:, :568], pattern="8:16", **kw)
   with pytest.raises(ValueError, match="power-of-2 pattern M"):
     nm_mask(x, pattern="2:6", block_sizes=MaskBlockSizes(block_m=16, block_k=192), **kw)
+  with pytest.raises(ValueError, match="power-of-2 pattern M"):  # with the default blocks too
+    nm_mask(x, pattern="2:6", **kw)
   with pytest.raises(ValueError, match="block_k must be a multiple"):
     nm_mask(x, pattern="8:16", block_sizes=MaskBlockSizes(block_m=16, block_k=24), **kw)
   with pytest.raises(ValueError, match="on Triton block_m must be a power of 2"):
@@ -187,5 +207,44 @@ def test_nm_mask_bad_inputs():
     MaskBlockSizes(block_m=0)
   with pytest.raises(ValueError, match="num_warps must be a power of 2"):
     MaskBlockSizes(num_warps=6)
+  with pytest.raises(ValueError, match="num_warps must be a power of 2"):
+    MaskBlockSizes(num_warps=8.0)
   with pytest.raises(TypeError, match="w must have x's dtype"):
     nm_matmul_two_pass(x, jnp.ones((576, 8), jnp.bfloat16), pattern="2:4", **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_default_mask_block_sizes_are_valid(backend):
+  for pattern in ("2:4", "4:8", "8:16", "16:32", "3:6", "2:3", "5:10"):
+    m = NMPattern.parse(pattern).m
+    if backend == "triton" and not m & (m - 1) == 0:
+      continue  # refused by the Triton kernel (test_nm_mask_bad_inputs)
+    for dtype in (jnp.float32, jnp.bfloat16):
+      for m_tokens, k in [(1, 96), (37, 576), (2048, 4096), (8192, 14400), (16, 1152)]:
+        if k % m:
+          continue
+        bs = default_mask_block_sizes(backend, m_tokens, k, m)
+        check_mask_block_sizes(bs, backend, dtype, m, op="test")
+        assert bs.block_k <= max(512, m * 128), bs
+
+
+@cpu_interpret
+def test_nm_mask_tpu_non_power_of_2_m_with_default_blocks():
+  # M = 6: the K tile must be a multiple of lcm(128, 6) = 384; K = 1152 takes three of them.
+  x = _activation((16, 1152), jnp.float32)
+  out = nm_mask(x, pattern="3:6", factors=_factors(1152), interpret=True, backend="mosaic_tpu")
+  ref = sparsify(x, NMPattern.parse("3:6"), _factors(1152))
+  mismatches = int(jnp.sum(out != ref))
+  print(f"\n[nm_mask] mosaic_tpu 3:6 (16, 1152), default blocks: {mismatches} mismatches")
+  assert mismatches == 0
+
+
+@cpu_interpret
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_nm_mask_and_two_pass_accept_zero_tokens(backend):
+  x = jnp.zeros((0, 256), jnp.bfloat16)
+  w = jnp.ones((256, 64), jnp.bfloat16)
+  out = nm_mask(x, pattern="2:4", interpret=True, backend=backend)
+  assert out.shape == (0, 256) and out.dtype == jnp.bfloat16
+  y = nm_matmul_two_pass(x, w, pattern="2:4", interpret=True, backend=backend)
+  assert y.shape == (0, 64) and y.dtype == jnp.bfloat16

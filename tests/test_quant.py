@@ -84,6 +84,18 @@ def test_quantize_activation_zero_row_safe():
   assert np.all(np.isfinite(np.asarray(scale)))
 
 
+def test_non_finite_rows_give_non_finite_scales_and_outputs():
+  x = _x()
+  x[3, 10], x[7, 0], x[9, 100] = np.nan, np.inf, -np.inf
+  _, scale = quantize_activation(jnp.asarray(x))
+  assert np.isinf(np.asarray(scale)[[3, 7, 9], 0]).all()  # NaN too: XLA's max may drop NaN
+  w_q, w_s = quantize_weight(jnp.asarray(_w()))
+  y = np.asarray(w8a8_matmul(jnp.asarray(x), w_q, w_s))
+  finite = np.isfinite(y)
+  assert not finite[[3, 7, 9]].any()  # never silently finite, as the dense product
+  assert finite[np.setdiff1d(np.arange(T), [3, 7, 9])].all()
+
+
 def test_quantize_activation_tensor_static_and_clip():
   x = _x()
   static = jnp.float32(np.abs(x).max() / 127)

@@ -130,3 +130,36 @@ def test_prefill_table_of_a_searched_plan_with_mixed_o_groups():
   assert "8:16 search/robust, o mixed" in table
   assert "layers sparse per projection: q 26, k 17, v 3, o 26, gate 12, up 2, down 30" in table
   assert "q/gate dense in layers" not in table
+
+
+def _run_configs():
+  from amber_jax.runs.amber_table import AmberTableConfig
+  from amber_jax.runs.corrections import CorrectionsConfig
+  from amber_jax.runs.front import FrontConfig
+  from amber_jax.runs.generation import GenerationConfig
+  from amber_jax.runs.quant_table import QuantTableConfig
+  from amber_jax.runs.sensitivity import SensitivityRunConfig
+  from amber_jax.runs.zero_shot import ZeroShotConfig
+
+  needs_output = dict(output="out.json")
+  return [
+    (PrefillRunConfig, {}),
+    (AmberTableConfig, {}),
+    (CorrectionsConfig, {}),
+    (FrontConfig, {}),
+    (GenerationConfig, needs_output),
+    (QuantTableConfig, {}),
+    (SensitivityRunConfig, {}),
+    (ZeroShotConfig, needs_output),
+  ]
+
+
+@pytest.mark.parametrize(
+  "config_cls, extra", _run_configs(), ids=lambda v: getattr(v, "__name__", "")
+)
+def test_every_run_config_checks_dtype_and_cache_dir(config_cls, extra, tmp_path):
+  config_cls(cache_dir=str(tmp_path), **extra)  # the defaults are valid
+  with pytest.raises(ValueError, match="cache_dir must be given"):
+    config_cls(cache_dir="", **extra)
+  with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float32'\]"):
+    config_cls(cache_dir=str(tmp_path), dtype="float16", **extra)

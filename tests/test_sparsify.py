@@ -300,3 +300,18 @@ def test_mask_methods_agree_with_ties(n, m):
   assert (masks[0].reshape(7, 3, m).sum(-1) == n).all()
   with pytest.raises(ValueError, match="method must be"):
     nm_mask(nm_scores(x), pattern, method="bitonic")
+
+
+@pytest.mark.parametrize("n,m", [(3, 6), (5, 12), (2, 3)])
+def test_mask_methods_agree_with_negative_factors(n, m):
+  """Negative factors make every score <= 0: the sorting network's padding (M not a power of
+  2) must stay below them, or the padded wires would take the top places."""
+  from amber_jax.sparsity import MASK_METHODS, nm_mask, nm_scores
+
+  x = jax.random.normal(jax.random.key(m), (5, 4 * m), jnp.float32).at[2, 3].set(jnp.inf)
+  factors = -jax.random.uniform(jax.random.key(1), (4 * m,), jnp.float32, 0.5, 2.0)
+  pattern = NMPattern(n=n, m=m)
+  masks = [np.asarray(nm_mask(nm_scores(x, factors), pattern, method=k)) for k in MASK_METHODS]
+  for mask in masks[1:]:
+    np.testing.assert_array_equal(mask, masks[0])
+  assert (masks[0].reshape(5, 4, m).sum(-1) == n).all()

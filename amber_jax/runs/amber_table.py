@@ -11,7 +11,7 @@ from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.patterns import NMPattern
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
 from amber_jax.scores import SCORES
 
 
@@ -39,9 +39,7 @@ class AmberTableConfig:
     for p in self.policies:
       AmberConfig(pattern=None, policy=p)
     AmberConfig(pattern=None, coverage=self.coverage)
-    check_dtype(self.dtype)
-    if not self.cache_dir:
-      raise ValueError("cache_dir must be given")
+    check_model_options(self.dtype, self.cache_dir)
 
 
 def run_amber_table(cfg: AmberTableConfig, *, log=print, show_progress=True) -> dict:

@@ -25,6 +25,13 @@ def check_dtype(dtype: str) -> str:
   return dtype
 
 
+def check_model_options(dtype: str, cache_dir: str) -> None:
+  """The checks every run config shares: a known compute dtype and a cache directory."""
+  check_dtype(dtype)
+  if not cache_dir:
+    raise ValueError("cache_dir must be given (where the model and text are cached)")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSetup:
   config: LlamaConfig

@@ -27,7 +27,13 @@ from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, evaluation_texts, prepare_eval
+from amber_jax.runs.common import (
+  DTYPES,
+  check_model_options,
+  environment,
+  evaluation_texts,
+  prepare_eval,
+)
 
 # Base plans: name -> (score, policy).
 METHODS = {"paper": ("robust", "auto"), "naive": ("naive", "all")}
@@ -73,9 +79,7 @@ class CorrectionsConfig:
     for run in self.corrections:
       parse_run(run)
     AmberConfig(pattern=None, coverage=self.coverage)
-    check_dtype(self.dtype)
-    if not self.cache_dir:
-      raise ValueError("cache_dir must be given")
+    check_model_options(self.dtype, self.cache_dir)
 
 
 def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) -> dict:

@@ -45,7 +45,13 @@ from amber_jax.plots import save_coverage_front, save_learning_curves
 from amber_jax.policy import max_skips_for_coverage
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, evaluation_texts, prepare_eval
+from amber_jax.runs.common import (
+  DTYPES,
+  check_model_options,
+  environment,
+  evaluation_texts,
+  prepare_eval,
+)
 from amber_jax.scores import model_factors
 from amber_jax.site_search import KLMeter, SiteCosts, measure_site_costs
 
@@ -118,9 +124,7 @@ class FrontConfig:
         f"search_windows must be in 1..{self.calib_windows} (calib_windows), "
         f"got {self.search_windows}"
       )
-    check_dtype(self.dtype)
-    if not self.cache_dir:
-      raise ValueError("cache_dir must be given")
+    check_model_options(self.dtype, self.cache_dir)
 
   def setup_key(self) -> dict:
     """What makes stored rows comparable (anything else may change between reruns)."""

@@ -22,7 +22,7 @@ from amber_jax.io.loading import load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
 from amber_jax.pruner import build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
 from amber_jax.runs.zero_shot import (
   DENSE,
   METHODS,
@@ -80,14 +80,12 @@ class GenerationConfig:
       raise ValueError(f"max_new_tokens must be >= 1 (or None), got {self.max_new_tokens}")
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-    check_dtype(self.dtype)
+    check_model_options(self.dtype, self.cache_dir)
     rows = self.runs()  # validates patterns, methods and coverage
     if len({r for r, _ in rows}) != len(rows):
       raise ValueError(f"patterns has duplicates: {list(self.patterns)}")
     if not self.output:
       raise ValueError("output must be given (the results JSON, resumed when it exists)")
-    if not self.cache_dir:
-      raise ValueError("cache_dir must be given (where the model and text are cached)")
 
   def runs(self):
     return plan_rows(self.patterns, self.methods, self.coverage, impl=self.impl)

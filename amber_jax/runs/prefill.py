@@ -23,7 +23,7 @@ from amber_jax.quant_plan import (
   check_quant_options,
   smoothed_score_factors,
 )
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,7 +70,7 @@ class PrefillRunConfig:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.policy in ("auto", "search") and self.calib_windows < 1:
       raise ValueError(f"policy={self.policy} needs calib_windows >= 1")
-    check_dtype(self.dtype)
+    check_model_options(self.dtype, self.cache_dir)
     if self.quant not in ("none", "w8a8"):
       raise ValueError(f"quant must be one of none, w8a8, got {self.quant!r}")
     alpha = DEFAULT_ALPHA.get(self.smooth, 0.5) if self.alpha is None else self.alpha
@@ -79,8 +79,6 @@ class PrefillRunConfig:
       raise ValueError(f"float_sites_auto must be >= 0, got {self.float_sites_auto}")
     if self.quant == "w8a8" and self.calib_windows < 1:
       raise ValueError("quant=w8a8 needs calib_windows >= 1 (activation statistics)")
-    if not self.cache_dir:
-      raise ValueError("cache_dir must be given (where the model and text are cached)")
 
   def amber(self) -> AmberConfig:
     return AmberConfig(

@@ -14,7 +14,7 @@ from amber_jax.plan import make_plan
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.quant_plan import build_quant_state, smoothed_score_factors
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,11 +39,9 @@ class QuantTableConfig:
     for p in self.patterns:
       NMPattern.parse(p)
     AmberConfig(pattern=None, score=self.score, policy=self.policy, coverage=self.coverage)
-    check_dtype(self.dtype)
+    check_model_options(self.dtype, self.cache_dir)
     if self.calib_windows < 1:
       raise ValueError("calib_windows must be >= 1")
-    if not self.cache_dir:
-      raise ValueError("cache_dir must be given")
 
 
 def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> dict:

@@ -10,7 +10,7 @@ from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.policy import check_coverage_target, measure_sensitivity, select_skip_layers
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
 from amber_jax.scores import check_score, model_factors
 
 
@@ -32,11 +32,9 @@ class SensitivityRunConfig:
     NMPattern.parse(self.pattern)
     check_score(self.score)
     check_coverage_target(self.coverage)
-    check_dtype(self.dtype)
+    check_model_options(self.dtype, self.cache_dir)
     if self.calib_windows < 1:
       raise ValueError(f"calib_windows must be >= 1, got {self.calib_windows}")
-    if not self.cache_dir:
-      raise ValueError("cache_dir must be given")
 
 
 def run_sensitivity(cfg: SensitivityRunConfig, *, log=print, show_progress=True) -> dict:

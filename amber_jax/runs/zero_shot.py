@@ -40,7 +40,7 @@ from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_dtype, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
 
 METHODS = ("naive", "amber")
 RESULTS_FORMAT = "amber_jax.zero_shot/1"
@@ -106,12 +106,10 @@ class ZeroShotConfig:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.needs_calibration() and self.calib_windows < 1:
       raise ValueError("method amber needs calib_windows >= 1")
-    check_dtype(self.dtype)
+    check_model_options(self.dtype, self.cache_dir)
     self.runs()  # builds every AmberConfig: validates coverage and each method's score/policy
     if not self.output:
       raise ValueError("output must be given (the results JSON, resumed when it exists)")
-    if not self.cache_dir:
-      raise ValueError("cache_dir must be given (where the model and text are cached)")
 
   @staticmethod
   def pattern_name(pattern: str) -> str:
