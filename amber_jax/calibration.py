@@ -15,6 +15,7 @@ import numpy as np
 
 from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.model.llama import dense_pass_records
+from amber_jax.policy import check_batch_size
 from amber_jax.progress import progress_bar
 
 
@@ -39,6 +40,7 @@ def collect_input_absmax(
   show_progress: bool = True,
 ) -> dict[str, np.ndarray]:
   """proj -> float32 [n_layers, d_in]: max |input| per channel over ``windows`` [W, T]."""
+  check_batch_size(batch_size)
   windows = np.asarray(windows, np.int32)
   if windows.ndim != 2 or len(windows) == 0:
     raise ValueError(f"windows must be a non-empty [W, T] array, got shape {windows.shape}")
@@ -88,6 +90,7 @@ def measure_quant_errors(
 ) -> np.ndarray:
   """[n_layers, 7] relative output error ||Y - Y_w8a8|| / ||Y|| of each site quantized alone
   (dense float model upstream), on ``windows``: what automatic float-site selection ranks."""
+  check_batch_size(batch_size)
   windows = np.asarray(windows, np.int32)
   err2 = np.zeros((config.n_layers, len(PROJECTIONS)))
   ref2 = np.zeros_like(err2)

@@ -31,6 +31,7 @@ O_ORDERS = ("heads", "mixed")
 
 
 def check_o_order(o_order: str) -> str:
+  """``o_order`` unchanged if it is one of ``O_ORDERS``, else ValueError listing them."""
   if o_order not in O_ORDERS:
     raise ValueError(f"o_order must be one of {', '.join(O_ORDERS)}, got {o_order!r}")
   return o_order

@@ -170,6 +170,7 @@ def check_correction(correction: str | CorrectionSpec) -> str:
 
 
 def check_correction_inputs(inputs: str) -> str:
+  """``inputs`` unchanged if it is one of ``CORRECTION_INPUTS``, else ValueError."""
   if inputs not in CORRECTION_INPUTS:
     raise ValueError(
       f"correction_inputs must be one of {', '.join(CORRECTION_INPUTS)}, got {inputs!r}"

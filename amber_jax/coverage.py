@@ -16,6 +16,8 @@ from amber_jax.patterns import NMPattern
 
 @dataclasses.dataclass(frozen=True)
 class Coverage:
+  """Share of a model's linear multiply-adds whose input a plan sparsifies (LM head excluded)."""
+
   covered: float  # share of linear multiply-adds whose input is sparsified
   removed: float  # share actually removed: covered * (1 - N/M)
   covered_macs: int  # per token
@@ -30,10 +32,20 @@ def site_macs(config: LlamaConfig) -> dict[str, int]:
 def coverage(
   config: LlamaConfig, sites: Iterable[tuple[int, str]], pattern: NMPattern | None
 ) -> Coverage:
-  """Coverage of sparsifying ``sites`` ((layer, projection) pairs) with ``pattern``."""
+  """Coverage of sparsifying ``sites`` ((layer, projection) pairs) with ``pattern``.
+
+  Raises ValueError for a layer outside the model or an unknown projection."""
   macs = site_macs(config)
   total = config.n_layers * sum(macs[p] for p in PROJECTIONS)
-  covered = 0 if pattern is None else sum(macs[p] for _, p in set(sites))
+  sites = set(sites)
+  for layer, proj in sites:
+    if proj not in macs:
+      raise ValueError(f"unknown projection {proj!r} in sites; valid: {', '.join(PROJECTIONS)}")
+    if not 0 <= layer < config.n_layers:
+      raise ValueError(
+        f"layer {layer} in sites is out of range: the model has layers 0..{config.n_layers - 1}"
+      )
+  covered = 0 if pattern is None else sum(macs[p] for _, p in sites)
   share = covered / total
   removed = 0.0 if pattern is None else share * (1 - pattern.density)
   return Coverage(covered=share, removed=removed, covered_macs=covered, total_macs=total)

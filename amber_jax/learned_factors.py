@@ -61,9 +61,13 @@ def ste_sparsify(
   threshold = 0.5 * (top[..., pattern.n - 1] + top[..., pattern.n])
   scale = jax.lax.stop_gradient(jnp.mean(groups, axis=-1)) + 1e-6
   soft = jax.nn.sigmoid((groups - threshold[..., None]) / (temperature * scale[..., None]))
-  soft = soft.reshape(score.shape)
+  # A group holding an inf/NaN score gives inf - inf = NaN in ``soft``, and NaN - NaN would
+  # spread into the forward mask: such entries get no surrogate (soft only feeds the gradient).
+  soft = jnp.where(jnp.isfinite(soft), soft, 0.0).reshape(score.shape)
   mask = hard.astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))  # exactly hard
-  return x * mask.astype(x.dtype)
+  # A dropped inf (more infinite entries than N in a group) must read 0 as in sparsify, not
+  # inf * 0 = NaN; it passes no gradient.
+  return jnp.where(hard | jnp.isfinite(x), x * mask.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 def _sparse_logits(params, tokens_BxT, theta, plan, *, config, temperature):
@@ -131,6 +135,8 @@ def _kl(params, tokens, teacher, theta, plan, *, config, temperature):
 
 @dataclasses.dataclass(frozen=True)
 class LearnedFactors:
+  """What ``learn_score_factors`` returns: the plan with the learned factors, and its losses."""
+
   plan: SparsityPlan  # the input plan with the learned factors
   losses: list[float]  # KL (nats/token) on the training batch, per step (before the update)
   initial_kl: float  # mean KL over all calibration windows, before / after training

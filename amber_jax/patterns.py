@@ -55,8 +55,8 @@ class NMPattern:
     if width % self.m:
       raise ValueError(
         f"pattern {self}: M={self.m} must divide the {where} width {width}; "
-        f"valid M for this width: "
-        f"{[m for m in (2, 4, 8, 16, 32, 64, 128) if width % m == 0]}"
+        f"valid M for this width (M > 1 dividing it, up to 128): "
+        f"{[m for m in range(2, min(width, 128) + 1) if width % m == 0]}"
       )
 
   def __str__(self) -> str:

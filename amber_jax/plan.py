@@ -116,6 +116,9 @@ def make_plan(
     for proj in PROJECTIONS:
       if enabled[proj].any():
         pattern.check_width(shapes[proj][0], where=f"{proj}-projection input")
+  unknown = sorted(set(factors or {}) - set(PROJECTIONS))
+  if unknown:
+    raise ValueError(f"factors has unknown projections {unknown}; valid: {', '.join(PROJECTIONS)}")
   out_factors = {}
   for proj in PROJECTIONS:
     d_in = shapes[proj][0]
@@ -124,6 +127,11 @@ def make_plan(
       f = np.asarray(factors[proj], np.float32)
       if f.shape != (n_layers, d_in):
         raise ValueError(f"factors[{proj!r}] must have shape {(n_layers, d_in)}, got {f.shape}")
+      if not (np.isfinite(f).all() and (f >= 0).all()):
+        raise ValueError(
+          f"factors[{proj!r}] must be finite and >= 0 (score = |x| * factor), got "
+          f"{int((f < 0).sum())} negative and {int((~np.isfinite(f)).sum())} non-finite entries"
+        )
     out_factors[proj] = jnp.asarray(f)
   return SparsityPlan(
     enabled={p: jnp.asarray(v) for p, v in enabled.items()},

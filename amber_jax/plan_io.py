@@ -12,11 +12,17 @@ from __future__ import annotations
 import os
 
 import jax.numpy as jnp
+import numpy as np
 
+from amber_jax.corrections import check_correction_tree
+from amber_jax.impl import IMPLS
 from amber_jax.io.plan_checkpoint import PlanCheckpointError, load_plan, save_plan
+from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.patterns import NMPattern
-from amber_jax.plan import SparsityPlan
-from amber_jax.quant_plan import QuantState
+from amber_jax.plan import SparsityPlan, check_plan_channel_order
+from amber_jax.quant import ACT_MODES
+from amber_jax.quant_plan import ORDERS, QuantState
+from amber_jax.sparsity import MASK_METHODS
 
 __all__ = ["PlanCheckpointError", "load_sparsity_plan", "save_sparsity_plan"]
 
@@ -46,15 +52,39 @@ def save_sparsity_plan(path: str | os.PathLike, plan: SparsityPlan, *, metadata:
   save_plan(path, tree, metadata={**metadata, "plan_static": _static(plan)})
 
 
+def _check_static(path, static: dict) -> None:
+  """The restored static fields are ones this version can run (PlanCheckpointError if not)."""
+
+  def bad(field, value, valid):
+    raise PlanCheckpointError(
+      f"plan checkpoint {os.fspath(path)!r}: {field} must be one of {valid}, got {value!r}"
+    )
+
+  if static.get("impl") not in IMPLS:
+    bad("impl", static.get("impl"), IMPLS)
+  if static.get("mask_method") not in ("auto", *MASK_METHODS):
+    bad("mask_method", static.get("mask_method"), ("auto", *MASK_METHODS))
+  quant = static.get("quant")
+  if quant is not None:
+    if quant.get("act_mode") not in ACT_MODES:
+      bad("quant act_mode", quant.get("act_mode"), ACT_MODES)
+    if quant.get("order") not in ORDERS:
+      bad("quant order", quant.get("order"), ORDERS)
+
+
 def load_sparsity_plan(
-  path: str | os.PathLike, *, expect: dict | None = None
+  path: str | os.PathLike, *, expect: dict | None = None, config: LlamaConfig | None = None
 ) -> tuple[SparsityPlan, dict]:
   """Restores a plan saved by ``save_sparsity_plan``; ``expect`` entries must match the
-  saved metadata (else PlanCheckpointError naming the key and both values)."""
+  saved metadata (else PlanCheckpointError naming the key and both values). The static fields
+  (impl, mask algorithm, W8A8 mode and order) are checked to be valid; with ``config`` the
+  arrays are too: site flags and factors of the model's shapes, channel orders that are
+  permutations, output corrections of the right layout."""
   tree, metadata = load_plan(path, expect=expect)
   static = metadata.get("plan_static")
   if not isinstance(static, dict):
     raise PlanCheckpointError(f"plan checkpoint {os.fspath(path)!r} has no plan_static metadata")
+  _check_static(path, static)
   as_jnp = lambda d: {k: as_jnp(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in d.items()}
   quant = None
   if static.get("quant") is not None:
@@ -74,4 +104,29 @@ def load_sparsity_plan(
     correction=as_jnp(tree["correction"]) if "correction" in tree else None,
     channel_order=as_jnp(tree["channel_order"]) if "channel_order" in tree else None,
   )
+  if config is not None:
+    try:
+      check_plan_arrays(config, plan)
+    except ValueError as e:
+      raise PlanCheckpointError(f"plan checkpoint {os.fspath(path)!r}: {e}") from None
   return plan, metadata
+
+
+def check_plan_arrays(config: LlamaConfig, plan: SparsityPlan) -> None:
+  """ValueError naming the entry unless ``plan``'s arrays fit ``config``: enabled [L] and
+  factors [L, d_in] per projection, channel orders that are permutations, corrections of the
+  plan layout."""
+  shapes = config.linear_shapes()
+  for name, tree, shape_of in (
+    ("enabled", plan.enabled, lambda p: (config.n_layers,)),
+    ("factors", plan.factors, lambda p: (config.n_layers, shapes[p][0])),
+  ):
+    if set(tree) != set(PROJECTIONS):
+      raise ValueError(f"{name} must map every projection {PROJECTIONS}, got {sorted(tree)}")
+    for p in PROJECTIONS:
+      if tuple(tree[p].shape) != shape_of(p):
+        raise ValueError(f"{name}[{p!r}] must have shape {shape_of(p)}, got {tree[p].shape}")
+  if plan.channel_order is not None:
+    check_plan_channel_order(config, {p: np.asarray(o) for p, o in plan.channel_order.items()})
+  if plan.correction is not None:
+    check_correction_tree(config, plan.correction)

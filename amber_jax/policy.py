@@ -42,12 +42,26 @@ SKIPPABLE = ("q", "gate")
 
 
 def check_policy(policy: str) -> str:
+  """``policy`` unchanged if it is one of ``POLICIES``, else ValueError listing them."""
   if policy not in POLICIES:
     raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
   return policy
 
 
+def check_batch_size(batch_size: int) -> int:
+  """ValueError unless ``batch_size`` (windows per forward pass) is an int >= 1."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+  return batch_size
+
+
 def check_skip_layers(config: LlamaConfig, skip_layers: Iterable[int]) -> tuple[int, ...]:
+  """The distinct layer indices of ``skip_layers``, sorted; ValueError for a non-integer or
+  an index outside the model's layers."""
+  skip_layers = list(skip_layers)
+  for layer in skip_layers:
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+      raise ValueError(f"skip_layers must be integer layer indices, got {layer!r}")
   out = tuple(sorted(set(int(l) for l in skip_layers)))
   for layer in out:
     if not 0 <= layer < config.n_layers:
@@ -58,6 +72,7 @@ def check_skip_layers(config: LlamaConfig, skip_layers: Iterable[int]) -> tuple[
 
 
 def check_coverage_target(target: float) -> float:
+  """``target`` as a float; ValueError unless it is in (0, 1] (a share of multiply-adds)."""
   if not 0.0 < target <= 1.0:
     raise ValueError(f"coverage must be in (0, 1], got {target}")
   return float(target)
@@ -130,6 +145,7 @@ def measure_sensitivity(
   ``windows`` [W, T] token ids; ``factors`` proj -> [L, d_in] score factors; ``channel_order``
   a plan's (proj -> [L, d_in] permutations forming the N:M groups) or None.
   """
+  check_batch_size(batch_size)
   windows = np.asarray(windows, np.int32)
   sites = {p: {"factors": jnp.asarray(factors[p])} for p in PROJECTIONS}
   for p, order in (channel_order or {}).items():
@@ -167,10 +183,21 @@ def max_skips_for_coverage(config: LlamaConfig, target: float) -> int:
   return 0
 
 
+def _check_finite_errors(sensitivity: Sensitivity) -> None:
+  # A NaN error would sort as the least sensitive (argsort) or count as free (knapsack).
+  errors = np.asarray(sensitivity.errors)
+  if not np.isfinite(errors).all():
+    bad = [tuple(int(i) for i in ix) for ix in np.argwhere(~np.isfinite(errors))[:8]]
+    raise ValueError(
+      f"sensitivity errors must be finite; non-finite at (layer, projection index) {bad}"
+    )
+
+
 def select_skip_layers(
   sensitivity: Sensitivity, config: LlamaConfig, coverage_target: float
 ) -> tuple[int, ...]:
   """The q/gate skip layers of the ``auto`` policy: the most sensitive that the target allows."""
+  _check_finite_errors(sensitivity)
   k = max_skips_for_coverage(config, coverage_target)
   q, gate = PROJECTIONS.index("q"), PROJECTIONS.index("gate")
   benefit = sensitivity.errors[:, q] + sensitivity.errors[:, gate]
@@ -189,6 +216,7 @@ def select_dense_sites(
   over multiply-add units (the gcd of the site costs).
   """
   check_coverage_target(coverage_target)
+  _check_finite_errors(sensitivity)
   macs = site_macs(config)
   total = config.n_layers * sum(macs.values())
   paper = sum(macs[p] for _, p in policy_sites(config, "paper"))

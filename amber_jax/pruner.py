@@ -67,6 +67,9 @@ class AmberConfig:
   o_order: str = "heads"
 
   def __post_init__(self):
+    if self.pattern is not None and not isinstance(self.pattern, NMPattern):
+      # Normalised here ("8:16" -> NMPattern): everything downstream reads .n and .m.
+      object.__setattr__(self, "pattern", NMPattern.parse(self.pattern))
     if self.impl is not None:
       check_impl(self.impl, self.pattern)
     check_score(self.score)
@@ -105,6 +108,9 @@ class AmberConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PlanInfo:
+  """What ``build_plan`` returns: the plan and how it was chosen (coverage, skipped layers,
+  the measured sensitivities or site costs when a policy measured them)."""
+
   plan: SparsityPlan
   coverage: Coverage
   skip_layers: tuple[int, ...]  # layers whose q and gate both stay dense

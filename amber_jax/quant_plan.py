@@ -43,6 +43,9 @@ DEFAULT_ALPHA = {"none": 0.5, "smoothquant": 0.5, "outstanding": 0.10}
 
 @struct.dataclass
 class QuantState:
+  """The W8A8 part of a plan: int8 weights, scales and smoothing per site, folded norms, and
+  the activation mode and order (static). Built by ``build_quant_state``."""
+
   sites: dict  # proj -> {"w_q", "w_scale", "act_div", "fold", "act_scale", "in_float"}
   norms: dict  # "attn_norm"/"mlp_norm" -> [L, D] folded norm weights
   act_mode: str = struct.field(pytree_node=False, default="token")
@@ -50,12 +53,14 @@ class QuantState:
 
 
 def check_quant_options(smooth: str, alpha: float, act_mode: str, order: str) -> None:
+  """ValueError naming the option unless the W8A8 options are valid: ``smooth`` in
+  ``SMOOTHING``, ``alpha`` in [0, 1], ``act_mode`` in ``ACT_MODES``, ``order`` in ``ORDERS``."""
   if smooth not in SMOOTHING:
     raise ValueError(f"smooth must be one of {', '.join(SMOOTHING)}, got {smooth!r}")
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
   if act_mode not in ACT_MODES:
-    raise ValueError(f"act_scale must be one of {', '.join(ACT_MODES)}, got {act_mode!r}")
+    raise ValueError(f"act_mode must be one of {', '.join(ACT_MODES)}, got {act_mode!r}")
   if order not in ORDERS:
     raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
 

@@ -26,6 +26,7 @@ _TINY = 1e-12
 
 
 def check_score(score: str) -> str:
+  """``score`` unchanged if it names a score of ``SCORES``, else ValueError listing them."""
   if score not in SCORES:
     raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
   return score

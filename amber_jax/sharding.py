@@ -231,9 +231,14 @@ def _plan_spec(names: tuple[str, ...], *, fsdp: bool) -> P:
       return _out_vector_spec(proj)
     case ("correction", _, "token_rescale"):  # [L]
       return P()
+    # A channel order (o_order="mixed") permutes a site's whole input: replicated. The
+    # computation stays exact (GSPMD gathers the sharded o input where a group crosses
+    # devices); the price is that all-gather of the o input on every sparse o site.
+    case ("channel_order", _):  # int32 [L, d_in]
+      return P()
   raise ValueError(
     f"no partition rule for plan leaf {'/'.join(names)!r}: amber_jax.sharding knows "
-    "SparsityPlan (enabled, factors, correction) and QuantState (sites, norms)"
+    "SparsityPlan (enabled, factors, correction, channel_order) and QuantState (sites, norms)"
   )
 
 

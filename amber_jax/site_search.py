@@ -77,6 +77,10 @@ class KLMeter:
     self.tokens = int(tokens.size)
 
   def __call__(self, plan: SparsityPlan) -> float:
+    if plan.quant is not None:
+      # The pass resumes at the first sparse layer from the dense residual stream, which would
+      # leave out the quantization of every earlier layer.
+      raise ValueError("KLMeter measures float plans (plan.quant must be None)")
     sparse_layers = [l for l, _ in plan.enabled_sites()] if plan.pattern is not None else []
     first = min(sparse_layers, default=self.config.n_layers - 1)
     total = 0.0
@@ -170,6 +174,9 @@ def select_sites(
   total = config.n_layers * sum(macs.values()) // unit
   capacity = int(math.floor(total * (1 - coverage_target) + 1e-9))
   items = [(l, p) for l in range(config.n_layers) for p in PROJECTIONS]
+  if not np.isfinite(costs.kl).all():  # max(nan, 0) is nan: the knapsack would take it as free
+    bad = [items[i] for i in np.flatnonzero(~np.isfinite(costs.kl.ravel()))]
+    raise ValueError(f"site costs must be finite; non-finite at (layer, projection) {bad[:8]}")
   # A negative measured KL is noise around zero: such a site is free to sparsify.
   values = [max(float(costs.kl[l, PROJECTIONS.index(p)]), 0.0) for l, p in items]
   dense = set(knapsack([macs[p] // unit for _, p in items], values, capacity))
@@ -185,6 +192,7 @@ def plan_kl(
   batch_size: int = 2,
   dtype=jnp.float32,
 ) -> float:
-  """KL(dense || plan) in nats per token on ``calib_windows`` [W, T+1]."""
+  """KL(dense || plan) in nats per token on ``calib_windows`` [W, T+1]; a float plan (a W8A8
+  plan raises ValueError: the measurement resumes at the first sparse layer)."""
   meter = KLMeter(params, calib_windows, config=config, batch_size=batch_size, dtype=dtype)
   return meter(plan)

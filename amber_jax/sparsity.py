@@ -32,11 +32,15 @@ _SORTNET_MAX_M = 128
 def nm_scores(x: jax.Array, factors: jax.Array | None = None) -> jax.Array:
   """Selection score: |x|, or |x| * factors (factors broadcast over the last axis).
 
-  Computed in float32 (bf16 inputs are upcast exactly), NaN mapped to +inf.
+  Computed in float32 (bf16 inputs are upcast exactly). Non-finite activations score +inf
+  whatever their factor (an inf times a zero factor would be NaN, times a negative one -inf),
+  so they are kept as the module docstring promises; NaN scores map to +inf. Factors are
+  meant to be finite and >= 0 (``make_plan`` checks); a negative one would prefer small |x|.
   """
   score = jnp.abs(x.astype(jnp.float32))
   if factors is not None:
-    score = score * factors.astype(jnp.float32).reshape((1,) * (score.ndim - 1) + (-1,))
+    f = factors.astype(jnp.float32).reshape((1,) * (score.ndim - 1) + (-1,))
+    score = jnp.where(score == jnp.inf, score, score * f)
   return jnp.where(jnp.isnan(score), jnp.inf, score)
 
 
@@ -106,6 +110,9 @@ def nm_mask(score: jax.Array, pattern: NMPattern, *, method: str = "auto") -> ja
   """
   *lead, width = score.shape
   pattern.check_width(width, where="last-axis")
+  # NaN counts as the largest score (as in nm_scores): without this the three methods would
+  # disagree on NaN, and the sorting network's comparisons would keep fewer than N.
+  score = jnp.where(jnp.isnan(score), jnp.inf, score)
   score_GxM = score.reshape(*lead, width // pattern.m, pattern.m)
   if method == "auto":
     method = "sortnet" if pattern.m <= _SORTNET_MAX_M else "topk"

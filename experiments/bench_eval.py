@@ -76,7 +76,7 @@ def main(argv):
     len(tokenizer.encode(ex.context + c).ids)
     for t in tasks
     for ex in t.examples
-    for c in ex.choices
+    for c in ex.continuations  # the choices with their delimiter, as scored
   )
 
   def run(mode):

@@ -36,6 +36,9 @@ _CALIB = flags.DEFINE_integer("calib_windows", 8, "Calibration windows (after th
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
 _OTHER_TEXT = flags.DEFINE_string("other_text", "enwiki", "Held-out text ('' to skip).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON results path.")
+_SAVE_PLAN = flags.DEFINE_string(
+  "save_plan", None, "Write the learned plan here (orbax) for prefill.py --load_plan."
+)
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Model/text cache.")
 
 
@@ -110,6 +113,19 @@ def main(argv):
     f"KL on calibration windows {learned.initial_kl:.4f} -> {learned.final_kl:.4f} nats/token; "
     f"{_STEPS.value} steps in {learned.seconds:.0f} s"
   )
+  if _SAVE_PLAN.value:
+    import dataclasses
+
+    from amber_jax.plan_io import save_sparsity_plan
+
+    # The identity prefill.py --load_plan checks (runs/prefill.py): shapes, pattern, no W8A8.
+    identity = {
+      "model_config": dataclasses.asdict(setup.config),
+      "pattern": str(amber.pattern),
+      "quant": "none",
+    }
+    save_sparsity_plan(_SAVE_PLAN.value, learned.plan, metadata=identity)
+    print(f"wrote the learned plan to {_SAVE_PLAN.value}")
   curve = learned.losses
   print("loss curve:", " ".join(f"{v:.3f}" for v in curve[:: max(1, len(curve) // 12)]))
   if _OUTPUT.value:

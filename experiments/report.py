@@ -42,8 +42,12 @@ _FILES = {
   name: flags.DEFINE_string(name, None, f"Results JSON (default {path}, skipped if absent).")
   for name, path in DEFAULTS.items()
 }
-_RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown file to update ('' to print).")
-_PLOTS = flags.DEFINE_string("plots_dir", "results/plots", "Where the PNGs go ('' for none).")
+_RESULTS = flags.DEFINE_string(
+  "results", None, "Markdown file to update (default: the repository's RESULTS.md; '' to print)."
+)
+_PLOTS = flags.DEFINE_string(
+  "plots_dir", None, "Where the PNGs go (default: the repository's results/plots; '' for none)."
+)
 
 
 def main(argv):
@@ -59,9 +63,10 @@ def main(argv):
     else:
       print(f"skipped {name}: {DEFAULTS[name]} does not exist")
   try:
-    write_report(
-      **files, results_md=_RESULTS.value or None, plots_dir=_PLOTS.value or None, log=print
-    )
+    # Outputs default to the repository, like the inputs, whatever the working directory.
+    results_md = str(ROOT / "RESULTS.md") if _RESULTS.value is None else _RESULTS.value or None
+    plots_dir = str(ROOT / "results" / "plots") if _PLOTS.value is None else _PLOTS.value or None
+    write_report(**files, results_md=results_md, plots_dir=plots_dir, log=print)
   except ValueError as e:
     sys.exit(f"error: {e}")
 

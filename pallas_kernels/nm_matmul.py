@@ -316,10 +316,11 @@ def check_block_sizes(bs: BlockSizes, backend: str, dtype, *, m: int = 1, op: st
 
 
 def tile_scores(x: jax.Array, factors: jax.Array | None) -> jax.Array:
-  """Same float32 ops as ``amber_jax.sparsity.nm_scores``: |x| (* factors), NaN -> +inf."""
+  """Same float32 ops as ``amber_jax.sparsity.nm_scores``: |x| (* factors, an inf activation
+  staying +inf), NaN -> +inf."""
   s = jnp.abs(x.astype(jnp.float32))
   if factors is not None:
-    s = s * factors
+    s = jnp.where(s == jnp.inf, s, s * factors)
   return jnp.where(jnp.isnan(s), jnp.inf, s)
 
 

@@ -95,15 +95,22 @@ def test_front_rows_resume_report_and_plot(make_cfg, tmp_path, monkeypatch):
     save_learning_curves({"a": []}, tmp_path / "empty.png")
 
 
-def test_other_setup_starts_over(make_cfg):
-  run_front(make_cfg(methods=("search",), coverages=(0.5,)), log=_quiet, show_progress=False)
-  lines = []
-  out = run_front(
-    make_cfg(methods=("search",), coverages=(0.5,), learning_rate=0.1),
-    log=lines.append,
-    show_progress=False,
-  )
-  assert any("another setup" in line for line in lines) and len(out["rows"]) == 1
+def test_other_setup_is_an_error_and_keeps_the_file(make_cfg):
+  cfg = make_cfg(methods=("search",), coverages=(0.5,))
+  run_front(cfg, log=_quiet, show_progress=False)
+  before = pathlib.Path(cfg.output).read_text()
+  with pytest.raises(
+    ValueError, match=r"holds a run of another setup \(differs in \['learning_rate'\]"
+  ):
+    run_front(
+      make_cfg(methods=("search",), coverages=(0.5,), learning_rate=0.1),
+      log=_quiet,
+      show_progress=False,
+    )
+  assert pathlib.Path(cfg.output).read_text() == before  # the finished rows are kept
+  pathlib.Path(cfg.output).write_text("{not json")
+  with pytest.raises(ValueError, match="is not a readable front results file"):
+    run_front(cfg, log=_quiet, show_progress=False)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,28 @@ def test_exact_match_and_agreement_with_known_answers(params, tok):  # noqa: F81
   print(f"\ntiny model answers: {own}")
 
 
+def test_answers_are_cut_at_the_first_of_the_eos_ids(params, tok):  # noqa: F811
+  """Text generated after an end-of-text id does not join the answer; any of several ids ends
+  it. The tiny random model never says </s>, so a token it does generate mid-answer plays EOS."""
+  ids = [tok.encode(p).ids for p in PROMPTS]
+  gen = greedy_continuations(params, ids, config=CFG, max_new_tokens=8, show_progress=False)
+  k, eos = next((k, t) for k, t in enumerate(gen[0]) if k >= 2 and t not in gen[0][:k])
+  unused = next(t for t in range(CFG.vocab_size) if all(t not in g for g in gen))
+  task = GenTask("toy", tuple(GenExample(p, ("x",)) for p in PROMPTS))
+  kw = dict(config=CFG, tokenizer=tok, max_new_tokens=8, stop=(), show_progress=False)
+  whole = evaluate_generation(params, task, **kw)["answers"]
+  assert whole == [cut_answer(tok.decode(g), ()) for g in gen]
+  for eos_ids in (eos, [unused, eos], (eos, unused)):
+    got = evaluate_generation(params, task, eos_token_ids=eos_ids, **kw)["answers"]
+    want = [cut_answer(tok.decode(g[: g.index(eos)] if eos in g else g), ()) for g in gen]
+    assert got == want
+  assert got[0] == cut_answer(tok.decode(gen[0][:k]), ()) and len(got[0]) < len(whole[0])
+  assert evaluate_generation(params, task, eos_token_ids=[unused], **kw)["answers"] == whole
+  for bad in (CFG.vocab_size, [2, -1], "2", [2.0], True):
+    with pytest.raises(ValueError, match="eos_token_ids"):
+      evaluate_generation(params, task, eos_token_ids=bad, **kw)
+
+
 def test_cut_answer():
   assert cut_answer("  plausible\nQ: next", ["\n"]) == "plausible"
   assert cut_answer(" 05/01/2021. Q", ["\n", "."]) == "05/01/2021"

@@ -220,6 +220,126 @@ def test_config_missing_field():
     config_from_hf(cfg)
 
 
+# Sliding-window attention: recorded (as transformers reads it) and enforced by check_seq_len.
+
+
+def _fixture_config(name: str) -> dict:
+  return json.loads((FIXTURES / name / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+  "name, changes, window",
+  [
+    ("tiny-mistral", {}, None),  # The fixture: "sliding_window": null.
+    ("tiny-mistral", dict(sliding_window=4096), 4096),  # Mistral-7B-v0.1.
+    ("tiny-mistral", dict(sliding_window=8), 8),
+    ("tiny-mistral", dict(sliding_window=None), None),  # Mistral v0.2+.
+    ("tiny-mistral", dict(sliding_window="absent"), 4096),  # MistralConfig's default.
+    ("tiny-llama", dict(sliding_window=8), None),  # LlamaForCausalLM has no window.
+    ("tiny-qwen2", {}, None),  # use_sliding_window false.
+    ("tiny-qwen2", dict(sliding_window=8), None),  # Still off: Qwen2.5 configs look like this.
+    ("tiny-qwen2", dict(use_sliding_window=True, sliding_window=8), None),  # all full layers
+    (
+      "tiny-qwen2",
+      dict(
+        use_sliding_window=True,
+        sliding_window=8,
+        layer_types=["full_attention", "sliding_attention"],
+      ),
+      8,
+    ),
+    ("tiny-qwen2", dict(use_sliding_window=True, sliding_window=8, layer_types="absent"), None),
+    (
+      "tiny-qwen2",
+      dict(use_sliding_window=True, sliding_window=8, layer_types="absent", max_window_layers=1),
+      8,
+    ),
+    (
+      "tiny-qwen2",
+      dict(
+        use_sliding_window=True, sliding_window="absent", layer_types="absent", max_window_layers=0
+      ),
+      4096,
+    ),
+  ],
+)
+def test_sliding_window_is_recorded(name, changes, window):
+  cfg = _fixture_config(name)
+  for key, value in changes.items():
+    if value == "absent":
+      cfg.pop(key, None)
+    else:
+      cfg[key] = value
+  assert config_from_hf(cfg).sliding_window == window
+
+
+@pytest.mark.parametrize("window", [0, -4, "4096", 4096.5, True])
+def test_bad_sliding_window(window):
+  cfg = _fixture_config("tiny-mistral")
+  cfg["sliding_window"] = window
+  with pytest.raises(ModelFileError, match=rf"sliding_window={window!r} is not valid.*positive"):
+    config_from_hf(cfg)
+
+
+def test_mistral_sliding_window_limits_the_sequence_length(tmp_path):
+  """A Mistral-v0.1-style checkpoint: longer sequences than the window must not run silently."""
+  path = _copy("tiny-mistral", tmp_path)
+  _edit_config(path, sliding_window=8)
+  config, _ = load_hf_checkpoint(path)
+  assert config == dataclasses.replace(EXPECTED["tiny-mistral"], sliding_window=8)
+  for t in (0, 1, 8):
+    config.check_seq_len(t)
+  with pytest.raises(ValueError, match=r"t=9 exceeds the mistral model's attention window "):
+    config.check_seq_len(9)
+  with pytest.raises(ValueError, match=r"sliding_window=8.*valid: 0 <= t <= 8"):
+    config.check_seq_len(12)
+  assert config.seq_len_limit == 8
+  assert dataclasses.replace(config, sliding_window=4096).seq_len_limit == 256
+  # Without a window only max_seq_len (256) bounds it.
+  full = EXPECTED["tiny-mistral"]
+  assert full.seq_len_limit == 256
+  full.check_seq_len(256)
+  with pytest.raises(ValueError, match=r"t=257 exceeds the mistral model's max_seq_len=256"):
+    full.check_seq_len(257)
+
+
+@pytest.mark.parametrize(
+  "t, error, match",
+  [
+    (-1, ValueError, r"sequence length t must be >= 0, got -1"),
+    (2.0, TypeError, r"sequence length t must be an int, got float 2.0"),
+    (True, TypeError, r"sequence length t must be an int, got bool True"),
+    ("8", TypeError, r"must be an int, got str '8'"),
+  ],
+)
+def test_check_seq_len_bad_argument(t, error, match):
+  with pytest.raises(error, match=match):
+    EXPECTED["tiny-mistral"].check_seq_len(t)
+
+
+def test_check_seq_len_accepts_numpy_integers():
+  EXPECTED["tiny-mistral"].check_seq_len(np.int64(12))
+  with pytest.raises(ValueError, match="t=300"):
+    EXPECTED["tiny-mistral"].check_seq_len(np.int32(300))
+
+
+@pytest.mark.parametrize("window", [0, -1, 2.5, True, "8"])
+def test_llama_config_rejects_a_bad_sliding_window(window):
+  with pytest.raises(ValueError, match=r"sliding_window must be None \(full attention\) or an in"):
+    dataclasses.replace(EXPECTED["tiny-mistral"], sliding_window=window)
+
+
+@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-qwen2"])
+def test_round_trip_keeps_the_sliding_window(tmp_path, name):
+  config, params = load_hf_checkpoint(FIXTURES / name)
+  config = dataclasses.replace(config, sliding_window=8)
+  assert config_from_hf(config_to_hf(config)) == config
+  out = save_hf_checkpoint(config, params, tmp_path / "saved")
+  config2, params2 = load_hf_checkpoint(out)
+  assert config2 == config  # Mistral stays Mistral: a Llama config cannot hold a window.
+  _assert_trees_equal(params, params2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad directories and files.
 
@@ -494,4 +614,22 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path, name):
   golden = np.load(FIXTURES / name / "golden.npz")
   with torch.no_grad():
     logits = model(torch.from_numpy(golden["tokens"]).long()).logits.numpy()
+  np.testing.assert_allclose(logits, golden["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_saved_windowed_mistral_loads_in_transformers(tmp_path):
+  """A Mistral config with a window is written as one transformers reads with that window."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  config, params = load_hf_checkpoint(FIXTURES / "tiny-mistral")
+  golden = np.load(FIXTURES / "tiny-mistral" / "golden.npz")
+  t = golden["tokens"].shape[1]
+  config = dataclasses.replace(config, sliding_window=t)  # Windowed, exact for the golden's T.
+  config.check_seq_len(t)
+  out = save_hf_checkpoint(config, params, tmp_path / "saved")
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+  assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == t
+  with torch.no_grad():
+    logits = model.float().eval()(torch.from_numpy(golden["tokens"]).long()).logits.numpy()
   np.testing.assert_allclose(logits, golden["logits"], atol=1e-5, rtol=0)

@@ -38,6 +38,16 @@ def _model_kl(params, windows, plan):
   return float(jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), -1)))
 
 
+def test_ste_forward_equals_sparsify_with_non_finite_activations():
+  p = NMPattern.parse("1:4")
+  x = jnp.array([[jnp.inf, 1.0, 2.0, 3.0], [jnp.inf, -jnp.inf, 1.0, 2.0], [jnp.nan, 1, 2, 3]])
+  f = jnp.ones((4,))
+  out = np.asarray(ste_sparsify(x, p, f, 0.5))
+  np.testing.assert_array_equal(out, np.asarray(sparsify(x, p, f)))
+  np.testing.assert_array_equal(out[:2], [[np.inf, 0, 0, 0], [np.inf, 0, 0, 0]])
+  assert np.isnan(out[2, 0]) and (out[2, 1:] == 0).all()
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_ste_forward_is_the_exact_mask_and_has_a_gradient(pattern):
   p = NMPattern.parse(pattern)

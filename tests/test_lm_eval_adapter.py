@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,65 @@ def test_generate_until_rejects_bad_requests(params, tok, gen_kwargs, message):
     lm.generate_until([("fine", {"max_gen_toks": 2}), ("hello", gen_kwargs)])
 
 
+def test_generate_until_stops_at_any_of_several_eos_ids(params, tok, plans, monkeypatch):
+  """A list of EOS ids (as Llama-3-Instruct's [128001, 128008, 128009]): generation stops at
+  any of them and the text is cut before the first. The tiny random model never says </s>, so
+  a token it generates mid-text plays one of the EOS ids."""
+  plan = plans["sparse"]
+  context = "The quick brown fox"
+  ids = greedy_generate(
+    params, [tok.encode(context).ids], config=CFG, max_new_tokens=40, plan=plan
+  )[0]
+  k, eos = next(
+    (k, t)
+    for k, t in enumerate(ids)
+    if 2 <= k < 16
+    and t not in ids[:k]
+    and tok.decode([t], skip_special_tokens=False) not in tok.decode(ids[:k])
+  )
+  unused = next(t for t in range(tok.get_vocab_size()) if t not in ids)
+  calls = []
+  real = generative._decode_chunk
+  monkeypatch.setattr(generative, "_decode_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+  req = [(context, {"max_gen_toks": 40, "until": []})]
+  (whole,) = _lm(params, tok, plan, eot_token_id=unused).generate_until(req)
+  assert whole == tok.decode(ids, skip_special_tokens=True) and len(calls) == 3
+  for eos_ids in ([unused, eos], [eos, unused]):
+    calls.clear()
+    lm = _lm(params, tok, plan, eot_token_id=eos_ids)
+    assert lm.eos_token_ids == tuple(eos_ids) and lm.eot_token_id == eos_ids[0]
+    (cut,) = lm.generate_until(req)
+    assert cut == tok.decode(ids[:k], skip_special_tokens=True) and len(cut) < len(whole)
+    assert len(calls) == 1  # stopped after the first chunk of decode steps
+  for bad, message in (("2", "eot_token_id must be"), ([2, 10**6], "outside the tokenizer")):
+    with pytest.raises(ValueError, match=message):
+      _lm(params, tok, plan, eot_token_id=bad)
+
+
+def test_special_token_ids_keep_every_eos_id(tmp_path, offline):
+  """generation_config's list of EOS ids overrides config.json's one; from_model keeps all."""
+  from amber_jax.eval.lm_eval_adapter import special_token_ids
+
+  llama3 = tmp_path / "llama3"
+  llama3.mkdir()
+  (llama3 / "config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": 128009}))
+  (llama3 / "generation_config.json").write_text(
+    json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]})
+  )
+  assert special_token_ids(llama3) == (128000, (128001, 128008, 128009))
+  (llama3 / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+  with pytest.raises(ValueError, match="eos_token_id"):
+    special_token_ids(llama3)
+  model = tmp_path / "tiny"
+  shutil.copytree(FIXTURE, model)
+  (model / "generation_config.json").write_text(
+    json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7]})
+  )
+  assert special_token_ids(model) == (1, (2, 7))
+  lm = AmberLM.from_model(str(model), cache_dir=tmp_path / "cache", log=lambda *a: None)
+  assert lm.prefix_token_id == 1 and lm.eot_token_id == 2 and lm.eos_token_ids == (2, 7)
+
+
 def test_explicit_greedy_with_temperature_is_greedy(params, tok):
   """lm-eval's rule: do_sample=False means greedy, whatever the temperature says."""
   lm = _lm(params, tok)
@@ -286,6 +346,9 @@ MC_DOCS = [
   {"question": "Two plus two is", "choices": ["three", "four", "five"], "label": 1},
   {"question": "Fire is", "choices": ["cold", "hot"], "label": 1},
   {"question": "Snow is", "choices": ["white", "black", "red", "loud"], "label": 0},
+  # Per character (lm-eval's acc_norm) the random tiny model prefers "Japan", per UTF-8 byte
+  # (lm-eval's acc_bytes) the 5-character, 15-byte "こんにちは".
+  {"question": "Tokyo is in", "choices": ["Japan", "こんにちは"], "label": 0},
 ]
 GEN_DOCS = [{"prompt": "The quick brown fox"}, {"prompt": "Once upon a time"}]
 ROLLING_DOCS = [{"text": TEXT}, {"text": "A short document of a few words."}]
@@ -304,7 +367,7 @@ def _write_tasks(root: Path, gen_answers: list[str]) -> None:
       "doc_to_text": "{{question}}",
       "doc_to_choice": "{{choices}}",
       "doc_to_target": "{{label}}",
-      "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+      "metric_list": [{"metric": m} for m in ("acc", "acc_norm", "acc_bytes")],
     },
     "gen": {
       "output_type": "generate_until",
@@ -376,6 +439,8 @@ def test_simple_evaluate_on_local_tasks(params, tok, plans, tmp_path, offline):
   )
   assert mc["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
   assert mc["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
+  assert mc["acc_bytes,none"] == pytest.approx(ours["acc_bytes"], abs=1e-12)
+  assert ours["correct_norm"][-1] == 1.0 and ours["correct_bytes"][-1] == 0.0  # they differ
   # The per-choice log-likelihoods lm-eval saw are score_requests' values.
   want = score_requests(
     params,
@@ -483,5 +548,6 @@ def test_real_model_through_lm_eval(cache_dir, tmp_path, offline):
   print(f"smollm2 8:16 mc: lm-eval acc {mc['acc,none']:.3f}, evaluate_task {ours['acc']:.3f}")
   assert mc["acc,none"] == pytest.approx(ours["acc"])
   assert mc["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+  assert mc["acc_bytes,none"] == pytest.approx(ours["acc_bytes"])
   gen = sorted(out["samples"]["amber_toy_gen"], key=lambda s: s["doc_id"])
   assert all(isinstance(s["filtered_resps"][0], str) for s in gen)

@@ -18,10 +18,12 @@ import zipfile
 
 import gguf
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tokenizers import pre_tokenizers
 
 from amber_jax.eval.perplexity import make_windows
+from amber_jax.io import param_cache
 from amber_jax.io.atomic import write_json_atomic, write_text_atomic
 from amber_jax.io.errors import ModelFileError, UnsupportedArchitectureError
 from amber_jax.io.gguf_loader import load_gguf, load_gguf_tokenizer, read_gguf_config
@@ -45,6 +47,7 @@ GGUF_NAMES = {
 }
 MERGES = ["h e", "Ġ t", "Ġt he", "1 2"]
 EOS = "<|endoftext|>"
+BOS = "<|begin_of_text|>"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,13 +62,16 @@ class TinyGGUF:
   qkv_bias: bool = False
   tie: bool = False
   pre: str | None = None  # tokenizer.ggml.pre
+  add_bos: bool | None = None  # tokenizer.ggml.add_bos_token (None: not written)
+  bos_id: int | None = None  # tokenizer.ggml.bos_token_id (None: not written)
+  sliding_window: int | None = None  # {arch}.attention.sliding_window (None: not written)
   drop_tensor: str | None = None
   drop_key: str | None = None
 
 
 def _tokens() -> tuple[list[str], list[int]]:
-  tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["he", "Ġt", "Ġthe", "12", EOS]
-  types = [1] * (len(tokens) - 1) + [3]  # 3: control token.
+  tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["he", "Ġt", "Ġthe", "12", EOS, BOS]
+  types = [1] * (len(tokens) - 2) + [3, 3]  # 3: control token.
   return tokens, types
 
 
@@ -112,6 +118,12 @@ def write_gguf(path: pathlib.Path, spec: TinyGGUF = TinyGGUF(), seed: int = 0) -
   w.add_tokenizer_model("gpt2")
   if spec.pre is not None:
     w.add_tokenizer_pre(spec.pre)
+  if spec.add_bos is not None:
+    w.add_add_bos_token(spec.add_bos)
+  if spec.bos_id is not None:
+    w.add_bos_token_id(spec.bos_id)
+  if spec.sliding_window is not None:
+    w.add_sliding_window(spec.sliding_window)
   w.add_token_list(tokens)
   w.add_token_merges(MERGES)
   w.add_token_types(types)
@@ -316,6 +328,80 @@ def test_gguf_tokenizer_unsupported_pre_split(tmp_path):
   write_gguf(path, TinyGGUF(pre="deepseek-coder"))
   with pytest.raises(UnsupportedArchitectureError, match=r"'deepseek-coder' is not supported"):
     load_gguf_tokenizer(path)
+
+
+def _encode_ids(spec: TinyGGUF, path: pathlib.Path, text: str) -> list[int]:
+  write_gguf(path, spec)
+  return load_gguf_tokenizer(path).encode(text).ids
+
+
+@pytest.mark.parametrize(
+  "pre, add_bos, expect_bos",
+  [
+    # No tokenizer.ggml.add_bos_token: llama.cpp's default, BOS only for Llama-3's pre-split.
+    ("llama-bpe", None, True),
+    ("smollm", None, False),
+    ("gpt2", None, False),
+    (None, None, False),
+    # The flag, when present, decides.
+    ("llama-bpe", True, True),
+    ("llama-bpe", False, False),
+    ("smollm", True, True),
+    ("smollm", False, False),
+    ("default", True, True),
+  ],
+)
+def test_gguf_tokenizer_add_bos_token(tmp_path, pre, add_bos, expect_bos):
+  tokens, _ = _tokens()
+  bos_id = tokens.index(BOS)
+  spec = TinyGGUF(pre=pre, add_bos=add_bos, bos_id=bos_id)
+  text = "hello the world, 12"
+  ids = _encode_ids(spec, tmp_path / "bos.gguf", text)
+  plain = _encode_ids(TinyGGUF(pre=pre, add_bos=False), tmp_path / "plain.gguf", text)
+  assert bos_id not in plain
+  assert ids == ([bos_id] + plain if expect_bos else plain)
+  tokenizer = load_gguf_tokenizer(tmp_path / "bos.gguf")
+  assert tokenizer.decode(ids) == text  # The BOS is a special token: decode drops it.
+  if expect_bos:
+    # Pairs as HF's Llama-3 tokenizer.json: BOS before each sequence.
+    the = tokenizer.encode("the", add_special_tokens=False).ids
+    assert tokenizer.encode(text, "the").ids == [bos_id] + plain + [bos_id] + the
+    assert tokenizer.encode(text, add_special_tokens=False).ids == plain
+
+
+def test_gguf_tokenizer_smollm_without_bos_is_unchanged(tmp_path):
+  """SmolLM2's GGUF says add_bos_token False (and has a bos_token_id): no BOS, same split."""
+  path = tmp_path / "smollm.gguf"
+  write_gguf(path, TinyGGUF(pre="smollm", add_bos=False, bos_id=_tokens()[0].index(EOS)))
+  tokenizer = load_gguf_tokenizer(path)
+  assert tokenizer.post_processor is None
+  encoding = tokenizer.encode("hello the 12")
+  assert encoding.tokens == ["he", "l", "l", "o", "Ġthe", "Ġ", "1", "2"]
+
+
+@pytest.mark.parametrize("bos_id", [None, 10**6])
+def test_gguf_tokenizer_add_bos_without_valid_bos_id(tmp_path, bos_id):
+  path = tmp_path / "nobos.gguf"
+  write_gguf(path, TinyGGUF(pre="llama-bpe", bos_id=bos_id))
+  n = len(_tokens()[0])
+  with pytest.raises(
+    ModelFileError,
+    match=rf"adds a BOS token but tokenizer\.ggml\.bos_token_id is {bos_id}; it must be a "
+    rf"token id in \[0, {n}\)",
+  ):
+    load_gguf_tokenizer(path)
+
+
+def test_gguf_sliding_window_is_recorded(tmp_path):
+  path = tmp_path / "swa.gguf"
+  write_gguf(path, TinyGGUF(sliding_window=16))
+  config = read_gguf_config(path)
+  assert config.sliding_window == 16
+  config.check_seq_len(16)
+  with pytest.raises(ValueError, match=r"t=17 exceeds .* sliding_window=16"):
+    config.check_seq_len(17)
+  write_gguf(tmp_path / "plain.gguf")
+  assert read_gguf_config(tmp_path / "plain.gguf").sliding_window is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +623,132 @@ def test_param_cache_failed_conversion_writes_nothing(tmp_path):
   assert not (tmp_path / "cache" / "params").exists() or not any(
     (tmp_path / "cache" / "params").iterdir()
   )
+
+
+def _make_stale(source: pathlib.Path) -> None:
+  st = source.stat()
+  os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _hidden_leftovers(cache: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in (cache / "params").iterdir() if p.name.startswith("."))
+
+
+def test_param_cache_replacement_deletes_the_old_entry_only_after_the_new_is_in(
+  cached_source, monkeypatch
+):
+  """The old entry is renamed aside, the new one renamed in, and only then the old one deleted."""
+  source, cache, entry, convert, logs = cached_source
+  _make_stale(source)
+  new_fingerprint = param_cache.source_fingerprint(source)
+  real_rmtree = shutil.rmtree
+  deleted_while = []
+
+  def rmtree(path, *args, **kwargs):
+    path = pathlib.Path(path)
+    if not path.name.startswith(f".{entry.name}-tmp-"):  # Deleting an old entry.
+      meta = json.loads((entry / "meta.json").read_text())  # The entry is there...
+      deleted_while.append(meta["fingerprint"] == new_fingerprint)  # ...and is the new one.
+    return real_rmtree(path, *args, **kwargs)
+
+  monkeypatch.setattr(param_cache.shutil, "rmtree", rmtree)
+  rebuilt = load_cached(source, cache, convert, log=logs.append)
+  assert not rebuilt.from_cache and convert.calls == 2
+  assert deleted_while == [True]
+  monkeypatch.undo()
+  assert load_cached(source, cache, convert, log=logs.append).from_cache
+  assert _hidden_leftovers(cache) == []
+  assert logs == [line for line in logs if "stale" in line]
+
+
+def test_param_cache_failed_rename_keeps_the_old_entry(cached_source, monkeypatch):
+  """A failure between removing the old entry and renaming the new one in loses no entry."""
+  source, cache, entry, convert, logs = cached_source
+  old_meta = (entry / "meta.json").read_text()
+  real_replace = os.replace
+
+  def replace(src, dst, *args, **kwargs):
+    if pathlib.Path(src).name.startswith(f".{entry.name}-tmp-"):
+      raise OSError(28, "No space left on device (simulated)")
+    return real_replace(src, dst, *args, **kwargs)
+
+  _make_stale(source)
+  monkeypatch.setattr(param_cache.os, "replace", replace)
+  result = load_cached(source, cache, convert, log=logs.append)
+  monkeypatch.undo()
+  assert not result.from_cache and convert.calls == 2
+  _assert_params_equal(result.params, convert.params)
+  assert any("could not write the param cache" in line and "simulated" in line for line in logs)
+  assert (entry / "meta.json").read_text() == old_meta  # The old entry is back, whole.
+  assert _hidden_leftovers(cache) == []
+  # With the source's old mtime back, the kept entry serves it again.
+  old_mtime_ns = json.loads(old_meta)["fingerprint"]["files"][0][2]
+  os.utime(source, ns=(source.stat().st_atime_ns, old_mtime_ns))
+  assert load_cached(source, cache, convert, log=logs.append).from_cache
+
+
+def test_param_cache_filesystem_error_is_logged_and_the_run_goes_on(cached_source, monkeypatch):
+  source, cache, entry, convert, logs = cached_source
+  old_meta = (entry / "meta.json").read_text()
+
+  def full_disk(self, *args, **kwargs):
+    raise OSError(28, "No space left on device (simulated)")
+
+  _make_stale(source)
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", full_disk)
+  result = load_cached(source, cache, convert, log=logs.append)
+  assert not result.from_cache and convert.calls == 2
+  _assert_params_equal(result.params, convert.params)
+  assert any("could not write the param cache" in line for line in logs)
+  assert (entry / "meta.json").read_text() == old_meta
+  assert _hidden_leftovers(cache) == []
+
+
+def test_param_cache_other_errors_are_not_swallowed(cached_source, monkeypatch):
+  """Only filesystem errors are logged and skipped; a bug in the writing code propagates."""
+  source, cache, entry, convert, logs = cached_source
+  old_meta = (entry / "meta.json").read_text()
+
+  def broken(self, *args, **kwargs):
+    raise RuntimeError("not a filesystem problem")
+
+  _make_stale(source)
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", broken)
+  with pytest.raises(RuntimeError, match="not a filesystem problem"):
+    load_cached(source, cache, convert, log=logs.append)
+  assert not any("could not write" in line for line in logs)
+  assert (entry / "meta.json").read_text() == old_meta
+  assert _hidden_leftovers(cache) == []
+
+
+@pytest.mark.parametrize(
+  "damage",
+  [
+    lambda meta: meta["config"].update(no_such_field=1),  # e.g. written by another version
+    lambda meta: meta["config"].pop("d_model"),
+    lambda meta: meta["config"].update(sliding_window=0),
+    lambda meta: meta.pop("config"),
+  ],
+)
+def test_param_cache_unreadable_config_is_rebuilt(cached_source, damage):
+  source, cache, entry, convert, logs = cached_source
+  meta = json.loads((entry / "meta.json").read_text())
+  damage(meta)
+  (entry / "meta.json").write_text(json.dumps(meta))
+  assert not load_cached(source, cache, convert, log=logs.append).from_cache
+  assert convert.calls == 2 and any("unreadable config" in line for line in logs)
+  assert load_cached(source, cache, convert, log=logs.append).from_cache
+
+
+def test_param_cache_keeps_the_sliding_window(tmp_path):
+  source = tmp_path / "model"
+  source.write_bytes(b"x")
+  config = dataclasses.replace(CONFIG, sliding_window=4, max_seq_len=16)
+  params = Converter().params
+  convert = lambda: (config, params)
+  assert not load_cached(source, tmp_path / "cache", convert, log=lambda _: None).from_cache
+  again = load_cached(source, tmp_path / "cache", convert, log=lambda _: None)
+  assert again.from_cache and again.config == config and again.config.sliding_window == 4
 
 
 # ---------------------------------------------------------------------------------------------

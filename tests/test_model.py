@@ -378,3 +378,30 @@ def test_perplexity_equals_manual_nll():
   assert result.windows == 5 and result.tokens == 5 * 9
   np.testing.assert_allclose(result.nll, nll, rtol=1e-5)
   np.testing.assert_allclose(result.perplexity, math.exp(nll), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 10), (10,), (3, 1), (2, 3, 10)])
+def test_perplexity_rejects_windows_of_a_bad_shape(shape):
+  """No window (or not [W, seq_len + 1]) is a ValueError naming windows, not an IndexError."""
+  config = CONFIGS["gqa"]
+  with pytest.raises(ValueError, match=r"windows must be .*got shape"):
+    perplexity(None, np.zeros(shape, np.int32), config=config, show_progress=False)
+
+
+def test_decode_past_the_cache_is_an_error_not_a_clamped_write(gqa):
+  # dynamic_update_slice clamps its index: writing past max_len would silently overwrite the
+  # last slot. A concrete length raises; a traced one (under jit) gives NaN logits.
+  config, params = gqa
+  toks = tokens(config, (B, T + 1))
+  _, cache = prefill(params, toks[:, :T], config=config, max_len=T)
+  with pytest.raises(ValueError, match=f"the cache holds {T} positions"):
+    decode_step(params, toks[:, T:], cache, config=config)
+  logits, _ = jax.jit(decode_step, static_argnames="config")(
+    params, toks[:, T:], cache, config=config
+  )
+  assert np.isnan(np.asarray(logits)).all()
+  _, roomy = prefill(params, toks[:, :T], config=config, max_len=T + 1)
+  fits, _ = jax.jit(decode_step, static_argnames="config")(
+    params, toks[:, T:], roomy, config=config
+  )
+  assert np.isfinite(np.asarray(fits)).all()

@@ -170,6 +170,35 @@ def test_acc_and_acc_norm_with_uniform_logits(tok):
   assert out["acc_norm_stderr"] == pytest.approx(out["acc_stderr"])
 
 
+def test_acc_norm_divides_by_characters_and_acc_bytes_by_bytes(tok):
+  """As lm-eval: acc_norm normalizes by len(choice) in characters, acc_bytes by UTF-8 bytes.
+
+  Uniform logits: loglik = -n_tokens * log V. " q" is 2 tokens for 1 character (1 byte);
+  " 日本" is 7 tokens for 2 characters (6 bytes). Per character "q" wins (2 < 3.5), per byte
+  "日本" wins (7/6 < 2).
+  """
+  uniform = lambda tokens, positions, mask: jnp.zeros(tokens.shape + (V,), jnp.float32)
+  ascii_, cjk = "q", "日本"
+  scores = score_requests(
+    None, [("\nA:", " " + ascii_), ("\nA:", " " + cjk)], config=None, tokenizer=tok,
+    logits_fn=uniform, show_progress=False,
+  )  # fmt: skip
+  assert [s[1] for s in scores] == [2, 7]
+  ex = lambda gold: MCExample(context="\nA:", choices=(ascii_, cjk), gold=(gold,), query="\nA:")
+  task = MCTask(name="toy", examples=(ex(0), ex(0), ex(1)))
+  out = evaluate_task(
+    None, task, config=None, tokenizer=tok, logits_fn=uniform, show_progress=False
+  )
+  assert out["correct"] == [1.0, 1.0, 0.0] and out["acc"] == pytest.approx(2 / 3)
+  assert out["correct_norm"] == [1.0, 1.0, 0.0] and out["acc_norm"] == pytest.approx(2 / 3)
+  assert out["correct_bytes"] == [0.0, 0.0, 1.0] and out["acc_bytes"] == pytest.approx(1 / 3)
+  assert out["acc_bytes_stderr"] == pytest.approx(np.std([0, 0, 1], ddof=1) / math.sqrt(3))
+  # The packaged BIG-bench tasks have ASCII choices only: there acc_norm equals acc_bytes.
+  for name in BIGBENCH_TASKS:
+    task = load_bigbench_task(bigbench_task_path(name))
+    assert all(c.isascii() for ex in task.examples for c in ex.choices), name
+
+
 def test_bigram_logits_give_known_loglik_and_greedy(tok):
   ctx, good, bad = "\nA:", " abcdefgh", " the cat"
   ids = tok.encode(ctx + good, add_special_tokens=False).ids

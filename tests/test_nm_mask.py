@@ -125,6 +125,21 @@ def test_nm_mask_nan_counts_as_largest():
 
 
 @cpu_interpret
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_nm_mask_keeps_inf_under_a_zero_factor(backend):
+  # inf * 0 is NaN, and NaN counts as largest anyway; the explicit rule (an inf activation
+  # scores +inf whatever its factor) must give the same mask in the kernel and in sparsify.
+  x = _activation((16, 256), jnp.float32).at[5, 40].set(-jnp.inf).at[6, 9].set(jnp.inf)
+  factors = _factors(256).at[40].set(0.0).at[9].set(0.0)
+  out = nm_mask(
+    x, pattern="2:4", factors=factors, block_sizes=BLOCKS[backend], interpret=True,
+    backend=backend,
+  )  # fmt: skip
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(sparsify(x, "2:4", factors)))
+  assert out[5, 40] == -jnp.inf and out[6, 9] == jnp.inf
+
+
+@cpu_interpret
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_two_pass_matmul_matches_reference(dtype):
   x = _activation((37, 576), dtype, seed=2)

@@ -163,3 +163,13 @@ def test_every_run_config_checks_dtype_and_cache_dir(config_cls, extra, tmp_path
     config_cls(cache_dir="", **extra)
   with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float32'\]"):
     config_cls(cache_dir=str(tmp_path), dtype="float16", **extra)
+
+
+def test_results_record_no_machine_paths(tmp_path):
+  from amber_jax.runs.common import recorded_config
+
+  assert "cache_dir" not in recorded_config(PrefillRunConfig(cache_dir=str(tmp_path)))
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for path in sorted((root / "results").glob("*.json")):
+    text = path.read_text(encoding="utf-8")
+    assert '"cache_dir"' not in text and str(root) not in text, path.name

@@ -80,6 +80,18 @@ def test_auto_selects_most_sensitive_layers():
   assert select_skip_layers(sens, SMOLLM2, 0.55) == (7, 12, 20)
 
 
+def test_non_finite_sensitivities_are_an_error():
+  # A NaN would sort as the least sensitive layer (never skipped) without a word.
+  from amber_jax.policy import select_dense_sites
+
+  errors = np.full((SMOLLM2.n_layers, len(PROJECTIONS)), 0.1)
+  errors[3, PROJECTIONS.index("q")] = np.nan
+  sens = Sensitivity(errors=errors, pattern="8:16", score="naive", tokens=1)
+  for select in (select_skip_layers, select_dense_sites):
+    with pytest.raises(ValueError, match=r"sensitivity errors must be finite.*\(3, 0\)"):
+      select(sens, SMOLLM2, 0.55)
+
+
 def test_weight_factor_matches_definition():
   rng = np.random.default_rng(0)
   w_IxO = rng.normal(size=(16, 8)).astype(np.float32)  # our layout: [d_in, d_out]
@@ -174,3 +186,24 @@ def test_site_granular_auto_is_an_exact_knapsack():
   )
   assert feasible(chosen)
   assert value(chosen) == pytest.approx(value(best))
+
+
+def test_small_bad_inputs_name_the_argument():
+  from amber_jax.policy import check_batch_size, check_skip_layers, measure_sensitivity
+
+  with pytest.raises(ValueError, match="unknown projection 'gate_proj' in sites"):
+    coverage(SMOLLM2, [(0, "gate_proj")], P816)
+  with pytest.raises(ValueError, match="layer 30 in sites is out of range"):
+    coverage(SMOLLM2, [(30, "q")], P816)
+  assert AmberConfig(pattern="8:16").pattern == P816  # normalised on construction
+  with pytest.raises(ValueError, match="pattern"):
+    AmberConfig(pattern="bogus")
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+    check_batch_size(0)
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+    measure_sensitivity(
+      None, np.zeros((1, 8)), config=SMOLLM2, pattern=P816, factors={}, batch_size=0
+    )
+  with pytest.raises(ValueError, match="skip_layers must be integer layer indices, got 0.9"):
+    check_skip_layers(SMOLLM2, [0.9, 1.7])
+  assert check_skip_layers(SMOLLM2, [np.int64(3), 1, 3]) == (1, 3)

@@ -120,6 +120,10 @@ def test_plan_specs_follow_the_weights():
   assert specs["correction"]["o"]["token_rescale"] == P()
   with pytest.raises(ValueError, match="no partition rule for plan leaf 'quant/sites/o/extra'"):
     plan_specs({"quant": {"sites": {"o": {"extra": 0}}}})
+  from amber_jax.channel_order import model_channel_order
+
+  mixed = make_plan(cfg, "8:16", channel_order=model_channel_order(cfg, "mixed"))
+  assert plan_specs(mixed).channel_order["o"] == P()  # a permutation of the whole input
 
 
 def test_unknown_params_leaf_is_a_clear_error():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -123,12 +124,13 @@ def test_build_plan_search_policy(model, costs):
     show_progress=False,
   )
   assert again.coverage.covered >= 0.8 and again.site_costs is costs
-  # The chosen sites move the model's distribution less than the cheapest alternative rule
-  # at no lower coverage: the same number of multiply-adds spent in the most costly sites.
-  worst = SiteCosts(kl=-costs.kl, pattern="2:4", tokens=1, seconds=0.0)
-  worst_plan = make_plan(
-    CFG, PATTERN, sites=select_sites(worst, CFG, 0.5), factors=info.plan.factors
-  )
+  # The chosen sites move the model's distribution less than the opposite choice at the same
+  # coverage target: costs reversed (max - kl), so the most costly sites are taken first.
+  worst = SiteCosts(kl=costs.kl.max() - costs.kl, pattern="2:4", tokens=1, seconds=0.0)
+  worst_sites = select_sites(worst, CFG, 0.5)
+  worst_cov = coverage(CFG, worst_sites, PATTERN).covered
+  assert 0.5 <= worst_cov < 1.0 and len(worst_sites) < CFG.n_layers * len(PROJECTIONS)
+  worst_plan = make_plan(CFG, PATTERN, sites=worst_sites, factors=info.plan.factors)
   assert plan_kl(params, info.plan, windows, config=CFG) < plan_kl(
     params, worst_plan, windows, config=CFG
   )
@@ -149,6 +151,13 @@ def test_bad_inputs(model, costs):
   )
   with pytest.raises(ValueError, match="costs are for 2 layers"):
     select_sites(costs, other, 0.5)
+  nan_costs = SiteCosts(kl=costs.kl.copy(), pattern="2:4", tokens=1, seconds=0.0)
+  nan_costs.kl[1, 3] = np.nan
+  with pytest.raises(ValueError, match=r"site costs must be finite; non-finite at .*\(1, 'o'\)"):
+    select_sites(nan_costs, CFG, 0.5)
+  w8a8_like = dataclasses.replace(make_plan(CFG, PATTERN), quant=object())
+  with pytest.raises(ValueError, match="float plans"):
+    plan_kl(params, w8a8_like, windows, config=CFG)
   with pytest.raises(ValueError, match="skip_layers cannot be given with policy='search'"):
     AmberConfig(pattern=PATTERN, policy="search", skip_layers=(0,))
   with pytest.raises(ValueError, match="search_windows must be >= 1"):

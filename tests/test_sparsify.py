@@ -315,3 +315,41 @@ def test_mask_methods_agree_with_negative_factors(n, m):
   for mask in masks[1:]:
     np.testing.assert_array_equal(mask, masks[0])
   assert (masks[0].reshape(5, 4, m).sum(-1) == n).all()
+
+
+def test_non_finite_activations_are_kept_whatever_their_factor():
+  # inf * 0 would be NaN and inf * (-1) -inf: an inf activation must still score +inf.
+  x = jnp.array([[jnp.inf, 1.0, 2.0, 3.0, -jnp.inf, 5.0, 6.0, 7.0]])
+  for factor in (0.0, -1.0, 1.0):
+    out = sparsify(x, "2:4", jnp.full((8,), factor))
+    assert out[0, 0] == jnp.inf and out[0, 4] == -jnp.inf, factor
+    assert int(jnp.sum(out != 0)) == 4
+
+
+def test_nm_mask_on_raw_nan_scores_keeps_exactly_n_in_every_method():
+  from amber_jax.sparsity import MASK_METHODS, nm_mask
+
+  scores = jnp.array([[1.0, jnp.nan, 3.0, 2.0, jnp.nan, jnp.nan, 0.0, 1.0]])
+  masks = [np.asarray(nm_mask(scores, NMPattern(n=2, m=4), method=k)) for k in MASK_METHODS]
+  for mask in masks:
+    np.testing.assert_array_equal(mask, [[False, True, True, False, True, True, False, False]])
+
+
+def test_make_plan_rejects_bad_factors():
+  from amber_jax.model.config import LlamaConfig
+  from amber_jax.plan import make_plan
+
+  config = LlamaConfig(
+    vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+  )
+  negative = np.ones((2, 16), np.float32)
+  negative[1, 3] = -0.5
+  with pytest.raises(ValueError, match=r"factors\['q'\] must be finite and >= 0.*1 negative"):
+    make_plan(config, "2:4", factors={"q": negative})
+  nan = np.ones((2, 16), np.float32)
+  nan[0, 0] = np.nan
+  with pytest.raises(ValueError, match=r"factors\['q'\] must be finite.*1 non-finite"):
+    make_plan(config, "2:4", factors={"q": nan})
+  with pytest.raises(ValueError, match="factors has unknown projections"):
+    make_plan(config, "2:4", factors={"gate_proj": np.ones((2, 16), np.float32)})
+  make_plan(config, "2:4", factors={"q": np.zeros((2, 16), np.float32)})  # zeros are fine

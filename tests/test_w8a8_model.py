@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
@@ -176,6 +177,20 @@ def test_plan_round_trip_is_bit_exact(model, tmp_path):
   )
   with pytest.raises(PlanCheckpointError, match="pattern 8:16, this run uses 2:4"):
     load_sparsity_plan(tmp_path / "plan", expect={"pattern": "2:4"})
+  load_sparsity_plan(tmp_path / "plan", config=CFG)  # the arrays fit this model
+  other = dataclasses.replace(CFG, d_ff=256)
+  with pytest.raises(PlanCheckpointError, match=r"factors\['down'\] must have shape \(2, 256\)"):
+    load_sparsity_plan(tmp_path / "plan", config=other)
+
+
+def test_plan_with_an_unknown_impl_is_refused_on_load(tmp_path, monkeypatch):
+  import amber_jax.plan_io as plan_io
+
+  real_static = plan_io._static
+  monkeypatch.setattr(plan_io, "_static", lambda plan: dict(real_static(plan), impl="cuda"))
+  save_sparsity_plan(tmp_path / "plan", make_plan(CFG, "2:4"), metadata={})
+  with pytest.raises(PlanCheckpointError, match=r"impl must be one of \('xla'"):
+    load_sparsity_plan(tmp_path / "plan")
 
 
 def test_save_and_load_plan_through_the_main_job(tmp_path):
@@ -198,6 +213,7 @@ def test_save_and_load_plan_through_the_main_job(tmp_path):
     show_progress=False,
     log=lambda *a: None,
   )
+  common.pop("smooth")  # the loaded plan fixes it (giving it again is refused, below)
   second = run_prefill(
     PrefillRunConfig(pattern="8:16", load_plan=str(tmp_path / "plan"), **common),
     show_progress=False,
@@ -210,6 +226,18 @@ def test_save_and_load_plan_through_the_main_job(tmp_path):
       show_progress=False,
       log=lambda *a: None,
     )
+  # Options the plan fixes are refused rather than ignored; the impl (speed only) is applied.
+  with pytest.raises(ValueError, match="which fixes score, smooth; drop them"):
+    PrefillRunConfig(
+      pattern="8:16", load_plan=str(tmp_path / "plan"), score="robust", smooth="none", **common
+    )
+  third = run_prefill(
+    PrefillRunConfig(pattern="8:16", load_plan=str(tmp_path / "plan"), impl="pallas", **common),
+    show_progress=False,
+    log=lambda *a: None,
+  )
+  assert third["sparse"]["impl"] == "pallas"
+  np.testing.assert_allclose(third["sparse"]["perplexity"], first["sparse"]["perplexity"], 1e-5)
 
 
 def test_automatic_float_sites_pick_the_largest_quantization_errors(model):
@@ -236,3 +264,64 @@ def test_automatic_float_sites_pick_the_largest_quantization_errors(model):
     build_quant_state(params, CFG, absmax, float_sites=[(5, "q")])
   with pytest.raises(ValueError, match="smooth must be one of"):
     build_quant_state(params, CFG, absmax, smooth="awq")
+
+
+@pytest.mark.parametrize("act_mode", ["token", "tensor"])
+def test_project_w8a8_orders_against_a_hand_built_reference(act_mode):
+  """The injection point's int8 path, step by step: smoothing division, N:M (before or after
+  quantization), int8 dot, rescale. Fails if either order skipped or misplaced the mask."""
+  from amber_jax.model.llama import project
+  from amber_jax.quant import int8_dot_general, quantize_activation, quantize_weight
+  from amber_jax.sparsity import sparsify
+
+  kx, kw, kd = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(kx, (3, 5, 64), jnp.float32)
+  act_div = jax.random.uniform(kd, (64,), jnp.float32, 0.5, 2.0)
+  w = jax.random.normal(kw, (64, 48), jnp.float32) / 8
+  w_q, w_scale = quantize_weight(act_div[:, None] * w)
+  static = jnp.max(jnp.abs(x / act_div[None, None])) / 127 * 0.8  # some entries clip
+  q = dict(
+    act_div=act_div,
+    fold=jnp.ones((64,), jnp.float32),
+    act_scale=static,
+    w_q=w_q,
+    w_scale=w_scale,
+    in_float=jnp.asarray(False),
+  )
+  factors = jax.random.uniform(jax.random.key(5), (64,), jnp.float32, 0.5, 2.0)
+  plan_slice = dict(enabled=jnp.asarray(True), factors=factors)
+
+  def reference(order):
+    xs = x / act_div[None, None]
+    mode = dict(mode=act_mode, static_scale=static if act_mode == "tensor" else None)
+    if order == "sparsify_first":
+      x_q, scale = quantize_activation(sparsify(xs, "2:4", factors), **mode)
+    else:
+      x_q, scale = quantize_activation(xs, **mode)
+      x_q = sparsify(x_q, "2:4", factors)
+    acc = int8_dot_general(x_q, w_q, (((2,), (0,)), ((), ())))
+    return acc.astype(jnp.float32) * scale * w_scale[None, None]
+
+  outs = {}
+  for order in ("sparsify_first", "quantize_first"):
+    outs[order] = np.asarray(
+      project(
+        x,
+        {"w": w},
+        proj="q",
+        layer=jnp.int32(0),
+        plan_slice=plan_slice,
+        pattern="2:4",
+        quant_slice=q,
+        act_mode=act_mode,
+        order=order,
+      )  # fmt: skip
+    )
+    np.testing.assert_array_equal(outs[order], np.asarray(reference(order)))
+  dense = project(
+    x, {"w": w}, proj="q", layer=jnp.int32(0), plan_slice=None, pattern=None, quant_slice=q,
+    act_mode=act_mode,
+  )  # fmt: skip
+  assert not np.array_equal(outs["sparsify_first"], np.asarray(dense))
+  if act_mode == "token":  # the per-token scale sees the mask only when sparsifying first
+    assert not np.array_equal(outs["sparsify_first"], outs["quantize_first"])

@@ -119,6 +119,14 @@ def test_other_settings_are_an_error(make_cfg):
     run_zero_shot(make_cfg(patterns=("dense",), limit=2), log=_quiet, show_progress=False)
   with pytest.raises(ValueError, match="num_fewshot"):
     run_zero_shot(make_cfg(patterns=("dense",), num_fewshot=1), log=_quiet, show_progress=False)
+  # The same task name with other content (an edited file) is not reused either.
+  cfg = make_cfg(patterns=("dense",))
+  task_file = pathlib.Path(cfg.tasks[0])
+  edited = json.loads(task_file.read_text(encoding="utf-8"))
+  edited["examples"][0]["input"] = "Is the sea blue?"
+  task_file.write_text(json.dumps(edited), encoding="utf-8")
+  with pytest.raises(ValueError, match="made on other content of task 'tiny_task'"):
+    run_zero_shot(cfg, log=_quiet, show_progress=False)
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"format": "other"}'])
@@ -222,8 +230,9 @@ def test_generation_runner_resumes_and_reports_agreement(make_cfg, monkeypatch):
 
   base = make_cfg()
   kw = {f: getattr(base, f) for f in ("model", "tasks", "text", "seq_len", "cache_dir")}
+  # Dense listed last on purpose: it still runs first, so that the sparse rows get agreement.
   cfg = gen.GenerationConfig(
-    **kw, patterns=("dense", "8:16"), methods=("naive",), num_fewshot=1, limit=3,
+    **kw, patterns=("8:16", "dense"), methods=("naive",), num_fewshot=1, limit=3,
     num_windows=2, calib_windows=2, batch_size=2, output=base.output.replace(".json", "_gen.json"),
   )  # fmt: skip
   first = gen.run_generation(cfg, log=_quiet, show_progress=False)
@@ -239,6 +248,19 @@ def test_generation_runner_resumes_and_reports_agreement(make_cfg, monkeypatch):
   assert table[2].startswith("| dense |") and table[3].startswith("| 8:16 naive |")
   with pytest.raises(ValueError, match="max_new_tokens"):
     gen.GenerationConfig(**kw, max_new_tokens=0, output="x.json")
+  kw = dict(kw, output="x.json")
+  for bad, match in [
+    (dict(methods=()), "methods must name at least one method"),
+    (dict(kw, seq_len=0), "seq_len must be >= 1"),
+    (dict(num_windows=0), "num_windows must be >= 1"),
+    (dict(calib_windows=0), "method amber needs calib_windows >= 1"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      gen.GenerationConfig(**dict(kw, **bad))
+  assert [key for key, _ in zs.plan_rows(("2:4", "dense"), ("naive",), 0.55)] == [
+    ("dense", "dense"),
+    ("naive", "2:4"),
+  ]
 
 
 def test_impl_reaches_every_sparse_row_and_is_validated(make_cfg):

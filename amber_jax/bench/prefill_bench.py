@@ -539,7 +539,8 @@ def run_prefill_bench(
   )
   return {
     "model": cfg.model,
-    "config": dataclasses.asdict(cfg),
+    # Where the model is cached is not part of what was timed (and a path of one machine).
+    "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
     "model_config": dataclasses.asdict(loaded.config),
     "tokens_in_text": int(ids.size),
     **result,

@@ -6,8 +6,9 @@ whose correct choices are the accepted answers (the same questions asked without
 the model must produce the answer text itself). Few-shot prompts show solved examples in the
 same format, which is what teaches a small model the answer format.
 
-The answer is the greedy continuation cut at the first stop string (a newline by default) and
-stripped of surrounding whitespace; it matches when it equals an accepted answer after the same
+The answer is the greedy continuation cut at the first end-of-text id (any of the model's, see
+:func:`special_token_ids`), then at the first stop string (a newline by default), and stripped
+of surrounding whitespace; it matches when it equals an accepted answer after the same
 stripping (BIG-bench's ``exact_str_match``). Prompts of different lengths share a batch through
 left padding (:func:`greedy_generate`: each row generates exactly what it would alone; the N:M
 masks act per token, so sparse prefill is unaffected too), decoding in chunks of steps with a
@@ -125,6 +126,57 @@ def cut_answer(text: str, stop: Sequence[str]) -> str:
     if i >= 0:
       end = min(end, i)
   return text[:end].strip()
+
+
+def eos_id_tuple(value, name: str = "eos_token_ids") -> tuple[int, ...]:
+  """End-of-text ids as a tuple: None -> (), an int -> (id,), a list -> its ids in order (each
+  once). Raises ValueError, naming ``name``, for anything that is not an int or a list of ints."""
+  if value is None:
+    return ()
+  items = value if isinstance(value, (list, tuple)) else [value]
+  ids: list[int] = []
+  for v in items:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      raise ValueError(f"{name} must be a token id (int) or a list of token ids, got {value!r}")
+    if int(v) not in ids:
+      ids.append(int(v))
+  return tuple(ids)
+
+
+def special_token_ids(model_path: str | os.PathLike) -> tuple[int | None, tuple[int, ...]]:
+  """(BOS id, EOS ids) from a GGUF file's metadata or an HF directory's config files.
+
+  A model may have several end-of-text ids (Llama-3-Instruct's generation_config lists
+  ``[128001, 128008, 128009]``): all are kept, in order, the first being the EOS proper. In an
+  HF directory ``generation_config.json`` overrides ``config.json`` (as in transformers); in a
+  GGUF file the EOS is followed by the end-of-turn and end-of-message ids when present (what
+  llama.cpp stops at).
+  """
+  path = Path(model_path)
+  if path.is_dir():
+    bos = eos = None
+    for name in ("config.json", "generation_config.json"):
+      if (path / name).is_file():
+        cfg = json.loads((path / name).read_text(encoding="utf-8"))
+        bos = cfg.get("bos_token_id", bos)
+        eos = cfg.get("eos_token_id", eos)
+    return bos, eos_id_tuple(eos, f"eos_token_id in {path}")
+  import gguf
+
+  reader = gguf.GGUFReader(path)
+
+  def field(key):
+    f = reader.fields.get(key)
+    return None if f is None else int(f.contents())
+
+  eos = [field(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+  return field("tokenizer.ggml.bos_token_id"), eos_id_tuple([e for e in eos if e is not None])
+
+
+def cut_at_eos(ids: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
+  """``ids`` up to (without) the first of ``eos_token_ids``."""
+  eos = set(eos_token_ids)
+  return next((list(ids[:k]) for k, t in enumerate(ids) if t in eos), list(ids))
 
 
 DECODE_CHUNK = 16  # decode steps per compiled call: stop checks happen between calls
@@ -271,12 +323,17 @@ def evaluate_generation(
   dtype=jnp.float32,
   reference: Sequence[str] | None = None,
   show_progress: bool = True,
+  eos_token_ids: int | Sequence[int] | None = None,
 ) -> dict:
   """Exact match of greedy answers on the first ``limit`` examples of ``task``.
 
   Returns ``dict(exact_match, exact_match_stderr, n, answers)``, plus ``agreement`` (share of
   answers equal to ``reference``, e.g. the dense model's answers) and its stderr when a
   reference is given. The prompt is encoded with the tokenizer's template (e.g. a BOS).
+
+  ``eos_token_ids``: the model's end-of-text id or ids (e.g. from :func:`special_token_ids`);
+  each continuation is cut before the first of them, so that nothing generated after the end
+  of text joins the answer. None: continuations are not cut at any id (only at ``stop``).
   """
   n = len(task.examples) if limit is None else min(limit, len(task.examples))
   if n < 1:
@@ -285,12 +342,20 @@ def evaluate_generation(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if reference is not None and len(reference) < n:
     raise ValueError(f"reference has {len(reference)} answers, {n} are needed")
+  eos = eos_id_tuple(eos_token_ids)
+  bad = [e for e in eos if not 0 <= e < config.vocab_size]
+  if bad:
+    raise ValueError(
+      f"eos_token_ids {bad} outside the model's vocabulary (0..{config.vocab_size - 1})"
+    )
   examples = task.examples[:n]
   prompts = [tokenizer.encode(ex.prompt).ids for ex in examples]
-  if max(len(p) for p in prompts) + max_new_tokens > config.max_seq_len:
+  longest = max(len(p) for p in prompts) + max_new_tokens
+  if longest > config.seq_len_limit:
     raise ValueError(
       f"a prompt of {max(len(p) for p in prompts)} tokens + max_new_tokens={max_new_tokens} "
-      f"exceeds the model's max_seq_len={config.max_seq_len}"
+      f"exceeds the {config.seq_len_limit} positions the model runs exactly (max_seq_len, or "
+      "its sliding window)"
     )
   ids = greedy_continuations(
     params,
@@ -303,7 +368,7 @@ def evaluate_generation(
     show_progress=show_progress,
     desc=task.name,
   )
-  answers = [cut_answer(tokenizer.decode(g), stop) for g in ids]
+  answers = [cut_answer(tokenizer.decode(cut_at_eos(g, eos)), stop) for g in ids]
   correct = [
     float(a in {t.strip() for t in ex.answers}) for a, ex in zip(answers, examples, strict=True)
   ]

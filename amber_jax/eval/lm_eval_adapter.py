@@ -12,8 +12,10 @@ with lm-eval's semantics:
   ``context_len=1``, then ``make_disjoint_window``); the first token is conditioned on
   ``prefix_token_id``. The string is encoded without special tokens.
 * ``generate_until``: greedy decoding only (sparse prefill per plan, dense decode against the KV
-  cache, as :func:`amber_jax.model.generate_greedy`), stopped at the end-of-text token, at any
-  ``until`` string, or after ``max_gen_toks`` tokens; sampling requests raise ValueError.
+  cache, as :func:`amber_jax.model.generate_greedy`), stopped at any of the end-of-text ids
+  (a model may have several, e.g. Llama-3-Instruct's ``[128001, 128008, 128009]``; the text is
+  cut at the first), at any ``until`` string, or after ``max_gen_toks`` tokens; sampling
+  requests raise ValueError.
 
 Two ways in::
 
@@ -33,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +47,12 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from amber_jax.eval.generative import greedy_generate
+from amber_jax.eval.generative import (
+  cut_at_eos,
+  eos_id_tuple,
+  greedy_generate,
+  special_token_ids,
+)
 from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.eval.multiple_choice import bucket_length, score_requests
 from amber_jax.model.config import LlamaConfig
@@ -200,30 +206,6 @@ def _parse_gen_kwargs(gen_kwargs, default_max_gen_toks: int) -> tuple[list[str],
   return list(until), max_gen
 
 
-def special_token_ids(model_path: str | os.PathLike) -> tuple[int | None, int | None]:
-  """(BOS, EOS) ids from a GGUF file's metadata or an HF directory's config files."""
-  path = Path(model_path)
-  if path.is_dir():
-    bos = eos = None
-    for name in ("config.json", "generation_config.json"):
-      if (path / name).is_file():
-        cfg = json.loads((path / name).read_text(encoding="utf-8"))
-        bos = cfg.get("bos_token_id", bos)
-        eos = cfg.get("eos_token_id", eos)
-    if isinstance(eos, list):  # generation_config may list several; the first is the EOS
-      eos = eos[0] if eos else None
-    return bos, eos
-  import gguf
-
-  reader = gguf.GGUFReader(path)
-
-  def field(key):
-    f = reader.fields.get(key)
-    return None if f is None else int(f.contents())
-
-  return field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
-
-
 def _check_batch_size(value) -> int:
   if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
     raise ValueError(f"batch_size must be a positive integer, got {value!r} ('auto' is not one)")
@@ -251,11 +233,14 @@ class AmberLM(LM):
     plan: a SparsityPlan (N:M sites, W8A8 part) or None for the dense model.
     batch_size: rows per compiled forward pass.
     dtype: compute dtype (jnp dtype or "float32" / "bfloat16").
-    max_length: longest model input in tokens (default ``config.max_seq_len``).
+    max_length: longest model input in tokens (default ``config.seq_len_limit``: the
+      context, or the sliding window if shorter).
     max_gen_toks: generate_until's default number of new tokens.
     prefix_token_id: the token an empty context and rolling windows start from (lm-eval uses
       the BOS, else the EOS id); default: the tokenizer's leading special token, if any.
-    eot_token_id: generation stops at this id (the EOS); None: only at ``until`` strings.
+    eot_token_id: generation stops at this id (the EOS), or at any of a list of ids (a model
+      with several end-of-text ids; the first is the EOS proper); the text is cut at the first
+      of them. None: generation stops only at ``until`` strings.
     show_progress: progress bars (lm-eval's ``disable_tqdm`` also turns them off).
   """
 
@@ -271,7 +256,7 @@ class AmberLM(LM):
     max_length: int | None = None,
     max_gen_toks: int = 256,
     prefix_token_id: int | None = None,
-    eot_token_id: int | None = None,
+    eot_token_id: int | Sequence[int] | None = None,
     show_progress: bool = True,
   ):
     super().__init__()
@@ -280,7 +265,7 @@ class AmberLM(LM):
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
       dtype = _DTYPES[dtype]
     batch_size = _check_batch_size(batch_size)
-    max_length = config.max_seq_len if max_length is None else int(max_length)
+    max_length = config.seq_len_limit if max_length is None else int(max_length)
     if max_length < 2:
       raise ValueError(f"max_length must be >= 2, got {max_length}")
     if int(max_gen_toks) < 1:
@@ -288,8 +273,10 @@ class AmberLM(LM):
     if prefix_token_id is None:
       template = tokenizer.encode("", add_special_tokens=True).ids
       prefix_token_id = template[-1] if template else None
+    eos_ids = eos_id_tuple(eot_token_id, "eot_token_id")
     n_vocab = tokenizer.get_vocab_size()
-    for name, value in (("prefix_token_id", prefix_token_id), ("eot_token_id", eot_token_id)):
+    checks = [("prefix_token_id", prefix_token_id)] + [("eot_token_id", e) for e in eos_ids]
+    for name, value in checks:
       if value is not None and not 0 <= int(value) < n_vocab:
         raise ValueError(f"{name}={value} is outside the tokenizer's vocabulary (0..{n_vocab - 1})")
     self.params = params
@@ -301,7 +288,7 @@ class AmberLM(LM):
     self._max_length = max_length
     self.max_gen_toks = int(max_gen_toks)
     self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
-    self._eot_token_id = None if eot_token_id is None else int(eot_token_id)
+    self._eos_token_ids = eos_ids
     self.show_progress = show_progress
 
   @property
@@ -314,7 +301,13 @@ class AmberLM(LM):
 
   @property
   def eot_token_id(self) -> int | None:
-    return self._eot_token_id
+    """The EOS id (the first end-of-text id), or None."""
+    return self._eos_token_ids[0] if self._eos_token_ids else None
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    """Every id that ends generation (empty: only ``until`` strings do)."""
+    return self._eos_token_ids
 
   @property
   def prefix_token_id(self) -> int:
@@ -422,8 +415,8 @@ class AmberLM(LM):
         show_progress=show_progress,
       ).plan
     bos, eos = special_token_ids(source.path)
-    kwargs.setdefault("prefix_token_id", bos if bos is not None else eos)
-    kwargs.setdefault("eot_token_id", eos)
+    kwargs.setdefault("prefix_token_id", bos if bos is not None else (eos[0] if eos else None))
+    kwargs.setdefault("eot_token_id", list(eos) or None)
     return cls(
       params,
       loaded.config,
@@ -515,20 +508,19 @@ class AmberLM(LM):
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     """Greedy continuation of each (context, gen_kwargs) request, cut at the first ``until``
-    string or the end-of-text token, at most ``max_gen_toks`` tokens.
+    string or the first of the end-of-text ids, at most ``max_gen_toks`` tokens.
 
     The context keeps its last ``max_length - max_gen_toks`` tokens. Raises ValueError (before
     any generation) for sampling, beams or unknown generation arguments.
     """
     jobs = []  # (prompt ids, stop strings, max new tokens)
-    eos_text = None
-    if self.eot_token_id is not None:
-      eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+    eos_texts = [self.tokenizer.decode([e], skip_special_tokens=False) for e in self.eos_token_ids]
     for req in requests:
       context, gen_kwargs = _args(req)[:2]
       until, max_gen = _parse_gen_kwargs(gen_kwargs, self.max_gen_toks)
-      if eos_text and eos_text not in until:  # as HFLM: the EOS text is a stop string too
-        until.append(eos_text)
+      for eos_text in eos_texts:  # as HFLM: the EOS text is a stop string too
+        if eos_text and eos_text not in until:
+          until.append(eos_text)
       if max_gen >= self.max_length:
         raise ValueError(
           f"generate_until: max_gen_toks={max_gen} leaves no room for the context in "
@@ -571,19 +563,14 @@ class AmberLM(LM):
           bar.update(len(idx))
     return results
 
-  def _cut_at_eot(self, ids: list[int]) -> list[int]:
-    if self.eot_token_id is not None and self.eot_token_id in ids:
-      return ids[: ids.index(self.eot_token_id)]
-    return ids
-
   def _stopped(self, ids: list[int], until: list[str]) -> bool:
-    if self.eot_token_id is not None and self.eot_token_id in ids:
+    if any(t in self.eos_token_ids for t in ids):
       return True
     text = self.tokenizer.decode(ids, skip_special_tokens=True)
     return any(s and s in text for s in until)
 
   def _finish(self, ids: list[int], until: list[str]) -> str:
-    text = self.tokenizer.decode(self._cut_at_eot(ids), skip_special_tokens=True)
+    text = self.tokenizer.decode(cut_at_eos(ids, self.eos_token_ids), skip_special_tokens=True)
     for s in until:  # as lm-eval's postprocess_generated_text: cut at each stop string
       if s:
         text = text.split(s)[0]

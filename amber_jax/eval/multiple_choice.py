@@ -12,10 +12,12 @@ context once, then each continuation at the positions it would have alone, atten
 context and to itself, so the scores equal one row per request while the context is computed once
 (a question with one-token choices costs one row and one LM-head position per choice). Rows are
 sorted by length, batched with padding, and padded to bucketed lengths so that only a few shapes
-compile. Per task: ``acc`` (the choice with the highest summed
-log-likelihood is correct) and ``acc_norm`` (the same after dividing each log-likelihood by the
-UTF-8 byte length of the choice text, without the delimiting space, as lm-eval's ``acc_norm``
-divides by the choice's length), each with lm-eval's standard error (sample std / sqrt(n)).
+compile. Per task, as lm-eval's multiple-choice metrics: ``acc`` (the choice with the highest
+summed log-likelihood is correct), ``acc_norm`` (the same after dividing each log-likelihood by
+the number of characters of the choice text, without the delimiting space, as lm-eval's
+``acc_norm`` divides by ``len(choice)``) and ``acc_bytes`` (the same with the UTF-8 byte length
+instead, lm-eval's ``acc_bytes``; equal to ``acc_norm`` on ASCII choices), each with lm-eval's
+standard error (sample std / sqrt(n)).
 """
 
 from __future__ import annotations
@@ -230,15 +232,16 @@ def score_requests(
   the same scores as one row per request (tested), for about half the tokens on BIG-bench and a
   single LM-head row per one-token choice. Rows are sorted by length and batched with padding.
 
-  ``max_length`` (default ``config.max_seq_len``) truncates long requests from the left, keeping
-  the continuation, as lm-eval does. ``prefix_token_id`` replaces the tokenizer template's leading
-  special tokens. ``logits_fn(tokens_BxT, positions_BxT, mask_BxTxT) -> logits_BxTxV`` replaces
-  the model (for tests); then ``params``, ``config`` and ``plan`` are unused.
+  ``max_length`` (default ``config.seq_len_limit``: the context, or a shorter sliding window)
+  truncates long requests from the left, keeping the continuation, as lm-eval does.
+  ``prefix_token_id`` replaces the tokenizer template's leading special tokens.
+  ``logits_fn(tokens_BxT, positions_BxT, mask_BxTxT) -> logits_BxTxV`` replaces the model (for
+  tests); then ``params``, ``config`` and ``plan`` are unused.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if max_length is None:
-    max_length = config.max_seq_len if config is not None else None
+    max_length = config.seq_len_limit if config is not None else None
   prefix = _template_prefix(tokenizer, prefix_token_id)
   encoded = []
   for context, continuation in requests:
@@ -297,13 +300,17 @@ def evaluate_task(
   pack: bool = True,
   indices: Sequence[int] | None = None,
 ) -> dict:
-  """acc, acc_norm and their standard errors over the first ``limit`` examples of ``task`` (or
-  the examples at ``indices``, e.g. a seeded random subset; then ``limit`` must be None).
+  """acc, acc_norm, acc_bytes and their standard errors over the first ``limit`` examples of
+  ``task`` (or the examples at ``indices``, e.g. a seeded random subset; then ``limit`` must be
+  None).
 
-  Few-shot prompts come from :func:`few_shot_context` (shots drawn, with ``seed``, from the
-  whole task). Returns ``dict(acc, acc_stderr, acc_norm, acc_norm_stderr, n, correct,
-  correct_norm)``; the last two are per-example 0/1 lists (in evaluation order), so that two
-  models scored on the same examples can be compared pairwise.
+  ``acc_norm`` normalizes each choice's log-likelihood by its length in characters and
+  ``acc_bytes`` by its length in UTF-8 bytes, as lm-eval's metrics of those names (an empty
+  choice counts as length 1). Few-shot prompts come from :func:`few_shot_context` (shots drawn,
+  with ``seed``, from the whole task). Returns ``dict(acc, acc_stderr, acc_norm,
+  acc_norm_stderr, acc_bytes, acc_bytes_stderr, n, correct, correct_norm, correct_bytes)``; the
+  last three are per-example 0/1 lists (in evaluation order), so that two models scored on the
+  same examples can be compared pairwise.
   """
   if indices is not None:
     if limit is not None:
@@ -338,19 +345,24 @@ def evaluate_task(
     pack=pack,
     desc=task.name,
   )
-  acc, acc_norm = [], []
+  acc, acc_norm, acc_bytes = [], [], []
   for i, (first, count) in zip(order, spans, strict=True):
     ex = task.examples[i]
     ll = np.array([s[0] for s in scores[first : first + count]])
+    nchars = np.array([max(len(c), 1) for c in ex.choices], np.float64)
     nbytes = np.array([max(len(c.encode("utf-8")), 1) for c in ex.choices], np.float64)
     acc.append(float(int(np.argmax(ll)) in ex.gold))
-    acc_norm.append(float(int(np.argmax(ll / nbytes)) in ex.gold))
+    acc_norm.append(float(int(np.argmax(ll / nchars)) in ex.gold))
+    acc_bytes.append(float(int(np.argmax(ll / nbytes)) in ex.gold))
   return {
     "acc": float(np.mean(acc)),
     "acc_stderr": mean_stderr(acc),
     "acc_norm": float(np.mean(acc_norm)),
     "acc_norm_stderr": mean_stderr(acc_norm),
+    "acc_bytes": float(np.mean(acc_bytes)),
+    "acc_bytes_stderr": mean_stderr(acc_bytes),
     "n": n,
     "correct": acc,
     "correct_norm": acc_norm,
+    "correct_bytes": acc_bytes,
   }

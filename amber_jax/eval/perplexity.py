@@ -96,10 +96,19 @@ def perplexity(
   The last batch is padded with repeated rows of weight 0, so one compiled
   function serves every batch. The first batch is run once before timing, so
   ``seconds`` excludes compilation.
+
+  Raises:
+    ValueError: ``batch_size`` < 1, or ``windows`` not a [W, seq_len + 1] array with at least
+      one window of at least two tokens.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   windows = np.asarray(windows, np.int32)
+  if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+    raise ValueError(
+      "windows must be a [num_windows >= 1, seq_len + 1 >= 2] array of token ids (see "
+      f"make_windows), got shape {windows.shape}"
+    )
   n = windows.shape[0]
   batches = []
   for start in range(0, n, batch_size):

@@ -84,6 +84,10 @@ def _config_from_reader(reader, path) -> LlamaConfig:
       f"{os.fspath(path)!r}: GGUF rope_freqs tensors (Llama-3.1 scaling) are not supported; "
       "load the HF checkpoint directory instead"
     )
+  # A window the file records is kept (LlamaConfig.check_seq_len enforces it). GGUFs of the
+  # llama architecture usually record none, even for Mistral v0.1: None here is what the file
+  # says, not proof that the source model attends fully.
+  window = _field(reader, f"{arch}.attention.sliding_window")
   return LlamaConfig(
     vocab_size=int(vocab),
     d_model=d_model,
@@ -99,6 +103,7 @@ def _config_from_reader(reader, path) -> LlamaConfig:
     qkv_bias="blk.0.attn_q.bias" in tensor_names,
     max_seq_len=int(_field(reader, f"{arch}.context_length", 8192)),
     architecture=arch,
+    sliding_window=int(window) if window else None,  # 0: none, as in llama.cpp.
   )
 
 
@@ -200,7 +205,7 @@ _PRE_TOKENIZERS = ("smollm", "gpt2", "default", "llama-bpe")
 
 def load_gguf_tokenizer(path: str | os.PathLike):
   """Rebuilds the GGUF's byte-level BPE tokenizer as a ``tokenizers.Tokenizer``."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
   reader = _reader(path)
   kind = _field(reader, "tokenizer.ggml.model")
@@ -240,5 +245,41 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     tokenizer.pre_tokenizer = byte_level
   tokenizer.decoder = decoders.ByteLevel()
   control = [tok for tok, ty in zip(tokens, types, strict=True) if int(ty) == 3]
+  bos = _bos_to_add(reader, path, pre, tokens)
+  if bos is not None and bos not in control:
+    control.append(bos)  # So that decode(skip_special_tokens=True) drops it.
   tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+  if bos is not None:
+    bos_id = tokens.index(bos)
+    tokenizer.post_processor = processors.TemplateProcessing(
+      single=f"{bos}:0 $A:0",
+      pair=f"{bos}:0 $A:0 {bos}:1 $B:1",  # As HF's Llama-3 tokenizer.json.
+      special_tokens=[(bos, bos_id)],
+    )
   return tokenizer
+
+
+# llama.cpp's pre-tokenizer types whose vocab adds a BOS when the GGUF has no
+# tokenizer.ggml.add_bos_token (the LLAMA3 group of llama-vocab.cpp; of ours, llama-bpe).
+_PRE_ADD_BOS_BY_DEFAULT = ("llama3", "llama-v3", "llama-bpe")
+
+
+def _bos_to_add(reader, path, pre: str, tokens: list[str]) -> str | None:
+  """The BOS token string to prepend to every encoding, or None when the GGUF adds none.
+
+  ``tokenizer.ggml.add_bos_token`` decides when present. When absent we use llama.cpp's default
+  (``llama_vocab::impl::load`` in llama-vocab.cpp), the reference reader of these files: a
+  byte-level BPE ("gpt2") vocab adds no BOS, except with a Llama-3 pre-tokenizer (``llama-bpe``),
+  for which it adds one. Llama-3 GGUFs written by older converters carry no flag.
+  """
+  flag = _field(reader, "tokenizer.ggml.add_bos_token")
+  add_bos = pre in _PRE_ADD_BOS_BY_DEFAULT if flag is None else bool(flag)
+  if not add_bos:
+    return None
+  bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
+  if bos_id is None or not 0 <= int(bos_id) < len(tokens):
+    raise ModelFileError(
+      f"{os.fspath(path)!r}: the GGUF tokenizer adds a BOS token but tokenizer.ggml.bos_token_id "
+      f"is {bos_id!r}; it must be a token id in [0, {len(tokens)})"
+    )
+  return tokens[int(bos_id)]

@@ -11,9 +11,10 @@ or untied embeddings, Qwen2's q/k/v biases, RoPE without scaling or with Llama-3
 `UnsupportedArchitectureError`.
 
 Not implemented: sliding-window attention. Mistral v0.1 configs set `sliding_window` 4096 and Qwen2
-configs may set `use_sliding_window`; the window is ignored (attention is fully causal), which is
-exact for sequences no longer than the window. Mistral v0.2+ and most Qwen2 configs use full
-attention anyway. The config keeps no record of the window.
+configs may set `use_sliding_window`; the model attends fully causally, which is exact only for
+sequences no longer than the window. The window is recorded in `LlamaConfig.sliding_window` (read
+as transformers reads it, see `_sliding_window`), and `LlamaConfig.check_seq_len` refuses longer
+sequences. Mistral v0.2+ (`sliding_window` null) and most Qwen2 configs use full attention.
 
 Safetensors files are parsed here (8-byte header length, JSON header, raw little-endian data)
 and memory-mapped, so bfloat16 and float16 checkpoints load without torch; every tensor's
@@ -120,6 +121,41 @@ def _rope(config_dict: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
   return float(theta), scaling
 
 
+# transformers' MistralConfig / Qwen2Config default when config.json has no `sliding_window`.
+_HF_DEFAULT_SLIDING_WINDOW = 4096
+_HF_DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2Config's default.
+
+
+def _sliding_window(config_dict: Mapping[str, Any], model_type: str, n_layers: int) -> int | None:
+  """The attention window transformers applies to some layer of this config, else None.
+
+  Llama: none (LlamaForCausalLM has no window). Mistral: `sliding_window` on every layer (null:
+  none; absent: MistralConfig's default 4096). Qwen2: `sliding_window` only with
+  `use_sliding_window`, on the layers `layer_types` marks "sliding_attention" or, without
+  `layer_types`, from layer `max_window_layers` on. A window on any layer is recorded: the model
+  attends fully causally on all layers, which is exact only up to the window.
+  """
+  if model_type == "llama":
+    return None
+  window = config_dict.get("sliding_window", _HF_DEFAULT_SLIDING_WINDOW)
+  if model_type == "qwen2":
+    if not config_dict.get("use_sliding_window"):
+      return None
+    layer_types = config_dict.get("layer_types")
+    if layer_types is not None:
+      if "sliding_attention" not in layer_types:
+        return None
+    elif int(config_dict.get("max_window_layers", _HF_DEFAULT_MAX_WINDOW_LAYERS)) >= n_layers:
+      return None
+  if window is None:
+    return None
+  if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    raise ModelFileError(
+      f"HF config: sliding_window={window!r} is not valid; it must be a positive integer or null"
+    )
+  return window
+
+
 def config_from_hf(config_dict: Mapping[str, Any]) -> LlamaConfig:
   """`LlamaConfig` of an HF `config.json` (parsed) of model_type llama, mistral or qwen2.
 
@@ -149,10 +185,11 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> LlamaConfig:
   n_kv = int(config_dict.get("num_key_value_heads") or n_heads)
   head_dim = config_dict.get("head_dim") or d_model // n_heads
   theta, scaling = _rope(config_dict)
+  n_layers = int(_required(config_dict, "num_hidden_layers"))
   return LlamaConfig(
     vocab_size=int(_required(config_dict, "vocab_size")),
     d_model=d_model,
-    n_layers=int(_required(config_dict, "num_hidden_layers")),
+    n_layers=n_layers,
     n_heads=n_heads,
     n_kv_heads=n_kv,
     head_dim=int(head_dim),
@@ -164,18 +201,28 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> LlamaConfig:
     qkv_bias=model_type == "qwen2",
     max_seq_len=int(config_dict.get("max_position_embeddings", 8192)),
     architecture=model_type,
+    sliding_window=_sliding_window(config_dict, model_type, n_layers),
   )
 
 
 def config_to_hf(config: LlamaConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """HF `config.json` dict for `config`: Qwen2 when it has q/k/v biases, else Llama.
+  """HF `config.json` dict for `config`: Qwen2 when it has q/k/v biases, else Llama (Mistral when
+  it has a sliding window, which Llama configs cannot express).
 
   Written in the transformers-4 style (`rope_theta`, `rope_scaling`), which transformers 4 and 5
-  both read. `extra` (e.g. bos_token_id, eos_token_id) is merged in last.
+  both read. A Qwen2 window is written for every layer (`max_window_layers` 0), though the source
+  may have windowed its upper layers only: the two agree up to the window, and the model runs
+  nothing longer (`LlamaConfig.check_seq_len`). `extra` (e.g. bos_token_id, eos_token_id) is
+  merged in last.
   """
-  model_type = "qwen2" if config.qkv_bias else "llama"
+  if config.qkv_bias:
+    model_type, arch = "qwen2", "Qwen2ForCausalLM"
+  elif config.sliding_window is not None:
+    model_type, arch = "mistral", "MistralForCausalLM"
+  else:
+    model_type, arch = "llama", "LlamaForCausalLM"
   d = {
-    "architectures": ["Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"],
+    "architectures": [arch],
     "model_type": model_type,
     "vocab_size": config.vocab_size,
     "hidden_size": config.d_model,
@@ -202,7 +249,14 @@ def config_to_hf(config: LlamaConfig, extra: Mapping[str, Any] | None = None) ->
       "original_max_position_embeddings": s.original_max_position_embeddings,
     }
   if config.qkv_bias:
-    d.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+    windowed = config.sliding_window is not None
+    d.update(
+      use_sliding_window=windowed,
+      sliding_window=config.sliding_window,
+      max_window_layers=0 if windowed else config.n_layers,
+    )
+  elif model_type == "mistral":
+    d.update(sliding_window=config.sliding_window)
   else:
     d.update(attention_bias=False, mlp_bias=False)
   d.update(extra or {})

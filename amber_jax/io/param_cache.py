@@ -6,7 +6,10 @@ source fingerprint and a SHA-256 of every array. An entry is used only when the
 fingerprint matches (path, sizes, mtimes and format version; otherwise it is
 stale) and the restored arrays hash to the recorded digest (otherwise it is
 corrupt); either way it is rebuilt, never silently used. Entries are written to a
-temporary directory and renamed into place.
+temporary directory and renamed into place; an existing entry is first renamed aside and
+deleted only once the new one is in place, so a crash leaves the old or the new entry (plus
+perhaps a hidden leftover directory), never none. Filesystem errors (``OSError``) while
+writing are logged and the run goes on without the cache; any other error propagates.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import numpy as np
 
 from amber_jax.model.config import LlamaConfig, RopeScaling
 
-# Bump when the conversion changes (layout, permutation, dtype): old entries become stale.
-CACHE_FORMAT_VERSION = 1
+# Bump when the conversion changes (layout, permutation, dtype, config fields): old entries
+# become stale. 2: LlamaConfig.sliding_window (a version-1 entry of a Mistral v0.1 checkpoint
+# would restore a config without its window).
+CACHE_FORMAT_VERSION = 2
 
 
 def source_fingerprint(path: str | os.PathLike) -> dict:
@@ -88,8 +93,16 @@ def _try_restore(entry: Path, fingerprint: dict, log) -> CachedModel | None:
   except (OSError, json.JSONDecodeError):
     log(f"[amber_jax] param cache {entry} has unreadable metadata; rebuilding")
     return None
+  if not isinstance(meta, dict):
+    log(f"[amber_jax] param cache {entry} has unreadable metadata; rebuilding")
+    return None
   if meta.get("fingerprint") != fingerprint:
     log(f"[amber_jax] param cache {entry} is stale (source changed); rebuilding")
+    return None
+  try:
+    config = config_from_dict(meta["config"])
+  except (KeyError, TypeError, ValueError) as e:  # Missing, unknown or invalid fields.
+    log(f"[amber_jax] param cache {entry} has an unreadable config ({e!r}); rebuilding")
     return None
   try:
     params = ocp.PyTreeCheckpointer().restore((entry / "params").resolve())
@@ -100,7 +113,7 @@ def _try_restore(entry: Path, fingerprint: dict, log) -> CachedModel | None:
   if params_digest(params) != meta.get("digest"):
     log(f"[amber_jax] param cache {entry} is corrupt (checksum mismatch); rebuilding")
     return None
-  return CachedModel(config=config_from_dict(meta["config"]), params=params, from_cache=True)
+  return CachedModel(config=config, params=params, from_cache=True)
 
 
 def _write_entry(entry: Path, fingerprint, config, params) -> None:
@@ -108,6 +121,7 @@ def _write_entry(entry: Path, fingerprint, config, params) -> None:
 
   entry.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-tmp-"))
+  old = None
   try:
     ocp.PyTreeCheckpointer().save((tmp / "params").resolve(), params)
     meta = {
@@ -117,12 +131,26 @@ def _write_entry(entry: Path, fingerprint, config, params) -> None:
     }
     # meta.json last: an entry without it is never used.
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if entry.exists():
-      shutil.rmtree(entry)
-    os.replace(tmp, entry)
+    if entry.exists() or entry.is_symlink():
+      # A directory cannot be os.replace'd onto a non-empty one: move the old entry aside (only
+      # now that the new one is complete), rename the new one in, then drop the old one (as
+      # plan_checkpoint.save_plan). A reader meanwhile finds a complete entry or none (and
+      # converts); one whose reads straddle the swap fails the digest check and converts.
+      old = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-old-"))
+      os.replace(entry, old / "entry")
+      try:
+        os.replace(tmp, entry)
+      except BaseException:
+        os.replace(old / "entry", entry)
+        raise
+    else:
+      os.replace(tmp, entry)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
 
 
 def load_cached(

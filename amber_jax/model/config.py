@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,12 +37,60 @@ class LlamaConfig:
   qkv_bias: bool = False  # Qwen2
   max_seq_len: int = 8192
   architecture: str = "llama"
+  # Sliding-window attention (Mistral v0.1, some Qwen2): a query attends to the last
+  # `sliding_window` positions only. None: full causal attention. The model implements full
+  # causal attention only, which equals the windowed one for sequences of at most
+  # `sliding_window` positions; `check_seq_len` refuses longer ones.
+  sliding_window: int | None = None
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    w = self.sliding_window
+    if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+      raise ValueError(f"sliding_window must be None (full attention) or an int >= 1, got {w!r}")
+
+  @property
+  def seq_len_limit(self) -> int:
+    """The longest sequence ``check_seq_len`` accepts: max_seq_len, or the window if shorter.
+
+    For defaults such as an evaluation's context length or a prefill's max_len.
+    """
+    if self.sliding_window is None:
+      return self.max_seq_len
+    return min(self.max_seq_len, self.sliding_window)
+
+  def check_seq_len(self, t: int) -> None:
+    """Raises ``ValueError`` unless the model computes a pass over ``t`` positions exactly.
+
+    ``t`` is the number of positions the attention spans: the tokens of a prefill pass, or the
+    KV cache length (prompt plus generated tokens) of a decode step. Valid: 0 <= t <=
+    max_seq_len and, with a sliding window, t <= sliding_window: the model attends fully
+    causally, which equals windowed attention (query q sees keys k with q - k < window) only
+    when no query is a window or more past a key. ``TypeError`` if ``t`` is not an integer.
+    """
+    try:
+      if isinstance(t, bool):
+        raise TypeError
+      t = operator.index(t)  # Python or numpy integers.
+    except TypeError:
+      raise TypeError(f"sequence length t must be an int, got {type(t).__name__} {t!r}") from None
+    if t < 0:
+      raise ValueError(f"sequence length t must be >= 0, got {t}")
+    if t > self.max_seq_len:
+      raise ValueError(
+        f"sequence length t={t} exceeds the {self.architecture} model's "
+        f"max_seq_len={self.max_seq_len}; valid: 0 <= t <= {self.max_seq_len}"
+      )
+    if self.sliding_window is not None and t > self.sliding_window:
+      raise ValueError(
+        f"sequence length t={t} exceeds the {self.architecture} model's attention window "
+        f"sliding_window={self.sliding_window}: sliding-window attention is not implemented "
+        f"(attention is fully causal, exact only up to the window); valid: 0 <= t <= "
+        f"{self.seq_len_limit}"
+      )
 
   @property
   def q_dim(self) -> int:

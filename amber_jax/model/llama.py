@@ -305,6 +305,9 @@ def run_layers(
   """
   if first_layer is not None and cache is not None:
     raise ValueError("first_layer resumes a prefill pass: it takes no KV cache")
+  # Static shapes: free under jit. Beyond the context (or a sliding window, which this model
+  # does not implement) the result would be silently different from the checkpoint's.
+  config.check_seq_len(h.shape[1] if cache is None else cache.k.shape[2])
   cos, sin = rope_tables(positions, rope_inv_freq(config))
   layer_ids = jnp.arange(config.n_layers)
 
@@ -355,10 +358,13 @@ def _logits(config, params, h):
 
 
 def embed(params, tokens, dtype):
+  """Token embeddings [B, T, D] of ``tokens`` [B, T], in ``dtype``."""
   return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
 
 
 def causal_mask(t: int, valid_BxT: jax.Array | None, b: int) -> jax.Array:
+  """Boolean attention mask [b, t, t]: causal, and (with ``valid_BxT``) no attention to
+  invalid (padding) keys."""
   causal = jnp.tril(jnp.ones((t, t), bool))[None]
   if valid_BxT is None:
     return jnp.broadcast_to(causal, (b, t, t))
@@ -438,8 +444,9 @@ def forward_from_layer(
 ) -> jax.Array:
   """Logits [B, T, V] of a causal prefill pass resumed at ``first_layer`` (int32, may be
   traced) from ``h_BxTxD``, the residual stream entering it (``layer_inputs(...)[first_layer]``).
-  Equals ``forward`` when the plan sparsifies nothing before ``first_layer``; the skipped layers
-  cost nothing at run time."""
+  Equals ``forward`` when the plan changes nothing before ``first_layer`` (no sparse site and
+  no W8A8 part there: a W8A8 plan quantizes every layer); the skipped layers cost nothing at
+  run time."""
   b, t, _ = h_BxTxD.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   make_lin, plan_xs = plan_injection(plan)
@@ -493,6 +500,7 @@ def prefill_hidden(
   max_len = t if max_len is None else max_len
   if max_len < t:
     raise ValueError(f"max_len={max_len} must be >= the prompt length {t}")
+  config.check_seq_len(max_len)  # the cache's length: fail at prefill, not at a decode step
   positions = mask = None
   if start_B is not None:
     start_B = jnp.asarray(start_B, jnp.int32)
@@ -547,10 +555,18 @@ def decode_step(
 ) -> tuple[jax.Array, KVCache]:
   """Decode of T new tokens (usually 1) against the cache: logits and the new cache.
 
-  Never sparsified: only the W8A8 part of ``plan`` (if any) applies.
+  Never sparsified: only the W8A8 part of ``plan`` (if any) applies. The cache must have room
+  for the T tokens (``prefill``'s ``max_len``): a concrete ``cache.length`` beyond it raises
+  ValueError; under ``jit``, where the length is traced, an overflowing step returns NaN logits
+  (the cache write would be clamped and the result silently wrong otherwise).
   """
   b, t = tokens_BxT.shape
   s_max = cache.k.shape[2]
+  if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) + t > s_max:
+    raise ValueError(
+      f"decode_step: the cache holds {s_max} positions (prefill's max_len) and {int(cache.length)}"
+      f" are used, so {t} more tokens do not fit; prefill with a larger max_len"
+    )
   slots = cache.length + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   key_slot = jnp.arange(s_max, dtype=jnp.int32)
   mask = key_slot[None, None, :] <= slots[:, :, None]
@@ -562,7 +578,9 @@ def decode_step(
   # Decode never sparsifies (sparse=False); W8A8 weights stay int8.
   h, (k, v) = _run_layers(config, params, plan, h, positions, mask, cache, sparse=False)
   new_cache = KVCache(k=k, v=v, length=cache.length + t, start=cache.start)
-  return _logits(config, params, h), new_cache
+  logits = _logits(config, params, h)
+  overflow = cache.length + t > s_max  # only reachable with a traced length (see above)
+  return jnp.where(overflow, jnp.nan, logits), new_cache
 
 
 def dense_pass_records(params, tokens_BxT, *, config: LlamaConfig, dtype, site_xs, record):

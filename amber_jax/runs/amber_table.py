@@ -11,7 +11,13 @@ from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.patterns import NMPattern
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
+from amber_jax.runs.common import (
+  DTYPES,
+  check_model_options,
+  environment,
+  prepare_eval,
+  recorded_config,
+)
 from amber_jax.scores import SCORES
 
 
@@ -104,7 +110,7 @@ def run_amber_table(cfg: AmberTableConfig, *, log=print, show_progress=True) -> 
   return {
     "dense": {"perplexity": dense.perplexity, "tokens": dense.tokens},
     "rows": rows,
-    "config": dataclasses.asdict(cfg),
+    "config": recorded_config(cfg),
     **environment(),
   }
 

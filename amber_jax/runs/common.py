@@ -25,6 +25,12 @@ def check_dtype(dtype: str) -> str:
   return dtype
 
 
+def recorded_config(cfg) -> dict:
+  """A run config as results files record it: every field but ``cache_dir`` (where the model
+  is cached changes nothing that was measured, and it is a path of one machine)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
+
+
 def check_model_options(dtype: str, cache_dir: str) -> None:
   """The checks every run config shares: a known compute dtype and a cache directory."""
   check_dtype(dtype)

@@ -33,6 +33,7 @@ from amber_jax.runs.common import (
   environment,
   evaluation_texts,
   prepare_eval,
+  recorded_config,
 )
 
 # Base plans: name -> (score, policy).
@@ -168,7 +169,7 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
   return {
     "dense": dense,
     "rows": rows,
-    "config": dataclasses.asdict(cfg),
+    "config": recorded_config(cfg),
     **environment(),
   }
 

@@ -51,6 +51,7 @@ from amber_jax.runs.common import (
   environment,
   evaluation_texts,
   prepare_eval,
+  recorded_config,
 )
 from amber_jax.scores import model_factors
 from amber_jax.site_search import KLMeter, SiteCosts, measure_site_costs
@@ -147,12 +148,27 @@ def _reachable(method: str, config, target: float) -> bool:
 
 
 def _load_previous(cfg: FrontConfig, log) -> dict:
+  """The rows and site costs of an earlier run of the same setup in ``cfg.output`` (to resume);
+  ValueError naming the file if it is unreadable or holds another setup: its finished rows
+  are never overwritten."""
   if not cfg.output or not Path(cfg.output).exists():
     return {"rows": [], "site_costs": {}}
-  previous = json.loads(Path(cfg.output).read_text(encoding="utf-8"))
-  if previous.get("setup") != cfg.setup_key():
-    log(f"{cfg.output} holds another setup: starting over")
-    return {"rows": [], "site_costs": {}}
+  try:
+    previous = json.loads(Path(cfg.output).read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{cfg.output} is not a readable front results file: {e}") from None
+  if not isinstance(previous, dict) or not isinstance(previous.get("rows"), list):
+    raise ValueError(f"{cfg.output} is not a front results file (no 'rows' list)")
+  setup = cfg.setup_key()
+  if previous.get("setup") != setup:
+    old = previous.get("setup") if isinstance(previous.get("setup"), dict) else {}
+    diffs = [k for k in sorted(set(old) | set(setup)) if old.get(k) != setup.get(k)]
+    raise ValueError(
+      f"{cfg.output} holds a run of another setup (differs in {diffs}); use another --output "
+      "or delete the file to start over"
+    )
+  previous.setdefault("site_costs", {})
+  log(f"resuming {cfg.output}: {len(previous['rows'])} rows already measured")
   return previous
 
 
@@ -199,7 +215,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
     "site_costs": dict(previous.get("site_costs", {})),
     "rows": list(previous["rows"]),
     "commands": list(previous.get("commands", [])),  # callers append theirs
-    "config": dataclasses.asdict(cfg),
+    "config": recorded_config(cfg),
     **environment(),
   }
   log(f"dense: {result['dense']}")

@@ -12,24 +12,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 from amber_jax.data.bigbench import BIGBENCH_TASKS, bigbench_task_path
 from amber_jax.data.texts import DEFAULT_TEXT
-from amber_jax.eval.generative import evaluate_generation, load_generative_task
+from amber_jax.eval.generative import (
+  evaluate_generation,
+  load_generative_task,
+  special_token_ids,
+)
 from amber_jax.io.atomic import write_json_atomic
 from amber_jax.io.loading import load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
 from amber_jax.pruner import build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
+from amber_jax.runs.common import DTYPES, environment, prepare_eval, recorded_config
 from amber_jax.runs.zero_shot import (
   DENSE,
   METHODS,
   check_entry,
+  check_eval_grid,
+  check_task_digests,
   entry_id,
   load_results,
   plan_rows,
+  task_digest,
 )
 
 RESULTS_FORMAT = "amber_jax.generation/1"
@@ -61,31 +67,9 @@ class GenerationConfig:
   impl: str | None = None  # sparse matmul implementation (amber_jax.impl); speed only
 
   def __post_init__(self):
-    if not self.tasks:
-      raise ValueError("tasks must name at least one task")
-    for t in self.tasks:
-      if t not in BIGBENCH_TASKS and not Path(t).is_file():
-        raise ValueError(
-          f"task {t!r} is neither a packaged BIG-bench task ({', '.join(BIGBENCH_TASKS)}) "
-          "nor an existing JSON file"
-        )
-    for m in self.methods:
-      if m not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {m!r}")
-    if self.num_fewshot < 0:
-      raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
-    if self.limit is not None and self.limit < 1:
-      raise ValueError(f"limit must be >= 1 (or None for all examples), got {self.limit}")
+    check_eval_grid(self)
     if self.max_new_tokens is not None and self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1 (or None), got {self.max_new_tokens}")
-    if self.batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-    check_model_options(self.dtype, self.cache_dir)
-    rows = self.runs()  # validates patterns, methods and coverage
-    if len({r for r, _ in rows}) != len(rows):
-      raise ValueError(f"patterns has duplicates: {list(self.patterns)}")
-    if not self.output:
-      raise ValueError("output must be given (the results JSON, resumed when it exists)")
 
   def runs(self):
     return plan_rows(self.patterns, self.methods, self.coverage, impl=self.impl)
@@ -127,12 +111,13 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
   entries = load_results(cfg.output, fmt=RESULTS_FORMAT, need=_NEED)
   for key, entry in entries.items():
     check_entry(key, entry, cfg.settings(key.split("/", 1)[0]), cfg.output)
+  check_task_digests(entries, tasks, cfg.output)
   wanted = [(row, amber, task) for row, amber in runs for task in tasks]
   pending = [w for w in wanted if entry_id(*w[0], w[2].name) not in entries]
   result = {
     "format": RESULTS_FORMAT,
     "results": entries,
-    "config": dataclasses.asdict(cfg),
+    "config": recorded_config(cfg),
     **environment(),
   }
   done = len(wanted) - len(pending)
@@ -153,7 +138,9 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
     show_progress=show_progress,
     log=log,
   )
-  tokenizer = load_tokenizer(resolve_model(cfg.model, cfg.cache_dir, log=lambda *a: None))
+  source = resolve_model(cfg.model, cfg.cache_dir, log=lambda *a: None)
+  tokenizer = load_tokenizer(source)
+  eos_ids = special_token_ids(source.path)[1]  # answers are cut at the first of them
   dtype = DTYPES[cfg.dtype]
   plans = {}
   for (method, pattern), amber, task in pending:
@@ -186,6 +173,7 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
       batch_size=cfg.batch_size,
       dtype=dtype,
       reference=None if dense_entry is None else dense_entry["answers"],
+      eos_token_ids=eos_ids,
       show_progress=show_progress,
     )
     key = entry_id(method, pattern, task.name)
@@ -196,6 +184,7 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
       "method": method,
       "pattern": pattern,
       "task": task.name,
+      "task_digest": task_digest(task),
       "coverage": info.coverage.covered,
       "skip_layers": list(info.skip_layers),
       "seconds": time.perf_counter() - start,

@@ -12,6 +12,7 @@ from amber_jax.coverage import plan_coverage
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.generation import generation_agreement
 from amber_jax.eval.perplexity import perplexity
+from amber_jax.impl import check_impl
 from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.plan import make_plan
@@ -23,7 +24,13 @@ from amber_jax.quant_plan import (
   check_quant_options,
   smoothed_score_factors,
 )
-from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
+from amber_jax.runs.common import (
+  DTYPES,
+  check_model_options,
+  environment,
+  prepare_eval,
+  recorded_config,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +86,24 @@ class PrefillRunConfig:
       raise ValueError(f"float_sites_auto must be >= 0, got {self.float_sites_auto}")
     if self.quant == "w8a8" and self.calib_windows < 1:
       raise ValueError("quant=w8a8 needs calib_windows >= 1 (activation statistics)")
+    if self.load_plan:
+      self._check_nothing_a_loaded_plan_fixes()
+
+  # Options a restored plan fixes (it was calibrated with them): giving one with load_plan
+  # would be silently ignored, so it is an error. (impl stays free: it changes speed only.)
+  _FIXED_BY_LOADED_PLAN = (
+    "score", "policy", "skip_layers", "coverage", "robust_clip", "granularity", "o_order",
+    "smooth", "alpha", "act_scale", "order", "float_sites", "float_sites_auto", "save_plan",
+  )  # fmt: skip
+
+  def _check_nothing_a_loaded_plan_fixes(self) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    given = [n for n in self._FIXED_BY_LOADED_PLAN if getattr(self, n) != defaults[n]]
+    if given:
+      raise ValueError(
+        f"load_plan restores a calibrated plan, which fixes {', '.join(given)}; drop "
+        f"{'it' if len(given) == 1 else 'them'} (only pattern, quant and impl may be given)"
+      )
 
   def amber(self) -> AmberConfig:
     return AmberConfig(
@@ -110,6 +135,9 @@ def _plan_identity(cfg: PrefillRunConfig, model_config) -> dict:
   """What a saved plan must match to be used: the model's shapes, the pattern, the W8A8 mode."""
   pattern = parse_pattern_or_dense(cfg.pattern)
   return {
+    # The model as named (another checkpoint of the same shapes, e.g. a base model next to its
+    # instruct tune, must not take this one's plan without a word) and its shapes.
+    "model": cfg.model,
     "model_config": dataclasses.asdict(model_config),
     "pattern": "dense" if pattern is None else str(pattern),
     "quant": cfg.quant,
@@ -117,7 +145,10 @@ def _plan_identity(cfg: PrefillRunConfig, model_config) -> dict:
 
 
 def _run_loaded_plan(cfg, setup, plan, result, common, prompts) -> dict:
-  """Evaluates a restored plan (no calibration) next to the dense row already in ``result``."""
+  """Evaluates a restored plan (no calibration) next to the dense row already in ``result``;
+  ``cfg.impl``, when given, replaces the plan's matmul implementation (speed only)."""
+  if cfg.impl is not None:
+    plan = plan.replace(impl=check_impl(cfg.impl, plan.pattern))
   row = perplexity(setup.params, setup.eval_windows, plan=plan, desc="loaded plan", **common)
   key = "sparse" if plan.pattern is not None else "quant"
   quant = "none" if plan.quant is None else "w8a8"
@@ -136,7 +167,7 @@ def _run_loaded_plan(cfg, setup, plan, result, common, prompts) -> dict:
     cov = plan_coverage(setup.config, plan)
     result.update(coverage=cov.covered, removed=cov.removed)
     result["time_ratio"] = row.seconds / result["dense"]["seconds"]
-  result["config"] = dataclasses.asdict(cfg)
+  result["config"] = recorded_config(cfg)
   result["model_config"] = dataclasses.asdict(setup.config)
   result.update(environment())
   return result
@@ -157,7 +188,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
     amber.validate_for(model_config)
     if cfg.load_plan:  # checked against this model and pattern before any weights load
       loaded["plan"], loaded["meta"] = load_sparsity_plan(
-        cfg.load_plan, expect=_plan_identity(cfg, model_config)
+        cfg.load_plan, expect=_plan_identity(cfg, model_config), config=model_config
       )
 
   setup = prepare_eval(
@@ -292,7 +323,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
         "prompts": gen.prompts,
         "new_tokens": gen.new_tokens,
       }
-  result["config"] = dataclasses.asdict(cfg)
+  result["config"] = recorded_config(cfg)
   result["model_config"] = dataclasses.asdict(config)
   result["params_from_cache"] = setup.params_from_cache
   result.update(environment())

@@ -14,7 +14,13 @@ from amber_jax.plan import make_plan
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.quant_plan import build_quant_state, smoothed_score_factors
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
+from amber_jax.runs.common import (
+  DTYPES,
+  check_model_options,
+  environment,
+  prepare_eval,
+  recorded_config,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -119,7 +125,7 @@ def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> 
       evaluate(
         f"Outstanding-sparse {pattern} ({order.replace('_', ' ')})", plan, order=order, **extra
       )
-  return {"rows": rows, "config": dataclasses.asdict(cfg), **environment()}
+  return {"rows": rows, "config": recorded_config(cfg), **environment()}
 
 
 def quant_table_markdown(result: dict, command: str) -> str:

@@ -10,7 +10,13 @@ from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.policy import check_coverage_target, measure_sensitivity, select_skip_layers
-from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
+from amber_jax.runs.common import (
+  DTYPES,
+  check_model_options,
+  environment,
+  prepare_eval,
+  recorded_config,
+)
 from amber_jax.scores import check_score, model_factors
 
 
@@ -76,6 +82,6 @@ def run_sensitivity(cfg: SensitivityRunConfig, *, log=print, show_progress=True)
     "seconds": time.perf_counter() - start,
     "tokens": sens.tokens,
     "table": sens.table(),
-    "config": dataclasses.asdict(cfg),
+    "config": recorded_config(cfg),
     **environment(),
   }

@@ -21,6 +21,7 @@ Methods, for each sparse pattern:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,7 +41,13 @@ from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
-from amber_jax.runs.common import DTYPES, check_model_options, environment, prepare_eval
+from amber_jax.runs.common import (
+  DTYPES,
+  check_model_options,
+  environment,
+  prepare_eval,
+  recorded_config,
+)
 
 METHODS = ("naive", "amber")
 RESULTS_FORMAT = "amber_jax.zero_shot/1"
@@ -73,43 +80,11 @@ class ZeroShotConfig:
   impl: str | None = None
 
   def __post_init__(self):
-    if not self.tasks:
-      raise ValueError("tasks must name at least one task")
-    for t in self.tasks:
-      if t not in BIGBENCH_TASKS and not Path(t).is_file():
-        raise ValueError(
-          f"task {t!r} is neither a packaged BIG-bench task ({', '.join(BIGBENCH_TASKS)}) "
-          "nor an existing JSON file"
-        )
-    if not self.patterns:
-      raise ValueError("patterns must name at least one pattern (or 'dense')")
-    names = [self.pattern_name(p) for p in self.patterns]  # validates each pattern
-    if len(set(names)) != len(names):
-      raise ValueError(f"patterns has duplicates: {list(self.patterns)}")
-    if not self.methods:
-      raise ValueError("methods must name at least one method")
-    for m in self.methods:
-      if m not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {m!r}")
-    if len(set(self.methods)) != len(self.methods):
-      raise ValueError(f"methods has duplicates: {list(self.methods)}")
-    if self.num_fewshot < 0:
-      raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
-    if self.limit is not None and self.limit < 1:
-      raise ValueError(f"limit must be >= 1 (or None for all examples), got {self.limit}")
+    check_eval_grid(self)
     if self.subsample is not None and self.subsample < 1:
       raise ValueError(f"subsample must be >= 1 (or None), got {self.subsample}")
     if self.subsample is not None and self.limit is not None:
       raise ValueError("pass limit (the first examples) or subsample (a random subset), not both")
-    for name in ("batch_size", "seq_len", "num_windows"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.needs_calibration() and self.calib_windows < 1:
-      raise ValueError("method amber needs calib_windows >= 1")
-    check_model_options(self.dtype, self.cache_dir)
-    self.runs()  # builds every AmberConfig: validates coverage and each method's score/policy
-    if not self.output:
-      raise ValueError("output must be given (the results JSON, resumed when it exists)")
 
   @staticmethod
   def pattern_name(pattern: str) -> str:
@@ -117,8 +92,7 @@ class ZeroShotConfig:
     return DENSE if p is None else str(p)
 
   def needs_calibration(self) -> bool:
-    sparse = any(self.pattern_name(p) != DENSE for p in self.patterns)
-    return sparse and "amber" in self.methods
+    return needs_calibration(self.patterns, self.methods)
 
   def runs(self) -> list[tuple[tuple[str, str], AmberConfig]]:
     """((method, pattern), AmberConfig) of every row, dense first when it is asked for."""
@@ -145,10 +119,57 @@ class ZeroShotConfig:
     return s
 
 
+def needs_calibration(patterns: Sequence[str], methods: Sequence[str]) -> bool:
+  """Whether a grid of ``patterns`` x ``methods`` has an amber row (calibrated on text)."""
+  sparse = any(parse_pattern_or_dense(p) is not None for p in patterns)
+  return sparse and "amber" in methods
+
+
+def check_eval_grid(cfg) -> None:
+  """The checks the zero-shot and generation configs share (ValueError naming the field):
+  tasks, patterns and methods (non-empty, known, no duplicates), few-shot count, limit,
+  batch and window sizes, calibration windows for amber rows, dtype, cache and output."""
+  if not cfg.tasks:
+    raise ValueError("tasks must name at least one task")
+  for t in cfg.tasks:
+    if t not in BIGBENCH_TASKS and not Path(t).is_file():
+      raise ValueError(
+        f"task {t!r} is neither a packaged BIG-bench task ({', '.join(BIGBENCH_TASKS)}) "
+        "nor an existing JSON file"
+      )
+  if not cfg.patterns:
+    raise ValueError("patterns must name at least one pattern (or 'dense')")
+  names = [ZeroShotConfig.pattern_name(p) for p in cfg.patterns]  # validates each pattern
+  if len(set(names)) != len(names):
+    raise ValueError(f"patterns has duplicates: {list(cfg.patterns)}")
+  if not cfg.methods:
+    raise ValueError("methods must name at least one method")
+  for m in cfg.methods:
+    if m not in METHODS:
+      raise ValueError(f"method must be one of {', '.join(METHODS)}, got {m!r}")
+  if len(set(cfg.methods)) != len(cfg.methods):
+    raise ValueError(f"methods has duplicates: {list(cfg.methods)}")
+  if cfg.num_fewshot < 0:
+    raise ValueError(f"num_fewshot must be >= 0, got {cfg.num_fewshot}")
+  if cfg.limit is not None and cfg.limit < 1:
+    raise ValueError(f"limit must be >= 1 (or None for all examples), got {cfg.limit}")
+  for name in ("batch_size", "seq_len", "num_windows"):
+    if getattr(cfg, name) < 1:
+      raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+  if needs_calibration(cfg.patterns, cfg.methods) and cfg.calib_windows < 1:
+    raise ValueError("method amber needs calib_windows >= 1")
+  check_model_options(cfg.dtype, cfg.cache_dir)
+  cfg.runs()  # builds every AmberConfig: validates coverage and each method's score/policy
+  if not cfg.output:
+    raise ValueError("output must be given (the results JSON, resumed when it exists)")
+
+
 def plan_rows(
   patterns: Sequence[str], methods: Sequence[str], coverage: float, *, impl: str | None = None
 ) -> list[tuple[tuple[str, str], AmberConfig]]:
-  """((method, pattern), AmberConfig) of every row, in the order of ``patterns``.
+  """((method, pattern), AmberConfig) of every row: the dense row first when ``patterns`` asks
+  for it (the generation runs compare every sparse answer with the dense one, so it must
+  exist before them), then the sparse rows in the order of ``patterns``.
 
   ``naive``: every linear input sparsified, score |x|; ``amber``: the auto policy with the
   robust score at ``coverage``. "dense" is one row whatever the methods. ``impl``: the
@@ -158,7 +179,7 @@ def plan_rows(
   for p in patterns:
     pattern = parse_pattern_or_dense(p)
     if pattern is None:
-      rows.append(((DENSE, DENSE), AmberConfig(pattern=None)))
+      rows.insert(0, ((DENSE, DENSE), AmberConfig(pattern=None)))
       continue
     for m in methods:
       if m == "naive":
@@ -217,6 +238,27 @@ def load_results(
   return entries
 
 
+def task_digest(task) -> str:
+  """A short SHA-256 of a loaded task's content (examples, prompts, prefixes): an entry made
+  on an edited task file, or on another file with the same task name, is not reused."""
+  blob = json.dumps(dataclasses.asdict(task), sort_keys=True, ensure_ascii=False)
+  return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def check_task_digests(entries: dict, tasks, path) -> None:
+  """ValueError if an entry of one of ``tasks`` was made on different task content (entries
+  written before digests were recorded carry none and are accepted)."""
+  digests = {t.name: task_digest(t) for t in tasks}
+  for key, entry in entries.items():
+    made = entry.get("task_digest")
+    now = digests.get(entry.get("task"))
+    if made is not None and now is not None and made != now:
+      raise ValueError(
+        f"entry {key!r} in {path} was made on other content of task {entry['task']!r} (task "
+        f"digest {made}, now {now}); use another --output or delete the file to rerun"
+      )
+
+
 def check_entry(key: str, entry: dict, expected: dict, path) -> None:
   got = entry["settings"]
   diffs = [
@@ -265,6 +307,7 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
   entries = load_results(cfg.output)
   for key, entry in entries.items():
     check_entry(key, entry, cfg.settings(key.split("/", 1)[0]), cfg.output)
+  check_task_digests(entries, tasks, cfg.output)
   wanted = [(row, amber, task) for row, amber in runs for task in tasks]
   total = len(wanted)
   pending = [w for w in wanted if entry_id(*w[0], w[2].name) not in entries]
@@ -274,7 +317,7 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
   result = {
     "format": RESULTS_FORMAT,
     "results": entries,
-    "config": dataclasses.asdict(cfg),
+    "config": recorded_config(cfg),
     **environment(),
   }
   if not pending:
@@ -343,6 +386,7 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
       "method": method,
       "pattern": pattern,
       "task": task.name,
+      "task_digest": task_digest(task),
       "coverage": info.coverage.covered,
       "skip_layers": list(info.skip_layers),
       "seconds": time.perf_counter() - start,
