@@ -393,7 +393,9 @@ class AmberLM(LM):
     if plan_dir:
       from amber_jax.plan_io import load_sparsity_plan
 
-      plan, _ = load_sparsity_plan(plan_dir, expect={"model_config": dataclasses.asdict(config)})
+      plan, _ = load_sparsity_plan(
+        plan_dir, expect={"model_config": dataclasses.asdict(config)}, config=config
+      )
     loaded = load_model(source, cache_dir, show_progress=show_progress, log=log)
     params = jax.tree.map(lambda a: jnp.asarray(a, _DTYPES[dtype]), loaded.params)
     tokenizer = load_tokenizer(source)
