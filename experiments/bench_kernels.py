@@ -15,8 +15,10 @@ adds them, slowly):
 
 Shapes ``full``: prefill tokens M in {2048, 8192} x (K, N) in {(4096, 4096), (4096, 14336),
 (14336, 4096)}; ``small``: M in {128, 512} x (K, N) in {(576, 1536), (1536, 576)}. bf16
-activations and weights. For every shape it times (median of --repeats runs after
---warmup, each ``block_until_ready``; the first call, with its compile, is timed apart):
+activations and weights. For every shape it times each method in turn (the median over
+--repeats samples after --warmup; a sample is --calls_per_sample back-to-back calls cycling
+through --rotations distinct activations, then one ``block_until_ready``, divided by the calls;
+the first call, with its compile, is timed apart):
 
 * ``xla_dense``     ``jnp.dot(x, w)`` (fp32 accumulation, bf16 out): the baseline.
 * ``xla_mask_dot``  ``sparsify(x, pattern)`` then the dot, one jit (the unfused path: the
@@ -35,7 +37,8 @@ activations and weights. For every shape it times (median of --repeats runs afte
 * ``mgpu_nm_int8``  ``nm_int8_matmul`` with that kernel.
 
 It prints the device and versions, then one table: shape, method, ms, TFLOP/s (dense-
-equivalent 2*M*K*N; TOPS for int8), ratio to xla_dense, the floor (the larger of FLOPs at
+equivalent 2*M*K*N; TOPS for int8; none for the mask pass alone), GB/s (the unavoidable HBM
+bytes over the time), ratio to xla_dense, the floor (the larger of FLOPs at
 peak and the unavoidable HBM bytes at peak bandwidth, with which one binds), achieved % of
 that floor, the max abs error against the method's reference on the first --check_rows
 rows (``nm_matmul_reference``, ``int8_matmul_reference``, ``nm_int8_matmul_reference``), the
@@ -150,7 +153,13 @@ MGPU_INT8_CANDIDATES = [
 _SHAPES = flags.DEFINE_enum("shapes", "full", sorted(SHAPES), "Shape set (small: quick CPU run).")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern of the sparse methods.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Subset of {', '.join(METHODS)}.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per method (median) after warm-up.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed samples per method (median) after warm-up.")
+_CALLS = flags.DEFINE_integer(
+  "calls_per_sample", 10, "Back-to-back calls per timed sample (one sync at the end)."
+)
+_ROTATIONS = flags.DEFINE_integer(
+  "rotations", 4, "Distinct activations cycled through (4 x 16.8 MB at 2048 x 4096 > L2)."
+)
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs after the first (compiling) call.")
 _CHECK_ROWS = flags.DEFINE_integer("check_rows", 256, "Rows checked against the references.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 peak, TFLOP/s (H200).")
@@ -175,18 +184,28 @@ _OUTPUT = flags.DEFINE_string(
 )
 
 
-def _median_time(fn, args, repeats: int, warmup: int) -> tuple[float, float]:
-  """(first-call seconds incl. compile, median seconds of ``repeats`` runs after warm-up)."""
+def _median_time(fn, arg_sets, repeats: int, warmup: int, calls: int) -> tuple[float, float]:
+  """(first-call seconds incl. compile, median over ``repeats`` samples of the seconds per call).
+
+  A sample is ``calls`` back-to-back calls, cycling through ``arg_sets`` (argument tuples with
+  distinct activations), then one sync, divided by ``calls``: the sync and dispatch gaps of a
+  single timed call (tens of microseconds) would bias short kernels, and one activation reused
+  call after call would sit in the 50 MB L2 of an H200 and time a memory-bound pass too fast.
+  Calls run in order on one stream, so waiting for the last waits for all."""
   t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*arg_sets[0]))
   first = time.perf_counter() - t0
   for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
+    for args in arg_sets:
+      jax.block_until_ready(fn(*args))
   times = []
+  calls = max(1, calls)
   for _ in range(max(1, repeats)):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+    for i in range(calls):
+      out = fn(*arg_sets[i % len(arg_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / calls)
   return first, statistics.median(times)
 
 
@@ -194,22 +213,31 @@ def _max_abs_err(out, ref) -> float:
   return float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
 
 
-def _floor(method: str, m: int, k: int, n: int) -> tuple[float, str]:
-  """Seconds at peak compute or peak bandwidth, whichever is larger, and which it is."""
-  flops = 2.0 * m * k * n
+def _min_bytes(method: str, m: int, k: int, n: int) -> int:
+  """HBM bytes the method cannot avoid: its operands read once and its output written once."""
   if method in _INT8:
-    compute = flops / (_PEAK_INT8_TOPS.value * 1e12)
     nbytes = m * k + k * n + 2 * m * n + 4 * (m + n)  # int8 in, bf16 out, fp32 scales
     if method in ("pallas_nm_int8", "mgpu_nm_int8"):
       nbytes += 2 * m * k + m * k  # the sparsify+quantize pass: read bf16 x, write int8 x
-  elif method == "pallas_mask":
-    compute, nbytes = 0.0, 4 * m * k  # read and write the bf16 activation
+    return nbytes
+  if method == "pallas_mask":
+    return 4 * m * k  # read and write the bf16 activation
+  nbytes = 2 * (m * k + k * n + m * n)
+  if method == "pallas_mask_dot":
+    nbytes += 4 * m * k  # the mask pass
+  return nbytes
+
+
+def _floor(method: str, m: int, k: int, n: int) -> tuple[float, str]:
+  """Seconds at peak compute or peak bandwidth, whichever is larger, and which it is."""
+  flops = 2.0 * m * k * n
+  if method == "pallas_mask":
+    compute = 0.0  # no matmul: a memory-bound pass
+  elif method in _INT8:
+    compute = flops / (_PEAK_INT8_TOPS.value * 1e12)
   else:
     compute = flops / (_PEAK_TFLOPS.value * 1e12)
-    nbytes = 2 * (m * k + k * n + m * n)
-    if method == "pallas_mask_dot":
-      nbytes += 4 * m * k  # the mask pass
-  memory = nbytes / (_PEAK_TBPS.value * 1e12)
+  memory = _min_bytes(method, m, k, n) / (_PEAK_TBPS.value * 1e12)
   return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
@@ -223,15 +251,20 @@ class _Bench:
     self.pattern = pattern
     self.interpret = interpret
 
-  def inputs(self, m: int, k: int, n: int):
-    kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+  def inputs(self, m: int, k: int, n: int, rotations: int = 1) -> list[dict]:
+    """``rotations`` input sets with distinct activations (x, and its int8 x_q, x_s) sharing
+    one weight; the first is the one checked against the references."""
+    kw = jax.random.key(1)
     w = (jax.random.normal(kw, (k, n), jnp.float32) / (k**0.5)).astype(jnp.bfloat16)
-    x_q, x_s = jax.jit(quantize_per_token)(x)
     w_q, w_s = jax.jit(quantize_per_channel)(w)
     # The Mosaic GPU kernel reads the weight K-major: stored so once, as a deployment would.
     w_q_nk = jax.jit(jnp.transpose)(w_q)
-    return dict(x=x, w=w, x_q=x_q, x_s=x_s, w_q=w_q, w_s=w_s, w_q_nk=w_q_nk)
+    sets = []
+    for r in range(max(1, rotations)):
+      x = jax.random.normal(jax.random.fold_in(jax.random.key(0), r), (m, k), jnp.bfloat16)
+      x_q, x_s = jax.jit(quantize_per_token)(x)
+      sets.append(dict(x=x, w=w, x_q=x_q, x_s=x_s, w_q=w_q, w_s=w_s, w_q_nk=w_q_nk))
+    return sets
 
   def build(self, method: str, block_sizes: BlockSizes | None = None):
     """(jitted fn, names of its inputs)."""
@@ -338,11 +371,12 @@ def _autotune(bench: _Bench, shapes, repeats: int, kernels) -> tuple[dict, list]
     if kernel not in kernels:
       continue
     for m, k, n in shapes:
-      data = bench.inputs(m, k, n)
+      data = bench.inputs(m, k, n, _ROTATIONS.value)
       for bs in cands:
         try:
           fn, names = bench.build(method, bs)
-          _, t = _median_time(fn, [data[a] for a in names], repeats, 1)
+          arg_sets = [[d[a] for a in names] for d in data]
+          _, t = _median_time(fn, arg_sets, repeats, 1, _CALLS.value)
           status = f"{t * 1e3:8.3f} ms"
         except Exception as e:  # noqa: BLE001 - report and go on
           t, status = float("inf"), f"failed: {_short_error(e)}"
@@ -438,12 +472,13 @@ def main(argv):
     save(complete=False)
 
   header = (
-    f"{'M x K x N':>20s} {'method':>15s} {'ms':>9s} {'TFLOP/s':>8s} {'vs dense':>8s} "
+    f"{'M x K x N':>20s} {'method':>15s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'vs dense':>8s} "
     f"{'floor ms':>9s} {'bound':>7s} {'%floor':>7s} {'max_err':>9s} {'compile s':>9s}  blocks"
   )
   print(header)
   for m, k, n in shapes:
-    data = bench.inputs(m, k, n)
+    data_sets = bench.inputs(m, k, n, _ROTATIONS.value)
+    data = data_sets[0]
     dense_s = None
     for method in methods:
       shape_s = f"{m}x{k}x{n}"
@@ -454,7 +489,8 @@ def main(argv):
       try:
         fn, names = bench.build(method, bs)
         args = [data[a] for a in names]
-        first_s, t = _median_time(fn, args, _REPEATS.value, _WARMUP.value)
+        arg_sets = [[d[a] for a in names] for d in data_sets]
+        first_s, t = _median_time(fn, arg_sets, _REPEATS.value, _WARMUP.value, _CALLS.value)
         err = bench.check(method, fn(*args), data, _CHECK_ROWS.value)
       except Exception as e:  # noqa: BLE001 - report and go on with the other methods
         row["error"] = _short_error(e)
@@ -468,7 +504,9 @@ def main(argv):
       flops = 2.0 * m * k * n
       row.update(
         ms=t * 1e3,
-        tflops=flops / t / 1e12,
+        # The mask pass does no matmul: its rate is bandwidth (gbps), not FLOP/s.
+        tflops=None if method == "pallas_mask" else flops / t / 1e12,
+        gbps=_min_bytes(method, m, k, n) / t / 1e9,
         vs_dense=None if dense_s is None else t / dense_s,
         pct_floor=100.0 * floor_s / t,
         max_abs_err=err,
@@ -477,14 +515,15 @@ def main(argv):
       rows.append(row)
       save(complete=False)
       vs = "-" if row["vs_dense"] is None else f"{row['vs_dense']:.2f}x"
+      tflops_s = "-" if row["tflops"] is None else f"{row['tflops']:.1f}"
       err_s = "-" if err is None else f"{err:.2e}"
       print(
-        f"{shape_s:>20s} {method:>15s} {t * 1e3:9.3f} {row['tflops']:8.1f} {vs:>8s} "
+        f"{shape_s:>20s} {method:>15s} {t * 1e3:9.3f} {tflops_s:>8s} {row['gbps']:7.0f} {vs:>8s} "
         f"{floor_s * 1e3:9.4f} {bound:>7s} {row['pct_floor']:6.1f}% {err_s:>9s} "
         f"{first_s:9.2f}  {_bs_str(bs)}",
         flush=True,
       )
-    del data
+    del data, data_sets
 
   if tuned:
     print("\nautotuned block sizes (paste into the TUNED_BLOCK_SIZES tables; key ranges cover")

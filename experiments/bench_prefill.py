@@ -16,7 +16,7 @@ inference_mode, torch threads = the CPUs this process may use, which is what
 XLA:CPU uses). Each is warmed up once, then run --repeats times interleaved;
 medians. It prints the versions, the max abs difference between HF's logits and
 ours on the first grid point (about 1e-4; logits reach 35), then one table:
-batch, seq_len, GFLOP per prefill, dense ms, sparse ms, sparse/dense (about 2 on
+batch, seq_len, GFLOP per prefill, dense ms, sparse ms, sparse/dense (1.4-1.6 on
 CPU: the mask is extra work, the matmuls stay dense), HF ms, HF/dense (the
 speedup of our dense prefill over HF), tokens/s, achieved GFLOP/s, and at the end
 the peak RSS of the process (about 3.2 GB). Takes 3-5 minutes with --repeats=3 on
@@ -103,6 +103,12 @@ _IMPLS = flags.DEFINE_list(
   "With --random_init: sparse implementations to time (xla, xla-<mask method>, pallas, "
   "pallas_mask).",
 )
+_PEAK_TFLOPS = flags.DEFINE_float(
+  "peak_tflops",
+  None,
+  "With --random_init: the device's dense peak in --dtype, TFLOP/s (989 for bf16 on an "
+  "H200), to print each prefill's compute floor; unset: no floor (a CPU's is not known here).",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (BENCHMARKS.md).")
 _DEVICE_INFO = flags.DEFINE_bool("device_info", False, "Print machine and JAX devices, then exit.")
@@ -142,6 +148,7 @@ def main(argv):
         seq_lens=_ints("seq_lens", _SEQ_LENS.value),
         repeats=_REPEATS.value,
         dtype=_DTYPE.value,
+        peak_tflops=_PEAK_TFLOPS.value,
       )
     except ValueError as e:
       sys.exit(f"error: {e}")

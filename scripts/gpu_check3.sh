@@ -22,5 +22,5 @@ timeout 260 python3 experiments/bench_kernels.py --autotune --autotune_kernels=m
   --methods=xla_dense,xla_mask_dot,pallas_mask,pallas_mask_dot,pallas_nm,xla_int8,mgpu_int8,mgpu_nm_int8 \
   --output="$OUT/bench_kernels3.json" 2>&1 | tee "$OUT/bench_kernels3.log"
 timeout 100 python3 experiments/bench_prefill.py --random_init=llama-3.1-8b --dtype=bfloat16 \
-  --impls=xla,pallas_mask --batch_sizes=1 --seq_lens=2048 --repeats=5 \
+  --impls=xla,pallas_mask --batch_sizes=1 --seq_lens=2048 --repeats=5 --peak_tflops=989 \
   --output="$OUT/bench_prefill3.json" 2>&1 | grep -v xla_bridge | tee "$OUT/bench_prefill3.log"

@@ -215,3 +215,24 @@ def test_hf_unavailable_says_why(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   with pytest.raises(HFUnavailable, match="JAX computes on gpu"):
     load_hf_prefill(TINY, params)
+
+
+def test_random_preset_rows_and_floor():
+  """The GPU-session bench on random weights: ratios against its own dense column, the
+  compute floor from the counted FLOPs when a peak is given, and a table with it."""
+  from amber_jax.bench.prefill_bench import bench_random_preset, format_random_preset_table
+
+  result = bench_random_preset(
+    "smollm2-135m", pattern="8:16", impls=["xla"], batch_sizes=[1], seq_lens=[16], repeats=1,
+    dtype="float32", peak_tflops=2.0, log=lambda *a: None,
+  )  # fmt: skip
+  (row,) = result["rows"]
+  ms = row["median_ms"]
+  assert row["over_dense"]["sparse_xla"] == pytest.approx(ms["sparse_xla"] / ms["dense"])
+  assert row["floor_ms"] == pytest.approx(1e3 * row["flops"] / 2.0e12)
+  assert row["dense_pct_of_floor"] == pytest.approx(100 * row["floor_ms"] / ms["dense"])
+  table = format_random_preset_table(result)
+  assert "| floor ms | dense % of floor |" in table.splitlines()[0] + " |"
+  with pytest.raises(ValueError, match="peak_tflops must be > 0"):
+    bench_random_preset("smollm2-135m", pattern="8:16", impls=["xla"], batch_sizes=[1],
+                        seq_lens=[16], peak_tflops=0.0, log=lambda *a: None)  # fmt: skip

@@ -405,3 +405,31 @@ def test_decode_past_the_cache_is_an_error_not_a_clamped_write(gqa):
     params, toks[:, T:], roomy, config=config
   )
   assert np.isfinite(np.asarray(fits)).all()
+
+
+def test_sequences_beyond_the_window_are_refused_and_padding_stays_within_it():
+  """A windowed model (Mistral v0.1 style) attends fully causally, exact only up to the window:
+  longer passes and generations raise; left-padded batches near the limit still run (their
+  bucketed padding is capped at the limit)."""
+  from amber_jax.eval.generative import greedy_generate
+  from amber_jax.model.presets import init_random_params
+
+  config = LlamaConfig(
+    vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+    sliding_window=40,
+  )  # fmt: skip
+  params = init_random_params(config, jax.random.key(0), dtype=jnp.float32)
+  with pytest.raises(ValueError, match="t=41 exceeds"):
+    forward(params, tokens(config, (1, 41)), config=config)
+  forward(params, tokens(config, (1, 40)), config=config)
+  with pytest.raises(ValueError, match="t=41 exceeds"):
+    generate_greedy(params, tokens(config, (1, 36)), config=config, max_new_tokens=6)
+  generate_greedy(params, tokens(config, (1, 36)), config=config, max_new_tokens=5)
+  # 35 and 20 tokens: the bucket (64) would pass the window; it is capped at 40.
+  prompts = [
+    list(np.asarray(tokens(config, (1, 35)))[0]),
+    list(np.asarray(tokens(config, (1, 20)))[0]),
+  ]
+  out = greedy_generate(params, prompts, config=config, max_new_tokens=5)
+  alone = generate_greedy(params, jnp.asarray([prompts[0]]), config=config, max_new_tokens=5)
+  assert out[0] == [int(v) for v in np.asarray(alone)[0]]

@@ -687,13 +687,18 @@ def bench_random_preset(
   seq_lens: Sequence[int],
   repeats: int = 5,
   dtype: str = "bfloat16",
+  peak_tflops: float | None = None,
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """Dense vs one sparse column per ``impl`` ("xla", "pallas") on random weights of a preset.
 
   Every linear input is sparsified (the "all" policy, naive |x| score). Returns rows with the
-  median ms of each column, its ratio to dense, tokens/s and achieved TFLOP/s of dense.
+  median ms of each column, its ratio to dense, tokens/s and achieved TFLOP/s of dense; with
+  ``peak_tflops`` (the device's dense peak in ``dtype``) also the compute floor of a prefill
+  (its counted FLOPs at that peak) and the share of it dense reaches.
   """
+  if peak_tflops is not None and not peak_tflops > 0:
+    raise ValueError(f"peak_tflops must be > 0 (TFLOP/s) or None, got {peak_tflops!r}")
   from amber_jax.model.presets import init_random_params, preset
 
   config = preset(preset_name)
@@ -738,6 +743,9 @@ def bench_random_preset(
         "over_dense": {n: med[n] / med["dense"] for n in fns if n != "dense"},
         "dense_tflop_per_s": flops / med["dense"] / 1e12,
       }
+      if peak_tflops is not None:
+        row["floor_ms"] = 1e3 * flops / (peak_tflops * 1e12)
+        row["dense_pct_of_floor"] = 100.0 * row["floor_ms"] / row["median_ms"]["dense"]
       rows.append(row)
       log(
         f"{preset_name} batch {b} x {t}: "
@@ -749,6 +757,7 @@ def bench_random_preset(
     "impls": list(impls),
     "dtype": dtype,
     "repeats": repeats,
+    "peak_tflops": peak_tflops,
     "param_bytes": param_bytes(params),
     "jax": {
       "backend": jax.default_backend(),
@@ -766,6 +775,7 @@ def format_random_preset_table(result: Mapping[str, Any]) -> str:
     + [f"{n} ms" for n in names]
     + [f"{n}/dense" for n in names[1:]]
     + ["dense TFLOP/s"]
+    + (["floor ms", "dense % of floor"] if result.get("peak_tflops") else [])
   )
   lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
   for r in result["rows"]:
@@ -773,5 +783,7 @@ def format_random_preset_table(result: Mapping[str, Any]) -> str:
     cells += [f"{r['median_ms'][n]:.2f}" for n in names]
     cells += [f"{r['over_dense'][n]:.3f}" for n in names[1:]]
     cells += [f"{r['dense_tflop_per_s']:.1f}"]
+    if result.get("peak_tflops"):
+      cells += [f"{r['floor_ms']:.2f}", f"{r['dense_pct_of_floor']:.1f}%"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -250,9 +250,11 @@ def greedy_generate(
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("prompts must be a non-empty list of non-empty token lists")
   b = len(prompts)
-  t_pad = bucket_length(max(len(p) for p in prompts))
   steps = min(chunk, max_new_tokens - 1)
   n_calls = 0 if steps == 0 else -(-(max_new_tokens - 1) // steps)
+  # The padded prompt stays within the positions the model runs exactly (the padding is masked,
+  # the real tokens keep their own positions).
+  t_pad = bucket_length(max(len(p) for p in prompts), cap=config.seq_len_limit)
   # Each decode step writes its input token at the fill level: t_pad + steps * n_calls slots.
   max_len = t_pad + steps * n_calls
   tokens = np.zeros((b, t_pad), np.int32)

@@ -140,7 +140,7 @@ def score_token_windows(
   ) as bar:
     for start in range(0, len(order), batch_size):
       idx = order[start : start + batch_size]
-      t = bucket_length(max(len(rows[i][0]) for i in idx) - 1)
+      t = bucket_length(max(len(rows[i][0]) for i in idx) - 1, cap=config.seq_len_limit)
       tokens = np.zeros((batch_size, t), np.int32)
       targets = np.zeros((batch_size, t), np.int32)
       scored = np.zeros((batch_size, t), bool)

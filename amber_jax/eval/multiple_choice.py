@@ -45,13 +45,16 @@ Score = tuple[float, int, bool]  # (summed log-likelihood, continuation tokens, 
 LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def bucket_length(n: int) -> int:
-  """Padded sequence length for a batch whose longest row has ``n`` tokens."""
+def bucket_length(n: int, cap: int | None = None) -> int:
+  """Padded sequence length for a batch whose longest row has ``n`` tokens (few distinct
+  lengths, so few compiles), never beyond ``cap`` (e.g. the model's context) unless ``n`` is."""
   if n <= 256:
-    return max(32, -(-n // 32) * 32)
-  if n <= 1024:
-    return -(-n // 128) * 128
-  return -(-n // 512) * 512
+    b = max(32, -(-n // 32) * 32)
+  elif n <= 1024:
+    b = -(-n // 128) * 128
+  else:
+    b = -(-n // 512) * 512
+  return b if cap is None or b <= cap else max(n, cap)
 
 
 def encode_request(
@@ -169,7 +172,7 @@ def _pack_rows(encoded, max_length: int | None, pack: bool) -> list[_Row]:
   return rows
 
 
-def _layout(rows: Sequence[_Row], batch_size: int):
+def _layout(rows: Sequence[_Row], batch_size: int, max_length: int | None = None):
   """Arrays of one batch of packed rows (``batch_size`` rows; missing rows are padding).
 
   Row layout: the context at positions 0..c-1, then each continuation's tokens but its last, at
@@ -178,7 +181,7 @@ def _layout(rows: Sequence[_Row], batch_size: int):
   Slot ``(source, target)``: the first continuation token is predicted at the context's last
   position, token j > 0 at the branch's token j - 1.
   """
-  t = bucket_length(max(r.length() for r in rows))
+  t = bucket_length(max(r.length() for r in rows), cap=max_length)
   s = bucket_slots(max(r.slots() for r in rows))
   tokens = np.zeros((batch_size, t), np.int32)
   positions = np.zeros((batch_size, t), np.int32)
@@ -257,7 +260,7 @@ def score_requests(
   ) as bar:
     for start in range(0, len(rows), batch_size):
       batch = rows[start : start + batch_size]
-      tokens, positions, mask, source, targets, owner = _layout(batch, batch_size)
+      tokens, positions, mask, source, targets, owner = _layout(batch, batch_size, max_length)
       if logits_fn is None:
         out = slot_logprobs(
           params, tokens, positions, mask, source, targets, plan, config=config, dtype=dtype

@@ -65,8 +65,9 @@ class LlamaConfig:
   def check_seq_len(self, t: int) -> None:
     """Raises ``ValueError`` unless the model computes a pass over ``t`` positions exactly.
 
-    ``t`` is the number of positions the attention spans: the tokens of a prefill pass, or the
-    KV cache length (prompt plus generated tokens) of a decode step. Valid: 0 <= t <=
+    ``t`` is the number of positions the attention spans: the tokens of a forward or prefill
+    pass (checked in ``run_layers``), or prompt plus fed-back generated tokens (checked by the
+    generation entry points). Valid: 0 <= t <=
     max_seq_len and, with a sliding window, t <= sliding_window: the model attends fully
     causally, which equals windowed attention (query q sees keys k with q - k < window) only
     when no query is a window or more past a key. ``TypeError`` if ``t`` is not an integer.

@@ -38,6 +38,8 @@ def generate_greedy(
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   t = prompt_BxT.shape[1]
+  # The last generated token is never fed back: the attention spans t + max_new_tokens - 1.
+  config.check_seq_len(t + max_new_tokens - 1)
   logits, cache = prefill(
     params,
     prompt_BxT,

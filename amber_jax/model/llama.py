@@ -305,9 +305,12 @@ def run_layers(
   """
   if first_layer is not None and cache is not None:
     raise ValueError("first_layer resumes a prefill pass: it takes no KV cache")
-  # Static shapes: free under jit. Beyond the context (or a sliding window, which this model
-  # does not implement) the result would be silently different from the checkpoint's.
-  config.check_seq_len(h.shape[1] if cache is None else cache.k.shape[2])
+  # A pass over more tokens than the context (or a sliding window, which this model does not
+  # implement) would differ silently from the checkpoint's. Static shape: free under jit. (A
+  # KV cache's length is not checked here: its slots beyond the tokens written are masked; the
+  # generation entry points check prompt plus new tokens.)
+  if cache is None:
+    config.check_seq_len(h.shape[1])
   cos, sin = rope_tables(positions, rope_inv_freq(config))
   layer_ids = jnp.arange(config.n_layers)
 
@@ -500,7 +503,6 @@ def prefill_hidden(
   max_len = t if max_len is None else max_len
   if max_len < t:
     raise ValueError(f"max_len={max_len} must be >= the prompt length {t}")
-  config.check_seq_len(max_len)  # the cache's length: fail at prefill, not at a decode step
   positions = mask = None
   if start_B is not None:
     start_B = jnp.asarray(start_B, jnp.int32)
