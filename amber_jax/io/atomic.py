@@ -1,9 +1,10 @@
-"""Atomic writes: a temporary file in the same directory, then os.replace."""
+"""Atomic writes: a temporary file (or directory) in the same directory, then os.replace."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -38,3 +39,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
   write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def replace_directory(new: str | os.PathLike, path: str | os.PathLike) -> None:
+  """Renames the complete directory ``new`` (a sibling of ``path``) to ``path``, replacing
+  what is there. A directory cannot be os.replace'd onto a non-empty one, so the old one is
+  moved aside first, put back if the rename fails, and deleted only once the new one is in
+  place: a crash leaves the old or the new directory (perhaps plus a hidden leftover), never
+  none, and a reader never finds a half-written one."""
+  new, path = Path(new), Path(path)
+  if not (path.exists() or path.is_symlink()):
+    os.replace(new, path)
+    return
+  aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
+  try:
+    os.replace(path, aside / "previous")
+    try:
+      os.replace(new, path)
+    except BaseException:
+      os.replace(aside / "previous", path)
+      raise
+  finally:
+    shutil.rmtree(aside, ignore_errors=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from amber_jax.io.atomic import replace_directory
 from amber_jax.model.config import LlamaConfig, RopeScaling
 
 # Bump when the conversion changes (layout, permutation, dtype, config fields): old entries
@@ -121,7 +122,6 @@ def _write_entry(entry: Path, fingerprint, config, params) -> None:
 
   entry.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-tmp-"))
-  old = None
   try:
     ocp.PyTreeCheckpointer().save((tmp / "params").resolve(), params)
     meta = {
@@ -131,26 +131,10 @@ def _write_entry(entry: Path, fingerprint, config, params) -> None:
     }
     # meta.json last: an entry without it is never used.
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if entry.exists() or entry.is_symlink():
-      # A directory cannot be os.replace'd onto a non-empty one: move the old entry aside (only
-      # now that the new one is complete), rename the new one in, then drop the old one (as
-      # plan_checkpoint.save_plan). A reader meanwhile finds a complete entry or none (and
-      # converts); one whose reads straddle the swap fails the digest check and converts.
-      old = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-old-"))
-      os.replace(entry, old / "entry")
-      try:
-        os.replace(tmp, entry)
-      except BaseException:
-        os.replace(old / "entry", entry)
-        raise
-    else:
-      os.replace(tmp, entry)
+    replace_directory(tmp, entry)  # the old entry is deleted only once this one is in
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  finally:
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
 
 
 def load_cached(

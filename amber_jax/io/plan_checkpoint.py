@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from amber_jax.io.atomic import replace_directory
+
 # Bump when the layout of the directory or of plan_meta.json changes.
 PLAN_FORMAT_VERSION = 1
 META_NAME = "plan_meta.json"
@@ -122,7 +124,6 @@ def save_plan(path: str | os.PathLike, tree, *, metadata: dict) -> None:
 
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-tmp-"))
-  old = None
   try:
     if arrays:
       ocp.PyTreeCheckpointer().save((tmp / ARRAYS_NAME).resolve(), arrays)
@@ -131,24 +132,10 @@ def save_plan(path: str | os.PathLike, tree, *, metadata: dict) -> None:
       f.write(json.dumps(meta, indent=1) + "\n")
       f.flush()
       os.fsync(f.fileno())
-    if path.exists() or path.is_symlink():
-      # A directory cannot be os.replace'd onto a non-empty one: move the old one aside
-      # (only now that the new one is complete), rename the new one in, then drop the old.
-      old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
-      os.replace(path, old / "plan")
-      try:
-        os.replace(tmp, path)
-      except BaseException:
-        os.replace(old / "plan", path)
-        raise
-    else:
-      os.replace(tmp, path)
+    replace_directory(tmp, path)  # the old plan is deleted only once this one is in
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  finally:
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
 
 
 def read_plan_metadata(path: str | os.PathLike) -> dict:
