@@ -117,8 +117,7 @@ def quantize_per_channel(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def default_block_sizes(backend: str, m_tokens: int, k: int, n: int) -> BlockSizes:
   """Tuned-table entry, shrunk to small problems (Triton: powers of two; TPU: rows of 32,
-  columns of 128;
-  Mosaic GPU: rows of 64, warpgroup columns of 8 or 64, K of 128)."""
+  columns of 128; Mosaic GPU: rows of 64, warpgroup columns of 8 or 64, K of 128)."""
   base = lookup_block_sizes(TUNED_BLOCK_SIZES, backend, jnp.int8, k, n)
   if backend == MOSAIC_GPU:
     wg_n = min(base.block_n // 2, round_up(-(-n // 2), 8))
@@ -246,7 +245,7 @@ def _int8_matmul(x_q, w_q, x_scale, w_scale, *, out_dtype, block_sizes, interpre
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret", "w_layout"))
 def _int8_matmul_mgpu(x_q, w_q, x_scale, w_scale, *, out_dtype, block_sizes, interpret, w_layout):
   m_tokens, k = x_q.shape
-  n_out = w_q.shape[1] if w_layout == "kn" else w_q.shape[0]
+  (_, n_out), _ = _weight_layout(w_q, w_layout, op="int8_matmul")
   bs = block_sizes
   mp, kp, np_ = round_up(m_tokens, bs.block_m), round_up(k, bs.block_k), round_up(n_out, bs.block_n)
   w_shape = (kp, np_) if w_layout == "kn" else (np_, kp)
@@ -263,16 +262,24 @@ def _int8_matmul_mgpu(x_q, w_q, x_scale, w_scale, *, out_dtype, block_sizes, int
   return out[:m_tokens, :n_out]
 
 
-def _check_int8_inputs(x_q, w_q, x_scale, w_scale, out_dtype, *, op: str, w_layout="kn") -> None:
+def _weight_layout(w_q: jax.Array, w_layout: str, *, op: str) -> tuple[tuple[int, int], str]:
+  """((K, N) of ``w_q`` in ``w_layout``, or (-1, -1) when it is not 2-D; how to name it in
+  errors). ValueError for a bad layout."""
   if w_layout not in W_LAYOUTS:
     raise ValueError(f"{op}: w_layout must be one of {W_LAYOUTS}, got {w_layout!r}")
-  w_desc = "w_q [K, N]" if w_layout == "kn" else "w_q [N, K] (w_layout='nk')"
+  shape = tuple(w_q.shape) if w_q.ndim == 2 else (-1, -1)
+  if w_layout == "kn":
+    return shape, "w_q [K, N]"
+  return shape[::-1], "w_q [N, K] (w_layout='nk')"
+
+
+def _check_int8_inputs(x_q, w_q, x_scale, w_scale, out_dtype, *, op: str, w_layout="kn") -> None:
+  (w_k, n_out), w_desc = _weight_layout(w_q, w_layout, op=op)
   if x_q.ndim != 2 or w_q.ndim != 2:
     raise ValueError(f"{op}: x_q must be [tokens, K] and {w_desc}, got {x_q.shape=}, {w_q.shape=}")
   if x_q.dtype != jnp.int8 or w_q.dtype != jnp.int8:
     raise TypeError(f"{op}: x_q and w_q must be int8, got {x_q.dtype=}, {w_q.dtype=}")
   m_tokens, k = x_q.shape
-  w_k, n_out = w_q.shape if w_layout == "kn" else w_q.shape[::-1]
   if w_k != k:
     raise ValueError(f"{op}: x_q's K must equal that of {w_desc}, got {x_q.shape=}, {w_q.shape=}")
   if k > MAX_K:
@@ -317,7 +324,7 @@ def int8_matmul(
   _check_int8_inputs(x_q, w_q, x_scale, w_scale, out_dtype, op="int8_matmul", w_layout=w_layout)
   backend = resolve_backend(backend, interpret, op="int8_matmul", implemented=BACKENDS)
   k = x_q.shape[1]
-  n_out = w_q.shape[1] if w_layout == "kn" else w_q.shape[0]
+  (_, n_out), _ = _weight_layout(w_q, w_layout, op="int8_matmul")
   if block_sizes is None:
     block_sizes = default_block_sizes(backend, x_q.shape[0], k, n_out)
   _check_int8_block_sizes(block_sizes, backend, op="int8_matmul")
@@ -368,11 +375,8 @@ def _check_nm_int8_inputs(
   x, w_q, w_scale, factors, pattern: NMPattern, *, op: str, w_layout: str = "kn"
 ) -> None:
   _check_float(x, "x", op)
-  if w_layout not in W_LAYOUTS:
-    raise ValueError(f"{op}: w_layout must be one of {W_LAYOUTS}, got {w_layout!r}")
-  k_axis = 0 if w_layout == "kn" else 1
-  if w_q.ndim != 2 or x.shape[1] != w_q.shape[k_axis]:
-    w_desc = "w_q [K, N]" if w_layout == "kn" else "w_q [N, K] (w_layout='nk')"
+  (w_k, _), w_desc = _weight_layout(w_q, w_layout, op=op)
+  if w_q.ndim != 2 or x.shape[1] != w_k:
     raise ValueError(f"{op}: x must be [tokens, K] and {w_desc}, got {x.shape=}, {w_q.shape=}")
   pattern.check_width(x.shape[1], where="x.shape[1] (K)")
   if factors is not None and factors.shape != (x.shape[1],):

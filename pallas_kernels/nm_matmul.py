@@ -77,7 +77,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import sparsify
+from amber_jax.sparsity import selection_comparators, sparsify
 
 TRITON = "triton"
 MOSAIC_TPU = "mosaic_tpu"
@@ -316,11 +316,10 @@ def check_block_sizes(bs: BlockSizes, backend: str, dtype, *, m: int = 1, op: st
 
 
 def tile_scores(x: jax.Array, factors: jax.Array | None) -> jax.Array:
-  """Same float32 ops as ``amber_jax.sparsity.nm_scores``: |x| (* factors, an inf activation
-  staying +inf), NaN -> +inf."""
+  """Same float32 ops as ``amber_jax.sparsity.nm_scores``: |x| (* factors), NaN -> +inf."""
   s = jnp.abs(x.astype(jnp.float32))
   if factors is not None:
-    s = jnp.where(s == jnp.inf, s, s * factors)
+    s = s * factors
   return jnp.where(jnp.isnan(s), jnp.inf, s)
 
 
@@ -336,19 +335,6 @@ def keep_by_pairwise_rank(scores: list[jax.Array], n: int) -> list[jax.Array]:
       ranks[q] = ranks[q] + p_beats_q
       ranks[p] = ranks[p] + (1 - p_beats_q)
   return [r < n for r in ranks]
-
-
-def selection_comparators(m: int, n: int) -> list[tuple[int, int]]:
-  """Comparators of Batcher's sorting network for ``m`` (a power of 2) wires, descending,
-  pruned to those that can reach output ``n - 1`` (the N-th largest)."""
-  from amber_jax.sparsity import batcher_pairs
-
-  needed, kept = {n - 1}, []
-  for a, b in reversed(batcher_pairs(m)):
-    if a in needed or b in needed:
-      needed |= {a, b}
-      kept.append((a, b))
-  return kept[::-1]
 
 
 def keep_by_threshold(scores: list[jax.Array], n: int) -> list[jax.Array]:

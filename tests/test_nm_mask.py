@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import sparsify
+from amber_jax.sparsity import selection_comparators, sparsify
 from pallas_kernels.nm_mask import (
   MaskBlockSizes,
   check_mask_block_sizes,
@@ -25,7 +25,6 @@ from pallas_kernels.nm_mask import (
 from pallas_kernels.nm_matmul import (
   keep_from_group_slices,
   nm_matmul_reference,
-  selection_comparators,
   tile_scores,
 )
 

@@ -580,9 +580,10 @@ def decode_step(
   # Decode never sparsifies (sparse=False); W8A8 weights stay int8.
   h, (k, v) = _run_layers(config, params, plan, h, positions, mask, cache, sparse=False)
   new_cache = KVCache(k=k, v=v, length=cache.length + t, start=cache.start)
-  logits = _logits(config, params, h)
-  overflow = cache.length + t > s_max  # only reachable with a traced length (see above)
-  return jnp.where(overflow, jnp.nan, logits), new_cache
+  # Only reachable with a traced length (see above). Poisoned before the LM head: [B, T, D]
+  # is far smaller than the logits, and the NaN reaches every logit through it.
+  h = jnp.where(cache.length + t > s_max, jnp.nan, h)
+  return _logits(config, params, h), new_cache
 
 
 def dense_pass_records(params, tokens_BxT, *, config: LlamaConfig, dtype, site_xs, record):
