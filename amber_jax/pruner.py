@@ -26,6 +26,7 @@ from amber_jax.policy import (
   check_coverage_target,
   check_policy,
   check_skip_layers,
+  max_skips_for_coverage,
   measure_sensitivity,
   policy_sites,
   select_dense_sites,
@@ -92,11 +93,14 @@ class AmberConfig:
       raise ValueError(f"correction={self.correction!r} needs impl='xla', got impl={self.impl!r}")
 
   def validate_for(self, config: LlamaConfig) -> None:
-    """Model-dependent checks (skip layers in range, M divides widths), before loading weights."""
+    """Model-dependent checks (skip layers in range, M divides widths, the auto policy's
+    coverage target reachable under the paper's rules), before loading weights."""
     check_skip_layers(config, self.skip_layers)
     if self.pattern is not None:
       policy = {"auto": "paper", "search": "all"}.get(self.policy, self.policy)
       make_plan(config, self.pattern, sites=policy_sites(config, policy, self.skip_layers))
+      if self.policy == "auto":
+        max_skips_for_coverage(config, self.coverage)  # raises if the target is unreachable
 
   @property
   def needs_calibration(self) -> bool:

@@ -65,6 +65,28 @@ def check_quant_options(smooth: str, alpha: float, act_mode: str, order: str) ->
     raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
 
 
+def check_float_sites(
+  float_sites: Iterable[tuple[int, str]], config: LlamaConfig | None = None
+) -> tuple[tuple[int, str], ...]:
+  """``float_sites`` as a tuple if every entry is a (layer, projection) pair with a known
+  projection (and, given ``config``, a layer of that model); else ValueError naming the entry
+  and what is valid. Callable before the model loads (without ``config``)."""
+  sites = tuple(float_sites)
+  for site in sites:
+    layer, proj = site if isinstance(site, tuple) and len(site) == 2 else (None, None)
+    if (
+      proj not in PROJECTIONS or isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
+    ):
+      raise ValueError(
+        f"float_sites entry {site!r} is not a (layer, projection) pair with projection one "
+        f"of {', '.join(PROJECTIONS)}"
+      )
+    if layer < 0 or (config is not None and layer >= config.n_layers):
+      valid = "layer >= 0" if config is None else f"layers 0..{config.n_layers - 1}"
+      raise ValueError(f"float_sites entry {proj}:{layer} is out of range: valid {valid}")
+  return sites
+
+
 def build_quant_state(
   params,
   config: LlamaConfig,
@@ -81,10 +103,7 @@ def build_quant_state(
   alpha = DEFAULT_ALPHA.get(smooth, 0.5) if alpha is None else alpha
   check_quant_options(smooth, alpha, act_mode, order)
   n_layers = config.n_layers
-  float_set = set(float_sites)
-  for layer, proj in float_set:
-    if proj not in PROJECTIONS or not 0 <= layer < n_layers:
-      raise ValueError(f"float site ({layer}, {proj!r}) is not a (layer, projection) of this model")
+  float_set = set(check_float_sites(float_sites, config))
   w = {p: np.asarray(params["layers"][p]["w"], np.float32) for p in PROJECTIONS}
   s = {}
   for group in (*GROUPS.values(), ("o",), ("down",)):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
+import sys
 from pathlib import Path
 
 # The --cache_dir flags' help: where default_cache_dir looks.
@@ -54,3 +56,47 @@ def define_impl_flag():
     "(faster than the measured kernels on an H200; see BENCHMARKS.md). Results do not "
     "depend on it.",
   )
+
+
+class _PlainFormatter(std_logging.Formatter):
+  """'warning: message': a warning that matters to the user is one plain line."""
+
+  def format(self, record):
+    return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def quiet_logging() -> None:
+  """Library logs (absl, orbax, JAX's backend probe) at WARNING and above only, each as one
+  plain line, unless ``--verbosity``/``-v`` was given (then absl's full format and level)."""
+  from absl import flags
+  from absl import logging as absl_logging
+
+  if flags.FLAGS["verbosity"].present:
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logging.get_absl_handler().setFormatter(_PlainFormatter())
+
+
+def run(main) -> None:
+  """``app.run(main)`` with the experiments' conventions: quiet logs (``quiet_logging``), and
+  bad input (a ValueError, an OSError such as an unreadable file, a failed registry fetch)
+  reported as one line ``error: ...`` with exit status 1 instead of a traceback."""
+  from absl import app
+
+  from amber_jax.io.registry import RegistryFetchError
+
+  def main_with_conventions(argv):
+    quiet_logging()
+    try:
+      return main(argv)
+    except (ValueError, OSError, RegistryFetchError) as e:
+      sys.exit(f"error: {_one_line(e)}")
+
+  app.run(main_with_conventions)
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip() or type(error).__name__
+  if isinstance(error, OSError) and error.filename is not None and error.strerror:
+    text = f"{error.strerror}: {error.filename!r}"
+  return " ".join(text.split())

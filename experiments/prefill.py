@@ -28,20 +28,26 @@ o-projection's N:M groups mixing attention heads (about 5 minutes of calibration
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag, run  # noqa: E402
 
-from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
 from amber_jax.policy import POLICIES, parse_layer_list  # noqa: E402
 from amber_jax.runs.common import DTYPES  # noqa: E402
-from amber_jax.runs.prefill import PrefillRunConfig, format_table, run_prefill  # noqa: E402
+from amber_jax.runs.prefill import (  # noqa: E402
+  PrefillRunConfig,
+  format_table,
+  parse_float_sites,
+  run_prefill,
+)
 from amber_jax.scores import SCORES  # noqa: E402
 
 _MODEL = flags.DEFINE_string(
@@ -50,8 +56,22 @@ _MODEL = flags.DEFINE_string(
 _PATTERN = flags.DEFINE_string(
   "pattern", "8:16", "'dense' or N:M with 1 <= N < M (e.g. 2:4, 8:16)."
 )
-_SCORE = flags.DEFINE_enum("score", "naive", list(SCORES), "Selection score: |x|, |x|*f, robust f.")
-_POLICY = flags.DEFINE_enum("policy", "all", list(POLICIES), "Which projections are sparsified.")
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(PrefillRunConfig)}
+_SCORE = flags.DEFINE_enum(
+  "score", _DEFAULT["score"], list(SCORES), "Selection score: |x|, |x|*f, robust f."
+)
+_POLICY = flags.DEFINE_enum(
+  "policy",
+  _DEFAULT["policy"],
+  list(POLICIES),
+  "Which projections are sparsified: all, the paper's rule (with --skip_layers), the paper's "
+  "rule with q/gate skip layers chosen automatically (auto), or sites chosen by KL (search).",
+)
+_NAIVE_BASELINE = flags.DEFINE_bool(
+  "naive_baseline",
+  _DEFAULT["naive_baseline"],
+  "Also evaluate the naive top-k baseline (|x| at every site) next to the chosen plan.",
+)
 _SKIP_LAYERS = flags.DEFINE_string(
   "skip_layers", "", "Comma-separated layers whose q/gate stay dense (policy all or paper)."
 )
@@ -126,52 +146,41 @@ _CACHE_DIR = flags.DEFINE_string(
 )
 
 
-def parse_sites(items: list[str]) -> tuple[tuple[int, str], ...]:
-  """["down:29", "o:0"] -> ((29, "down"), (0, "o"))."""
-  sites = []
-  for item in items:
-    proj, _, layer = item.partition(":")
-    if not layer.strip().isdigit():
-      sys.exit(f"error: --float_sites entries look like proj:layer (e.g. down:29), got {item!r}")
-    sites.append((int(layer), proj.strip()))
-  return tuple(sites)
-
-
 def main(argv):
   del argv
-  try:
-    cfg = PrefillRunConfig(
-      model=_MODEL.value,
-      pattern=_PATTERN.value,
-      score=_SCORE.value,
-      policy=_POLICY.value,
-      skip_layers=parse_layer_list(_SKIP_LAYERS.value),
-      coverage=_COVERAGE.value,
-      calib_windows=_CALIB_WINDOWS.value,
-      robust_clip=not _ROBUST_KEEP.value,
-      gen_prompts=_GEN_PROMPTS.value,
-      impl=_IMPL.value,
-      granularity=_GRANULARITY.value,
-      o_order=_O_ORDER.value,
-      quant=_QUANT.value,
-      smooth=_SMOOTH.value,
-      alpha=_ALPHA.value,
-      act_scale=_ACT_SCALE.value,
-      order=_ORDER.value,
-      float_sites=parse_sites(_FLOAT_SITES.value),
-      float_sites_auto=_FLOAT_SITES_AUTO.value,
-      save_plan=_SAVE_PLAN.value or "",
-      load_plan=_LOAD_PLAN.value or "",
-      seq_len=_SEQ_LEN.value,
-      num_windows=_NUM_WINDOWS.value,
-      batch_size=_BATCH_SIZE.value,
-      dtype=_DTYPE.value,
-      text=_TEXT_FILE.value or "lee_background",
-      cache_dir=_CACHE_DIR.value or default_cache_dir(),
-    )
-    result = run_prefill(cfg)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
+  cfg = PrefillRunConfig(
+    model=_MODEL.value,
+    pattern=_PATTERN.value,
+    score=_SCORE.value,
+    policy=_POLICY.value,
+    skip_layers=parse_layer_list(_SKIP_LAYERS.value),
+    coverage=_COVERAGE.value,
+    calib_windows=_CALIB_WINDOWS.value,
+    robust_clip=not _ROBUST_KEEP.value,
+    gen_prompts=_GEN_PROMPTS.value,
+    naive_baseline=_NAIVE_BASELINE.value,
+    impl=_IMPL.value,
+    granularity=_GRANULARITY.value,
+    o_order=_O_ORDER.value,
+    quant=_QUANT.value,
+    smooth=_SMOOTH.value,
+    alpha=_ALPHA.value,
+    act_scale=_ACT_SCALE.value,
+    order=_ORDER.value,
+    float_sites=parse_float_sites(_FLOAT_SITES.value),
+    float_sites_auto=_FLOAT_SITES_AUTO.value,
+    save_plan=_SAVE_PLAN.value or "",
+    load_plan=_LOAD_PLAN.value or "",
+    seq_len=_SEQ_LEN.value,
+    num_windows=_NUM_WINDOWS.value,
+    batch_size=_BATCH_SIZE.value,
+    dtype=_DTYPE.value,
+    text=_TEXT_FILE.value or "lee_background",
+    cache_dir=_CACHE_DIR.value or default_cache_dir(),
+  )
+  result = run_prefill(cfg)
   print(format_table(result))
   if _OUTPUT.value:
     write_json_atomic(_OUTPUT.value, result)
@@ -179,4 +188,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -44,12 +44,18 @@ DEFAULT_TEXT = "lee_background"
 def read_text_file(path: str | os.PathLike) -> str:
   """Reads a UTF-8 text file; raises ValueError naming the file when it cannot be read."""
   path = Path(path)
+  if path.is_dir():
+    raise ValueError(f"text_file {os.fspath(path)!r} is a directory; give a UTF-8 text file")
   if not path.is_file():
-    raise ValueError(f"text_file {os.fspath(path)!r} does not exist")
+    raise ValueError(
+      f"text_file {os.fspath(path)!r} does not exist (known texts: {', '.join(KNOWN_TEXTS)})"
+    )
   try:
     return path.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
     raise ValueError(f"text_file {os.fspath(path)!r} is not valid UTF-8: {e}") from e
+  except OSError as e:
+    raise ValueError(f"text_file {os.fspath(path)!r} cannot be read: {e.strerror}") from e
 
 
 def load_text(name_or_path: str, cache_dir: str | os.PathLike, *, log=print) -> str:

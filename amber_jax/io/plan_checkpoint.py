@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from amber_jax.io.atomic import replace_directory
+from amber_jax.io.atomic import check_output_directory, replace_directory
 
 # Bump when the layout of the directory or of plan_meta.json changes.
 PLAN_FORMAT_VERSION = 1
@@ -81,7 +81,8 @@ def save_plan(path: str | os.PathLike, tree, *, metadata: dict) -> None:
   """Writes ``tree`` (a pytree of arrays) and ``metadata`` to the directory ``path``.
 
   Args:
-    path: the checkpoint directory; an existing one is replaced once the new one is complete.
+    path: the checkpoint directory; an existing checkpoint is replaced once the new one is
+      complete. Any other existing path is refused (ValueError): it would be deleted.
     tree: a pytree (dicts, lists, tuples, dataclass pytrees, ...) of arrays; leaves are
       stored as numpy arrays with their dtype and shape unchanged.
     metadata: JSON-serializable dict (model name/fingerprint, config, pattern, quant
@@ -89,11 +90,12 @@ def save_plan(path: str | os.PathLike, tree, *, metadata: dict) -> None:
 
   Raises:
     TypeError: if ``metadata`` is not JSON-serializable or a key of the tree is not supported.
-    ValueError: if the tree has no leaves.
+    ValueError: if the tree has no leaves, or ``path`` exists and is not a plan checkpoint.
   """
   import orbax.checkpoint as ocp
 
   path = Path(path)
+  check_output_directory(path, arg="plan checkpoint path", marker=META_NAME)
   if not isinstance(metadata, dict):
     raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
   metadata = _json_normal(metadata)  # Fails here (TypeError) before anything is written.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 import platform
 from importlib import metadata
 
@@ -36,6 +38,29 @@ def check_model_options(dtype: str, cache_dir: str) -> None:
   check_dtype(dtype)
   if not cache_dir:
     raise ValueError("cache_dir must be given (where the model and text are cached)")
+  check_cache_dir(cache_dir)
+
+
+def check_cache_dir(cache_dir: str) -> None:
+  """ValueError naming ``cache_dir`` if it (or its nearest existing ancestor) is not a
+  directory this process can write into; a missing one is created on first use."""
+  path = pathlib.Path(cache_dir)
+  existing = path if path.exists() else next((p for p in path.parents if p.exists()), None)
+  if existing is not None and not existing.is_dir():
+    raise ValueError(f"cache_dir {cache_dir!r} is not a directory ({str(existing)!r} is a file)")
+  if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(
+      f"cache_dir {cache_dir!r} is not writable (no permission in {str(existing)!r})"
+    )
+
+
+def check_seq_len_for(config: LlamaConfig, seq_len: int) -> None:
+  """ValueError naming ``seq_len`` if a window of that many positions exceeds the model's
+  context (max_seq_len, or a shorter sliding window)."""
+  if not 1 <= seq_len <= config.seq_len_limit:
+    raise ValueError(
+      f"seq_len must be in 1..{config.seq_len_limit} (the model's context), got {seq_len}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +86,14 @@ def prepare_eval(
   show_progress: bool = True,
   log=print,
 ) -> EvalSetup:
-  """Resolves the model, runs ``validate(config)`` (before any weights are loaded), tokenizes
-  the text into evaluation then calibration windows, and loads the params."""
+  """Resolves the model, checks ``seq_len`` against its context and runs
+  ``validate(config)`` (both before any weights are loaded), tokenizes the text into
+  evaluation then calibration windows, and loads the params."""
   source = resolve_model(model, cache_dir, log=log)
+  model_config = read_config(source)
+  check_seq_len_for(model_config, seq_len)
   if validate is not None:
-    validate(read_config(source))
+    validate(model_config)
   tokenizer = load_tokenizer(source)
   ids = np.asarray(tokenizer.encode(load_text(text, cache_dir, log=log)).ids, np.int32)
   windows = make_windows(ids, seq_len, num_windows + calib_windows)

@@ -1,4 +1,9 @@
-"""The main job: perplexity and prefill throughput, dense vs an N:M plan, side by side."""
+"""The main job: perplexity and prefill throughput, dense vs an N:M plan, side by side.
+
+By default the plan is Amber Pruner's (robust score, the paper's q/gate/down rule, q/gate kept
+dense in the most sensitive layers chosen automatically so that coverage stays >= 0.55), and
+the naive top-k baseline (|x| at every site) is evaluated next to it on the same windows.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.generation import generation_agreement
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.impl import check_impl
+from amber_jax.io.atomic import check_output_directory
+from amber_jax.io.plan_checkpoint import META_NAME as PLAN_META_NAME
 from amber_jax.io.sources import DEFAULT_MODEL
+from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.plan import make_plan
 from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
@@ -21,6 +29,7 @@ from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.quant_plan import (
   DEFAULT_ALPHA,
   build_quant_state,
+  check_float_sites,
   check_quant_options,
   smoothed_score_factors,
 )
@@ -39,8 +48,10 @@ class PrefillRunConfig:
 
   model: str = DEFAULT_MODEL
   pattern: str = "8:16"
-  score: str = "naive"
-  policy: str = "all"
+  # The defaults are the method the project is named after (Amber Pruner); the naive
+  # baseline row below shows what it improves on.
+  score: str = "robust"
+  policy: str = "auto"
   skip_layers: tuple[int, ...] = ()
   coverage: float = 0.55
   robust_clip: bool = True
@@ -63,6 +74,9 @@ class PrefillRunConfig:
   dtype: str = "float32"
   text: str = DEFAULT_TEXT  # a known text name or a path to a UTF-8 file
   gen_prompts: int = 4  # prompts for the generation-agreement check (0 disables it)
+  # Also evaluate the naive top-k baseline (score |x| at every site of every layer) when the
+  # plan is N:M and not itself that baseline.
+  naive_baseline: bool = True
   gen_prompt_len: int = 64
   gen_tokens: int = 32
   cache_dir: str = ""
@@ -86,8 +100,19 @@ class PrefillRunConfig:
       raise ValueError(f"float_sites_auto must be >= 0, got {self.float_sites_auto}")
     if self.quant == "w8a8" and self.calib_windows < 1:
       raise ValueError("quant=w8a8 needs calib_windows >= 1 (activation statistics)")
+    check_float_sites(self.float_sites)
+    if self.quant != "w8a8":
+      # W8A8 options without W8A8 would be silently ignored.
+      defaults = {f.name: f.default for f in dataclasses.fields(self)}
+      given = [n for n in self._W8A8_OPTIONS if getattr(self, n) != defaults[n]]
+      if given:
+        raise ValueError(f"{', '.join(given)} only apply with quant=w8a8 (quant={self.quant!r})")
+    if self.save_plan:
+      check_output_directory(self.save_plan, arg="save_plan", marker=PLAN_META_NAME)
     if self.load_plan:
       self._check_nothing_a_loaded_plan_fixes()
+
+  _W8A8_OPTIONS = ("smooth", "alpha", "act_scale", "order", "float_sites", "float_sites_auto")
 
   # Options a restored plan fixes (it was calibrated with them): giving one with load_plan
   # would be silently ignored, so it is an error. (impl stays free: it changes speed only.)
@@ -119,6 +144,24 @@ class PrefillRunConfig:
     )
 
 
+def parse_float_sites(items) -> tuple[tuple[int, str], ...]:
+  """["down:29", "o:0"] (the --float_sites flag) -> ((29, "down"), (0, "o")); ValueError
+  naming the flag for an entry that is not proj:layer with a known projection."""
+  sites = []
+  for item in items:
+    proj, _, layer = str(item).partition(":")
+    if not layer.strip().isdigit():
+      raise ValueError(
+        f"--float_sites entries look like proj:layer (e.g. down:29,o:0), got {item!r}"
+      )
+    if proj.strip() not in PROJECTIONS:
+      raise ValueError(
+        f"--float_sites entry {item!r}: the projection must be one of {', '.join(PROJECTIONS)}"
+      )
+    sites.append((int(layer), proj.strip()))
+  return tuple(sites)
+
+
 def _result_row(r, **extra) -> dict:
   return {
     "perplexity": r.perplexity,
@@ -142,6 +185,41 @@ def _plan_identity(cfg: PrefillRunConfig, model_config) -> dict:
     "pattern": "dense" if pattern is None else str(pattern),
     "quant": cfg.quant,
   }
+
+
+def _wants_naive_baseline(cfg: PrefillRunConfig, amber: AmberConfig) -> bool:
+  """Whether the naive baseline row is evaluated: asked for, an N:M pattern, and a plan that
+  is not itself the baseline (a loaded plan's choices are not known here: always compared)."""
+  if not cfg.naive_baseline or amber.pattern is None:
+    return False
+  if cfg.load_plan:
+    return True
+  is_baseline = (
+    amber.score == "naive"
+    and amber.policy == "all"
+    and not amber.skip_layers
+    and amber.o_order == "heads"
+    and cfg.quant == "none"
+  )
+  return not is_baseline
+
+
+def _naive_baseline_row(setup, amber: AmberConfig, common: dict) -> dict:
+  """The naive top-k baseline: score |x| on the input of every linear of every layer."""
+  plan = make_plan(setup.config, amber.pattern, impl=amber.impl)
+  row = perplexity(
+    setup.params, setup.eval_windows, plan=plan, desc=f"naive {amber.pattern}", **common
+  )
+  cov = plan_coverage(setup.config, plan)
+  return _result_row(
+    row,
+    pattern=str(amber.pattern),
+    policy="all",
+    score="naive",
+    impl=plan.impl,
+    coverage=cov.covered,
+    removed=cov.removed,
+  )
 
 
 def _run_loaded_plan(cfg, setup, plan, result, common, prompts) -> dict:
@@ -186,6 +264,14 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
 
   def validate(model_config):
     amber.validate_for(model_config)
+    check_float_sites(cfg.float_sites, model_config)
+    if cfg.gen_prompts and amber.pattern is not None:
+      try:
+        model_config.check_seq_len(cfg.gen_prompt_len + cfg.gen_tokens)
+      except ValueError as e:
+        raise ValueError(
+          f"generation prompts of {cfg.gen_prompt_len} + {cfg.gen_tokens}: {e}"
+        ) from None
     if cfg.load_plan:  # checked against this model and pattern before any weights load
       loaded["plan"], loaded["meta"] = load_sparsity_plan(
         cfg.load_plan, expect=_plan_identity(cfg, model_config), config=model_config
@@ -218,6 +304,8 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
 
   dense = perplexity(params, setup.eval_windows, plan=None, desc="dense", **common)
   result = {"dense": _result_row(dense), "coverage": 0.0, "removed": 0.0, "skip_layers": []}
+  if _wants_naive_baseline(cfg, amber):
+    result["naive"] = _naive_baseline_row(setup, amber, common)
   quant_state = smoothed = None
   if loaded:
     return _run_loaded_plan(cfg, setup, loaded["plan"], result, common, prompts)
@@ -330,14 +418,33 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
   return result
 
 
+# What a (policy, score) pair is called in the table, where it has a name in the paper.
+_METHOD_NAMES = {
+  ("all", "naive"): "naive top-k",
+  ("auto", "robust"): "Amber Pruner",
+  ("paper", "robust"): "Amber Pruner",
+}
+
+
+def _run_name(row: dict) -> str:
+  """'8:16 auto/robust (Amber Pruner)': pattern, policy/score, and the method's name if any."""
+  name = f"{row['pattern']} {row['policy']}/{row['score']}"
+  method = _METHOD_NAMES.get((row["policy"], row["score"]))
+  return f"{name} ({method})" if method else name
+
+
 def format_table(result: dict) -> str:
   """The side-by-side table printed by experiments/prefill.py."""
   rows = [("dense", result["dense"], "0.0%")]
+  if "naive" in result:
+    rows.append(
+      (_run_name(result["naive"]), result["naive"], f"{100 * result['naive']['coverage']:.1f}%")
+    )
   if "quant" in result:
     rows.append((f"w8a8 {result['quant']['smooth']}", result["quant"], "0.0%"))
   if "sparse" in result:
     s = result["sparse"]
-    name = f"{s['pattern']} {s['policy']}/{s['score']}"
+    name = _run_name(s)
     if s.get("o_order", "heads") != "heads":
       name += f", o {s['o_order']}"
     if s.get("quant", "none") != "none":
@@ -358,6 +465,8 @@ def format_table(result: dict) -> str:
       f"coverage: {100 * result['coverage']:.1f}% of linear multiply-adds sparsified, "
       f"{100 * result['removed']:.1f}% removed (x (1 - N/M)); LM head excluded"
     )
+    if result.get("plan_seconds") is not None:
+      lines.append(f"plan built in {result['plan_seconds']:.1f} s (scores, calibration, search)")
     if result["sparse"]["policy"] == "search":
       counts = ", ".join(f"{p} {n}" for p, n in result["sparse_sites"].items())
       lines.append(f"layers sparse per projection: {counts}")

@@ -1,0 +1,122 @@
+"""Bad input to the experiments is refused before work starts, as one line.
+
+Each row runs a script as a user would (a subprocess) with one bad argument and checks: exit
+status 1; stderr is exactly one line, ``error: ...``, that contains the expected text (the
+argument and what is valid); no traceback; no weights were converted or loaded (the param
+cache stays empty); nothing was written next to the inputs. Model-dependent checks use the
+tiny HF fixture model (2 layers, d_model 64, context 1024), so no download happens.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "hf" / "tiny-llama"
+TINY = f"--model={FIXTURE}"
+
+# (script, arguments, text the one-line error must contain). In arguments, {tmp} is the
+# test's temporary directory, {text} a readable text file in it, {file} a plain file in it,
+# {bad_utf8} a file that is not UTF-8, {plan} a directory that is not a saved plan, {bad_gguf}
+# a corrupt GGUF file.
+CASES = [
+  # prefill.py: numbers out of range
+  ("prefill.py", ["--pattern=3:2"], "pattern N must satisfy 1 <= N < M, got 3:2"),
+  ("prefill.py", ["--pattern=0:4"], "pattern N must satisfy 1 <= N < M"),
+  ("prefill.py", ["--pattern=8"], "pattern must look like 'N:M'"),
+  ("prefill.py", ["--seq_len=0"], "seq_len must be >= 1"),
+  ("prefill.py", ["--num_windows=0"], "num_windows must be >= 1"),
+  ("prefill.py", ["--batch_size=0"], "batch_size must be >= 1"),
+  ("prefill.py", ["--calib_windows=-1"], "calib_windows must be >= 0"),
+  ("prefill.py", ["--calib_windows=0"], "policy=auto needs calib_windows >= 1"),
+  ("prefill.py", ["--gen_prompts=-1"], "gen_prompts must be >= 0"),
+  ("prefill.py", ["--coverage=0"], "coverage must be in"),
+  ("prefill.py", ["--coverage=1.5"], "coverage must be in"),
+  ("prefill.py", ["--coverage=nan"], "coverage must be in"),
+  ("prefill.py", ["--quant=w8a8", "--alpha=1.5"], "alpha must be in [0, 1], got 1.5"),
+  ("prefill.py", ["--quant=w8a8", "--float_sites_auto=-1"], "float_sites_auto must be >= 0"),
+  # unknown names and malformed lists
+  ("prefill.py", ["--skip_layers=a,b", "--policy=paper"], "skip_layers must be comma-separated"),
+  ("prefill.py", ["--skip_layers=1", "--policy=auto"], "skip_layers cannot be given"),
+  ("prefill.py", ["--quant=w8a8", "--float_sites=down"], "--float_sites entries look like"),
+  ("prefill.py", ["--quant=w8a8", "--float_sites=foo:3"], "projection must be one of q, k"),
+  ("prefill.py", ["--float_sites=down:3"], "only apply with quant=w8a8"),
+  ("prefill.py", ["--smooth=outstanding"], "only apply with quant=w8a8"),
+  ("prefill.py", ["--model=no-such-model"], "neither a known name"),
+  ("prefill.py", ["--model={file}"], "a model file must be a .gguf file"),
+  ("prefill.py", ["--model={bad_gguf}"], "(corrupt or truncated?)"),
+  # model-dependent checks, before the weights load
+  ("prefill.py", [TINY, "--seq_len=5000"], "seq_len must be in 1..1024 (the model's context)"),
+  ("prefill.py", [TINY, "--pattern=8:24"], "M=24 must divide"),
+  ("prefill.py", [TINY, "--policy=paper", "--skip_layers=7"], "skip layer 7 is out of range"),
+  ("prefill.py", [TINY, "--coverage=0.9"], "coverage target 0.900 is unreachable"),
+  ("prefill.py", [TINY, "--quant=w8a8", "--float_sites=down:5"], "valid layers 0..1"),
+  # unreadable text
+  ("prefill.py", [TINY, "--text_file={tmp}/missing.txt"], "does not exist (known texts:"),
+  ("prefill.py", [TINY, "--text_file={tmp}"], "is a directory"),
+  ("prefill.py", [TINY, "--text_file={bad_utf8}"], "is not valid UTF-8"),
+  ("prefill.py", [TINY, "--text_file={text}"], "text too short"),
+  # corrupt plan files
+  ("prefill.py", [TINY, "--load_plan={tmp}/no-plan"], "no-plan does not exist"),
+  ("prefill.py", [TINY, "--load_plan={plan}"], "has no plan_meta.json"),
+  ("prefill.py", [TINY, "--load_plan={plan}", "--score=weight"], "load_plan restores"),
+  # output paths that cannot be written
+  ("prefill.py", ["--output={tmp}"], "is a directory; give a file path"),
+  ("prefill.py", ["--output={file}/out.json"], "is a file"),
+  ("prefill.py", ["--save_plan={plan}"], "exists and is a directory that is not one"),
+  ("prefill.py", ["--save_plan={file}"], "exists and is a file"),
+  ("prefill.py", ["--cache_dir={file}"], "is not a directory"),
+]
+
+
+def _ids(case):
+  script, args, _ = case
+  return f"{script} " + " ".join(a.replace(TINY, "tiny") for a in args)
+
+
+def _uses_cache_dir(script: str) -> bool:
+  return '"cache_dir"' in (ROOT / "experiments" / script).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_bad_input_is_one_clear_line_before_any_work(case, tmp_path):
+  script, args, match = case
+  (tmp_path / "short.txt").write_text("Only a few words here.", encoding="utf-8")
+  (tmp_path / "file").write_text("not a directory", encoding="utf-8")
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 100)
+  (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+  (tmp_path / "not-a-plan").mkdir()
+  (tmp_path / "not-a-plan" / "keep.txt").write_text("a user's file", encoding="utf-8")
+  before = sorted(tmp_path.rglob("*"))
+  values = dict(
+    tmp=tmp_path,
+    text=tmp_path / "short.txt",
+    file=tmp_path / "file",
+    bad_utf8=tmp_path / "latin1.txt",
+    plan=tmp_path / "not-a-plan",
+    bad_gguf=tmp_path / "bad.gguf",
+  )
+  argv = [a.format(**values) for a in args]
+  cache = tmp_path / "cache"
+  if _uses_cache_dir(script) and not any(a.startswith("--cache_dir=") for a in argv):
+    argv.append(f"--cache_dir={cache}")
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "experiments" / script), *argv],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=tmp_path,
+  )
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+  assert match in lines[0], lines[0]
+  assert not (cache / "params").exists(), "weights were converted before the error"
+  after = sorted(p for p in tmp_path.rglob("*") if cache not in (p, *p.parents))
+  assert after == before, "something was written"
+  assert (tmp_path / "not-a-plan" / "keep.txt").is_file()
