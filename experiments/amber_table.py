@@ -14,20 +14,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import default_cache_dir, run  # noqa: E402
 
-from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
 from amber_jax.runs.amber_table import (  # noqa: E402
   AmberTableConfig,
   amber_table_markdown,
   run_amber_table,
 )
+from amber_jax.runs.checks import check_markdown_file  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERNS = flags.DEFINE_list("patterns", ["2:4", "4:8", "8:16"], "N:M patterns.")
@@ -44,19 +45,20 @@ _CACHE_DIR = flags.DEFINE_string(
 
 def main(argv):
   del argv
-  try:
-    cfg = AmberTableConfig(
-      model=_MODEL.value,
-      patterns=tuple(_PATTERNS.value),
-      scores=tuple(_SCORES.value),
-      policies=tuple(_POLICIES.value),
-      coverage=_COVERAGE.value,
-      num_windows=_NUM_WINDOWS.value,
-      cache_dir=_CACHE_DIR.value or default_cache_dir(),
-    )
-    result = run_amber_table(cfg)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  if _RESULTS.value:
+    check_markdown_file(_RESULTS.value, arg="--results")
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
+  cfg = AmberTableConfig(
+    model=_MODEL.value,
+    patterns=tuple(_PATTERNS.value),
+    scores=tuple(_SCORES.value),
+    policies=tuple(_POLICIES.value),
+    coverage=_COVERAGE.value,
+    num_windows=_NUM_WINDOWS.value,
+    cache_dir=_CACHE_DIR.value or default_cache_dir(),
+  )
+  result = run_amber_table(cfg)
   command = "python experiments/amber_table.py" + "".join(
     f" {a}" for a in sys.argv[1:] if not a.startswith(("--cache_dir", "--output"))
   )
@@ -69,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

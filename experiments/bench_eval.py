@@ -24,12 +24,18 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
+from _common import (  # noqa: E402
+  CACHE_DIR_DEFAULT,
+  cpu_model_name,
+  default_cache_dir,
+  run,
+  usable_cpus,
+)
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _TASKS = flags.DEFINE_list(
@@ -62,20 +68,27 @@ def main(argv):
   from amber_jax.eval.multiple_choice import evaluate_task
   from amber_jax.io.loading import load_model, load_tokenizer
   from amber_jax.io.sources import resolve_model
+  from amber_jax.runs.checks import check_at_least, check_nonempty
+  from amber_jax.runs.common import check_cache_dir
 
-  if _LIMIT.value < 1 or _BATCH.value < 1 or _REPEATS.value < 1:
-    raise app.UsageError("--limit, --batch_size and --repeats must be >= 1")
+  for flag in (_LIMIT, _BATCH, _REPEATS):
+    check_at_least(flag.value, 1, arg=f"--{flag.name}")
+  check_nonempty(_TASKS.value, arg="--tasks", what="task")
   cache = _CACHE.value or default_cache_dir()
+  check_cache_dir(cache)
+  tasks = []  # read before the model loads: an unknown name is an error at once
+  for name in _TASKS.value:
+    try:
+      task = load_bigbench_task(bigbench_task_path(name))
+    except ValueError as e:
+      raise ValueError(f"--tasks: {e}") from None
+    tasks.append(MCTask(name, task.examples[: _LIMIT.value], task.task_prefix))
   source = resolve_model(_MODEL.value, cache)
   loaded = load_model(source, cache, show_progress=False)
   # On the device once: numpy params would be copied to it again on every call (538 MB here),
   # which would time the copy, and most in the mode making the most calls.
   params = jax.device_put(loaded.params)
   tokenizer = load_tokenizer(source)
-  tasks = []
-  for name in _TASKS.value:
-    task = load_bigbench_task(bigbench_task_path(name))
-    tasks.append(MCTask(name, task.examples[: _LIMIT.value], task.task_prefix))
   n_questions = sum(len(t.examples) for t in tasks)
   n_tokens = sum(
     len(tokenizer.encode(ex.context + c).ids)
@@ -84,7 +97,7 @@ def main(argv):
     for c in ex.continuations  # the choices with their delimiter, as scored
   )
 
-  def run(mode):
+  def run_mode(mode):
     batch, pack = MODES[mode](_BATCH.value)
     kw = dict(config=loaded.config, tokenizer=tokenizer, batch_size=batch, show_progress=False)
     return [evaluate_task(params, t, pack=pack, **kw) for t in tasks]
@@ -92,11 +105,11 @@ def main(argv):
   results, best = {}, {}
   for mode in MODES:  # untimed pass: compiles every bucket shape of the mode
     print(f"compiling {mode} ...", flush=True)
-    results[mode] = run(mode)
+    results[mode] = run_mode(mode)
   for r in range(_REPEATS.value):
     for mode in MODES:
       start = time.perf_counter()
-      again = run(mode)
+      again = run_mode(mode)
       elapsed = time.perf_counter() - start
       best[mode] = min(best.get(mode, elapsed), elapsed)
       assert again == results[mode], f"{mode}: a second pass gave other scores"
@@ -124,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

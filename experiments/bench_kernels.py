@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import math
 import platform
 import statistics
 import sys
@@ -65,15 +66,17 @@ import time
 import traceback
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from _common import run  # noqa: E402
 from jax import lax  # noqa: E402
 
-from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
 from amber_jax.patterns import NMPattern  # noqa: E402
 from amber_jax.sparsity import sparsify  # noqa: E402
 from pallas_kernels.int8_matmul import default_block_sizes as int8_default_block_sizes  # noqa: E402
@@ -416,16 +419,37 @@ def _versions() -> dict:
   return out
 
 
+def _check_flags(pattern: NMPattern) -> list[str]:
+  """Every flag checked before any timing (ValueError naming it); returns the methods."""
+  methods = [m for m in _METHODS.value if m]
+  if not methods:
+    raise ValueError(f"--methods must name at least one of {', '.join(METHODS)}")
+  bad = [m for m in methods if m not in METHODS]
+  if bad:
+    raise ValueError(f"unknown --methods {bad}; valid: {', '.join(METHODS)}")
+  bad = [k for k in _AUTOTUNE_KERNELS.value if k not in AUTOTUNE_KERNELS]
+  if bad:
+    raise ValueError(f"unknown --autotune_kernels {bad}; valid: {', '.join(AUTOTUNE_KERNELS)}")
+  for flag, least in (
+    (_REPEATS, 1), (_CALLS, 1), (_ROTATIONS, 1), (_WARMUP, 0), (_CHECK_ROWS, 1),
+    (_AUTOTUNE_REPEATS, 1),
+  ):  # fmt: skip
+    if flag.value < least:
+      raise ValueError(f"--{flag.name} must be >= {least}, got {flag.value}")
+  for flag in (_PEAK_TFLOPS, _PEAK_INT8_TOPS, _PEAK_TBPS):
+    if not (flag.value > 0 and math.isfinite(flag.value)):
+      raise ValueError(f"--{flag.name} must be a finite number > 0, got {flag.value}")
+  for _, k, _ in SHAPES[_SHAPES.value]:  # N:M groups run along K
+    pattern.check_width(k, where=f"--shapes={_SHAPES.value} K")
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
+  return methods
+
+
 def main(argv):
   del argv
   pattern = NMPattern.parse(_PATTERN.value)
-  methods = [m for m in _METHODS.value if m]
-  bad = [m for m in methods if m not in METHODS]
-  if bad:
-    sys.exit(f"error: unknown --methods {bad}; valid: {', '.join(METHODS)}")
-  bad = [k for k in _AUTOTUNE_KERNELS.value if k not in AUTOTUNE_KERNELS]
-  if bad:
-    sys.exit(f"error: unknown --autotune_kernels {bad}; valid: {', '.join(AUTOTUNE_KERNELS)}")
+  methods = _check_flags(pattern)
   backend = jax.default_backend()
   devices = jax.devices()
   versions = _versions()
@@ -540,4 +564,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -20,9 +20,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import run  # noqa: E402
 
 from amber_jax.patterns import NMPattern  # noqa: E402
 from amber_jax.sparsity import MASK_METHODS, nm_mask, nm_scores  # noqa: E402
@@ -49,6 +52,10 @@ def _time(fn, *args, repeats):
 def main(argv):
   del argv
   pattern = NMPattern.parse(_PATTERN.value)
+  if _REPEATS.value < 1:
+    raise ValueError(f"--repeats must be >= 1, got {_REPEATS.value}")
+  for _, k, _ in SHAPES[_SHAPES.value]:  # the mask groups M consecutive of the K channels
+    pattern.check_width(k, where=f"--shapes={_SHAPES.value} K")
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   print(
     f"backend {jax.default_backend()} {jax.devices()}, jax {jax.__version__}, {pattern}, "
@@ -85,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -46,12 +46,18 @@ from pathlib import Path
 # Leave GPU memory for torch's HF column (set before JAX starts; an explicit setting wins).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
+from _common import (  # noqa: E402
+  CACHE_DIR_DEFAULT,
+  cpu_model_name,
+  default_cache_dir,
+  run,
+  usable_cpus,
+)
 
 from amber_jax.bench.prefill_bench import (  # noqa: E402
   DTYPES,
@@ -64,7 +70,8 @@ from amber_jax.bench.prefill_bench import (  # noqa: E402
   peak_memory,
   run_prefill_bench,
 )
-from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
+from amber_jax.runs.checks import check_text_source, parse_ints  # noqa: E402
 
 _MODEL = flags.DEFINE_string(
   "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
@@ -119,16 +126,36 @@ _CACHE_DIR = flags.DEFINE_string(
 )
 
 
-def _ints(name: str, values: list[str]) -> tuple[int, ...]:
-  try:
-    return tuple(int(v) for v in values)
-  except ValueError:
-    sys.exit(f"error: --{name} must be a comma list of integers, got {','.join(values)!r}")
+# Flags that only one of the two benches reads: giving one to the other would be ignored.
+_RANDOM_ONLY = (_IMPLS, _PEAK_TFLOPS)
+_MODEL_ONLY = (_MODEL, _TEXT_FILE, _HF, _TORCH_THREADS, _MATMUL_PRECISION)
+
+
+def _check_flags() -> None:
+  """What needs no model, before JAX starts work (ValueError naming the flag)."""
+  unused = _MODEL_ONLY if _RANDOM_INIT.value else _RANDOM_ONLY
+  given = [f"--{f.name}" for f in unused if f.present]
+  if given:
+    where = "without" if _RANDOM_INIT.value else "only with"
+    raise ValueError(
+      f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} {where} --random_init"
+    )
+  if _TORCH_THREADS.value is not None and _TORCH_THREADS.value < 1:
+    raise ValueError(f"--torch_threads must be >= 1, got {_TORCH_THREADS.value}")
+  if _REPEATS.value < 1:
+    raise ValueError(f"--repeats must be >= 1, got {_REPEATS.value}")
+  if _TEXT_FILE.value:
+    check_text_source(_TEXT_FILE.value, arg="--text_file")
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
+  if not _DEVICE_INFO.value:
+    _check_flags()
+    batch_sizes = parse_ints(_BATCH_SIZES.value, arg="--batch_sizes", minimum=1)
+    seq_lens = parse_ints(_SEQ_LENS.value, arg="--seq_lens", minimum=1)
   import jax
 
   machine = machine_info(cpu_model_name())
@@ -139,42 +166,36 @@ def main(argv):
   if _DEVICE_INFO.value:
     return
   if _RANDOM_INIT.value:
-    try:
-      result = bench_random_preset(
-        _RANDOM_INIT.value,
-        pattern=_PATTERN.value,
-        impls=_IMPLS.value,
-        batch_sizes=_ints("batch_sizes", _BATCH_SIZES.value),
-        seq_lens=_ints("seq_lens", _SEQ_LENS.value),
-        repeats=_REPEATS.value,
-        dtype=_DTYPE.value,
-        peak_tflops=_PEAK_TFLOPS.value,
-      )
-    except ValueError as e:
-      sys.exit(f"error: {e}")
+    result = bench_random_preset(
+      _RANDOM_INIT.value,
+      pattern=_PATTERN.value,
+      impls=_IMPLS.value,
+      batch_sizes=batch_sizes,
+      seq_lens=seq_lens,
+      repeats=_REPEATS.value,
+      dtype=_DTYPE.value,
+      peak_tflops=_PEAK_TFLOPS.value,
+    )
     result["machine"] = machine
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(format_random_preset_table(result))
     if _OUTPUT.value:
       write_json_atomic(_OUTPUT.value, result)
     return
-  try:
-    cfg = PrefillBenchConfig(
-      model=_MODEL.value,
-      pattern=_PATTERN.value,
-      batch_sizes=_ints("batch_sizes", _BATCH_SIZES.value),
-      seq_lens=_ints("seq_lens", _SEQ_LENS.value),
-      repeats=_REPEATS.value,
-      dtype=_DTYPE.value,
-      text=_TEXT_FILE.value or "lee_background",
-      hf=_HF.value,
-      torch_threads=_TORCH_THREADS.value or usable_cpus(),
-      matmul_precision=_MATMUL_PRECISION.value,
-      cache_dir=_CACHE_DIR.value or default_cache_dir(),
-    )
-    result = run_prefill_bench(cfg)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  cfg = PrefillBenchConfig(
+    model=_MODEL.value,
+    pattern=_PATTERN.value,
+    batch_sizes=batch_sizes,
+    seq_lens=seq_lens,
+    repeats=_REPEATS.value,
+    dtype=_DTYPE.value,
+    text=_TEXT_FILE.value or "lee_background",
+    hf=_HF.value,
+    torch_threads=_TORCH_THREADS.value or usable_cpus(),
+    matmul_precision=_MATMUL_PRECISION.value,
+    cache_dir=_CACHE_DIR.value or default_cache_dir(),
+  )
+  result = run_prefill_bench(cfg)
   result["machine"] = {**machine, "usable_cpus": usable_cpus()}
   result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   print()
@@ -191,4 +212,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

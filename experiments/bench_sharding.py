@@ -51,12 +51,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, cpu_model_name, default_cache_dir, usable_cpus  # noqa: E402
+from _common import (  # noqa: E402
+  CACHE_DIR_DEFAULT,
+  cpu_model_name,
+  default_cache_dir,
+  run,
+  usable_cpus,
+)
 
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices",
@@ -106,7 +112,7 @@ def _set_device_flags(n: int) -> None:
     from jax._src import xla_bridge
 
     if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
-      sys.exit("error: JAX started before --cpu_devices could take effect")
+      raise ValueError("JAX started before --cpu_devices could take effect")
   flags_ = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   os.environ["XLA_FLAGS"] = " ".join([*flags_, f"--xla_force_host_platform_device_count={n}"])
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -116,8 +122,52 @@ def _parse_mesh(text: str) -> tuple[int, int]:
   try:
     data, model = (int(v) for v in text.lower().split("x"))
   except ValueError:
-    sys.exit(f"error: --meshes entries must be DATAxMODEL (e.g. 2x4), got {text!r}")
+    raise ValueError(f"--meshes entries must be DATAxMODEL (e.g. 2x4), got {text!r}") from None
+  if data < 1 or model < 1:
+    raise ValueError(f"--meshes entries need DATA >= 1 and MODEL >= 1, got {text!r}")
   return data, model
+
+
+def _check_flags() -> tuple[list[tuple[int, int]], list[str]]:
+  """What needs neither JAX nor the model (ValueError naming the flag): the meshes and plans."""
+  from amber_jax.io.atomic import check_output_file
+  from amber_jax.patterns import NMPattern
+
+  for flag, least in ((_BATCH, 1), (_SEQ_LEN, 1), (_REPEATS, 1), (_CPU_DEVICES, 0)):
+    if flag.value < least:
+      raise ValueError(f"--{flag.name} must be >= {least}, got {flag.value}")
+  if _PROFILE_RUNS.value < 0:
+    raise ValueError(
+      f"--profile_runs must be >= 0 (0 skips the profiler), got {_PROFILE_RUNS.value}"
+    )
+  meshes = [_parse_mesh(m) for m in _MESHES.value if m.strip()]
+  if not meshes:
+    raise ValueError("--meshes must name at least one mesh, DATAxMODEL (e.g. 2x4)")
+  for data, model in meshes:
+    if _BATCH.value % data:
+      raise ValueError(
+        f"--batch={_BATCH.value} must be divisible by the data size of every mesh; "
+        f"--meshes entry {data}x{model} has data={data}"
+      )
+  plans = [p.strip() for p in _PLANS.value if p.strip()]
+  if not plans:
+    raise ValueError("--plans must name at least one of dense, w8a8 or an N:M pattern")
+  for name in plans:
+    if name not in ("dense", "w8a8"):
+      try:
+        NMPattern.parse(name)
+      except ValueError as e:
+        raise ValueError(f"--plans entry {name!r} is not dense, w8a8 or N:M: {e}") from None
+  if _RANDOM_INIT.value and _RANDOM_INIT.value != "tiny":
+    from amber_jax.model.presets import PRESETS
+
+    if _RANDOM_INIT.value not in PRESETS:
+      raise ValueError(
+        f"--random_init must be tiny or a preset ({', '.join(PRESETS)}), got {_RANDOM_INIT.value!r}"
+      )
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
+  return meshes, plans
 
 
 def _tiny_config():
@@ -135,7 +185,22 @@ def _tiny_config():
   )
 
 
-def _load(random_init: str | None, model: str, cache_dir: str, batch: int, seq_len: int):
+def _model_config(random_init: str | None, model: str, cache_dir: str):
+  """(config, model source or None) before any weights load: a random preset's config or the
+  model's (resolved, its config read)."""
+  if random_init:
+    from amber_jax.model.presets import preset
+
+    return (_tiny_config() if random_init == "tiny" else preset(random_init)), None
+  from amber_jax.io.sources import read_config, resolve_model
+  from amber_jax.runs.common import check_cache_dir
+
+  check_cache_dir(cache_dir)
+  source = resolve_model(model, cache_dir)
+  return read_config(source), source
+
+
+def _load(random_init: str | None, config, source, cache_dir: str, batch: int, seq_len: int):
   """(config, float32 params, [batch, seq_len] tokens, model name)."""
   import jax
   import jax.numpy as jnp
@@ -144,9 +209,8 @@ def _load(random_init: str | None, model: str, cache_dir: str, batch: int, seq_l
   from amber_jax.bench.prefill_bench import token_batch
 
   if random_init:
-    from amber_jax.model.presets import init_random_params, preset
+    from amber_jax.model.presets import init_random_params
 
-    config = _tiny_config() if random_init == "tiny" else preset(random_init)
     init = jax.jit(init_random_params, static_argnums=(0, 2))
     params = init(config, jax.random.key(0), jnp.float32)
     rng = np.random.default_rng(0)
@@ -154,13 +218,11 @@ def _load(random_init: str | None, model: str, cache_dir: str, batch: int, seq_l
     return config, params, tokens, f"random {random_init}"
   from amber_jax.data.texts import load_text
   from amber_jax.io.loading import load_model, load_tokenizer
-  from amber_jax.io.sources import resolve_model
 
-  source = resolve_model(model, cache_dir)
+  ids = load_tokenizer(source).encode(load_text("lee_background", cache_dir)).ids
   loaded = load_model(source, cache_dir, show_progress=False)
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), loaded.params)
-  ids = load_tokenizer(source).encode(load_text("lee_background", cache_dir)).ids
-  return loaded.config, params, token_batch(np.asarray(ids), batch, seq_len), model
+  return loaded.config, params, token_batch(np.asarray(ids), batch, seq_len), _MODEL.value
 
 
 def _make_plan(name: str, config, params, tokens):
@@ -213,9 +275,9 @@ def collective_share(run, n_devices: int, runs: int) -> dict:
 
 def main(argv):
   del argv
+  meshes, plan_names = _check_flags()
   if _CPU_DEVICES.value > 0:
     _set_device_flags(_CPU_DEVICES.value)
-  logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -224,6 +286,8 @@ def main(argv):
   from amber_jax.bench.prefill_bench import machine_info, time_interleaved
   from amber_jax.io.atomic import write_json_atomic
   from amber_jax.model.llama import forward, prefill
+  from amber_jax.plan import make_plan
+  from amber_jax.runs.common import check_seq_len_for
 
   machine = machine_info(cpu_model_name())
   devices = jax.devices()
@@ -233,13 +297,24 @@ def main(argv):
     f"{usable_cpus()} usable CPUs: {machine['cpu_model'] or machine['machine']}; "
     f"load average {load:.1f})"
   )
-  meshes = [_parse_mesh(m) for m in _MESHES.value]
   batch, seq_len = _BATCH.value, _SEQ_LEN.value
-  config, params, tokens, model_name = _load(
-    _RANDOM_INIT.value, _MODEL.value, _CACHE_DIR.value or default_cache_dir(), batch, seq_len
-  )
+  cache_dir = _CACHE_DIR.value or default_cache_dir()
+  config, source = _model_config(_RANDOM_INIT.value, _MODEL.value, cache_dir)
+  # Before any weights load or initialise: the length, every N:M plan and every mesh fit.
+  check_seq_len_for(config, seq_len)
+  for name in plan_names:
+    if name not in ("dense", "w8a8"):
+      try:
+        make_plan(config, name)
+      except ValueError as e:
+        raise ValueError(f"--plans entry {name!r}: {e}") from None
   mesh_objs = {}
   for data, model in meshes:
+    if data * model > len(devices):
+      raise ValueError(
+        f"--meshes entry {data}x{model} needs {data * model} devices, there are {len(devices)}"
+        + (" (raise --cpu_devices)" if _CPU_DEVICES.value > 0 else "")
+      )
     try:
       mesh_objs[(data, model)] = sh.make_mesh(
         data=data,
@@ -249,14 +324,17 @@ def main(argv):
         batch_size=batch,
       )
     except ValueError as e:
-      sys.exit(f"error: mesh {data}x{model}: {e}")
+      raise ValueError(f"--meshes entry {data}x{model}: {e}") from None
+  config, params, tokens, model_name = _load(
+    _RANDOM_INIT.value, config, source, cache_dir, batch, seq_len
+  )
   jit_prefill = jax.jit(prefill, static_argnames=("config", "max_len", "dtype"))
   jit_forward = jax.jit(forward, static_argnames=("config", "dtype"))
   s_params = {m: sh.shard_params(params, mesh, config=config) for m, mesh in mesh_objs.items()}
   s_tokens = {m: sh.shard_batch(tokens, mesh) for m, mesh in mesh_objs.items()}
   single_tokens = jnp.asarray(tokens)
   rows = []
-  for plan_name in _PLANS.value:
+  for plan_name in plan_names:
     plan = _make_plan(plan_name, config, params, tokens)
     fns, compile_s = {}, {}
 
@@ -377,4 +455,4 @@ def format_table(result: dict, *, markdown: bool = False) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -14,19 +14,23 @@ on 2 busy CPU cores (96 perplexity evaluations, 44 calibrations of 8-60 s each).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, default_cache_dir  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, run  # noqa: E402
 
-from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
+from amber_jax.runs.checks import (  # noqa: E402
+  check_markdown_file,
+  read_json_file,
+  require_keys,
+)
 from amber_jax.runs.corrections import (  # noqa: E402
   DEFAULT_CORRECTIONS,
   CorrectionsConfig,
@@ -63,31 +67,39 @@ _CACHE_DIR = flags.DEFINE_string(
 
 def main(argv):
   del argv
+  if _RESULTS.value:
+    check_markdown_file(_RESULTS.value, arg="--results")
   if _FROM_JSON.value:
-    result = json.loads(Path(_FROM_JSON.value).read_text(encoding="utf-8"))
-    markdown = corrections_markdown(
-      result, result.get("command", "python experiments/corrections.py")
-    )
+    result = read_json_file(_FROM_JSON.value, arg="--from_json")
+    require_keys(result, ("rows", "dense", "config"), arg="--from_json", what="corrections")
+    try:
+      markdown = corrections_markdown(
+        result, result.get("command", "python experiments/corrections.py")
+      )
+    except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError) as e:
+      raise ValueError(
+        f"--from_json {_FROM_JSON.value!r} is not a complete corrections results file "
+        f"({type(e).__name__}: {e})"
+      ) from None
     print(markdown)
     if _RESULTS.value:
       update_markdown_section(_RESULTS.value, "corrections", markdown)
     return
-  try:
-    cfg = CorrectionsConfig(
-      model=_MODEL.value,
-      patterns=tuple(_PATTERNS.value),
-      methods=tuple(_METHODS.value),
-      corrections=tuple(_CORRECTIONS.value),
-      coverage=_COVERAGE.value,
-      num_windows=_NUM_WINDOWS.value,
-      calib_windows=_CALIB_WINDOWS.value,
-      text=_TEXT.value,
-      transfer_text=_TEXT_FILE.value,
-      cache_dir=_CACHE_DIR.value or default_cache_dir(),
-    )
-    result = run_corrections(cfg)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
+  cfg = CorrectionsConfig(
+    model=_MODEL.value,
+    patterns=tuple(_PATTERNS.value),
+    methods=tuple(_METHODS.value),
+    corrections=tuple(_CORRECTIONS.value),
+    coverage=_COVERAGE.value,
+    num_windows=_NUM_WINDOWS.value,
+    calib_windows=_CALIB_WINDOWS.value,
+    text=_TEXT.value,
+    transfer_text=_TEXT_FILE.value,
+    cache_dir=_CACHE_DIR.value or default_cache_dir(),
+  )
+  result = run_corrections(cfg)
   command = "python experiments/corrections.py" + "".join(
     f" {a}" for a in sys.argv[1:] if not a.startswith(("--cache_dir", "--output", "--results"))
   )
@@ -101,4 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -29,12 +29,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, default_cache_dir  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, run  # noqa: E402
 
 from amber_jax.channel_order import mixed_order  # noqa: E402
 from amber_jax.data.texts import DEFAULT_TEXT  # noqa: E402
@@ -43,7 +43,8 @@ from amber_jax.model.config import PROJECTIONS  # noqa: E402
 from amber_jax.model.llama import dense_pass_records  # noqa: E402
 from amber_jax.patterns import NMPattern  # noqa: E402
 from amber_jax.report import markdown_table  # noqa: E402
-from amber_jax.runs.common import prepare_eval  # noqa: E402
+from amber_jax.runs.checks import parse_ints  # noqa: E402
+from amber_jax.runs.common import check_cache_dir, prepare_eval  # noqa: E402
 from amber_jax.scores import model_factors  # noqa: E402
 from amber_jax.sparsity import sparsify  # noqa: E402
 
@@ -66,14 +67,37 @@ _CACHE_DIR = flags.DEFINE_string(
 )
 
 
-def _parse_site(spec: str, n_layers: int) -> tuple[str, int]:
-  proj, _, layer = spec.partition(":")
-  if proj not in PROJECTIONS or not layer.isdigit() or not 0 <= int(layer) < n_layers:
+SEQ_LEN = 512  # tokens per calibration window
+
+
+def _parse_site(spec: str) -> tuple[str, int]:
+  proj, _, layer = spec.strip().partition(":")
+  if proj not in PROJECTIONS or not layer.isdigit():
     raise ValueError(
-      f"sites must be projection:layer with projection in {PROJECTIONS} and layer in "
-      f"0..{n_layers - 1}, got {spec!r}"
+      f"--sites entries must be projection:layer with projection in {', '.join(PROJECTIONS)}, "
+      f"got {spec!r}"
     )
   return proj, int(layer)
+
+
+def _check_for_model(config, pattern: NMPattern, sites, ranks) -> None:
+  """Before the weights load: the sites' layers exist, M divides their widths, and each rank
+  is below the site's smaller dimension."""
+  shapes = config.linear_shapes()
+  for proj, layer in sites:
+    if not 0 <= layer < config.n_layers:
+      raise ValueError(
+        f"--sites entry {proj}:{layer}: layer must be in 0..{config.n_layers - 1} "
+        f"(the model has {config.n_layers} layers)"
+      )
+    d_in, d_out = shapes[proj]
+    pattern.check_width(d_in, where=f"{proj}-projection input")
+    too_big = [r for r in ranks if r > min(d_in, d_out)]
+    if too_big:
+      raise ValueError(
+        f"--ranks {too_big} exceed the {proj} site's rank limit {min(d_in, d_out)} "
+        f"(min of its {d_in} x {d_out} weight)"
+      )
 
 
 def gram_greedy_mask(x_TxD: np.ndarray, w_DxO: np.ndarray, pattern: NMPattern) -> np.ndarray:
@@ -98,21 +122,31 @@ def gram_greedy_mask(x_TxD: np.ndarray, w_DxO: np.ndarray, pattern: NMPattern) -
 def main(argv):
   del argv
   pattern = NMPattern.parse(_PATTERN.value)
+  sites = [_parse_site(s) for s in _SITES.value if s.strip()]
+  if not sites:
+    raise ValueError("--sites must name at least one projection:layer site")
+  ranks = list(parse_ints(_RANKS.value, arg="--ranks", minimum=1))
+  if not 1 <= _TOKENS.value <= SEQ_LEN:
+    raise ValueError(
+      f"--tokens must be in 1..{SEQ_LEN} (a calibration window), got {_TOKENS.value}"
+    )
+  if not 1 <= _GRAM_TOKENS.value <= _TOKENS.value:
+    raise ValueError(
+      f"--gram_tokens must be in 1..{_TOKENS.value} (--tokens), got {_GRAM_TOKENS.value}"
+    )
+  cache_dir = _CACHE_DIR.value or default_cache_dir()
+  check_cache_dir(cache_dir)
   setup = prepare_eval(
     model=_MODEL.value,
     text=DEFAULT_TEXT,
-    cache_dir=_CACHE_DIR.value or default_cache_dir(),
-    seq_len=512,
+    cache_dir=cache_dir,
+    seq_len=SEQ_LEN,
     num_windows=8,
     calib_windows=2,
     dtype="float32",
+    validate=lambda config: _check_for_model(config, pattern, sites, ranks),
   )
   config, params = setup.config, setup.params
-  try:
-    sites = [_parse_site(s, config.n_layers) for s in _SITES.value]
-    ranks = [int(r) for r in _RANKS.value]
-  except ValueError as e:
-    sys.exit(f"error: {e}")
   factors = {p: jnp.asarray(v) for p, v in model_factors(params, "robust").items()}
   record = jax.jit(
     lambda p, t: dense_pass_records(
@@ -175,4 +209,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -19,19 +19,24 @@ RESULTS.md's rows with head-mixed o groups come from
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, default_cache_dir  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, run  # noqa: E402
 
-from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
+from amber_jax.runs.checks import (  # noqa: E402
+  check_markdown_file,
+  parse_floats,
+  read_json_file,
+  require_keys,
+)
 from amber_jax.runs.front import (  # noqa: E402
   DEFAULT_COVERAGES,
   DEFAULT_METHODS,
@@ -82,29 +87,48 @@ _CACHE_DIR = flags.DEFINE_string(
 )
 
 
+def _check_outputs() -> None:
+  """--results and --plot (and learning_curves.png next to it) can be written."""
+  if _RESULTS.value:
+    check_markdown_file(_RESULTS.value, arg="--results")
+  if _PLOT.value:
+    check_output_file(_PLOT.value, arg="--plot")
+    check_output_file(Path(_PLOT.value).with_name("learning_curves.png"), arg="--plot")
+
+
+def _render(result: dict) -> str:
+  try:
+    return front_markdown(result)
+  except (KeyError, TypeError, AttributeError, IndexError) as e:
+    raise ValueError(
+      f"--from_json {_FROM_JSON.value!r} is not a complete front results file "
+      f"({type(e).__name__}: {e})"
+    ) from None
+
+
 def main(argv):
   del argv
+  _check_outputs()
   if _FROM_JSON.value:
-    result = json.loads(Path(_FROM_JSON.value).read_text(encoding="utf-8"))
+    result = read_json_file(_FROM_JSON.value, arg="--from_json")
+    require_keys(result, ("rows", "dense", "config"), arg="--from_json", what="front")
+    markdown = _render(result)
   else:
-    try:
-      cfg = FrontConfig(
-        model=_MODEL.value,
-        patterns=tuple(_PATTERNS.value),
-        methods=tuple(_METHODS.value),
-        coverages=tuple(float(c) for c in _COVERAGES.value),
-        goal_coverage=_GOAL.value,
-        num_windows=_NUM_WINDOWS.value,
-        calib_windows=_CALIB_WINDOWS.value,
-        search_windows=_SEARCH_WINDOWS.value,
-        text=_TEXT.value,
-        transfer_text=_TEXT_FILE.value,
-        output=_OUTPUT.value or "",
-        cache_dir=_CACHE_DIR.value or default_cache_dir(),
-      )
-      result = run_front(cfg)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
+    cfg = FrontConfig(
+      model=_MODEL.value,
+      patterns=tuple(_PATTERNS.value),
+      methods=tuple(_METHODS.value),
+      coverages=parse_floats(_COVERAGES.value, arg="--coverages"),
+      goal_coverage=_GOAL.value,
+      num_windows=_NUM_WINDOWS.value,
+      calib_windows=_CALIB_WINDOWS.value,
+      search_windows=_SEARCH_WINDOWS.value,
+      text=_TEXT.value,
+      transfer_text=_TEXT_FILE.value,
+      output=_OUTPUT.value or "",
+      cache_dir=_CACHE_DIR.value or default_cache_dir(),
+    )
+    result = run_front(cfg)
     command = "python experiments/front.py" + "".join(
       f" {a}"
       for a in sys.argv[1:]
@@ -114,7 +138,7 @@ def main(argv):
       result["commands"].append(command)
     if _OUTPUT.value:
       write_json_atomic(_OUTPUT.value, result)
-  markdown = front_markdown(result)
+    markdown = front_markdown(result)
   print(markdown)
   if _RESULTS.value:
     update_markdown_section(_RESULTS.value, "front", markdown)
@@ -124,4 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -22,14 +22,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag, run  # noqa: E402
 
 from amber_jax.report import update_markdown_section  # noqa: E402
+from amber_jax.runs.checks import check_markdown_file  # noqa: E402
 from amber_jax.runs.common import DTYPES  # noqa: E402
 from amber_jax.runs.generation import (  # noqa: E402
   DEFAULT_TASKS,
@@ -38,7 +39,7 @@ from amber_jax.runs.generation import (  # noqa: E402
   generation_markdown,
   run_generation,
 )
-from amber_jax.runs.zero_shot import METHODS, load_results  # noqa: E402
+from amber_jax.runs.zero_shot import METHODS, load_results, needs_calibration  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _TASKS = flags.DEFINE_list("tasks", list(DEFAULT_TASKS), "Packaged task names or JSON files.")
@@ -67,36 +68,39 @@ flags.mark_flag_as_required("output")
 
 def main(argv):
   del argv
-  try:
-    if _REPORT.value:
-      if not Path(_OUTPUT.value).exists():
-        sys.exit(f"error: --report needs an existing --output, {_OUTPUT.value} does not exist")
-      result = {
-        "results": load_results(
-          _OUTPUT.value, fmt=RESULTS_FORMAT, need=("exact_match", "n", "answers", "settings")
-        )
-      }
-    else:
-      cfg = GenerationConfig(
-        model=_MODEL.value,
-        tasks=tuple(_TASKS.value),
-        patterns=tuple(_PATTERNS.value),
-        methods=tuple(_METHODS.value),
-        num_fewshot=_NUM_FEWSHOT.value,
-        limit=_LIMIT.value,
-        max_new_tokens=_MAX_NEW.value,
-        batch_size=_BATCH_SIZE.value,
-        dtype=_DTYPE.value,
-        coverage=_COVERAGE.value,
-        output=_OUTPUT.value,
-        cache_dir=_CACHE_DIR.value or default_cache_dir(),
-        impl=_IMPL.value,
+  if _RESULTS.value:
+    check_markdown_file(_RESULTS.value, arg="--results")
+  if _REPORT.value:
+    if not Path(_OUTPUT.value).is_file():
+      raise ValueError(f"--report needs an existing --output file, {_OUTPUT.value!r} is not one")
+    result = {
+      "results": load_results(
+        _OUTPUT.value, fmt=RESULTS_FORMAT, need=("exact_match", "n", "answers", "settings")
       )
-      result = run_generation(cfg)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+    }
+  else:
+    if _COVERAGE.present and not needs_calibration(_PATTERNS.value, _METHODS.value):
+      raise ValueError(  # would be silently ignored
+        "--coverage only applies to amber rows (--methods with amber and a sparse --patterns entry)"
+      )
+    cfg = GenerationConfig(
+      model=_MODEL.value,
+      tasks=tuple(_TASKS.value),
+      patterns=tuple(_PATTERNS.value),
+      methods=tuple(_METHODS.value),
+      num_fewshot=_NUM_FEWSHOT.value,
+      limit=_LIMIT.value,
+      max_new_tokens=_MAX_NEW.value,
+      batch_size=_BATCH_SIZE.value,
+      dtype=_DTYPE.value,
+      coverage=_COVERAGE.value,
+      output=_OUTPUT.value,
+      cache_dir=_CACHE_DIR.value or default_cache_dir(),
+      impl=_IMPL.value,
+    )
+    result = run_generation(cfg)
   if not result["results"]:
-    sys.exit(f"error: no finished entries in {_OUTPUT.value}")
+    raise ValueError(f"no finished entries in {_OUTPUT.value}")
   table = generation_markdown(result)
   print(table)
   if _RESULTS.value:
@@ -107,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -16,12 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import default_cache_dir, run  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")
@@ -42,8 +42,33 @@ _SAVE_PLAN = flags.DEFINE_string(
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Model/text cache.")
 
 
+def _check_flags() -> None:
+  """The flags that need no model, checked before anything loads (ValueError naming each)."""
+  import math
+
+  from amber_jax.io.atomic import check_output_directory, check_output_file
+  from amber_jax.io.plan_checkpoint import META_NAME as PLAN_META_NAME
+  from amber_jax.runs.checks import check_at_least, check_text_source
+
+  check_at_least(_STEPS.value, 1, arg="--steps")
+  check_at_least(_BATCH.value, 1, arg="--batch_size")
+  # The factors are learned on the calibration windows (and they follow the evaluation ones).
+  check_at_least(_CALIB.value, 1, arg="--calib_windows")
+  for flag in (_LR, _TEMPERATURE):
+    if not (flag.value > 0 and math.isfinite(flag.value)):
+      raise ValueError(f"--{flag.name} must be a finite number > 0, got {flag.value}")
+  if _OTHER_TEXT.value:
+    check_text_source(_OTHER_TEXT.value, arg="--other_text")
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
+  if _SAVE_PLAN.value:
+    check_output_directory(_SAVE_PLAN.value, arg="--save_plan", marker=PLAN_META_NAME)
+
+
 def main(argv):
   del argv
+  import dataclasses
+
   import numpy as np
 
   from amber_jax.data.texts import load_text
@@ -54,28 +79,41 @@ def main(argv):
   from amber_jax.learned_factors import learn_score_factors
   from amber_jax.patterns import NMPattern
   from amber_jax.pruner import AmberConfig, build_plan
-  from amber_jax.runs.common import prepare_eval
+  from amber_jax.runs.common import check_cache_dir, prepare_eval
 
+  _check_flags()
   cache = _CACHE_DIR.value or default_cache_dir()
-  try:
-    amber = AmberConfig(
-      pattern=NMPattern.parse(_PATTERN.value),
-      score=_SCORE.value,
-      policy=_POLICY.value,
-      coverage=_COVERAGE.value,
-    )
-    setup = prepare_eval(
-      model=_MODEL.value,
-      text="lee_background",
-      cache_dir=cache,
-      seq_len=_SEQ_LEN.value,
-      num_windows=8,
-      calib_windows=_CALIB.value,
-      dtype="float32",
-      validate=amber.validate_for,
-    )
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  check_cache_dir(cache)
+  amber = AmberConfig(
+    pattern=NMPattern.parse(_PATTERN.value),
+    score=_SCORE.value,
+    policy=_POLICY.value,
+    coverage=_COVERAGE.value,
+  )
+  texts = {}
+
+  def validate(config):
+    """Before the weights load: the plan fits the model, the held-out text makes 8 windows."""
+    amber.validate_for(config)
+    if _OTHER_TEXT.value:
+      tok = load_tokenizer(resolve_model(_MODEL.value, cache, log=lambda *a: None))
+      ids = np.asarray(tok.encode(load_text(_OTHER_TEXT.value, cache)).ids, np.int32)
+      try:
+        texts[_OTHER_TEXT.value] = make_windows(ids, _SEQ_LEN.value, 8)
+      except ValueError as e:
+        raise ValueError(f"--other_text {_OTHER_TEXT.value!r}: {e}") from None
+
+  setup = prepare_eval(
+    model=_MODEL.value,
+    text="lee_background",
+    cache_dir=cache,
+    seq_len=_SEQ_LEN.value,
+    num_windows=8,
+    calib_windows=_CALIB.value,
+    dtype="float32",
+    validate=validate,
+  )
+  texts = {"lee_background": setup.eval_windows, **texts}
   info = build_plan(setup.params, setup.config, amber, calib_windows=setup.calib_windows)
   print(f"plan: coverage {info.coverage.covered:.3f}, q/gate dense in {list(info.skip_layers)}")
   learned = learn_score_factors(
@@ -88,11 +126,6 @@ def main(argv):
     temperature=_TEMPERATURE.value,
     batch_size=_BATCH.value,
   )
-  texts = {"lee_background": setup.eval_windows}
-  if _OTHER_TEXT.value:
-    tok = load_tokenizer(resolve_model(_MODEL.value, cache, log=lambda *a: None))
-    ids = np.asarray(tok.encode(load_text(_OTHER_TEXT.value, cache)).ids, np.int32)
-    texts[_OTHER_TEXT.value] = make_windows(ids, _SEQ_LEN.value, 8)
   rows = {}
   for name, windows in texts.items():
     kw = dict(config=setup.config, show_progress=True)
@@ -114,12 +147,12 @@ def main(argv):
     f"{_STEPS.value} steps in {learned.seconds:.0f} s"
   )
   if _SAVE_PLAN.value:
-    import dataclasses
-
     from amber_jax.plan_io import save_sparsity_plan
 
-    # The identity prefill.py --load_plan checks (runs/prefill.py): shapes, pattern, no W8A8.
+    # The identity prefill.py --load_plan checks (runs/prefill.py _plan_identity): the model as
+    # named, its shapes, the pattern, no W8A8.
     identity = {
+      "model": _MODEL.value,
       "model_config": dataclasses.asdict(setup.config),
       "pattern": str(amber.pattern),
       "quant": "none",
@@ -150,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import default_cache_dir, run  # noqa: E402
 
-from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
+from amber_jax.runs.checks import check_markdown_file  # noqa: E402
 from amber_jax.runs.quant_table import (  # noqa: E402
   QuantTableConfig,
   quant_table_markdown,
@@ -41,17 +42,18 @@ _CACHE_DIR = flags.DEFINE_string(
 
 def main(argv):
   del argv
-  try:
-    cfg = QuantTableConfig(
-      model=_MODEL.value,
-      patterns=tuple(_PATTERNS.value),
-      act_scale=_ACT_SCALE.value,
-      num_windows=_NUM_WINDOWS.value,
-      cache_dir=_CACHE_DIR.value or default_cache_dir(),
-    )
-    result = run_quant_table(cfg)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  if _RESULTS.value:
+    check_markdown_file(_RESULTS.value, arg="--results")
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
+  cfg = QuantTableConfig(
+    model=_MODEL.value,
+    patterns=tuple(_PATTERNS.value),
+    act_scale=_ACT_SCALE.value,
+    num_windows=_NUM_WINDOWS.value,
+    cache_dir=_CACHE_DIR.value or default_cache_dir(),
+  )
+  result = run_quant_table(cfg)
   command = "python experiments/quant_table.py" + "".join(
     f" {a}" for a in sys.argv[1:] if not a.startswith(("--cache_dir", "--output"))
   )
@@ -64,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -23,11 +23,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amber_jax.runs.report import write_report  # noqa: E402
+from _common import run  # noqa: E402
+
+from amber_jax.runs.report import check_report_outputs, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {
@@ -55,21 +58,21 @@ def main(argv):
   files = {}
   for name, flag in _FILES.items():
     if flag.value is not None:
+      if Path(flag.value).is_dir():
+        raise ValueError(f"--{name}={flag.value} is a directory; give a results JSON file")
       if not Path(flag.value).is_file():
-        sys.exit(f"error: --{name}={flag.value} does not exist")
+        raise ValueError(f"--{name}={flag.value} does not exist")
       files[name] = flag.value
     elif (ROOT / DEFAULTS[name]).is_file():
       files[name] = str(ROOT / DEFAULTS[name])
     else:
       print(f"skipped {name}: {DEFAULTS[name]} does not exist")
-  try:
-    # Outputs default to the repository, like the inputs, whatever the working directory.
-    results_md = str(ROOT / "RESULTS.md") if _RESULTS.value is None else _RESULTS.value or None
-    plots_dir = str(ROOT / "results" / "plots") if _PLOTS.value is None else _PLOTS.value or None
-    write_report(**files, results_md=results_md, plots_dir=plots_dir, log=print)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  # Outputs default to the repository, like the inputs, whatever the working directory.
+  results_md = str(ROOT / "RESULTS.md") if _RESULTS.value is None else _RESULTS.value or None
+  plots_dir = str(ROOT / "results" / "plots") if _PLOTS.value is None else _PLOTS.value or None
+  check_report_outputs(results_md, plots_dir, args=("--results", "--plots_dir"))
+  write_report(**files, results_md=results_md, plots_dir=plots_dir, log=print)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import default_cache_dir  # noqa: E402
+from _common import default_cache_dir, run  # noqa: E402
 
-from amber_jax.io.atomic import write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
 from amber_jax.plots import save_sensitivity_heatmap  # noqa: E402
 from amber_jax.runs.sensitivity import SensitivityRunConfig, run_sensitivity  # noqa: E402
 from amber_jax.scores import SCORES  # noqa: E402
@@ -41,19 +41,20 @@ _CACHE_DIR = flags.DEFINE_string(
 
 def main(argv):
   del argv
-  try:
-    cfg = SensitivityRunConfig(
-      model=_MODEL.value,
-      pattern=_PATTERN.value,
-      score=_SCORE.value,
-      coverage=_COVERAGE.value,
-      calib_windows=_CALIB_WINDOWS.value,
-      seq_len=_SEQ_LEN.value,
-      cache_dir=_CACHE_DIR.value or default_cache_dir(),
-    )
-    result = run_sensitivity(cfg)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  if _HEATMAP.value:
+    check_output_file(_HEATMAP.value, arg="--heatmap")
+  if _OUTPUT.value:
+    check_output_file(_OUTPUT.value, arg="--output")
+  cfg = SensitivityRunConfig(
+    model=_MODEL.value,
+    pattern=_PATTERN.value,
+    score=_SCORE.value,
+    coverage=_COVERAGE.value,
+    calib_windows=_CALIB_WINDOWS.value,
+    seq_len=_SEQ_LEN.value,
+    cache_dir=_CACHE_DIR.value or default_cache_dir(),
+  )
+  result = run_sensitivity(cfg)
   print(
     f"relative output error per site ({cfg.pattern}, score={cfg.score}, "
     f"{result['tokens']} calibration tokens):"
@@ -77,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -28,20 +28,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag  # noqa: E402
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag, run  # noqa: E402
 
 from amber_jax.data.bigbench import BIGBENCH_TASKS  # noqa: E402
 from amber_jax.report import update_markdown_section  # noqa: E402
+from amber_jax.runs.checks import check_markdown_file  # noqa: E402
 from amber_jax.runs.common import DTYPES  # noqa: E402
 from amber_jax.runs.zero_shot import (  # noqa: E402
   METHODS,
   ZeroShotConfig,
   load_results,
+  needs_calibration,
   report_markdown,
   run_zero_shot,
 )
@@ -91,34 +93,41 @@ flags.mark_flag_as_required("output")
 
 def main(argv):
   del argv
-  try:
-    if _REPORT.value:
-      if not Path(_OUTPUT.value).exists():
-        sys.exit(f"error: --report needs an existing --output, {_OUTPUT.value} does not exist")
-      result = {"results": load_results(_OUTPUT.value)}
-    else:
-      cfg = ZeroShotConfig(
-        model=_MODEL.value,
-        tasks=tuple(_TASKS.value),
-        patterns=tuple(_PATTERNS.value),
-        methods=tuple(_METHODS.value),
-        num_fewshot=_NUM_FEWSHOT.value,
-        limit=_LIMIT.value,
-        subsample=_SUBSAMPLE.value,
-        batch_size=_BATCH_SIZE.value,
-        dtype=_DTYPE.value,
-        coverage=_COVERAGE.value,
-        calib_windows=_CALIB_WINDOWS.value,
-        text=_TEXT_FILE.value or "lee_background",
-        output=_OUTPUT.value,
-        cache_dir=_CACHE_DIR.value or default_cache_dir(),
-        impl=_IMPL.value,
-      )
-      result = run_zero_shot(cfg)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  if _RESULTS.value:
+    check_markdown_file(_RESULTS.value, arg="--results")
+  if _REPORT.value:
+    if not Path(_OUTPUT.value).is_file():
+      raise ValueError(f"--report needs an existing --output file, {_OUTPUT.value!r} is not one")
+    result = {"results": load_results(_OUTPUT.value)}
+  else:
+    if not needs_calibration(_PATTERNS.value, _METHODS.value):
+      given = [f"--{f.name}" for f in (_TEXT_FILE, _COVERAGE, _CALIB_WINDOWS) if f.present]
+      if given:  # would be silently ignored
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(
+          f"{', '.join(given)} only {verb} to amber rows (--methods with amber and a sparse "
+          "--patterns entry)"
+        )
+    cfg = ZeroShotConfig(
+      model=_MODEL.value,
+      tasks=tuple(_TASKS.value),
+      patterns=tuple(_PATTERNS.value),
+      methods=tuple(_METHODS.value),
+      num_fewshot=_NUM_FEWSHOT.value,
+      limit=_LIMIT.value,
+      subsample=_SUBSAMPLE.value,
+      batch_size=_BATCH_SIZE.value,
+      dtype=_DTYPE.value,
+      coverage=_COVERAGE.value,
+      calib_windows=_CALIB_WINDOWS.value,
+      text=_TEXT_FILE.value or "lee_background",
+      output=_OUTPUT.value,
+      cache_dir=_CACHE_DIR.value or default_cache_dir(),
+      impl=_IMPL.value,
+    )
+    result = run_zero_shot(cfg)
   if not result["results"]:
-    sys.exit(f"error: no finished entries in {_OUTPUT.value}")
+    raise ValueError(f"no finished entries in {_OUTPUT.value}")
   table = report_markdown(result)
   print(table)
   if _RESULTS.value:
@@ -127,4 +136,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -67,7 +67,7 @@ def test_short_text_fails_before_loading(tmp_path, no_weight_loading):
     text=str(text),
     seq_len=64,
     num_windows=1,
-    calib_windows=0,
+    calib_windows=1,
     cache_dir=str(tmp_path),
   )
   with pytest.raises(ValueError, match="text too short"):
@@ -113,6 +113,60 @@ def test_tiny_model_end_to_end(tmp_path, policy):
   assert 0.55 <= result["coverage"] <= 1  # the default coverage target
   assert 0 <= result["generation"]["agreement"] <= 1
   assert result["versions"]["jax"]
+
+
+def _tiny_job(tmp_path, **kwargs) -> PrefillRunConfig:
+  text = tmp_path / "text.txt"
+  text.write_text(" ".join(f"word{i} and more text" for i in range(400)), encoding="utf-8")
+  settings = dict(
+    model=str(FIXTURE),
+    text=str(text),
+    seq_len=32,
+    num_windows=2,
+    calib_windows=2,
+    gen_prompts=0,
+    batch_size=2,
+    cache_dir=str(tmp_path / "cache"),
+  )
+  return PrefillRunConfig(**{**settings, **kwargs})
+
+
+def test_default_job_is_amber_next_to_the_naive_baseline(tmp_path):
+  """The main command's defaults: dense, the naive baseline (|x|, every site) and Amber Pruner
+  (robust score, auto skip layers at coverage >= 0.55), on the same windows."""
+  cfg = _tiny_job(tmp_path)
+  assert (cfg.score, cfg.policy, cfg.coverage, cfg.naive_baseline) == ("robust", "auto", 0.55, True)
+  result = run_prefill(cfg, show_progress=False, log=lambda *a: None)
+  naive, amber = result["naive"], result["sparse"]
+  assert (naive["policy"], naive["score"], naive["coverage"]) == ("all", "naive", 1.0)
+  assert naive["removed"] == 0.5
+  assert (amber["policy"], amber["score"]) == ("auto", "robust")
+  assert 0.55 <= result["coverage"] < 1.0 and result["removed"] == result["coverage"] / 2
+  assert naive["tokens"] == amber["tokens"] == result["dense"]["tokens"] == 64
+  assert naive["perplexity"] != amber["perplexity"]  # two different plans were evaluated
+  table = format_table(result)
+  print(table)
+  lines = table.splitlines()
+  assert lines[2].startswith("dense ")
+  assert lines[3].startswith("8:16 all/naive (naive top-k) ") and "100.0%" in lines[3]
+  assert lines[4].startswith("8:16 auto/robust (Amber Pruner) ")
+  assert f"{100 * result['coverage']:.1f}%" in lines[4]
+  assert any(line.startswith("plan built in ") for line in lines)
+
+
+def test_naive_baseline_is_not_repeated_or_can_be_left_out(tmp_path):
+  naive_plan = run_prefill(
+    _tiny_job(tmp_path, score="naive", policy="all"), show_progress=False, log=lambda *a: None
+  )
+  assert "naive" not in naive_plan and naive_plan["sparse"]["score"] == "naive"
+  without = run_prefill(
+    _tiny_job(tmp_path, score="weight", policy="paper", naive_baseline=False),
+    show_progress=False,
+    log=lambda *a: None,
+  )
+  assert "naive" not in without and "naive top-k" not in format_table(without)
+  dense = run_prefill(_tiny_job(tmp_path, pattern="dense"), show_progress=False, log=print)
+  assert "naive" not in dense and "sparse" not in dense
 
 
 def test_prefill_table_of_a_searched_plan_with_mixed_o_groups():

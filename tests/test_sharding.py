@@ -29,7 +29,12 @@ N_DEVICES = 8
 def _run_script(*args: str, timeout: int = 300) -> dict:
   env = {
     **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={N_DEVICES}",
+    # Flags already set (e.g. --xla_cpu_max_isa=AVX2 to round as another CPU does) are kept.
+    "XLA_FLAGS": " ".join(
+      f
+      for f in (os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={N_DEVICES}")
+      if f
+    ),
     "JAX_PLATFORMS": "cpu",
     "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
   }

@@ -229,7 +229,7 @@ def test_save_and_load_plan_through_the_main_job(tmp_path):
   # Options the plan fixes are refused rather than ignored; the impl (speed only) is applied.
   with pytest.raises(ValueError, match="which fixes score, smooth; drop them"):
     PrefillRunConfig(
-      pattern="8:16", load_plan=str(tmp_path / "plan"), score="robust", smooth="none", **common
+      pattern="8:16", load_plan=str(tmp_path / "plan"), score="weight", smooth="none", **common
     )
   third = run_prefill(
     PrefillRunConfig(pattern="8:16", load_plan=str(tmp_path / "plan"), impl="pallas", **common),

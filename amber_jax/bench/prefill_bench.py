@@ -484,6 +484,11 @@ class PrefillBenchConfig:
       raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
     if not self.cache_dir:
       raise ValueError("cache_dir must be given (where the model and text are cached)")
+    from amber_jax.runs.checks import check_text_source
+    from amber_jax.runs.common import check_cache_dir
+
+    check_cache_dir(self.cache_dir)
+    check_text_source(self.text, arg="text")
 
 
 def run_prefill_bench(
@@ -502,6 +507,11 @@ def run_prefill_bench(
   pattern = parse_pattern_or_dense(cfg.pattern)
   source = resolve_model(cfg.model, cfg.cache_dir, log=log)
   model_config = read_config(source)
+  if max(cfg.seq_lens) > model_config.seq_len_limit:
+    raise ValueError(
+      f"seq_lens must be <= {model_config.seq_len_limit} (the model's context), "
+      f"got {max(cfg.seq_lens)}"
+    )
   sparse_plan = make_plan(model_config, pattern) if pattern is not None else None
   tokenizer = load_tokenizer(source)
   text = load_text(cfg.text, cfg.cache_dir, log=log)
@@ -697,20 +707,41 @@ def bench_random_preset(
   ``peak_tflops`` (the device's dense peak in ``dtype``) also the compute floor of a prefill
   (its counted FLOPs at that peak) and the share of it dense reaches.
   """
-  if peak_tflops is not None and not peak_tflops > 0:
+  if peak_tflops is not None and not (peak_tflops > 0 and math.isfinite(peak_tflops)):
     raise ValueError(f"peak_tflops must be > 0 (TFLOP/s) or None, got {peak_tflops!r}")
+  # Everything is checked before the (large) random weights are made.
+  if parse_pattern_or_dense(pattern) is None:
+    raise ValueError(
+      f"pattern must be N:M with a random preset (dense is always timed), got {pattern!r}"
+    )
+  if not impls:
+    raise ValueError("impls must name at least one sparse implementation (e.g. xla, pallas)")
+  if not batch_sizes or min(batch_sizes) < 1:
+    raise ValueError(f"batch_sizes must be non-empty and >= 1, got {tuple(batch_sizes)}")
+  if not seq_lens or min(seq_lens) < 1:
+    raise ValueError(f"seq_lens must be non-empty and >= 1, got {tuple(seq_lens)}")
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}")
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   from amber_jax.model.presets import init_random_params, preset
 
   config = preset(preset_name)
-  jdtype = DTYPES[dtype]
-  params = init_random_params(config, jax.random.key(0), dtype=jdtype)
-  # "xla-sortnet" = impl xla with the sortnet mask algorithm; "pallas" = the fused kernel.
-  plans = {
-    f"sparse_{name}": make_plan(
-      config, pattern, impl=name.partition("-")[0], mask_method=name.partition("-")[2] or "auto"
+  if max(seq_lens) > config.seq_len_limit:
+    raise ValueError(
+      f"seq_lens must be <= {config.seq_len_limit} (the {preset_name} context), got {max(seq_lens)}"
     )
-    for name in impls
-  }
+  jdtype = DTYPES[dtype]
+  # "xla-sortnet" = impl xla with the sortnet mask algorithm; "pallas" = the fused kernel.
+  plans = {}
+  for name in impls:
+    try:
+      plans[f"sparse_{name}"] = make_plan(
+        config, pattern, impl=name.partition("-")[0], mask_method=name.partition("-")[2] or "auto"
+      )
+    except ValueError as e:
+      raise ValueError(f"impls entry {name!r}: {e}") from None
+  params = init_random_params(config, jax.random.key(0), dtype=jdtype)
   rng = np.random.default_rng(0)
   rows = []
   for b in batch_sizes:

@@ -71,10 +71,24 @@ class MCTask:
   description: str = ""
 
 
+class UnknownTaskError(ValueError, KeyError):
+  """A task name that is not one of BIGBENCH_TASKS (a ValueError, like other bad input; also
+  a KeyError, for callers that looked it up as a key)."""
+
+  def __str__(self) -> str:  # KeyError's would quote the message
+    return str(self.args[0]) if self.args else ""
+
+
 def bigbench_task_path(name: str) -> Path:
-  """The packaged task file of ``name`` (one of BIGBENCH_TASKS)."""
+  """The packaged task file of ``name`` (one of BIGBENCH_TASKS).
+
+  Raises:
+    UnknownTaskError: (a ValueError) naming the known tasks, for any other name.
+  """
   if name not in BIGBENCH_TASKS:
-    raise KeyError(f"unknown BIG-bench task {name!r}; available: {', '.join(BIGBENCH_TASKS)}")
+    raise UnknownTaskError(
+      f"unknown BIG-bench task {name!r}; known tasks: {', '.join(BIGBENCH_TASKS)}"
+    )
   return _DATA_DIR / f"{name}.json"
 
 

@@ -217,9 +217,57 @@ def _parse_skip_layers(value) -> tuple[int, ...]:
     return ()
   if isinstance(value, int):
     return (value,)
-  if isinstance(value, str):  # "1;3;4" (commas separate lm-eval model_args)
-    return tuple(int(v) for v in value.replace("/", ";").split(";") if v.strip())
-  return tuple(int(v) for v in value)
+  try:
+    if isinstance(value, str):  # "1;3;4" (commas separate lm-eval model_args)
+      return tuple(int(v) for v in value.replace("/", ";").split(";") if v.strip())
+    return tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(
+      f"skip_layers must be layer numbers separated by ';' (e.g. 1;3;4), got {value!r}"
+    ) from None
+
+
+def _number(name: str, value, kind=float):
+  """``kind(value)`` (a model_args string, say), or a ValueError naming the argument."""
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be a number, got {value!r}")
+  try:
+    return kind(value)
+  except (TypeError, ValueError):
+    what = "an integer" if kind is int else "a number"
+    raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+def _check_lm_options(
+  config: LlamaConfig,
+  tokenizer: tokenizers.Tokenizer,
+  *,
+  max_length,
+  max_gen_toks,
+  prefix_token_id,
+  eot_token_id,
+) -> tuple[int, int, int | None, tuple[int, ...]]:
+  """(max_length, max_gen_toks, prefix_token_id, EOS ids), checked against the model's context
+  and the tokenizer's vocabulary (ValueError naming the argument); the defaults filled in."""
+  limit = config.seq_len_limit
+  max_length = limit if max_length is None else _number("max_length", max_length, int)
+  if not 2 <= max_length <= limit:
+    raise ValueError(f"max_length must be in 2..{limit} (the model's context), got {max_length}")
+  max_gen_toks = _number("max_gen_toks", max_gen_toks, int)
+  if max_gen_toks < 1:
+    raise ValueError(f"max_gen_toks must be >= 1, got {max_gen_toks}")
+  if prefix_token_id is None:
+    template = tokenizer.encode("", add_special_tokens=True).ids
+    prefix_token_id = template[-1] if template else None
+  elif not isinstance(prefix_token_id, int):
+    prefix_token_id = _number("prefix_token_id", prefix_token_id, int)
+  eos_ids = eos_id_tuple(eot_token_id, "eot_token_id")
+  n_vocab = tokenizer.get_vocab_size()
+  checks = [("prefix_token_id", prefix_token_id)] + [("eot_token_id", e) for e in eos_ids]
+  for name, value in checks:
+    if value is not None and not 0 <= int(value) < n_vocab:
+      raise ValueError(f"{name}={value} is outside the tokenizer's vocabulary (0..{n_vocab - 1})")
+  return max_length, max_gen_toks, prefix_token_id, eos_ids
 
 
 @register_model("amber_jax")
@@ -265,20 +313,14 @@ class AmberLM(LM):
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
       dtype = _DTYPES[dtype]
     batch_size = _check_batch_size(batch_size)
-    max_length = config.seq_len_limit if max_length is None else int(max_length)
-    if max_length < 2:
-      raise ValueError(f"max_length must be >= 2, got {max_length}")
-    if int(max_gen_toks) < 1:
-      raise ValueError(f"max_gen_toks must be >= 1, got {max_gen_toks}")
-    if prefix_token_id is None:
-      template = tokenizer.encode("", add_special_tokens=True).ids
-      prefix_token_id = template[-1] if template else None
-    eos_ids = eos_id_tuple(eot_token_id, "eot_token_id")
-    n_vocab = tokenizer.get_vocab_size()
-    checks = [("prefix_token_id", prefix_token_id)] + [("eot_token_id", e) for e in eos_ids]
-    for name, value in checks:
-      if value is not None and not 0 <= int(value) < n_vocab:
-        raise ValueError(f"{name}={value} is outside the tokenizer's vocabulary (0..{n_vocab - 1})")
+    max_length, max_gen_toks, prefix_token_id, eos_ids = _check_lm_options(
+      config,
+      tokenizer,
+      max_length=max_length,
+      max_gen_toks=max_gen_toks,
+      prefix_token_id=prefix_token_id,
+      eot_token_id=eot_token_id,
+    )
     self.params = params
     self.config = config
     self.tokenizer = tokenizer
@@ -379,16 +421,55 @@ class AmberLM(LM):
       score=score,
       policy=policy,
       skip_layers=_parse_skip_layers(skip_layers),
-      coverage=float(coverage),
+      coverage=_number("coverage", coverage),
       granularity=granularity,
       impl=impl,
     )
     if plan_dir and amber.pattern is not None:
       raise ValueError(f"give pattern={pattern!r} or plan_dir={plan_dir!r}, not both")
+    if amber.needs_calibration:
+      from amber_jax.runs.checks import check_text_source
+
+      seq_len = _number("seq_len", seq_len, int)
+      calib_windows = _number("calib_windows", calib_windows, int)
+      calib_offset_windows = _number("calib_offset_windows", calib_offset_windows, int)
+      if calib_windows < 1 or calib_offset_windows < 0:
+        raise ValueError(
+          f"policy={policy!r} calibrates: calib_windows must be >= 1 and calib_offset_windows "
+          f">= 0, got {calib_windows} and {calib_offset_windows}"
+        )
+      check_text_source(str(text), arg="text")
+    from amber_jax.runs.common import check_cache_dir
+
+    check_cache_dir(str(Path(cache_dir).expanduser()))
     cache_dir = Path(cache_dir).expanduser()
     source = resolve_model(str(model), cache_dir, log=log)
     config = read_config(source)
     amber.validate_for(config)
+    # Everything checked before the weights load: the AmberLM options against the model's
+    # context and the tokenizer, the calibration text's windows, a saved plan.
+    tokenizer = load_tokenizer(source)
+    bos, eos = special_token_ids(source.path)
+    kwargs.setdefault("prefix_token_id", bos if bos is not None else (eos[0] if eos else None))
+    kwargs.setdefault("eot_token_id", list(eos) or None)
+    _check_lm_options(
+      config,
+      tokenizer,
+      max_length=kwargs.get("max_length"),
+      max_gen_toks=kwargs.get("max_gen_toks", 256),
+      prefix_token_id=kwargs["prefix_token_id"],
+      eot_token_id=kwargs["eot_token_id"],
+    )
+    calib = None
+    if amber.pattern is not None and amber.needs_calibration:
+      from amber_jax.data.texts import load_text
+      from amber_jax.eval.perplexity import make_windows
+      from amber_jax.runs.common import check_seq_len_for
+
+      check_seq_len_for(config, seq_len)
+      ids = tokenizer.encode(load_text(text, cache_dir, log=log)).ids
+      windows = make_windows(ids, seq_len, calib_offset_windows + calib_windows)
+      calib = windows[calib_offset_windows:]
     plan = None
     if plan_dir:
       from amber_jax.plan_io import load_sparsity_plan
@@ -398,16 +479,7 @@ class AmberLM(LM):
       )
     loaded = load_model(source, cache_dir, show_progress=show_progress, log=log)
     params = jax.tree.map(lambda a: jnp.asarray(a, _DTYPES[dtype]), loaded.params)
-    tokenizer = load_tokenizer(source)
     if amber.pattern is not None:
-      calib = None
-      if amber.needs_calibration:
-        from amber_jax.data.texts import load_text
-        from amber_jax.eval.perplexity import make_windows
-
-        ids = tokenizer.encode(load_text(text, cache_dir, log=log)).ids
-        windows = make_windows(ids, int(seq_len), int(calib_offset_windows) + int(calib_windows))
-        calib = windows[int(calib_offset_windows) :]
       plan = build_plan(
         params,
         loaded.config,
@@ -416,9 +488,6 @@ class AmberLM(LM):
         dtype=_DTYPES[dtype],
         show_progress=show_progress,
       ).plan
-    bos, eos = special_token_ids(source.path)
-    kwargs.setdefault("prefix_token_id", bos if bos is not None else (eos[0] if eos else None))
-    kwargs.setdefault("eot_token_id", list(eos) or None)
     return cls(
       params,
       loaded.config,

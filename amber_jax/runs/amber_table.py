@@ -38,6 +38,12 @@ class AmberTableConfig:
   cache_dir: str = ""
 
   def __post_init__(self):
+    for name in ("patterns", "scores", "policies"):
+      values = getattr(self, name)
+      if not values:
+        raise ValueError(f"{name} must name at least one entry (the table would have no rows)")
+      if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {list(values)}")
     for p in self.patterns:
       NMPattern.parse(p)
     for s in self.scores:
@@ -45,7 +51,25 @@ class AmberTableConfig:
     for p in self.policies:
       AmberConfig(pattern=None, policy=p)
     AmberConfig(pattern=None, coverage=self.coverage)
+    for name in ("seq_len", "num_windows", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.calib_windows < (1 if {"auto", "search"} & set(self.policies) else 0):
+      raise ValueError(
+        f"policies auto and search need calib_windows >= 1, got {self.calib_windows}"
+      )
     check_model_options(self.dtype, self.cache_dir)
+
+  def ambers(self) -> list[AmberConfig]:
+    """The AmberConfig of every (pattern, score, policy) row, in table order."""
+    return [
+      AmberConfig(
+        pattern=NMPattern.parse(pattern), score=score, policy=policy, coverage=self.coverage
+      )
+      for pattern in self.patterns
+      for score in self.scores
+      for policy in self.policies
+    ]
 
 
 def run_amber_table(cfg: AmberTableConfig, *, log=print, show_progress=True) -> dict:
@@ -58,6 +82,8 @@ def run_amber_table(cfg: AmberTableConfig, *, log=print, show_progress=True) -> 
     num_windows=cfg.num_windows,
     calib_windows=cfg.calib_windows,
     dtype=cfg.dtype,
+    # M divides every sparsified width, auto's coverage target is reachable: before loading.
+    validate=lambda c: [amber.validate_for(c) for amber in cfg.ambers()],
     show_progress=show_progress,
     log=log,
   )

@@ -27,6 +27,7 @@ from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
+from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
   check_model_options,
@@ -72,6 +73,12 @@ class CorrectionsConfig:
   cache_dir: str = ""
 
   def __post_init__(self):
+    for name in ("patterns", "methods", "corrections"):
+      values = getattr(self, name)
+      if not values:
+        raise ValueError(f"{name} must name at least one entry (the table would have no rows)")
+      if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {list(values)}")
     for p in self.patterns:
       NMPattern.parse(p)
     for m in self.methods:
@@ -80,7 +87,22 @@ class CorrectionsConfig:
     for run in self.corrections:
       parse_run(run)
     AmberConfig(pattern=None, coverage=self.coverage)
+    for name in ("seq_len", "num_windows", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.calib_windows < 1:  # the corrections (and the paper's auto policy) calibrate
+      raise ValueError(f"calib_windows must be >= 1, got {self.calib_windows}")
     check_model_options(self.dtype, self.cache_dir)
+    check_text_source(self.text, arg="text")
+    if self.transfer_text:
+      check_text_source(self.transfer_text, arg="text_file")
+
+  def base_plan(self, pattern: str, method: str) -> AmberConfig:
+    """The uncorrected plan of ``method`` ("paper" or "naive") at ``pattern``."""
+    score, policy = METHODS[method]
+    return AmberConfig(
+      pattern=NMPattern.parse(pattern), score=score, policy=policy, coverage=self.coverage
+    )
 
 
 def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) -> dict:
@@ -93,6 +115,10 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
     num_windows=cfg.num_windows,
     calib_windows=cfg.calib_windows,
     dtype=cfg.dtype,
+    # M divides every sparsified width, the coverage target is reachable: before loading.
+    validate=lambda c: [
+      cfg.base_plan(p, m).validate_for(c) for p in cfg.patterns for m in cfg.methods
+    ],
     show_progress=show_progress,
     log=log,
   )
@@ -113,10 +139,7 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
   rows = []
   for pattern in cfg.patterns:
     for method in cfg.methods:
-      score, policy = METHODS[method]
-      amber = AmberConfig(
-        pattern=NMPattern.parse(pattern), score=score, policy=policy, coverage=cfg.coverage
-      )
+      amber = cfg.base_plan(pattern, method)
       info = build_plan(
         setup.params,
         setup.config,

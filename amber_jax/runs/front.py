@@ -35,7 +35,7 @@ from amber_jax.channel_order import model_channel_order
 from amber_jax.corrections import CorrectionSpec
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
-from amber_jax.io.atomic import write_json_atomic
+from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.learned_factors import learn_score_factors
 from amber_jax.model.config import PROJECTIONS
@@ -45,6 +45,7 @@ from amber_jax.plots import save_coverage_front, save_learning_curves
 from amber_jax.policy import max_skips_for_coverage
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
+from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
   check_model_options,
@@ -114,18 +115,37 @@ class FrontConfig:
   cache_dir: str = ""
 
   def __post_init__(self):
+    for name in ("patterns", "methods", "coverages"):
+      if not getattr(self, name):
+        raise ValueError(f"{name} must name at least one entry")
     for p in self.patterns:
       NMPattern.parse(p)
     for m in self.methods:
       parse_method(m)
     for c in (*self.coverages, self.goal_coverage):
       AmberConfig(pattern=None, coverage=c)
+    learned = [m for m in self.methods if parse_method(m)[2]]
+    if learned and not any(abs(c - self.goal_coverage) < 1e-9 for c in self.coverages):
+      raise ValueError(  # they are evaluated at the goal coverage only: they would never run
+        f"methods {learned} run at goal_coverage={self.goal_coverage} only, which is not one "
+        f"of the coverages {list(self.coverages)}; add it to coverages or change goal_coverage"
+      )
+    for name in ("seq_len", "num_windows", "calib_windows", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if not 1 <= self.search_windows <= self.calib_windows:
       raise ValueError(
         f"search_windows must be in 1..{self.calib_windows} (calib_windows), "
         f"got {self.search_windows}"
       )
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
     check_model_options(self.dtype, self.cache_dir)
+    check_text_source(self.text, arg="text")
+    if self.transfer_text:
+      check_text_source(self.transfer_text, arg="text_file")
+    if self.output:
+      check_output_file(self.output, arg="output")
 
   def setup_key(self) -> dict:
     """What makes stored rows comparable (anything else may change between reruns)."""

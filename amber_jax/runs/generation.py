@@ -126,6 +126,26 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
   if not pending:
     return result
   sparse_amber = any(a.needs_calibration for _, a in runs)
+  max_new_tokens = {}  # task name -> tokens generated per answer
+
+  def validate(model_config):
+    """Before the weights load: every plan fits the model, and every prompt of the pending
+    tasks plus its answer fits the model's context."""
+    for _, amber in runs:
+      amber.validate_for(model_config)
+    tokenizer = load_tokenizer(resolve_model(cfg.model, cfg.cache_dir, log=lambda *a: None))
+    for task in {t.name: t for _, _, t in pending}.values():
+      max_new_tokens[task.name] = max_new = _max_new_tokens(cfg, tokenizer, task)
+      n = len(task.examples) if cfg.limit is None else min(cfg.limit, len(task.examples))
+      longest = max(len(tokenizer.encode(ex.prompt).ids) for ex in task.examples[:n])
+      if longest + max_new > model_config.seq_len_limit:
+        what = "max_new_tokens" if cfg.max_new_tokens else "its longest answer's tokens + 2"
+        raise ValueError(
+          f"task {task.name!r}: a prompt of {longest} tokens + {max_new} new tokens "
+          f"({what}) exceeds the model's context of {model_config.seq_len_limit} positions; "
+          "lower max_new_tokens or num_fewshot"
+        )
+
   setup = prepare_eval(
     model=cfg.model,
     text=cfg.text,
@@ -134,7 +154,7 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
     num_windows=cfg.num_windows,
     calib_windows=cfg.calib_windows if sparse_amber else 0,
     dtype=cfg.dtype,
-    validate=lambda c: [amber.validate_for(c) for _, amber in runs],
+    validate=validate,
     show_progress=show_progress,
     log=log,
   )
@@ -156,11 +176,7 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
       )
     info = plans[(method, pattern)]
     dense_entry = entries.get(entry_id(DENSE, DENSE, task.name))
-    max_new = cfg.max_new_tokens or 2 + max(
-      len(tokenizer.encode(" " + a, add_special_tokens=False).ids)
-      for ex in task.examples
-      for a in ex.answers
-    )
+    max_new = max_new_tokens[task.name]
     start = time.perf_counter()
     metrics = evaluate_generation(
       setup.params,
@@ -198,6 +214,15 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
       f"(n={metrics['n']}, {entries[key]['seconds']:.1f}s)"
     )
   return result
+
+
+def _max_new_tokens(cfg: GenerationConfig, tokenizer, task) -> int:
+  """``cfg.max_new_tokens``, else the longest accepted answer's tokens + 2."""
+  return cfg.max_new_tokens or 2 + max(
+    len(tokenizer.encode(" " + a, add_special_tokens=False).ids)
+    for ex in task.examples
+    for a in ex.answers
+  )
 
 
 def generation_markdown(results: dict) -> str:

@@ -101,9 +101,13 @@ class PrefillRunConfig:
     if self.quant == "w8a8" and self.calib_windows < 1:
       raise ValueError("quant=w8a8 needs calib_windows >= 1 (activation statistics)")
     check_float_sites(self.float_sites)
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    if self.policy not in ("auto", "search") and self.coverage != defaults["coverage"]:
+      raise ValueError(f"coverage only applies with policy auto or search (policy={self.policy!r})")
+    if self.policy != "auto" and self.granularity != defaults["granularity"]:
+      raise ValueError(f"granularity only applies with policy=auto (policy={self.policy!r})")
     if self.quant != "w8a8":
       # W8A8 options without W8A8 would be silently ignored.
-      defaults = {f.name: f.default for f in dataclasses.fields(self)}
       given = [n for n in self._W8A8_OPTIONS if getattr(self, n) != defaults[n]]
       if given:
         raise ValueError(f"{', '.join(given)} only apply with quant=w8a8 (quant={self.quant!r})")
@@ -222,6 +226,24 @@ def _naive_baseline_row(setup, amber: AmberConfig, common: dict) -> dict:
   )
 
 
+def _generation_row(setup, plan, prompts, cfg: PrefillRunConfig) -> dict:
+  """Greedy continuations under the plan's sparse prefill (dense decode) vs the dense model's."""
+  gen = generation_agreement(
+    setup.params,
+    prompts,
+    config=setup.config,
+    plan=plan,
+    new_tokens=cfg.gen_tokens,
+    dtype=DTYPES[cfg.dtype],
+  )
+  return {
+    "agreement": gen.agreement,
+    "prefix_agreement": gen.prefix_agreement,
+    "prompts": gen.prompts,
+    "new_tokens": gen.new_tokens,
+  }
+
+
 def _run_loaded_plan(cfg, setup, plan, result, common, prompts) -> dict:
   """Evaluates a restored plan (no calibration) next to the dense row already in ``result``;
   ``cfg.impl``, when given, replaces the plan's matmul implementation (speed only)."""
@@ -245,6 +267,8 @@ def _run_loaded_plan(cfg, setup, plan, result, common, prompts) -> dict:
     cov = plan_coverage(setup.config, plan)
     result.update(coverage=cov.covered, removed=cov.removed)
     result["time_ratio"] = row.seconds / result["dense"]["seconds"]
+    if prompts is not None:
+      result["generation"] = _generation_row(setup, plan, prompts, cfg)
   result["config"] = recorded_config(cfg)
   result["model_config"] = dataclasses.asdict(setup.config)
   result.update(environment())
@@ -402,15 +426,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
     if info.sensitivity is not None:
       result["sensitivity"] = info.sensitivity.errors.tolist()
     if prompts is not None:
-      gen = generation_agreement(
-        params, prompts, config=config, plan=plan, new_tokens=cfg.gen_tokens, dtype=dtype
-      )
-      result["generation"] = {
-        "agreement": gen.agreement,
-        "prefix_agreement": gen.prefix_agreement,
-        "prompts": gen.prompts,
-        "new_tokens": gen.new_tokens,
-      }
+      result["generation"] = _generation_row(setup, plan, prompts, cfg)
   result["config"] = recorded_config(cfg)
   result["model_config"] = dataclasses.asdict(config)
   result["params_from_cache"] = setup.params_from_cache

@@ -42,12 +42,25 @@ class QuantTableConfig:
   cache_dir: str = ""
 
   def __post_init__(self):
+    if not self.patterns:
+      raise ValueError("patterns must name at least one N:M pattern")
+    if len(set(self.patterns)) != len(self.patterns):
+      raise ValueError(f"patterns has duplicates: {list(self.patterns)}")
     for p in self.patterns:
       NMPattern.parse(p)
     AmberConfig(pattern=None, score=self.score, policy=self.policy, coverage=self.coverage)
+    for name in ("seq_len", "num_windows", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     check_model_options(self.dtype, self.cache_dir)
     if self.calib_windows < 1:
       raise ValueError("calib_windows must be >= 1")
+
+
+def _amber(cfg: QuantTableConfig, pattern: str) -> AmberConfig:
+  return AmberConfig(
+    pattern=NMPattern.parse(pattern), score=cfg.score, policy=cfg.policy, coverage=cfg.coverage
+  )
 
 
 def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> dict:
@@ -59,6 +72,8 @@ def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> 
     num_windows=cfg.num_windows,
     calib_windows=cfg.calib_windows,
     dtype=cfg.dtype,
+    # M divides every sparsified width, the coverage target is reachable: before loading.
+    validate=lambda c: [_amber(cfg, p).validate_for(c) for p in cfg.patterns],
     show_progress=show_progress,
     log=log,
   )
@@ -100,9 +115,7 @@ def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> 
       alpha=alpha,
     )
   for pattern in cfg.patterns:
-    amber = AmberConfig(
-      pattern=NMPattern.parse(pattern), score=cfg.score, policy=cfg.policy, coverage=cfg.coverage
-    )
+    amber = _amber(cfg, pattern)
     info = build_plan(
       params,
       config,

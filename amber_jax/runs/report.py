@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from amber_jax.io.atomic import check_output_file
 from amber_jax.plots import (
   save_accuracy_change,
   save_perplexity_vs_pattern,
@@ -30,6 +32,7 @@ from amber_jax.plots import (
 )
 from amber_jax.report import markdown_table, update_markdown_section
 from amber_jax.runs.amber_table import amber_table_markdown
+from amber_jax.runs.checks import check_markdown_file
 from amber_jax.runs.front import front_markdown, save_front_plots
 from amber_jax.runs.generation import RESULTS_FORMAT as GENERATION_FORMAT
 from amber_jax.runs.generation import generation_markdown
@@ -90,6 +93,39 @@ def dense_accuracy_markdown(entries: dict) -> str:
   return markdown_table(["task", "n", "acc (%)", "acc_norm (%)"], rows) + "\n"
 
 
+def _malformed(path, what: str, e: BaseException) -> ValueError:
+  return ValueError(
+    f"{what} file {path} is not a complete {what} results file ({type(e).__name__}: {e})"
+  )
+
+
+# What rendering a result file that lacks a key or holds a wrong type raises.
+_RENDER_ERRORS = (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError)
+
+
+def _render(path, what: str, fn):
+  """``fn()``, with a malformed file's KeyError or TypeError (and the like) turned into a
+  ValueError naming the file."""
+  try:
+    return fn()
+  except _RENDER_ERRORS as e:
+    if isinstance(e, ValueError) and str(path) in str(e):
+      raise
+    raise _malformed(path, what, e) from None
+
+
+def check_report_outputs(results_md, plots_dir, plot_names=(), *, args=("results_md", "plots_dir")):
+  """ValueError naming the argument (``args``: their names for the message) if the markdown
+  file or a PNG in ``plots_dir`` cannot be written; nothing is written."""
+  if results_md:
+    check_markdown_file(results_md, arg=args[0])
+  if plots_dir:
+    if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
+      raise ValueError(f"{args[1]}: {os.fspath(plots_dir)!r} is a file, not a directory")
+    for name in plot_names or ("plot.png",):
+      check_output_file(Path(plots_dir) / name, arg=args[1])
+
+
 def write_report(
   *,
   dense_full: str | os.PathLike | None = None,
@@ -104,18 +140,21 @@ def write_report(
 ) -> list[Path]:
   """Renders every given result file; returns the files written (markdown and PNGs).
 
-  Every input is read and checked before anything is written, so a bad file changes nothing.
+  Every input is read, checked and rendered (the sections and the PNGs, into a temporary
+  directory) before anything is written, so a bad file, or an output that cannot be written,
+  changes nothing.
 
   Raises:
-    ValueError: an unreadable or malformed result file, or nothing to render.
+    ValueError: an unreadable or malformed result file (named), an output path that cannot
+      be written, or nothing to render.
   """
   if not any((dense_full, zero_shot, generation, amber_table, sensitivity, front)):
     raise ValueError("give at least one result file to render")
   sections: list[tuple[str, str]] = []
-  plots = []  # (file name, callable(path) -> the PNG(s) written)
+  plots = []  # (file name, source file, what, callable(path) -> the PNG(s) written)
   if dense_full:
     entries = load_results(dense_full)
-    body = dense_accuracy_markdown(entries)
+    body = _render(dense_full, "dense_full", lambda: dense_accuracy_markdown(entries))
     sections.append(
       (
         "zero-shot-dense",
@@ -125,12 +164,15 @@ def write_report(
     )
   if zero_shot:
     entries = load_results(zero_shot)
-    sections.append(("zero-shot", "## Zero-shot accuracy\n\n" + report_markdown(entries)))
-    changes = accuracy_changes(entries)
+    body = _render(zero_shot, "zero_shot", lambda e=entries: report_markdown(e))
+    sections.append(("zero-shot", "## Zero-shot accuracy\n\n" + body))
+    changes = _render(zero_shot, "zero_shot", lambda e=entries: accuracy_changes(e))
     if changes:
       plots.append(
         (
           "accuracy_change.png",
+          zero_shot,
+          "zero_shot",
           lambda p, c=changes: save_accuracy_change(
             c, p, title="acc_norm change vs dense per task (± paired stderr)"
           ),
@@ -140,22 +182,27 @@ def write_report(
     entries = load_results(
       generation, fmt=GENERATION_FORMAT, need=("exact_match", "n", "answers", "settings")
     )
-    sections.append(
-      ("generation", "## Generation under sparse prefill\n\n" + generation_markdown(entries))
-    )
+    body = _render(generation, "generation", lambda e=entries: generation_markdown(e))
+    sections.append(("generation", "## Generation under sparse prefill\n\n" + body))
   if amber_table:
     result = _read_json(amber_table, "amber_table")
-    if "rows" not in result or "dense" not in result or "config" not in result:
+    if not isinstance(result, dict) or not {"rows", "dense", "config"} <= set(result):
       raise ValueError(f"amber_table file {amber_table} lacks rows/dense/config")
-    cfg = result["config"]
-    command = (
-      f"python experiments/amber_table.py --patterns={','.join(cfg['patterns'])} "
-      f"--scores={','.join(cfg['scores'])} --policies={','.join(cfg['policies'])}"
-    )
-    sections.append(("amber-table", amber_table_markdown(result, command)))
+
+    def amber_section(r=result):
+      cfg = r["config"]
+      command = (
+        f"python experiments/amber_table.py --patterns={','.join(cfg['patterns'])} "
+        f"--scores={','.join(cfg['scores'])} --policies={','.join(cfg['policies'])}"
+      )
+      return amber_table_markdown(r, command)
+
+    sections.append(("amber-table", _render(amber_table, "amber_table", amber_section)))
     plots.append(
       (
         "perplexity_vs_pattern.png",
+        amber_table,
+        "amber_table",
         lambda p, r=result: save_perplexity_vs_pattern(
           r["rows"], r["dense"]["perplexity"], p, title=f"{r['config']['model']}: perplexity"
         ),
@@ -163,11 +210,13 @@ def write_report(
     )
   if sensitivity:
     result = _read_json(sensitivity, "sensitivity")
-    if "errors" not in result or "projections" not in result:
+    if not isinstance(result, dict) or not {"errors", "projections"} <= set(result):
       raise ValueError(f"sensitivity file {sensitivity} lacks errors/projections")
     plots.append(
       (
         "sensitivity_heatmap.png",
+        sensitivity,
+        "sensitivity",
         lambda p, r=result: save_sensitivity_heatmap(
           np.asarray(r["errors"]),
           r["projections"],
@@ -179,23 +228,51 @@ def write_report(
     )
   if front:
     result = _read_json(front, "front")
-    if not {"rows", "dense", "config"} <= set(result):
+    if not isinstance(result, dict) or not {"rows", "dense", "config"} <= set(result):
       raise ValueError(f"front file {front} lacks rows/dense/config")
-    sections.append(("front", front_markdown(result)))
-    plots.append(("coverage_front.png", lambda p, r=result: save_front_plots(r, p)))
+    sections.append(("front", _render(front, "front", lambda r=result: front_markdown(r))))
+    plots.append(("coverage_front.png", front, "front", lambda p, r=result: save_front_plots(r, p)))
+  names = [name for name, *_ in plots] + (["learning_curves.png"] if front else [])
+  check_report_outputs(results_md, plots_dir if plots else None, names)
   written: list[Path] = []
-  if results_md:
-    for name, body in sections:
-      update_markdown_section(results_md, name, body)
-      log(f"wrote section {name!r} of {results_md}")
-    written.append(Path(results_md))
-  else:
-    for _, body in sections:
-      log(body)
-  if plots_dir:
-    for name, make in plots:  # make(path) -> the PNG written, or a list of them
-      made = make(Path(plots_dir) / name)
-      for path in made if isinstance(made, list) else [made]:
-        written.append(path)
-        log(f"wrote {path}")
+  with tempfile.TemporaryDirectory(prefix="amber_jax_report_") as tmp:
+    rendered: list[Path] = []
+    if plots_dir:
+      for name, source, what, make in plots:  # make(path) -> the PNG written, or a list
+        made = _render(source, what, lambda m=make, n=name: m(Path(tmp) / n))
+        rendered += made if isinstance(made, list) else [made]
+    if results_md:
+      for name, body in sections:
+        update_markdown_section(results_md, name, body)
+        log(f"wrote section {name!r} of {results_md}")
+      written.append(Path(results_md))
+    else:
+      for _, body in sections:
+        log(body)
+    if rendered:
+      Path(plots_dir).mkdir(parents=True, exist_ok=True)
+    for made in rendered:
+      path = Path(plots_dir) / made.name
+      write_bytes_atomic(path, made.read_bytes())
+      written.append(path)
+      log(f"wrote {path}")
   return written
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+  """``data`` into ``path`` through a temporary file in its directory and os.replace."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask

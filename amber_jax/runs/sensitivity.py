@@ -10,6 +10,7 @@ from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.policy import check_coverage_target, measure_sensitivity, select_skip_layers
+from amber_jax.pruner import AmberConfig
 from amber_jax.runs.common import (
   DTYPES,
   check_model_options,
@@ -46,6 +47,15 @@ class SensitivityRunConfig:
 def run_sensitivity(cfg: SensitivityRunConfig, *, log=print, show_progress=True) -> dict:
   """Measures every site's relative output error on the calibration windows."""
   pattern = NMPattern.parse(cfg.pattern)
+  # The auto policy's choice at cfg.coverage: its target must be reachable under the paper's
+  # rules, and M must divide every projection's input width (each site is measured).
+  auto = AmberConfig(pattern=pattern, score=cfg.score, policy="auto", coverage=cfg.coverage)
+
+  def validate(config):
+    auto.validate_for(config)
+    for p, (d_in, _) in config.linear_shapes().items():
+      pattern.check_width(d_in, where=f"{p}-projection input")
+
   setup = prepare_eval(
     model=cfg.model,
     text=cfg.text,
@@ -54,10 +64,7 @@ def run_sensitivity(cfg: SensitivityRunConfig, *, log=print, show_progress=True)
     num_windows=cfg.eval_windows,
     calib_windows=cfg.calib_windows,
     dtype=cfg.dtype,
-    validate=lambda c: [
-      pattern.check_width(d_in, where=f"{p}-projection input")
-      for p, (d_in, _) in c.linear_shapes().items()
-    ],
+    validate=validate,
     show_progress=show_progress,
     log=log,
   )

@@ -35,12 +35,13 @@ import numpy as np
 from amber_jax.data.bigbench import BIGBENCH_TASKS, bigbench_task_path, load_bigbench_task
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.multiple_choice import evaluate_task
-from amber_jax.io.atomic import write_json_atomic
+from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.io.loading import load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
+from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
   check_model_options,
@@ -156,12 +157,15 @@ def check_eval_grid(cfg) -> None:
   for name in ("batch_size", "seq_len", "num_windows"):
     if getattr(cfg, name) < 1:
       raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-  if needs_calibration(cfg.patterns, cfg.methods) and cfg.calib_windows < 1:
-    raise ValueError("method amber needs calib_windows >= 1")
+  if needs_calibration(cfg.patterns, cfg.methods):
+    if cfg.calib_windows < 1:
+      raise ValueError("method amber needs calib_windows >= 1")
+    check_text_source(cfg.text, arg="text_file")  # the calibration text, read before loading
   check_model_options(cfg.dtype, cfg.cache_dir)
   cfg.runs()  # builds every AmberConfig: validates coverage and each method's score/policy
   if not cfg.output:
     raise ValueError("output must be given (the results JSON, resumed when it exists)")
+  check_output_file(cfg.output, arg="output")
 
 
 def plan_rows(
