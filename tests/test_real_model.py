@@ -23,7 +23,11 @@ pytestmark = pytest.mark.real_model
 
 SEQ_LEN, NUM_WINDOWS = 512, 8
 DENSE_PPL = 33.31  # We measure 33.3067; HF transformers on the same windows: 33.3064.
-SPARSE_8_16_PPL = 87.5  # Naive |x| 8:16 on every site of every layer; we measure 87.52.
+# Naive |x| 8:16 on every site of every layer. N:M masks flip at near-ties when another CPU
+# rounds differently: measured 87.52 (Intel Xeon with AMX), 86.85 (AMD EPYC, also batch 1 or
+# one thread, or XLA's code capped at AVX2), 86.64 (capped at SSE4.2), 85.88 (capped at AVX,
+# no FMA): a 1.9% spread (experiments/rounding_spread.py). Asserted within 4% of the middle.
+SPARSE_8_16_PPL = 86.7
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def test_naive_8_16_perplexity(real, windows):
   plan = make_plan(config, "8:16")
   assert len(plan.enabled_sites()) == 30 * 7
   result = perplexity(params, windows, config=config, plan=plan, show_progress=False)
-  assert result.perplexity == pytest.approx(SPARSE_8_16_PPL, abs=0.5)
+  assert result.perplexity == pytest.approx(SPARSE_8_16_PPL, rel=0.04)
 
 
 def test_greedy_generation_is_deterministic(real):
@@ -140,7 +144,9 @@ def test_amber_auto_robust_8_16_meets_goal(real, windows, text):
     f"auto/robust 8:16: ppl {result.perplexity:.3f}, skip {info.skip_layers}, "
     f"coverage {info.coverage.covered:.4f}, plan built in {info.seconds:.1f} s"
   )
-  assert result.perplexity <= 43.0  # we measure 42.72 (dense 33.31, paper rules alone 45.0)
+  # Measured 42.72 (Intel Xeon with AMX), 42.80 (AMD EPYC), 42.93 (capped at SSE4.2), 43.35
+  # (capped at AVX, no FMA): a 1.5% spread; dense 33.31, the paper's rules alone 45.0.
+  assert result.perplexity <= 44.5
 
 
 def test_int8_plan_checkpoint_of_the_default_model(real, text, tmp_path):
