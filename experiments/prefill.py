@@ -26,7 +26,7 @@ The sparse perplexities move by up to 2% between CPUs (experiments/rounding_spre
 dense does not. Other plans by flag (--nonaive_baseline drops the baseline row):
 
     python experiments/prefill.py --pattern=2:4 --score=naive --policy=all
-    python experiments/prefill.py --pattern=2:4 --policy=paper --skip_layers=1,3,4 --output=/tmp/p.json
+    python experiments/prefill.py --pattern=2:4 --policy=paper --skip_layers=1,3,4 --output=o.json
 
 Beyond the paper (RESULTS.md "front"): the sites chosen by their measured KL cost, with the
 o-projection's N:M groups mixing attention heads (about 5 minutes of calibration):
