@@ -129,24 +129,33 @@ def test_learned_scales_are_the_plans_correction_and_the_model_reproduces_traini
 @pytest.mark.parametrize("learn_scales", [False, True])
 def test_learning_trains_through_a_calibrated_correction(model, learn_scales):
   params, windows = model
-  plan = make_plan(CFG, "2:4", sites=[(l, p) for l in range(2) for p in ("q", "o", "down")])
+  # Every site sparse and full-batch steps: the gain is large and the same on every CPU. (With
+  # only q/o/down sparse the KL is small and flat in the factors: 6 steps at the default rate
+  # moved it by +0.6% on an AMD EPYC and by -1.2% there under --xla_cpu_max_isa=SSE4_2, as N:M
+  # near-ties flipped; more steps raised it.)
+  plan = make_plan(CFG, "2:4", sites="all")
   median = calibrate_corrections(
     params, plan, windows[:, :-1], config=CFG, correction="median+bias", show_progress=False
   )
   plan = plan.replace(correction=median.correction)
   out = learn_score_factors(
-    params, plan, windows, config=CFG, steps=6, learn_scales=learn_scales, show_progress=False
+    params,
+    plan,
+    windows,
+    config=CFG,
+    steps=10,
+    learning_rate=0.1,
+    batch_size=len(windows),
+    learn_scales=learn_scales,
+    show_progress=False,
   )
   print(f"\nmedian+bias plan, scales={learn_scales}: KL {out.initial_kl:.4f} -> {out.final_kl:.4f}")
   # Training's forward pass is the corrected model's, before and after.
   assert _model_kl(params, windows, plan) == pytest.approx(out.initial_kl, rel=1e-3)
   assert _model_kl(params, windows, out.plan) == pytest.approx(out.final_kl, rel=1e-3)
-  # No decrease is asserted here: through a median+bias correction the gain is within the
-  # rounding noise and its sign depends on the CPU (6 steps, scales off: 0.988x on an AMD EPYC
-  # at XLA's default code, 1.006x capped at AVX; 30 steps at lr 0.1: 1.12-1.36x). What this
-  # test checks is that training runs through the corrected path (the KLs above) and keeps
-  # the correction's layout (below); learning that lowers the KL is tested above.
-  assert np.isfinite(out.final_kl) and out.final_kl < 1.5 * out.initial_kl
+  # final / initial KL: 0.817 (factors) and 0.792 (and scales) with XLA's CPU code at its
+  # default, capped at AVX2, at AVX (no FMA) and at SSE4.2, and on one thread alike (AMD EPYC).
+  assert out.final_kl < 0.9 * out.initial_kl
   got, was = out.plan.correction["down"], plan.correction["down"]
   np.testing.assert_array_equal(got["center"], was["center"])  # the centring is kept
   if learn_scales:  # the learned scale multiplies the calibrated output scale and bias
