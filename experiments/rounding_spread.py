@@ -51,9 +51,8 @@ _CACHE_DIR = flags.DEFINE_string(
 _NUMBERS = ("dense", "naive", "amber")
 
 
-def _run_variant(name: str, pattern: str, cache_dir: str, workdir: Path) -> dict:
+def _run_variant(name: str, pattern: str, cache_dir: str, out: Path) -> dict:
   args, xla_flags, one_thread = VARIANTS[name]
-  out = workdir / f"{len(list(workdir.iterdir()))}.json"
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags) if f)
   cmd = [
@@ -103,8 +102,8 @@ def main(argv):
   cache_dir = _CACHE_DIR.value or default_cache_dir()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    for name in _VARIANTS.value:
-      row = _run_variant(name, _PATTERN.value, cache_dir, Path(tmp))
+    for i, name in enumerate(_VARIANTS.value):
+      row = _run_variant(name, _PATTERN.value, cache_dir, Path(tmp) / f"{i}.json")
       rows.append(row)
       print(
         f"{name:<20} dense {row['dense']:8.3f}  naive {row['naive']:8.3f}  amber "

@@ -41,21 +41,23 @@ _CONVERTERS = {"enwiki": wiki_articles_text}
 DEFAULT_TEXT = "lee_background"
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-  """Reads a UTF-8 text file; raises ValueError naming the file when it cannot be read."""
+def read_text_file(path: str | os.PathLike, *, arg: str = "text_file") -> str:
+  """Reads a UTF-8 text file; raises ValueError naming ``arg`` and the file when it cannot be
+  read (missing, a directory, not UTF-8, no permission)."""
+  name = os.fspath(path)
   path = Path(path)
+  if not name.strip():
+    raise ValueError(f"{arg} must be a known text ({', '.join(KNOWN_TEXTS)}) or a file path")
   if path.is_dir():
-    raise ValueError(f"text_file {os.fspath(path)!r} is a directory; give a UTF-8 text file")
+    raise ValueError(f"{arg} {name!r} is a directory; give a UTF-8 text file")
   if not path.is_file():
-    raise ValueError(
-      f"text_file {os.fspath(path)!r} does not exist (known texts: {', '.join(KNOWN_TEXTS)})"
-    )
+    raise ValueError(f"{arg} {name!r} does not exist (known texts: {', '.join(KNOWN_TEXTS)})")
   try:
     return path.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"text_file {os.fspath(path)!r} is not valid UTF-8: {e}") from e
+    raise ValueError(f"{arg} {name!r} is not valid UTF-8: {e.reason}") from None
   except OSError as e:
-    raise ValueError(f"text_file {os.fspath(path)!r} cannot be read: {e.strerror}") from e
+    raise ValueError(f"{arg} {name!r} cannot be read: {e.strerror}") from None
 
 
 def load_text(name_or_path: str, cache_dir: str | os.PathLike, *, log=print) -> str:

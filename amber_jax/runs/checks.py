@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from amber_jax.data.texts import KNOWN_TEXTS
+from amber_jax.data.texts import KNOWN_TEXTS, read_text_file
 from amber_jax.io.atomic import check_output_file
 
 
@@ -34,21 +34,8 @@ def check_markdown_file(path: str | os.PathLike, *, arg: str) -> None:
 
 def check_text_source(text: str, *, arg: str) -> None:
   """A known text name (fetched later) or a readable UTF-8 file; ValueError naming ``arg``."""
-  if text in KNOWN_TEXTS:
-    return
-  p = Path(text)
-  if not text.strip():
-    raise ValueError(f"{arg} must be a known text ({', '.join(KNOWN_TEXTS)}) or a file path")
-  if p.is_dir():
-    raise ValueError(f"{arg} {text!r} is a directory; give a UTF-8 text file")
-  if not p.is_file():
-    raise ValueError(f"{arg} {text!r} does not exist (known texts: {', '.join(KNOWN_TEXTS)})")
-  try:
-    p.read_text(encoding="utf-8")
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{arg} {text!r} is not valid UTF-8: {e.reason}") from None
-  except OSError as e:
-    raise ValueError(f"{arg} {text!r} cannot be read: {e.strerror}") from None
+  if text not in KNOWN_TEXTS:
+    read_text_file(text, arg=arg)
 
 
 def read_json_file(path: str | os.PathLike, *, arg: str) -> dict:

@@ -101,14 +101,13 @@ class PrefillRunConfig:
     if self.quant == "w8a8" and self.calib_windows < 1:
       raise ValueError("quant=w8a8 needs calib_windows >= 1 (activation statistics)")
     check_float_sites(self.float_sites)
-    defaults = {f.name: f.default for f in dataclasses.fields(self)}
-    if self.policy not in ("auto", "search") and self.coverage != defaults["coverage"]:
+    # Options the run would silently ignore are errors.
+    if self.policy not in ("auto", "search") and self._given(("coverage",)):
       raise ValueError(f"coverage only applies with policy auto or search (policy={self.policy!r})")
-    if self.policy != "auto" and self.granularity != defaults["granularity"]:
+    if self.policy != "auto" and self._given(("granularity",)):
       raise ValueError(f"granularity only applies with policy=auto (policy={self.policy!r})")
     if self.quant != "w8a8":
-      # W8A8 options without W8A8 would be silently ignored.
-      given = [n for n in self._W8A8_OPTIONS if getattr(self, n) != defaults[n]]
+      given = self._given(self._W8A8_OPTIONS)
       if given:
         raise ValueError(f"{', '.join(given)} only apply with quant=w8a8 (quant={self.quant!r})")
     if self.save_plan:
@@ -125,9 +124,13 @@ class PrefillRunConfig:
     "smooth", "alpha", "act_scale", "order", "float_sites", "float_sites_auto", "save_plan",
   )  # fmt: skip
 
-  def _check_nothing_a_loaded_plan_fixes(self) -> None:
+  def _given(self, names) -> list[str]:
+    """Those of ``names`` whose value differs from the field's default."""
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
-    given = [n for n in self._FIXED_BY_LOADED_PLAN if getattr(self, n) != defaults[n]]
+    return [n for n in names if getattr(self, n) != defaults[n]]
+
+  def _check_nothing_a_loaded_plan_fixes(self) -> None:
+    given = self._given(self._FIXED_BY_LOADED_PLAN)
     if given:
       raise ValueError(
         f"load_plan restores a calibrated plan, which fixes {', '.join(given)}; drop "
