@@ -1,11 +1,30 @@
-"""Helpers shared by the experiment scripts (the environment is read here, not in the library)."""
+"""Helpers shared by the experiment scripts (the environment is read here, not in the library).
+
+The options every runner shares (model, text, windows, seq_len, batch size, dtype, impl, cache,
+output, method) are defined once here (``OPTIONS``); a script asks for the ones it takes::
+
+    OPTS = define_options("model", "seq_len", "cache_dir", batch_size=8)
+    ...
+    cfg = SomeConfig(**OPTS.fields(SomeConfig), other=...)
+
+They are listed by the script's own ``--help`` (this module disclaims the flags it defines for
+its callers). Scripts run as ``python experiments/X.py`` from any directory: Python puts this
+directory on ``sys.path``, and the package is installed, so no script edits ``sys.path``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging as std_logging
 import os
 import sys
 from pathlib import Path
+
+from absl import flags
+
+# Flags defined by the helpers below belong to the script that calls them (its --help lists
+# them as its own), not to this module.
+flags.disclaim_key_flags()
 
 # The --cache_dir flags' help: where default_cache_dir looks.
 CACHE_DIR_DEFAULT = "$AMBER_JAX_CACHE, else $XDG_CACHE_HOME/amber_jax or ~/.cache/amber_jax"
@@ -41,21 +60,156 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def define_impl_flag():
-  """The ``--impl`` flag of the experiments that run sparse prefills (one definition)."""
-  from absl import flags
-
+def _impls() -> list[str]:
   from amber_jax.impl import IMPLS
 
-  return flags.DEFINE_enum(
-    "impl",
+  return list(IMPLS)
+
+
+def _dtypes() -> list[str]:
+  from amber_jax.runs.common import DTYPES
+
+  return sorted(DTYPES)
+
+
+def _method_help() -> str:
+  from amber_jax.methods import BEST, method_names
+
+  return (
+    f"A named method of amber_jax.methods: {', '.join(method_names())} (best = {BEST}); "
+    "search and search_mixed take +<correction>, +learned[N], +learnedscale[N]. Sets score, "
+    "policy, o_order, granularity (and correction, learned factors); giving one of those "
+    "flags with another value as well is an error."
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """A shared flag: its kind ("string", "integer", "float", "enum"), default and help; for an
+  enum, a function returning its values (imported lazily)."""
+
+  kind: str
+  default: object
+  help: str
+  values: object = None
+
+
+OPTIONS = {
+  "model": Option(
+    "string", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
+  ),
+  "text": Option(
+    "string", "lee_background", "Main text (known name or UTF-8 file): evaluation, calibration."
+  ),
+  "text_file": Option(
+    "string", None, "UTF-8 text to evaluate (default: gensim's lee_background.cor)."
+  ),
+  "num_windows": Option("integer", 8, "Number of non-overlapping evaluation windows."),
+  "calib_windows": Option(
+    "integer", 8, "Calibration windows (after the evaluation windows, never overlapping them)."
+  ),
+  "seq_len": Option("integer", 512, "Predicted tokens per window."),
+  "batch_size": Option("integer", 4, "Windows per forward pass."),
+  "dtype": Option("enum", "float32", "Compute and parameter dtype.", _dtypes),
+  "impl": Option(
+    "enum",
     None,
-    list(IMPLS),
     "Sparse matmul: xla (jnp mask + XLA dot), pallas (fused kernel) or pallas_mask (Pallas "
     "mask pass + XLA dot); the Pallas ones run in interpret mode on CPU. Default: xla "
     "(faster than the measured kernels on an H200; see BENCHMARKS.md). Results do not "
     "depend on it.",
-  )
+    _impls,
+  ),
+  "cache_dir": Option(
+    "string",
+    None,
+    f"Cache for the model, text and converted params (default: {CACHE_DIR_DEFAULT}).",
+  ),
+  "output": Option("string", None, "Write the results as JSON here (atomically)."),
+  "method": Option("string", None, "", None),  # help: _method_help() (imports the registry)
+}
+
+
+class Options:
+  """The shared flags one script defined (``define_options``); read after flag parsing.
+
+  ``opts.NAME`` is the flag's value, except ``cache_dir`` (``default_cache_dir()`` when not
+  given); ``fields(cls)`` maps them onto a run config's fields."""
+
+  def __init__(self, holders: dict):
+    self._holders = holders
+
+  def __getattr__(self, name: str):
+    holders = self.__dict__.get("_holders", {})
+    if name not in holders:
+      raise AttributeError(f"this script defines no shared option {name!r}")
+    value = holders[name].value
+    if name == "cache_dir":
+      return value or default_cache_dir()
+    return value
+
+  def present(self, name: str) -> bool:
+    """Whether the flag was given on the command line."""
+    return flags.FLAGS[name].present
+
+  def fields(self, cls) -> dict:
+    """The shared options as keyword arguments of the dataclass ``cls``: only its fields;
+    ``text_file`` fills the ``text`` field when the script has no ``--text`` (unset: the
+    field's default); unset ``output`` and ``method`` become ""."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name in self._holders:
+      value = getattr(self, name)
+      field = name
+      if name == "text_file" and "text" not in self._holders:
+        field = "text"
+        if value is None:
+          continue
+      if field not in names:
+        continue
+      if name in ("output", "method") and value is None:
+        value = ""
+      out[field] = value
+    return out
+
+
+def define_options(*names: str, **overrides) -> Options:
+  """Defines the shared flags ``names`` (keys of ``OPTIONS``) for the calling script, so its
+  --help lists them. ``overrides``: ``name=default`` or ``name=(default, help)`` for a script
+  whose default or wording differs (the flag's name and meaning do not)."""
+  unknown = sorted(set(names) - set(OPTIONS) | set(overrides) - set(names))
+  if unknown:
+    raise ValueError(f"define_options: unknown or unlisted options {unknown}")
+  holders = {}
+  for name in names:
+    opt = OPTIONS[name]
+    default, help_ = opt.default, opt.help
+    if name in overrides:
+      value = overrides[name]
+      default, help_ = value if isinstance(value, tuple) else (value, help_)
+    if name == "method":
+      help_ = help_ or _method_help()
+    if opt.kind == "enum":
+      holders[name] = flags.DEFINE_enum(name, default, opt.values(), help_)
+    else:
+      holders[name] = getattr(flags, f"DEFINE_{opt.kind}")(name, default, help_)
+  return Options(holders)
+
+
+def method_or_flags(opts: Options, names=("score", "policy", "o_order", "granularity")) -> None:
+  """With ``--method``, ValueError if one of the old recipe flags ``names`` was given with a
+  value other than the method's (``amber_jax.methods.check_method_conflicts``: it names both);
+  an unknown method is a ValueError listing the valid names."""
+  if not opts.method:
+    return
+  from amber_jax.methods import check_method_conflicts
+
+  check_method_conflicts(opts.method, {n: flags.FLAGS[n].value for n in names if opts.present(n)})
+
+
+def define_impl_flag():
+  """The ``--impl`` flag of the experiments that run sparse prefills (one definition)."""
+  return define_options("impl")._holders["impl"]
 
 
 class _PlainFormatter(std_logging.Formatter):
@@ -68,7 +222,6 @@ class _PlainFormatter(std_logging.Formatter):
 def quiet_logging() -> None:
   """Library logs (absl, orbax, JAX's backend probe) at WARNING and above only, each as one
   plain line, unless ``--verbosity``/``-v`` was given (then absl's full format and level)."""
-  from absl import flags
   from absl import logging as absl_logging
 
   if flags.FLAGS["verbosity"].present:

@@ -28,6 +28,11 @@ dense does not. Other plans by flag (--nonaive_baseline drops the baseline row):
     python experiments/prefill.py --pattern=2:4 --score=naive --policy=all
     python experiments/prefill.py --pattern=2:4 --policy=paper --skip_layers=1,3,4 --output=o.json
 
+A named method (amber_jax.methods) instead of the flags: --method=amber is the default plan,
+--method=naive the baseline alone, --method=best the best recipe so far (search_mixed+learnedscale:
+about 7 minutes of calibration on 2 cores). --method with a conflicting --score, --policy,
+--o_order or --granularity is an error.
+
 Beyond the paper (RESULTS.md "front"): the sites chosen by their measured KL cost, with the
 o-projection's N:M groups mixing attention heads (about 5 minutes of calibration):
 
@@ -37,34 +42,38 @@ o-projection's N:M groups mixing attention heads (about 5 minutes of calibration
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
+from _common import define_options, method_or_flags, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag, run  # noqa: E402
-
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
-from amber_jax.policy import POLICIES, parse_layer_list  # noqa: E402
-from amber_jax.runs.common import DTYPES  # noqa: E402
-from amber_jax.runs.prefill import (  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.policy import POLICIES, parse_layer_list
+from amber_jax.runs.prefill import (
   PrefillRunConfig,
   format_table,
   parse_float_sites,
   run_prefill,
 )
-from amber_jax.scores import SCORES  # noqa: E402
+from amber_jax.scores import SCORES
 
-_MODEL = flags.DEFINE_string(
-  "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(PrefillRunConfig)}
+OPTS = define_options(
+  "model",
+  "method",
+  "calib_windows",
+  "impl",
+  "seq_len",
+  "num_windows",
+  "batch_size",
+  "dtype",
+  "text_file",
+  "output",
+  "cache_dir",
+  calib_windows=(8, "Calibration windows for policy=auto (after the evaluation windows)."),
 )
 _PATTERN = flags.DEFINE_string(
   "pattern", "8:16", "'dense' or N:M with 1 <= N < M (e.g. 2:4, 8:16)."
 )
-_DEFAULT = {f.name: f.default for f in dataclasses.fields(PrefillRunConfig)}
 _SCORE = flags.DEFINE_enum(
   "score", _DEFAULT["score"], list(SCORES), "Selection score: |x|, |x|*f, robust f."
 )
@@ -85,9 +94,6 @@ _SKIP_LAYERS = flags.DEFINE_string(
 )
 _COVERAGE = flags.DEFINE_float(
   "coverage", 0.55, "policy=auto: minimum share of linear MACs sparsified, in (0, 1]."
-)
-_CALIB_WINDOWS = flags.DEFINE_integer(
-  "calib_windows", 8, "Calibration windows for policy=auto (after the evaluation windows)."
 )
 _ROBUST_KEEP = flags.DEFINE_bool(
   "robust_keep_outliers", False, "score=robust: keep entries outside the 0.5/99.5 range."
@@ -137,39 +143,23 @@ _SAVE_PLAN = flags.DEFINE_string("save_plan", None, "Save the calibrated plan he
 _LOAD_PLAN = flags.DEFINE_string(
   "load_plan", None, "Restore a saved plan (checked against model, pattern, quant) and use it."
 )
-_IMPL = define_impl_flag()
-flags.declare_key_flag("impl")  # defined in _common: listed by --help, not only --helpfull
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Predicted tokens per window.")
-_NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Number of non-overlapping windows.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Windows per forward pass.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
-_TEXT_FILE = flags.DEFINE_string(
-  "text_file", None, "UTF-8 text to evaluate (default: gensim's lee_background.cor)."
-)
-_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir",
-  None,
-  f"Cache for the model, text and converted params (default: {CACHE_DIR_DEFAULT}).",
-)
 
 
 def main(argv):
   del argv
-  if _OUTPUT.value:
-    check_output_file(_OUTPUT.value, arg="--output")
+  if OPTS.output:
+    check_output_file(OPTS.output, arg="--output")
+  method_or_flags(OPTS)
   cfg = PrefillRunConfig(
-    model=_MODEL.value,
+    **OPTS.fields(PrefillRunConfig),
     pattern=_PATTERN.value,
     score=_SCORE.value,
     policy=_POLICY.value,
     skip_layers=parse_layer_list(_SKIP_LAYERS.value),
     coverage=_COVERAGE.value,
-    calib_windows=_CALIB_WINDOWS.value,
     robust_clip=not _ROBUST_KEEP.value,
     gen_prompts=_GEN_PROMPTS.value,
     naive_baseline=_NAIVE_BASELINE.value,
-    impl=_IMPL.value,
     granularity=_GRANULARITY.value,
     o_order=_O_ORDER.value,
     quant=_QUANT.value,
@@ -181,18 +171,12 @@ def main(argv):
     float_sites_auto=_FLOAT_SITES_AUTO.value,
     save_plan=_SAVE_PLAN.value or "",
     load_plan=_LOAD_PLAN.value or "",
-    seq_len=_SEQ_LEN.value,
-    num_windows=_NUM_WINDOWS.value,
-    batch_size=_BATCH_SIZE.value,
-    dtype=_DTYPE.value,
-    text=_TEXT_FILE.value or "lee_background",
-    cache_dir=_CACHE_DIR.value or default_cache_dir(),
   )
   result = run_prefill(cfg)
   print(format_table(result))
-  if _OUTPUT.value:
-    write_json_atomic(_OUTPUT.value, result)
-    print(f"wrote {_OUTPUT.value}")
+  if OPTS.output:
+    write_json_atomic(OPTS.output, result)
+    print(f"wrote {OPTS.output}")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ Two ways in::
 
   lm = AmberLM(params, config, tokenizer, plan)                     # already loaded
   lm = AmberLM.from_model("smollm2-135m", pattern="8:16", cache_dir=...)  # load and plan
+  lm = AmberLM.from_model("smollm2-135m", pattern="8:16", method="amber")  # a named method
 
 and, once this module is imported (it registers the name ``amber_jax``)::
 
   lm_eval.simple_evaluate(model="amber_jax", model_args="model=smollm2-135m,pattern=8:16", ...)
+  lm_eval.simple_evaluate(model="amber_jax", model_args="pattern=8:16,method=best", ...)
   python -m amber_jax.eval.lm_eval_adapter --model amber_jax --model_args ... --tasks ...
 
 Nothing else in ``amber_jax`` imports this module, so the package does not need lm-eval.
@@ -332,6 +334,8 @@ class AmberLM(LM):
     self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
     self._eos_token_ids = eos_ids
     self.show_progress = show_progress
+    # The plan's amber_jax.methods name ("dense", "amber", ...) when from_model built it.
+    self.method: str | None = None
 
   @property
   def batch_size(self) -> int:
@@ -368,11 +372,12 @@ class AmberLM(LM):
     model: str = "smollm2-135m",
     *,
     pattern: str = "dense",
-    score: str = "naive",
-    policy: str = "all",
+    method: str | None = None,
+    score: str | None = None,
+    policy: str | None = None,
     skip_layers=(),
     coverage: float = 0.55,
-    granularity: str = "layer",
+    granularity: str | None = None,
     impl: str | None = None,
     plan_dir: str | None = None,
     text: str = "lee_background",
@@ -387,9 +392,14 @@ class AmberLM(LM):
   ) -> AmberLM:
     """Loads ``model`` (a known name, a GGUF file or an HF directory) and builds its plan.
 
-    The plan is ``pattern`` ("dense" or "N:M") with ``score``, ``policy``, ``skip_layers``
-    ("1;3;4"), ``coverage`` and ``granularity`` as in ``experiments/prefill.py``
-    (:class:`amber_jax.pruner.AmberConfig`); policy "auto" calibrates on ``calib_windows``
+    The plan is ``pattern`` ("dense" or "N:M") with a named ``method`` of
+    :mod:`amber_jax.methods` (``amber``, ``naive``, ``search_mixed+learned``, ``best``, ...; its
+    canonical name is ``lm.method``) or, without one, ``score`` (default "naive"), ``policy``
+    (default "all"), ``skip_layers`` ("1;3;4") and ``granularity`` (default "layer") as in
+    ``experiments/prefill.py`` (:class:`amber_jax.pruner.AmberConfig`); a method together with
+    a score, policy or granularity of another value is a ValueError naming both. ``coverage``
+    is the target of the methods and policies that have one. Calibrating plans (policy "auto")
+    calibrate on ``calib_windows``
     windows of ``seq_len + 1`` tokens of ``text`` after its first ``calib_offset_windows``
     windows (the prefill experiment's calibration windows). Or ``plan_dir`` restores a plan
     saved by ``experiments/prefill.py --save_plan`` (the only way to a W8A8 plan here). The
@@ -403,8 +413,9 @@ class AmberLM(LM):
     """
     from amber_jax.io.loading import load_model, load_tokenizer
     from amber_jax.io.sources import read_config, resolve_model
+    from amber_jax.methods import build_method_plan, check_method_conflicts, identify_method
     from amber_jax.patterns import parse_pattern_or_dense
-    from amber_jax.pruner import AmberConfig, build_plan
+    from amber_jax.pruner import AmberConfig
 
     if dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -416,18 +427,32 @@ class AmberLM(LM):
       )
     if "batch_size" in kwargs:  # checked before anything loads
       kwargs["batch_size"] = _check_batch_size(kwargs["batch_size"])
-    amber = AmberConfig(
-      pattern=parse_pattern_or_dense(str(pattern)),
-      score=score,
-      policy=policy,
-      skip_layers=_parse_skip_layers(skip_layers),
-      coverage=_number("coverage", coverage),
-      granularity=granularity,
-      impl=impl,
-    )
+    old = {"score": score, "policy": policy, "granularity": granularity}
+    resolved = None
+    if method:
+      resolved = check_method_conflicts(
+        str(method), {k: v for k, v in old.items() if v is not None}
+      )
+      amber = resolved.amber_config(
+        parse_pattern_or_dense(str(pattern)),
+        coverage=_number("coverage", coverage),
+        impl=impl,
+        skip_layers=_parse_skip_layers(skip_layers),
+      )
+    else:
+      amber = AmberConfig(
+        pattern=parse_pattern_or_dense(str(pattern)),
+        score=score or "naive",
+        policy=policy or "all",
+        skip_layers=_parse_skip_layers(skip_layers),
+        coverage=_number("coverage", coverage),
+        granularity=granularity or "layer",
+        impl=impl,
+      )
+    calibrates = amber.needs_calibration or (resolved is not None and resolved.needs_calibration)
     if plan_dir and amber.pattern is not None:
       raise ValueError(f"give pattern={pattern!r} or plan_dir={plan_dir!r}, not both")
-    if amber.needs_calibration:
+    if calibrates and amber.pattern is not None:
       from amber_jax.runs.checks import check_text_source
 
       seq_len = _number("seq_len", seq_len, int)
@@ -435,8 +460,8 @@ class AmberLM(LM):
       calib_offset_windows = _number("calib_offset_windows", calib_offset_windows, int)
       if calib_windows < 1 or calib_offset_windows < 0:
         raise ValueError(
-          f"policy={policy!r} calibrates: calib_windows must be >= 1 and calib_offset_windows "
-          f">= 0, got {calib_windows} and {calib_offset_windows}"
+          f"policy={amber.policy!r} calibrates: calib_windows must be >= 1 and "
+          f"calib_offset_windows >= 0, got {calib_windows} and {calib_offset_windows}"
         )
       check_text_source(str(text), arg="text")
     from amber_jax.runs.common import check_cache_dir
@@ -461,7 +486,7 @@ class AmberLM(LM):
       eot_token_id=kwargs["eot_token_id"],
     )
     calib = None
-    if amber.pattern is not None and amber.needs_calibration:
+    if amber.pattern is not None and calibrates:
       from amber_jax.data.texts import load_text
       from amber_jax.eval.perplexity import make_windows
       from amber_jax.runs.common import check_seq_len_for
@@ -480,15 +505,16 @@ class AmberLM(LM):
     loaded = load_model(source, cache_dir, show_progress=show_progress, log=log)
     params = jax.tree.map(lambda a: jnp.asarray(a, _DTYPES[dtype]), loaded.params)
     if amber.pattern is not None:
-      plan = build_plan(
+      plan = build_method_plan(
         params,
         loaded.config,
+        resolved,
         amber,
         calib_windows=calib,
         dtype=_DTYPES[dtype],
         show_progress=show_progress,
       ).plan
-    return cls(
+    lm = cls(
       params,
       loaded.config,
       tokenizer,
@@ -497,6 +523,11 @@ class AmberLM(LM):
       show_progress=show_progress,
       **kwargs,
     )
+    if plan_dir:
+      lm.method = "loaded"
+    else:
+      lm.method = resolved.name if resolved is not None else identify_method(amber)
+    return lm
 
   @classmethod
   def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> AmberLM:

@@ -1,7 +1,9 @@
 """Ablation of the output corrections (amber_jax.corrections) on one model and two texts.
 
-For every pattern and method (the paper's: robust score, auto policy at the coverage target;
-naive: |x| score, every site sparse), one base plan is built, then each correction is fitted on
+For every pattern and method (names of ``amber_jax.methods`` without a correction or learned
+factors of their own; by default ``amber``: robust score, auto policy at the coverage target,
+and ``naive``: |x| score, every site sparse; ``paper`` is ``amber``'s old name), one base plan is
+built, then each correction is fitted on
 the calibration windows of the main text and evaluated on its evaluation windows and on the
 evaluation windows of a second text (never calibrated on), to see whether the gain transfers.
 """
@@ -23,6 +25,7 @@ from amber_jax.corrections import (
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.sources import DEFAULT_MODEL
+from amber_jax.methods import Method, resolve_method
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.pruner import AmberConfig, build_plan
@@ -37,8 +40,7 @@ from amber_jax.runs.common import (
   recorded_config,
 )
 
-# Base plans: name -> (score, policy).
-METHODS = {"paper": ("robust", "auto"), "naive": ("naive", "all")}
+DEFAULT_METHODS = ("amber", "naive")
 BEST = "median+scale+bias"
 # "correction" (fitted on the dense model's inputs) or "correction@inputs".
 DEFAULT_CORRECTIONS = (
@@ -48,6 +50,18 @@ DEFAULT_CORRECTIONS = (
   f"{BEST}@sequential",
   f"{BEST}@global",
 )
+
+
+def base_method(name: str) -> Method:
+  """The registry method ``name`` stands for, if it can be a base plan here (ValueError naming
+  ``methods`` else: dense, or a method with its own correction or learned factors)."""
+  m = resolve_method(name)
+  if m.is_dense or m.correction != "none" or m.learned_steps:
+    raise ValueError(
+      f"methods must be base plans (sparse, without a correction or learned factors of their "
+      f"own: naive, naive_rules, amber, search, search_mixed), got {name!r} ({m.name})"
+    )
+  return m
 
 
 def parse_run(run: str) -> tuple[CorrectionSpec, str]:
@@ -60,7 +74,7 @@ def parse_run(run: str) -> tuple[CorrectionSpec, str]:
 class CorrectionsConfig:
   model: str = DEFAULT_MODEL
   patterns: tuple[str, ...] = ("8:16", "2:4")
-  methods: tuple[str, ...] = ("paper", "naive")
+  methods: tuple[str, ...] = DEFAULT_METHODS  # amber_jax.methods names ("paper": amber)
   corrections: tuple[str, ...] = DEFAULT_CORRECTIONS  # "name" or "name@inputs"
   coverage: float = 0.55
   seq_len: int = 512
@@ -81,9 +95,9 @@ class CorrectionsConfig:
         raise ValueError(f"{name} has duplicates: {list(values)}")
     for p in self.patterns:
       NMPattern.parse(p)
-    for m in self.methods:
-      if m not in METHODS:
-        raise ValueError(f"methods must be from {', '.join(METHODS)}, got {m!r}")
+    names = [base_method(m).name for m in self.methods]
+    if len(set(names)) != len(names):
+      raise ValueError(f"methods name one method twice: {list(self.methods)} -> {names}")
     for run in self.corrections:
       parse_run(run)
     AmberConfig(pattern=None, coverage=self.coverage)
@@ -98,11 +112,8 @@ class CorrectionsConfig:
       check_text_source(self.transfer_text, arg="text_file")
 
   def base_plan(self, pattern: str, method: str) -> AmberConfig:
-    """The uncorrected plan of ``method`` ("paper" or "naive") at ``pattern``."""
-    score, policy = METHODS[method]
-    return AmberConfig(
-      pattern=NMPattern.parse(pattern), score=score, policy=policy, coverage=self.coverage
-    )
+    """The uncorrected plan of ``method`` (a registry name) at ``pattern``."""
+    return base_method(method).amber_config(NMPattern.parse(pattern), coverage=self.coverage)
 
 
 def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) -> dict:
@@ -138,7 +149,8 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
   log(f"dense: {dense}")
   rows = []
   for pattern in cfg.patterns:
-    for method in cfg.methods:
+    for name in cfg.methods:
+      method = base_method(name).name  # rows carry the canonical name
       amber = cfg.base_plan(pattern, method)
       info = build_plan(
         setup.params,
@@ -197,6 +209,13 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
   }
 
 
+def _canonical(name: str) -> str:
+  try:
+    return resolve_method(name).name
+  except ValueError:
+    return name
+
+
 def _closed(none: float, corrected: float, dense: float) -> float:
   """Share of the (log-)perplexity gap to dense that a correction closes."""
   gap = math.log(none) - math.log(dense)
@@ -208,6 +227,8 @@ def corrections_markdown(result: dict, command: str) -> str:
   cfg = result["config"]
   texts = list(result["dense"])
   main = texts[0]
+  # Files written before the method registry call amber "paper".
+  result = {**result, "rows": [{**r, "method": _canonical(r["method"])} for r in result["rows"]]}
   none = {
     (r["pattern"], r["method"]): r["perplexity"]
     for r in result["rows"]
@@ -249,7 +270,7 @@ def corrections_markdown(result: dict, command: str) -> str:
       f"Perplexity on the first {cfg['num_windows']} windows of {cfg['seq_len']} predicted "
       f"tokens of each text; dense {dense}. Corrections (`amber_jax.corrections`) are fitted on "
       f"the next {cfg['calib_windows']} windows of `{cfg['text']}` only; `{texts[-1]}` is never "
-      "seen in calibration. paper = robust score, auto policy at coverage >= "
+      "seen in calibration. amber = robust score, auto policy at coverage >= "
       f'{cfg["coverage"]}; naive = |x| score on every site. "gap closed" = share of the '
       "log-perplexity gap between the uncorrected plan and dense that the correction removes; "
       '"kept" = gap closed on the second text / gap closed on the first. Site error = mean '

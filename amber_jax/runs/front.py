@@ -1,10 +1,11 @@
 """Coverage-quality front: the best plan of each method at each coverage target, on two texts.
 
-Methods (all calibrated on the main text's calibration windows only):
+Methods are names of the registry (``amber_jax.methods``; all calibrated on the main text's
+calibration windows only) that have a coverage target:
 
-* ``naive``: |x| scores, the paper's site rules (q, gate, down; q/gate skip layers by
+* ``naive_rules``: |x| scores, the paper's site rules (q, gate, down; q/gate skip layers by
   sensitivity), so coverage at most 0.594 on Llama-shaped models;
-* ``paper``: the paper's robust scores under the same rules (Amber Pruner);
+* ``amber``: the paper's robust scores under the same rules (Amber Pruner);
 * ``search``: robust scores, sites chosen by their measured KL cost (``amber_jax.site_search``),
   any coverage;
 * ``search_mixed``: ``search`` with the o-projection's N:M groups mixing attention heads
@@ -16,6 +17,12 @@ Methods (all calibrated on the main text's calibration windows only):
   coverage only (about 40 s per step on 2 CPU cores for SmolLM2-135M); ``search+learnedscale[N]``
   also learns a per-output-channel scale of every sparse site. After a correction
   (``search+median+learned``) the factors are learned through the calibrated correction.
+
+Rows carry the method's canonical name (``paper`` and ``best`` are resolved). Results files
+written before the registry (no ``"method_names"`` key) called ``naive_rules`` "naive" and
+``amber`` "paper": their rows are read under the new names (``OLD_NAMES``), so such a file
+still resumes and renders. ``naive`` itself (every site sparse, coverage 1.0) has no coverage
+target and is refused here.
 
 The per-site costs are measured once per pattern and reused for every target. Rows are written
 to the JSON output (atomically) as they finish, and a rerun with the same setup skips them.
@@ -32,18 +39,18 @@ from pathlib import Path
 import numpy as np
 
 from amber_jax.channel_order import model_channel_order
-from amber_jax.corrections import CorrectionSpec
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.learned_factors import learn_score_factors
+from amber_jax.methods import DEFAULT_LEARN_STEPS as REGISTRY_LEARN_STEPS
+from amber_jax.methods import Method, build_method_plan, resolve_method
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
 from amber_jax.plots import save_coverage_front, save_learning_curves
 from amber_jax.policy import max_skips_for_coverage
-from amber_jax.pruner import AmberConfig, build_plan
+from amber_jax.pruner import AmberConfig
 from amber_jax.report import markdown_table
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
@@ -57,42 +64,47 @@ from amber_jax.runs.common import (
 from amber_jax.scores import model_factors
 from amber_jax.site_search import KLMeter, SiteCosts, measure_site_costs
 
-BASE_METHODS = {  # name -> (score, policy, o_order)
-  "naive": ("naive", "auto", "heads"),
-  "paper": ("robust", "auto", "heads"),
-  "search": ("robust", "search", "heads"),
-  "search_mixed": ("robust", "search", "mixed"),
-}
-DEFAULT_METHODS = ("naive", "paper", "search", "search+median", "search+learned")
+DEFAULT_METHODS = ("naive_rules", "amber", "search", "search+median", "search+learned")
 DEFAULT_COVERAGES = (0.4, 0.55, 0.7, 0.9)
-DEFAULT_LEARN_STEPS = 4
+DEFAULT_LEARN_STEPS = REGISTRY_LEARN_STEPS
+# What rows of a results file written before the registry (no "method_names") were called.
+OLD_NAMES = {"naive": "naive_rules", "paper": "amber"}
+METHOD_NAMES = "amber_jax.methods/1"  # marks a file whose rows use the registry's names
+
+
+def front_method(name: str) -> Method:
+  """The registry method ``name`` stands for, if it has a coverage target (ValueError else)."""
+  m = resolve_method(name)
+  if not m.has_coverage_target:
+    hint = (
+      "; the |x| baseline under the paper's rules is 'naive_rules' (called 'naive' by this "
+      "runner before the method registry)"
+      if m.name == "naive"
+      else ""
+    )
+    raise ValueError(
+      f"method {name!r} has no coverage target (front methods choose their sites for one: "
+      f"naive_rules, amber, search, search_mixed and their suffixes){hint}"
+    )
+  return m
 
 
 def parse_method(method: str) -> tuple[str, str, int, bool]:
-  """(base, correction, learning steps, learn output scales): "search+median" -> ("search",
-  "median", 0, False); "search+learned" -> ("search", "none", 4, False); "search+learned12" ->
-  ("search", "none", 12, False); "search+learnedscale" -> ("search", "none", 4, True);
-  "search+median+learned" -> ("search", "median", 4, False) (learned through the correction).
-  """
-  base, *extras = method.split("+")
-  if base not in BASE_METHODS:
-    raise ValueError(f"method must start with one of {', '.join(BASE_METHODS)}, got {method!r}")
-  learned, scales = 0, False
-  if extras and extras[-1].startswith("learned"):
-    last = extras.pop()
-    scales = last.startswith("learnedscale")
-    steps = last[len("learnedscale" if scales else "learned") :]
-    if steps and not (steps.isdigit() and int(steps) >= 1):
-      raise ValueError(f"learned steps must be a positive integer, got {method!r}")
-    learned = int(steps or DEFAULT_LEARN_STEPS)
-  correction = "+".join(extras) or "none"
-  CorrectionSpec.parse(correction)  # raises on an unknown correction
-  if (learned or correction != "none") and BASE_METHODS[base][1] != "search":
-    raise ValueError(
-      f"corrections and learned factors apply to searched plans (search, search_mixed), got "
-      f"{method!r}"
-    )
-  return base, correction, learned, scales
+  """(base, correction, learning steps, learn output scales) of a registry name, e.g.
+  "search+median" -> ("search", "median", 0, False); "search+learned" -> ("search", "none", 4,
+  False); "search+learnedscale12" -> ("search", "none", 12, True). The parsing is
+  ``amber_jax.methods.resolve_method``'s; this tuple form is kept for its callers."""
+  m = resolve_method(method)
+  return m.base.name, m.correction, m.learned_steps, m.learn_scales
+
+
+def canonical_rows(result: dict) -> list[dict]:
+  """``result``'s rows under the registry's names: a file written before the registry (no
+  ``"method_names"``) has its "naive" and "paper" rows renamed (``OLD_NAMES``)."""
+  rows = result.get("rows", [])
+  if result.get("method_names") == METHOD_NAMES:
+    return rows
+  return [{**r, "method": OLD_NAMES.get(r["method"], r["method"])} for r in rows]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,11 +132,12 @@ class FrontConfig:
         raise ValueError(f"{name} must name at least one entry")
     for p in self.patterns:
       NMPattern.parse(p)
-    for m in self.methods:
-      parse_method(m)
+    names = [front_method(m).name for m in self.methods]
+    if len(set(names)) != len(names):
+      raise ValueError(f"methods name one method twice: {list(self.methods)} -> {names}")
     for c in (*self.coverages, self.goal_coverage):
       AmberConfig(pattern=None, coverage=c)
-    learned = [m for m in self.methods if parse_method(m)[2]]
+    learned = [m for m in self.methods if front_method(m).learned_steps]
     if learned and not any(abs(c - self.goal_coverage) < 1e-9 for c in self.coverages):
       raise ValueError(  # they are evaluated at the goal coverage only: they would never run
         f"methods {learned} run at goal_coverage={self.goal_coverage} only, which is not one "
@@ -157,8 +170,8 @@ def _row_key(row: dict) -> tuple:
   return row["pattern"], row["method"], round(row["target"], 6)
 
 
-def _reachable(method: str, config, target: float) -> bool:
-  if BASE_METHODS[parse_method(method)[0]][1] != "auto":
+def _reachable(method: Method, config, target: float) -> bool:
+  if method.policy != "auto":
     return True
   try:
     max_skips_for_coverage(config, target)
@@ -188,6 +201,7 @@ def _load_previous(cfg: FrontConfig, log) -> dict:
       "or delete the file to start over"
     )
   previous.setdefault("site_costs", {})
+  previous["rows"] = canonical_rows(previous)
   log(f"resuming {cfg.output}: {len(previous['rows'])} rows already measured")
   return previous
 
@@ -234,6 +248,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
     "dense": previous.get("dense") or evaluate(None, "dense", list(texts)),
     "site_costs": dict(previous.get("site_costs", {})),
     "rows": list(previous["rows"]),
+    "method_names": METHOD_NAMES,
     "commands": list(previous.get("commands", [])),  # callers append theirs
     "config": recorded_config(cfg),
     **environment(),
@@ -251,24 +266,18 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
   }
   for pattern in cfg.patterns:
     for target in cfg.coverages:
-      for method in cfg.methods:
-        base, correction, learned, learn_scales = parse_method(method)
+      for name in cfg.methods:
+        m = front_method(name)
+        method, learned = m.name, m.learned_steps
         if (pattern, method, round(target, 6)) in done:
           continue
         if learned and abs(target - cfg.goal_coverage) > 1e-9:
           continue
-        if not _reachable(method, setup.config, target):
+        if not _reachable(m, setup.config, target):
           log(f"{pattern} {method} @ {target}: unreachable under the paper's rules, skipped")
           continue
-        score, policy, o_order = BASE_METHODS[base]
-        amber = AmberConfig(
-          pattern=NMPattern.parse(pattern),
-          score=score,
-          policy=policy,
-          coverage=target,
-          correction=correction,
-          o_order=o_order,
-        )
+        amber = m.amber_config(NMPattern.parse(pattern), coverage=target)
+        score, policy, o_order = m.score, m.policy, m.o_order
         # Site costs per (pattern, grouping): "8:16", or "8:16 o_order=mixed".
         cost_key = pattern if o_order == "heads" else f"{pattern} o_order={o_order}"
         if policy == "search" and cost_key not in costs:
@@ -294,37 +303,19 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
             "ordered": list(found.ordered),
           }
         start = time.perf_counter()
-        info = build_plan(
+        built = build_method_plan(
           setup.params,
           setup.config,
+          m,
           amber,
           calib_windows=setup.calib_windows,
           batch_size=cfg.batch_size,
           dtype=dtype,
           show_progress=show_progress,
           site_costs=costs.get(cost_key) if policy == "search" else None,
+          learning_rate=cfg.learning_rate,
         )
-        plan = info.plan
-        learn_log = None
-        if learned:
-          out = learn_score_factors(
-            setup.params,
-            plan,
-            setup.calib_windows,
-            config=setup.config,
-            steps=learned,
-            learning_rate=cfg.learning_rate,
-            learn_scales=learn_scales,
-            show_progress=show_progress,
-          )
-          plan = out.plan
-          learn_log = {
-            "steps": learned,
-            "scales": learn_scales,
-            "losses": out.losses,
-            "initial_kl": out.initial_kl,
-            "final_kl": out.final_kl,
-          }
+        info, plan, learn_log = built.info, built.plan, built.learned_record()
         calib_seconds = time.perf_counter() - start
         names = list(texts) if abs(target - cfg.goal_coverage) < 1e-9 else [cfg.text]
         row = {
@@ -362,7 +353,7 @@ def front_markdown(result: dict, commands: list[str] | None = None) -> str:
   commands = commands or result.get("commands") or ["python experiments/front.py"]
   cfg = result["config"]
   main, dense = cfg["text"], result["dense"]
-  rows = result["rows"]
+  rows = canonical_rows(result)
   # Rows may come from several runs into one file (other methods or targets): list them all.
   methods = list(dict.fromkeys(r["method"] for r in rows))
   patterns = list(dict.fromkeys(r["pattern"] for r in rows))
@@ -404,7 +395,7 @@ def front_markdown(result: dict, commands: list[str] | None = None) -> str:
       (
         r
         for r in rows
-        if (r["pattern"], r["method"], round(r["target"], 6)) == (pattern, "paper", goal)
+        if (r["pattern"], r["method"], round(r["target"], 6)) == (pattern, "amber", goal)
       ),
       None,
     )
@@ -439,7 +430,9 @@ def save_front_plots(result: dict, coverage_png: str | os.PathLike) -> list[Path
   """The front's PNGs: ``coverage_png`` (perplexity against coverage per method) and, if any
   row learned factors, ``learning_curves.png`` next to it (KL per step). Returns the paths."""
   text = result["config"]["text"]
-  written = [save_coverage_front(result["rows"], result["dense"][text], coverage_png, text=text)]
+  written = [
+    save_coverage_front(canonical_rows(result), result["dense"][text], coverage_png, text=text)
+  ]
   curves = learning_curves(result)
   if curves:
     path = Path(coverage_png).with_name("learning_curves.png")
@@ -453,6 +446,6 @@ def learning_curves(result: dict) -> dict[str, list[float]]:
   update, then the mean KL over all calibration windows after the last one."""
   return {
     f"{r['pattern']} {r['method']}": [*r["learned"]["losses"], r["learned"]["final_kl"]]
-    for r in result["rows"]
+    for r in canonical_rows(result)
     if r.get("learned")
   }

@@ -23,17 +23,20 @@ from amber_jax.eval.generative import (
 from amber_jax.io.atomic import write_json_atomic
 from amber_jax.io.loading import load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
-from amber_jax.pruner import build_plan
 from amber_jax.report import markdown_table
 from amber_jax.runs.common import DTYPES, environment, prepare_eval, recorded_config
 from amber_jax.runs.zero_shot import (
   DENSE,
   METHODS,
+  build_row_plan,
+  calibration_settings,
   check_entry,
   check_eval_grid,
   check_task_digests,
   entry_id,
   load_results,
+  method_calibrates,
+  needs_calibration,
   plan_rows,
   task_digest,
 )
@@ -50,7 +53,7 @@ class GenerationConfig:
   model: str = DEFAULT_MODEL
   tasks: tuple[str, ...] = DEFAULT_TASKS  # packaged BIG-bench names or JSON files
   patterns: tuple[str, ...] = ("dense", "8:16", "2:4")
-  methods: tuple[str, ...] = METHODS
+  methods: tuple[str, ...] = METHODS  # amber_jax.methods names, per sparse pattern
   num_fewshot: int = 3  # solved examples before each question: they teach the answer format
   limit: int | None = 100
   max_new_tokens: int | None = None  # None: the longest accepted answer's tokens + 2, per task
@@ -71,6 +74,9 @@ class GenerationConfig:
     if self.max_new_tokens is not None and self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1 (or None), got {self.max_new_tokens}")
 
+  def needs_calibration(self) -> bool:
+    return needs_calibration(self.patterns, self.methods)
+
   def runs(self):
     return plan_rows(self.patterns, self.methods, self.coverage, impl=self.impl)
 
@@ -83,14 +89,8 @@ class GenerationConfig:
       "dtype": self.dtype,
       "seed": self.seed,
     }
-    if method == "amber":
-      s["calibration"] = {
-        "text": self.text,
-        "seq_len": self.seq_len,
-        "num_windows": self.num_windows,
-        "calib_windows": self.calib_windows,
-        "coverage": self.coverage,
-      }
+    if method_calibrates(method):
+      s["calibration"] = calibration_settings(self)
     return s
 
 
@@ -125,7 +125,7 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
     log(f"resuming {cfg.output}: {done} of {len(wanted)} pairs already finished, skipped")
   if not pending:
     return result
-  sparse_amber = any(a.needs_calibration for _, a in runs)
+  sparse_amber = cfg.needs_calibration()
   max_new_tokens = {}  # task name -> tokens generated per answer
 
   def validate(model_config):
@@ -165,14 +165,8 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
   plans = {}
   for (method, pattern), amber, task in pending:
     if (method, pattern) not in plans:
-      plans[(method, pattern)] = build_plan(
-        setup.params,
-        setup.config,
-        amber,
-        calib_windows=setup.calib_windows if amber.needs_calibration else None,
-        batch_size=min(cfg.batch_size, 4),
-        dtype=dtype,
-        show_progress=show_progress,
+      plans[(method, pattern)] = build_row_plan(
+        setup, method, amber, cfg.batch_size, dtype, show_progress
       )
     info = plans[(method, pattern)]
     dense_entry = entries.get(entry_id(DENSE, DENSE, task.name))

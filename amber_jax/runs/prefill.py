@@ -1,6 +1,8 @@
 """The main job: perplexity and prefill throughput, dense vs an N:M plan, side by side.
 
-By default the plan is Amber Pruner's (robust score, the paper's q/gate/down rule, q/gate kept
+The plan is a named method of ``amber_jax.methods`` (``method="amber"``, ``"search_mixed"``,
+``"best"``, ...) or, without one, the old fields (score, policy, o_order, granularity). By
+default it is Amber Pruner's (robust score, the paper's q/gate/down rule, q/gate kept
 dense in the most sensitive layers chosen automatically so that coverage stays >= 0.55), and
 the naive top-k baseline (|x| at every site) is evaluated next to it on the same windows.
 """
@@ -21,11 +23,18 @@ from amber_jax.impl import check_impl
 from amber_jax.io.atomic import check_output_directory
 from amber_jax.io.plan_checkpoint import META_NAME as PLAN_META_NAME
 from amber_jax.io.sources import DEFAULT_MODEL
+from amber_jax.methods import (
+  Method,
+  build_method_plan,
+  check_method_conflicts,
+  identify_method,
+  resolve_method,
+)
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.plan import make_plan
 from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
-from amber_jax.pruner import AmberConfig, build_plan
+from amber_jax.pruner import AmberConfig
 from amber_jax.quant_plan import (
   DEFAULT_ALPHA,
   build_quant_state,
@@ -48,6 +57,10 @@ class PrefillRunConfig:
 
   model: str = DEFAULT_MODEL
   pattern: str = "8:16"
+  # A name of amber_jax.methods ("" : the plan is the fields below). It sets score, policy,
+  # o_order and granularity (a field given another value as well is a ValueError) and may add
+  # a correction and learned factors; "dense" makes the pattern dense.
+  method: str = ""
   # The defaults are the method the project is named after (Amber Pruner); the naive
   # baseline row below shows what it improves on.
   score: str = "robust"
@@ -82,6 +95,8 @@ class PrefillRunConfig:
   cache_dir: str = ""
 
   def __post_init__(self):
+    if self.method:
+      self._apply_method()
     self.amber()  # validates pattern, score, policy, coverage, skip_layers
     for name in ("seq_len", "num_windows", "batch_size", "gen_prompt_len", "gen_tokens"):
       if getattr(self, name) < 1:
@@ -115,18 +130,52 @@ class PrefillRunConfig:
     if self.load_plan:
       self._check_nothing_a_loaded_plan_fixes()
 
+  _METHOD_FIELDS = ("score", "policy", "o_order", "granularity")
+
+  def _apply_method(self) -> None:
+    """Checks the old fields against the method and sets them to its values."""
+    m = resolve_method(self.method)
+    check_method_conflicts(m, {k: getattr(self, k) for k in self._given(self._METHOD_FIELDS)})
+    if m.is_dense:
+      if self.pattern not in ("dense", self._defaults()["pattern"]):
+        raise ValueError(
+          f"method={self.method!r} makes no plan; it conflicts with pattern={self.pattern!r}"
+        )
+      object.__setattr__(self, "pattern", "dense")
+      return
+    for name in self._METHOD_FIELDS:
+      object.__setattr__(self, name, getattr(m, name))
+    if self.quant != "none" and (m.correction != "none" or m.learned_steps):
+      raise ValueError(
+        f"method={self.method!r} (a correction or learned factors) cannot be combined with "
+        f"quant={self.quant!r}"
+      )
+
+  def resolved_method(self) -> Method | None:
+    """The registry method of ``method`` (None when the plan comes from the old fields)."""
+    return resolve_method(self.method) if self.method else None
+
+  def method_name(self) -> str | None:
+    """The registry name of this run's plan: the method's, or the one the old fields match
+    (None when they match none, e.g. the weight score)."""
+    m = self.resolved_method()
+    return m.name if m is not None else identify_method(self.amber())
+
   _W8A8_OPTIONS = ("smooth", "alpha", "act_scale", "order", "float_sites", "float_sites_auto")
 
   # Options a restored plan fixes (it was calibrated with them): giving one with load_plan
   # would be silently ignored, so it is an error. (impl stays free: it changes speed only.)
   _FIXED_BY_LOADED_PLAN = (
-    "score", "policy", "skip_layers", "coverage", "robust_clip", "granularity", "o_order",
+    "method", "score", "policy", "skip_layers", "coverage", "robust_clip", "granularity", "o_order",
     "smooth", "alpha", "act_scale", "order", "float_sites", "float_sites_auto", "save_plan",
   )  # fmt: skip
 
+  def _defaults(self) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(self)}
+
   def _given(self, names) -> list[str]:
     """Those of ``names`` whose value differs from the field's default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    defaults = self._defaults()
     return [n for n in names if getattr(self, n) != defaults[n]]
 
   def _check_nothing_a_loaded_plan_fixes(self) -> None:
@@ -138,6 +187,16 @@ class PrefillRunConfig:
       )
 
   def amber(self) -> AmberConfig:
+    """The plan's AmberConfig (the method's, with this run's coverage and free options)."""
+    m = self.resolved_method()
+    if m is not None:
+      return m.amber_config(
+        parse_pattern_or_dense(self.pattern),
+        coverage=self.coverage,
+        impl=self.impl,
+        robust_clip=self.robust_clip,
+        skip_layers=tuple(self.skip_layers),
+      )
     return AmberConfig(
       pattern=parse_pattern_or_dense(self.pattern),
       score=self.score,
@@ -220,6 +279,7 @@ def _naive_baseline_row(setup, amber: AmberConfig, common: dict) -> dict:
   cov = plan_coverage(setup.config, plan)
   return _result_row(
     row,
+    method="naive",
     pattern=str(amber.pattern),
     policy="all",
     score="naive",
@@ -330,7 +390,13 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
   common = dict(config=config, batch_size=cfg.batch_size, dtype=dtype, show_progress=show_progress)
 
   dense = perplexity(params, setup.eval_windows, plan=None, desc="dense", **common)
-  result = {"dense": _result_row(dense), "coverage": 0.0, "removed": 0.0, "skip_layers": []}
+  result = {
+    "method": "loaded" if cfg.load_plan else cfg.method_name(),
+    "dense": _result_row(dense),
+    "coverage": 0.0,
+    "removed": 0.0,
+    "skip_layers": [],
+  }
   if _wants_naive_baseline(cfg, amber):
     result["naive"] = _naive_baseline_row(setup, amber, common)
   quant_state = smoothed = None
@@ -389,16 +455,19 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
       quant, smooth=cfg.smooth, act_scale=cfg.act_scale, calib_seconds=calib_seconds
     )
   if amber.pattern is not None:
-    info = build_plan(
+    built = build_method_plan(
       params,
       config,
+      cfg.resolved_method(),
       amber,
       calib_windows=setup.calib_windows,
       batch_size=cfg.batch_size,
       dtype=dtype,
       show_progress=show_progress,
     )
-    plan = info.plan
+    info, plan = built.info, built.plan
+    if built.learned is not None:
+      result["learned"] = built.learned_record()
     if quant_state is not None:
       # Outstanding-sparse: the scores see the smoothed activations, so their factors come
       # from the smoothed weights (the weight-aware score itself is invariant to smoothing).
@@ -411,6 +480,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
     )
     result["sparse"] = _result_row(
       sparse,
+      method=result["method"],
       pattern=str(amber.pattern),
       policy=amber.policy,
       score=amber.score,
@@ -449,6 +519,8 @@ def _run_name(row: dict) -> str:
   """'8:16 auto/robust (Amber Pruner)': pattern, policy/score, and the method's name if any."""
   name = f"{row['pattern']} {row['policy']}/{row['score']}"
   method = _METHOD_NAMES.get((row["policy"], row["score"]))
+  if method is None and row.get("method") not in (None, "naive", "amber", "naive_rules"):
+    method = row["method"]  # a registry name beyond the paper's, e.g. search_mixed+learned
   return f"{name} ({method})" if method else name
 
 

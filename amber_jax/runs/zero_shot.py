@@ -11,11 +11,16 @@ than being recomputed: silently replacing it would throw away finished work, and
 in one file would make the table compare unlike numbers. Use another ``output`` (or delete the
 file) to run with new settings.
 
-Methods, for each sparse pattern:
+Methods, for each sparse pattern: names of ``amber_jax.methods`` (the default two below; any
+other sparse one, e.g. ``search_mixed`` or ``best``, works the same way; entries carry the
+canonical name, so ``paper`` rows are ``amber`` rows):
 
 * ``naive``: every linear input sparsified (policy "all"), score |x|;
 * ``amber``: Amber Pruner (policy "auto", robust score), q/gate skip layers chosen on the
   calibration windows that follow the first ``num_windows`` windows of the text, as run_prefill.
+
+Every method that calibrates (all but ``naive``) records the calibration settings in its
+entries.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from amber_jax.eval.multiple_choice import evaluate_task
 from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.io.loading import load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
+from amber_jax.methods import build_method_plan, resolve_method
 from amber_jax.patterns import parse_pattern_or_dense
-from amber_jax.pruner import AmberConfig, build_plan
+from amber_jax.pruner import AmberConfig
 from amber_jax.report import markdown_table
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
@@ -50,7 +56,7 @@ from amber_jax.runs.common import (
   recorded_config,
 )
 
-METHODS = ("naive", "amber")
+METHODS = ("naive", "amber")  # the default methods (amber_jax.methods names)
 RESULTS_FORMAT = "amber_jax.zero_shot/1"
 DENSE = "dense"
 
@@ -109,21 +115,35 @@ class ZeroShotConfig:
       "dtype": self.dtype,
       "seed": self.seed,
     }
-    if method == "amber":
-      s["calibration"] = {
-        "text": self.text,
-        "seq_len": self.seq_len,
-        "num_windows": self.num_windows,
-        "calib_windows": self.calib_windows,
-        "coverage": self.coverage,
-      }
+    if method_calibrates(method):
+      s["calibration"] = calibration_settings(self)
     return s
 
 
+def method_calibrates(method: str) -> bool:
+  """Whether a row of ``method`` (a registry name; "dense" too) reads calibration text; an
+  unknown name (an entry of a foreign file) counts as calibrating."""
+  try:
+    return resolve_method(method).needs_calibration
+  except ValueError:
+    return True
+
+
+def calibration_settings(cfg) -> dict:
+  """What a calibrated entry must have been made with (text, windows, coverage target)."""
+  return {
+    "text": cfg.text,
+    "seq_len": cfg.seq_len,
+    "num_windows": cfg.num_windows,
+    "calib_windows": cfg.calib_windows,
+    "coverage": cfg.coverage,
+  }
+
+
 def needs_calibration(patterns: Sequence[str], methods: Sequence[str]) -> bool:
-  """Whether a grid of ``patterns`` x ``methods`` has an amber row (calibrated on text)."""
+  """Whether a grid of ``patterns`` x ``methods`` has a calibrated row (e.g. amber)."""
   sparse = any(parse_pattern_or_dense(p) is not None for p in patterns)
-  return sparse and "amber" in methods
+  return sparse and any(resolve_method(m).needs_calibration for m in methods)
 
 
 def check_eval_grid(cfg) -> None:
@@ -145,10 +165,16 @@ def check_eval_grid(cfg) -> None:
     raise ValueError(f"patterns has duplicates: {list(cfg.patterns)}")
   if not cfg.methods:
     raise ValueError("methods must name at least one method")
+  names = []
   for m in cfg.methods:
-    if m not in METHODS:
-      raise ValueError(f"method must be one of {', '.join(METHODS)}, got {m!r}")
-  if len(set(cfg.methods)) != len(cfg.methods):
+    try:
+      method = resolve_method(m)
+    except ValueError as e:
+      raise ValueError(f"method must be one of the registry's: {e}") from None
+    if method.is_dense:
+      raise ValueError("method 'dense' is not a method here: give --patterns=dense")
+    names.append(method.name)
+  if len(set(names)) != len(names):
     raise ValueError(f"methods has duplicates: {list(cfg.methods)}")
   if cfg.num_fewshot < 0:
     raise ValueError(f"num_fewshot must be >= 0, got {cfg.num_fewshot}")
@@ -159,7 +185,8 @@ def check_eval_grid(cfg) -> None:
       raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
   if needs_calibration(cfg.patterns, cfg.methods):
     if cfg.calib_windows < 1:
-      raise ValueError("method amber needs calib_windows >= 1")
+      calibrated = [m for m in cfg.methods if resolve_method(m).needs_calibration]
+      raise ValueError(f"method {calibrated[0]} needs calib_windows >= 1")
     check_text_source(cfg.text, arg="text_file")  # the calibration text, read before loading
   check_model_options(cfg.dtype, cfg.cache_dir)
   cfg.runs()  # builds every AmberConfig: validates coverage and each method's score/policy
@@ -175,6 +202,7 @@ def plan_rows(
   for it (the generation runs compare every sparse answer with the dense one, so it must
   exist before them), then the sparse rows in the order of ``patterns``.
 
+  Each method is a registry name (``amber_jax.methods``; rows carry its canonical name):
   ``naive``: every linear input sparsified, score |x|; ``amber``: the auto policy with the
   robust score at ``coverage``. "dense" is one row whatever the methods. ``impl``: the
   sparse rows' matmul implementation (``amber_jax.impl``; None: the default).
@@ -186,14 +214,27 @@ def plan_rows(
       rows.insert(0, ((DENSE, DENSE), AmberConfig(pattern=None)))
       continue
     for m in methods:
-      if m == "naive":
-        amber = AmberConfig(pattern=pattern, score="naive", policy="all", impl=impl)
-      else:
-        amber = AmberConfig(
-          pattern=pattern, score="robust", policy="auto", coverage=coverage, impl=impl
-        )
-      rows.append(((m, str(pattern)), amber))
+      method = resolve_method(m)
+      amber = method.amber_config(pattern, coverage=coverage, impl=impl)
+      rows.append(((method.name, str(pattern)), amber))
   return rows
+
+
+def build_row_plan(setup, method: str, amber: AmberConfig, batch_size, dtype, show_progress):
+  """The PlanInfo of one (method, pattern) row (``amber_jax.methods.build_method_plan``: the
+  method's learned factors too), calibrated on ``setup.calib_windows`` when it calibrates."""
+  m = resolve_method(method) if method != DENSE else None
+  calibrates = amber.needs_calibration or (m is not None and m.needs_calibration)
+  return build_method_plan(
+    setup.params,
+    setup.config,
+    m,
+    amber,
+    calib_windows=setup.calib_windows if calibrates else None,
+    batch_size=min(batch_size, 4),
+    dtype=dtype,
+    show_progress=show_progress,
+  ).info
 
 
 def subsample_indices(task_name: str, n_examples: int, size: int | None, seed: int):
@@ -350,15 +391,7 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
   plans = {}
   for (method, pattern), amber, task in pending:
     if (method, pattern) not in plans:
-      info = build_plan(
-        setup.params,
-        setup.config,
-        amber,
-        calib_windows=setup.calib_windows if amber.needs_calibration else None,
-        batch_size=min(cfg.batch_size, 4),
-        dtype=dtype,
-        show_progress=show_progress,
-      )
+      info = build_row_plan(setup, method, amber, cfg.batch_size, dtype, show_progress)
       plans[(method, pattern)] = info
       if amber.pattern is not None:
         log(
