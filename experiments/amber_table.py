@@ -12,23 +12,18 @@ replaces the "amber-table" section of RESULTS.md (and --output JSON). About
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from _common import default_cache_dir, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import default_cache_dir, run  # noqa: E402
-
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
-from amber_jax.report import update_markdown_section  # noqa: E402
-from amber_jax.runs.amber_table import (  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.report import update_markdown_section
+from amber_jax.runs.amber_table import (
   AmberTableConfig,
   amber_table_markdown,
   run_amber_table,
 )
-from amber_jax.runs.checks import check_markdown_file  # noqa: E402
+from amber_jax.runs.checks import check_markdown_file
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERNS = flags.DEFINE_list("patterns", ["2:4", "4:8", "8:16"], "N:M patterns.")

@@ -20,22 +20,16 @@ cores with the cached SmolLM2-135M.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-from absl import flags
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import (  # noqa: E402
+from _common import (
   CACHE_DIR_DEFAULT,
   cpu_model_name,
   default_cache_dir,
   run,
   usable_cpus,
 )
+from absl import flags
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _TASKS = flags.DEFINE_list(

@@ -64,23 +64,18 @@ import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+from _common import run
 from absl import flags
+from jax import lax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from _common import run  # noqa: E402
-from jax import lax  # noqa: E402
-
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
-from amber_jax.patterns import NMPattern  # noqa: E402
-from amber_jax.sparsity import sparsify  # noqa: E402
-from pallas_kernels.int8_matmul import default_block_sizes as int8_default_block_sizes  # noqa: E402
-from pallas_kernels.int8_matmul import (  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.patterns import NMPattern
+from amber_jax.sparsity import sparsify
+from pallas_kernels.int8_matmul import default_block_sizes as int8_default_block_sizes
+from pallas_kernels.int8_matmul import (
   int8_matmul,
   int8_matmul_reference,
   nm_int8_matmul,
@@ -88,8 +83,8 @@ from pallas_kernels.int8_matmul import (  # noqa: E402
   quantize_per_channel,
   quantize_per_token,
 )
-from pallas_kernels.nm_mask import nm_mask, nm_matmul_two_pass  # noqa: E402
-from pallas_kernels.nm_matmul import (  # noqa: E402
+from pallas_kernels.nm_mask import nm_mask, nm_matmul_two_pass
+from pallas_kernels.nm_matmul import (
   BlockSizes,
   default_block_sizes,
   nm_matmul,

@@ -13,22 +13,16 @@ About a minute on a GPU; use --shapes=small on CPU.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import run  # noqa: E402
-
-from amber_jax.patterns import NMPattern  # noqa: E402
-from amber_jax.sparsity import MASK_METHODS, nm_mask, nm_scores  # noqa: E402
+from amber_jax.patterns import NMPattern
+from amber_jax.sparsity import MASK_METHODS, nm_mask, nm_scores
 
 SHAPES = {
   "full": [(8192, 4096, 4096), (8192, 14336, 4096), (2048, 4096, 14336)],

@@ -40,26 +40,20 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
-from pathlib import Path
 
 # Leave GPU memory for torch's HF column (set before JAX starts; an explicit setting wins).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
-from absl import flags  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import (  # noqa: E402
+from _common import (
   CACHE_DIR_DEFAULT,
   cpu_model_name,
   default_cache_dir,
   run,
   usable_cpus,
 )
+from absl import flags
 
-from amber_jax.bench.prefill_bench import (  # noqa: E402
+from amber_jax.bench.prefill_bench import (
   DTYPES,
   MATMUL_PRECISIONS,
   PrefillBenchConfig,
@@ -70,8 +64,8 @@ from amber_jax.bench.prefill_bench import (  # noqa: E402
   peak_memory,
   run_prefill_bench,
 )
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
-from amber_jax.runs.checks import check_text_source, parse_ints  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.runs.checks import check_text_source, parse_ints
 
 _MODEL = flags.DEFINE_string(
   "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."

@@ -51,18 +51,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import flags
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import (  # noqa: E402
+from _common import (
   CACHE_DIR_DEFAULT,
   cpu_model_name,
   default_cache_dir,
   run,
   usable_cpus,
 )
+from absl import flags
 
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices",

@@ -15,23 +15,18 @@ on 2 busy CPU cores (96 perplexity evaluations, 44 calibrations of 8-60 s each).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, run  # noqa: E402
-
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
-from amber_jax.report import update_markdown_section  # noqa: E402
-from amber_jax.runs.checks import (  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.report import update_markdown_section
+from amber_jax.runs.checks import (
   check_markdown_file,
   read_json_file,
   require_keys,
 )
-from amber_jax.runs.corrections import (  # noqa: E402
+from amber_jax.runs.corrections import (
   DEFAULT_CORRECTIONS,
   CorrectionsConfig,
   corrections_markdown,

@@ -23,30 +23,23 @@ coverage 0.55. About 2 minutes on 2 CPU cores (the Gram greedy is plain numpy).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, run  # noqa: E402
-
-from amber_jax.channel_order import mixed_order  # noqa: E402
-from amber_jax.data.texts import DEFAULT_TEXT  # noqa: E402
-from amber_jax.io.sources import DEFAULT_MODEL  # noqa: E402
-from amber_jax.model.config import PROJECTIONS  # noqa: E402
-from amber_jax.model.llama import dense_pass_records  # noqa: E402
-from amber_jax.patterns import NMPattern  # noqa: E402
-from amber_jax.report import markdown_table  # noqa: E402
-from amber_jax.runs.checks import parse_ints  # noqa: E402
-from amber_jax.runs.common import check_cache_dir, prepare_eval  # noqa: E402
-from amber_jax.scores import model_factors  # noqa: E402
-from amber_jax.sparsity import sparsify  # noqa: E402
+from amber_jax.channel_order import mixed_order
+from amber_jax.data.texts import DEFAULT_TEXT
+from amber_jax.io.sources import DEFAULT_MODEL
+from amber_jax.model.config import PROJECTIONS
+from amber_jax.model.llama import dense_pass_records
+from amber_jax.patterns import NMPattern
+from amber_jax.report import markdown_table
+from amber_jax.runs.checks import parse_ints
+from amber_jax.runs.common import check_cache_dir, prepare_eval
+from amber_jax.scores import model_factors
+from amber_jax.sparsity import sparsify
 
 _MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "Known model name, .gguf file or HF dir.")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")

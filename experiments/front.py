@@ -22,22 +22,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, run  # noqa: E402
-
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
-from amber_jax.report import update_markdown_section  # noqa: E402
-from amber_jax.runs.checks import (  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.report import update_markdown_section
+from amber_jax.runs.checks import (
   check_markdown_file,
   parse_floats,
   read_json_file,
   require_keys,
 )
-from amber_jax.runs.front import (  # noqa: E402
+from amber_jax.runs.front import (
   DEFAULT_COVERAGES,
   DEFAULT_METHODS,
   FrontConfig,

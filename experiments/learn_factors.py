@@ -13,15 +13,9 @@ and the time. --save_plan writes the learned plan (orbax) for experiments/prefil
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+from _common import default_cache_dir, run
 from absl import flags
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import default_cache_dir, run  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")

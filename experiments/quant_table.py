@@ -11,19 +11,14 @@ W8A8 + the same Amber plan) in both orders. Prints each row as it finishes and r
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from _common import default_cache_dir, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import default_cache_dir, run  # noqa: E402
-
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
-from amber_jax.report import update_markdown_section  # noqa: E402
-from amber_jax.runs.checks import check_markdown_file  # noqa: E402
-from amber_jax.runs.quant_table import (  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.report import update_markdown_section
+from amber_jax.runs.checks import check_markdown_file
+from amber_jax.runs.quant_table import (
   QuantTableConfig,
   quant_table_markdown,
   run_quant_table,

@@ -20,17 +20,12 @@ sensitivity.py --output and front.py --output. Nothing is evaluated here; it tak
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from _common import run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import run  # noqa: E402
-
-from amber_jax.runs.report import check_report_outputs, write_report  # noqa: E402
+from amber_jax.runs.report import check_report_outputs, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {

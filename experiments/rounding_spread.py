@@ -23,13 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, run  # noqa: E402
-
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
 
 # name -> (extra prefill.py flags, extra XLA_FLAGS, one intra-op thread)
 VARIANTS = {

@@ -10,21 +10,14 @@ whose q/gate the auto policy keeps dense at --coverage. About 30 s on 2 CPU core
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
+from _common import default_cache_dir, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import default_cache_dir, run  # noqa: E402
-
-from amber_jax.io.atomic import check_output_file, write_json_atomic  # noqa: E402
-from amber_jax.plots import save_sensitivity_heatmap  # noqa: E402
-from amber_jax.runs.sensitivity import SensitivityRunConfig, run_sensitivity  # noqa: E402
-from amber_jax.scores import SCORES  # noqa: E402
+from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.plots import save_sensitivity_heatmap
+from amber_jax.runs.sensitivity import SensitivityRunConfig, run_sensitivity
+from amber_jax.scores import SCORES
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")

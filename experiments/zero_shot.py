@@ -25,21 +25,15 @@ Only the table, from an existing results file (nothing evaluated):
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from _common import define_options, run
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, define_impl_flag, run  # noqa: E402
-
-from amber_jax.data.bigbench import BIGBENCH_TASKS  # noqa: E402
-from amber_jax.report import update_markdown_section  # noqa: E402
-from amber_jax.runs.checks import check_markdown_file  # noqa: E402
-from amber_jax.runs.common import DTYPES  # noqa: E402
-from amber_jax.runs.zero_shot import (  # noqa: E402
+from amber_jax.data.bigbench import BIGBENCH_TASKS
+from amber_jax.report import update_markdown_section
+from amber_jax.runs.checks import check_markdown_file
+from amber_jax.runs.zero_shot import (
   METHODS,
   ZeroShotConfig,
   load_results,
@@ -48,8 +42,19 @@ from amber_jax.runs.zero_shot import (  # noqa: E402
   run_zero_shot,
 )
 
-_MODEL = flags.DEFINE_string(
-  "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
+OPTS = define_options(
+  "model",
+  "batch_size",
+  "dtype",
+  "calib_windows",
+  "text_file",
+  "impl",
+  "output",
+  "cache_dir",
+  batch_size=(8, "Scored choices per forward pass."),
+  calib_windows=(8, "amber: calibration windows (after the 8 perplexity windows of the text)."),
+  text_file=(None, "Calibration text for amber (default: gensim's lee_background.cor)."),
+  output=(None, "Results JSON (resumed when it exists)."),
 )
 _TASKS = flags.DEFINE_list(
   "tasks", list(BIGBENCH_TASKS), "Packaged BIG-bench task names or paths to BIG-bench JSON files."
@@ -58,35 +63,20 @@ _PATTERNS = flags.DEFINE_list("patterns", ["dense", "8:16", "2:4"], "'dense' and
 _METHODS = flags.DEFINE_list(
   "methods",
   list(METHODS),
-  "For each sparse pattern: naive (all linears, |x|) and/or amber (auto policy, robust score).",
+  "For each sparse pattern, amber_jax.methods names: naive (all linears, |x|), amber (auto "
+  "policy, robust score), or any other sparse method (search_mixed, best, ...).",
 )
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "Solved examples before each question.")
 _LIMIT = flags.DEFINE_integer("limit", None, "The first questions of each task (default: all).")
 _SUBSAMPLE = flags.DEFINE_integer(
   "subsample", None, "Instead of --limit: a seeded random subset of this many questions per task."
 )
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Scored choices per forward pass.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
 _COVERAGE = flags.DEFINE_float("coverage", 0.55, "amber: minimum share of linear MACs sparsified.")
-_CALIB_WINDOWS = flags.DEFINE_integer(
-  "calib_windows", 8, "amber: calibration windows (after the 8 perplexity windows of the text)."
-)
-_TEXT_FILE = flags.DEFINE_string(
-  "text_file", None, "Calibration text for amber (default: gensim's lee_background.cor)."
-)
-_IMPL = define_impl_flag()
-flags.declare_key_flag("impl")  # defined in _common: listed by --help, not only --helpfull
-_OUTPUT = flags.DEFINE_string("output", None, "Results JSON (resumed when it exists).")
 _REPORT = flags.DEFINE_bool(
   "report", False, "Only print the table of --output (and write --results); evaluate nothing."
 )
 _RESULTS = flags.DEFINE_string(
   "results", None, "Markdown file whose 'zero-shot' section gets the table (e.g. RESULTS.md)."
-)
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir",
-  None,
-  f"Cache for the model, text and converted params (default: {CACHE_DIR_DEFAULT}).",
 )
 flags.mark_flag_as_required("output")
 
@@ -96,38 +86,31 @@ def main(argv):
   if _RESULTS.value:
     check_markdown_file(_RESULTS.value, arg="--results")
   if _REPORT.value:
-    if not Path(_OUTPUT.value).is_file():
-      raise ValueError(f"--report needs an existing --output file, {_OUTPUT.value!r} is not one")
-    result = {"results": load_results(_OUTPUT.value)}
+    if not Path(OPTS.output).is_file():
+      raise ValueError(f"--report needs an existing --output file, {OPTS.output!r} is not one")
+    result = {"results": load_results(OPTS.output)}
   else:
     if not needs_calibration(_PATTERNS.value, _METHODS.value):
-      given = [f"--{f.name}" for f in (_TEXT_FILE, _COVERAGE, _CALIB_WINDOWS) if f.present]
+      given = [f"--{n}" for n in ("text_file", "coverage", "calib_windows") if OPTS.present(n)]
       if given:  # would be silently ignored
         verb = "applies" if len(given) == 1 else "apply"
         raise ValueError(
-          f"{', '.join(given)} only {verb} to amber rows (--methods with amber and a sparse "
-          "--patterns entry)"
+          f"{', '.join(given)} only {verb} to amber rows (--methods with a calibrated method "
+          "such as amber and a sparse --patterns entry)"
         )
     cfg = ZeroShotConfig(
-      model=_MODEL.value,
+      **OPTS.fields(ZeroShotConfig),
       tasks=tuple(_TASKS.value),
       patterns=tuple(_PATTERNS.value),
       methods=tuple(_METHODS.value),
       num_fewshot=_NUM_FEWSHOT.value,
       limit=_LIMIT.value,
       subsample=_SUBSAMPLE.value,
-      batch_size=_BATCH_SIZE.value,
-      dtype=_DTYPE.value,
       coverage=_COVERAGE.value,
-      calib_windows=_CALIB_WINDOWS.value,
-      text=_TEXT_FILE.value or "lee_background",
-      output=_OUTPUT.value,
-      cache_dir=_CACHE_DIR.value or default_cache_dir(),
-      impl=_IMPL.value,
     )
     result = run_zero_shot(cfg)
   if not result["results"]:
-    raise ValueError(f"no finished entries in {_OUTPUT.value}")
+    raise ValueError(f"no finished entries in {OPTS.output}")
   table = report_markdown(result)
   print(table)
   if _RESULTS.value:
