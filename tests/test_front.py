@@ -19,7 +19,14 @@ from amber_jax.runs.front import (
 )
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
-METHODS = ("naive", "paper", "search", "search+median", "search+learned1", "search+learnedscale1")
+METHODS = (
+  "naive_rules",
+  "amber",
+  "search",
+  "search+median",
+  "search+learned1",
+  "search+learnedscale1",
+)
 
 
 def _quiet(*args):
@@ -61,7 +68,7 @@ def test_front_rows_resume_report_and_plot(make_cfg, tmp_path, monkeypatch):
   # The paper's rules cannot reach 0.9 on this model (q, gate, down = 0.556 of the MACs);
   # learned factors are trained at the goal coverage only.
   expected = {(m, t) for m in METHODS[:4] for t in (0.3, 0.55, 0.9)}
-  expected -= {("naive", 0.9), ("paper", 0.9)}
+  expected -= {("naive_rules", 0.9), ("amber", 0.9)}
   expected |= {("search+learned1", 0.55), ("search+learnedscale1", 0.55)}
   assert set(rows) == expected
   for (_, target), r in rows.items():
@@ -77,7 +84,7 @@ def test_front_rows_resume_report_and_plot(make_cfg, tmp_path, monkeypatch):
   def fail(*a, **k):
     raise AssertionError("a finished row was computed again")
 
-  monkeypatch.setattr(runs.front, "build_plan", fail)
+  monkeypatch.setattr(runs.front, "build_method_plan", fail)
   again = run_front(cfg, log=_quiet, show_progress=False)
   assert again["rows"] == result["rows"]
 
@@ -116,8 +123,10 @@ def test_other_setup_is_an_error_and_keeps_the_file(make_cfg):
 @pytest.mark.parametrize(
   "kwargs, match",
   [
-    (dict(methods=("magic",)), "method must start with one of naive, paper, search"),
+    (dict(methods=("magic",)), "unknown method 'magic'; valid: dense, naive, naive_rules"),
     (dict(methods=("paper+median",)), "apply to searched plans"),
+    (dict(methods=("naive",)), "has no coverage target"),
+    (dict(methods=("paper", "amber")), "name one method twice"),
     (dict(methods=("search+nonsense",)), "correction"),
     (dict(coverages=(1.5,)), "coverage must be in"),
     (dict(search_windows=3), "search_windows must be in 1..2"),
@@ -139,3 +148,18 @@ def test_parse_method():
   assert parse_method("search+learned12") == ("search", "none", 12, False)
   assert parse_method("search+learnedscale2") == ("search", "none", 2, True)
   assert parse_method("naive") == ("naive", "none", 0, False)
+  assert parse_method("paper") == ("amber", "none", 0, False)
+
+
+def test_results_written_before_the_registry_resume_under_new_names(make_cfg, tmp_path):
+  cfg = make_cfg(methods=("naive_rules", "amber"), coverages=(0.55,))
+  result = run_front(cfg, log=_quiet, show_progress=False)
+  assert result["method_names"] == "amber_jax.methods/1"
+  old = json.loads(pathlib.Path(cfg.output).read_text())
+  del old["method_names"]  # as written before the registry: "naive" and "paper"
+  for r in old["rows"]:
+    r["method"] = {"naive_rules": "naive", "amber": "paper"}[r["method"]]
+  pathlib.Path(cfg.output).write_text(json.dumps(old))
+  again = run_front(cfg, log=_quiet, show_progress=False)  # nothing recomputed
+  assert [r["method"] for r in again["rows"]] == ["naive_rules", "amber"]
+  assert "| amber |" in front_markdown(old) and "| 2:4 | amber |" in front_markdown(old)
