@@ -479,6 +479,12 @@ def test_model_args_path_and_registry(tmp_path, offline):
   assert lm.batch_size == 2  # model_args win over lm-eval's own batch_size
   assert str(lm.plan.pattern) == "8:16" and bool(np.asarray(lm.plan.enabled["q"]).all())
   assert (lm.prefix_token_id, lm.eot_token_id) == (1, 2)  # the checkpoint's BOS and EOS
+  assert lm.method == "naive"  # score naive, policy all: the registry's name for the plan
+  named = AmberLM.create_from_arg_string(
+    f"model={FIXTURE},pattern=8:16,method=naive,cache_dir={tmp_path / 'cache'}"
+  )
+  assert named.method == "naive"
+  assert all(bool(np.asarray(named.plan.enabled[p]).all()) for p in named.plan.enabled)
   assert lm.max_length == 1024  # max_position_embeddings
   _write_tasks(tmp_path, ["x", "y"])
   out = lm_eval.simple_evaluate(
@@ -501,6 +507,8 @@ def test_model_args_path_and_registry(tmp_path, offline):
     ("dtype=float16", "dtype must be one of"),
     ("batch_size=auto", "batch_size"),
     ("model=/nonexistent/model.gguf", "neither a known name"),
+    ("pattern=8:16,method=magic", "unknown method 'magic'; valid: dense, naive"),
+    ("pattern=8:16,method=amber,policy=all", "method='amber' conflicts with policy='all'"),
   ],
 )
 def test_model_args_bad_input(tmp_path, arg_string, message):

@@ -154,6 +154,24 @@ def test_default_job_is_amber_next_to_the_naive_baseline(tmp_path):
   assert any(line.startswith("plan built in ") for line in lines)
 
 
+def test_named_method_is_the_same_plan_and_is_recorded(tmp_path):
+  """--method=amber is the default plan; a learned method learns; the JSON names the method."""
+  quiet = dict(show_progress=False, log=lambda *a: None)
+  default = run_prefill(_tiny_job(tmp_path, gen_prompts=0), **quiet)
+  named = run_prefill(_tiny_job(tmp_path, method="paper", gen_prompts=0), **quiet)
+  assert named["sparse"]["perplexity"] == default["sparse"]["perplexity"]
+  assert named["skip_layers"] == default["skip_layers"]
+  assert default["method"] == named["method"] == named["sparse"]["method"] == "amber"
+  assert named["naive"]["method"] == "naive" and named["config"]["method"] == "paper"
+  learned = run_prefill(
+    _tiny_job(tmp_path, method="search_mixed+learnedscale1", gen_prompts=0), **quiet
+  )
+  assert learned["method"] == "search_mixed+learnedscale1"
+  assert (learned["sparse"]["policy"], learned["sparse"]["o_order"]) == ("search", "mixed")
+  assert learned["learned"]["steps"] == 1 and learned["learned"]["scales"] is True
+  assert "(search_mixed+learnedscale1)" in format_table(learned)
+
+
 def test_naive_baseline_is_not_repeated_or_can_be_left_out(tmp_path):
   naive_plan = run_prefill(
     _tiny_job(tmp_path, score="naive", policy="all"), show_progress=False, log=lambda *a: None
