@@ -28,6 +28,7 @@ from amber_jax.runs.checks import (
 )
 from amber_jax.runs.corrections import (
   DEFAULT_CORRECTIONS,
+  DEFAULT_METHODS,
   CorrectionsConfig,
   corrections_markdown,
   run_corrections,
@@ -35,7 +36,11 @@ from amber_jax.runs.corrections import (
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
-_METHODS = flags.DEFINE_list("methods", ["paper", "naive"], "Base plans: paper, naive.")
+_METHODS = flags.DEFINE_list(
+  "methods",
+  list(DEFAULT_METHODS),
+  "Base plans (amber_jax.methods names): amber (or paper), naive, naive_rules, search, ...",
+)
 _CORRECTIONS = flags.DEFINE_list(
   "corrections",
   list(DEFAULT_CORRECTIONS),

@@ -2,15 +2,16 @@
 
     python experiments/front.py --output=results/front.json
 
-For each pattern and coverage target, the plan of each method (naive and the paper's under the
-paper's site rules; the KL-searched sites; searched + median correction; searched + learned score
-factors at the goal coverage only), calibrated on the main text's calibration windows, then
-perplexity on its evaluation windows (and at the goal coverage also on the transfer text, never
-calibrated on). Rows are saved to --output as they finish; a rerun skips them. Writes the table
-and the ablation into the "front" section of --results and the plot to --plot. The defaults took
-42 minutes on 2 CPU cores (two patterns; site costs were measured before they resumed passes at
-the site's layer, which now saves about 3 minutes per pattern). Rerunning with other --methods or
---coverages adds rows to the same --output (e.g. --methods=search+learned12 --coverages=0.55).
+For each pattern and coverage target, the plan of each method (amber_jax.methods names: naive_rules
+and amber under the paper's site rules; the KL-searched sites; searched + median correction;
+searched + learned score factors at the goal coverage only), calibrated on the main text's
+calibration windows, then perplexity on its evaluation windows (and at the goal coverage also on
+the transfer text, never calibrated on). Rows are saved to --output as they finish; a rerun skips
+them. Writes the table and the ablation into the "front" section of --results and the plot to
+--plot. The defaults took 42 minutes on 2 CPU cores (two patterns; site costs were measured before
+they resumed passes at the site's layer, which now saves about 3 minutes per pattern). Rerunning
+with other --methods or --coverages adds rows to the same --output (e.g. --methods=search+learned12
+--coverages=0.55).
 RESULTS.md's rows with head-mixed o groups come from
 --methods=search_mixed,search_mixed+median,search_mixed+learned,search_mixed+learnedscale
 (32 minutes) and --methods=search_mixed+median+learned,search_mixed+median+learnedscale
@@ -47,9 +48,10 @@ _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _METHODS = flags.DEFINE_list(
   "methods",
   list(DEFAULT_METHODS),
-  "naive, paper, search, search_mixed (o groups mix heads), and for search or search_mixed: "
+  "amber_jax.methods names with a coverage target: naive_rules (was 'naive'), amber (or "
+  "paper), search, search_mixed (o groups mix heads), and for search or search_mixed: "
   "+<correction>, +learned[N] (N optimiser steps, default 4), +learnedscale[N] (also output "
-  "scales).",
+  "scales); best.",
 )
 _COVERAGES = flags.DEFINE_list(
   "coverages", [str(c) for c in DEFAULT_COVERAGES], "Coverage targets."

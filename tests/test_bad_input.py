@@ -46,6 +46,9 @@ CASES = [
   ("prefill.py", ["--quant=w8a8", "--float_sites=down"], "--float_sites entries look like"),
   ("prefill.py", ["--quant=w8a8", "--float_sites=foo:3"], "projection must be one of q, k"),
   ("prefill.py", ["--float_sites=down:3"], "only apply with quant=w8a8"),
+  ("prefill.py", ["--method=magic"], "unknown method 'magic'; valid: dense, naive, naive_rules"),
+  ("prefill.py", ["--method=search", "--policy=auto"], "method='search' conflicts with policy="),
+  ("prefill.py", ["--method=best", "--o_order=heads"], "conflicts with o_order='heads'"),
   ("prefill.py", ["--smooth=outstanding"], "only apply with quant=w8a8"),
   ("prefill.py", ["--policy=paper", "--coverage=0.6"], "coverage only applies with policy auto"),
   ("prefill.py", ["--policy=search", "--granularity=site"], "granularity only applies with"),
@@ -112,6 +115,7 @@ CASES = [
   # front.py
   ("front.py", ["--coverages=0.5,abc"], "--coverages must be a comma list of numbers, got 'abc'"),
   ("front.py", ["--methods=search+learned", "--coverages=0.4"], "goal_coverage=0.55 only"),
+  ("front.py", ["--methods=naive"], "has no coverage target"),
   ("front.py", ["--text_file={bad_utf8}"], "latin1.txt' is not valid UTF-8"),
   ("front.py", [TINY, "--patterns=8:24"], "M=24 must divide"),
   ("front.py", ["--plot={file}/front.png"], "--plot: cannot write"),

@@ -209,13 +209,6 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
   }
 
 
-def _canonical(name: str) -> str:
-  try:
-    return resolve_method(name).name
-  except ValueError:
-    return name
-
-
 def _closed(none: float, corrected: float, dense: float) -> float:
   """Share of the (log-)perplexity gap to dense that a correction closes."""
   gap = math.log(none) - math.log(dense)
@@ -227,8 +220,6 @@ def corrections_markdown(result: dict, command: str) -> str:
   cfg = result["config"]
   texts = list(result["dense"])
   main = texts[0]
-  # Files written before the method registry call amber "paper".
-  result = {**result, "rows": [{**r, "method": _canonical(r["method"])} for r in result["rows"]]}
   none = {
     (r["pattern"], r["method"]): r["perplexity"]
     for r in result["rows"]
@@ -270,7 +261,8 @@ def corrections_markdown(result: dict, command: str) -> str:
       f"Perplexity on the first {cfg['num_windows']} windows of {cfg['seq_len']} predicted "
       f"tokens of each text; dense {dense}. Corrections (`amber_jax.corrections`) are fitted on "
       f"the next {cfg['calib_windows']} windows of `{cfg['text']}` only; `{texts[-1]}` is never "
-      "seen in calibration. amber = robust score, auto policy at coverage >= "
+      "seen in calibration. amber (paper in files written before amber_jax.methods) = robust "
+      "score, auto policy at coverage >= "
       f'{cfg["coverage"]}; naive = |x| score on every site. "gap closed" = share of the '
       "log-perplexity gap between the uncorrected plan and dense that the correction removes; "
       '"kept" = gap closed on the second text / gap closed on the first. Site error = mean '
