@@ -384,7 +384,7 @@ class MethodPlan:
   the method learns them) and the learning's record (None without learning)."""
 
   info: PlanInfo
-  method: Method
+  method: Method | None  # None: the plan came from an AmberConfig alone
   learned: LearnedFactors | None = None
 
   @property
@@ -407,7 +407,7 @@ class MethodPlan:
 def build_method_plan(
   params,
   config,
-  method: str | Method,
+  method: str | Method | None,
   amber: AmberConfig,
   *,
   calib_windows: np.ndarray | None = None,
@@ -419,8 +419,9 @@ def build_method_plan(
 ) -> MethodPlan:
   """``pruner.build_plan(amber)``, then the method's learned factors (if any) on the same
   calibration windows. ``amber`` is the method's AmberConfig (``Method.amber_config``, maybe
-  with free options such as impl); for a method without learning this is exactly build_plan."""
-  m = resolve_method(method)
+  with free options such as impl); for a method without learning, or ``method=None`` (a plan
+  given by AmberConfig fields alone), this is exactly build_plan."""
+  m = None if method is None else resolve_method(method)
   info = build_plan(
     params,
     config,
@@ -431,7 +432,7 @@ def build_method_plan(
     show_progress=show_progress,
     site_costs=site_costs,
   )
-  if not m.learned_steps or amber.pattern is None:
+  if m is None or not m.learned_steps or amber.pattern is None:
     return MethodPlan(info, m)
   if calib_windows is None or len(calib_windows) == 0:
     raise ValueError(f"method {m.name!r} learns factors: it needs calibration windows")
