@@ -13,21 +13,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
-from amber_jax.model.llama import dense_pass_records
+from amber_jax.calibrate.harness import (
+  check_windows,
+  record_only,
+  relative_errors,
+  site_records,
+  windows_in_batches,
+)
+from amber_jax.model.config import LlamaConfig
 from amber_jax.policy import check_batch_size
-from amber_jax.progress import progress_bar
+from amber_jax.quant import int8_dot_general, quantize_activation
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _batch_absmax(params, tokens_BxT, *, config, dtype):
-  def record(x, weights, site_x):
-    del weights, site_x
+  def record(x, weights, row):
+    del weights, row
     return jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1)))
 
-  return dense_pass_records(
-    params, tokens_BxT, config=config, dtype=dtype, site_xs=None, record=record
-  )
+  return site_records(params, tokens_BxT, config=config, dtype=dtype, hook=record_only(record))
 
 
 def collect_input_absmax(
@@ -39,30 +43,21 @@ def collect_input_absmax(
   dtype=jnp.float32,
   show_progress: bool = True,
 ) -> dict[str, np.ndarray]:
-  """proj -> float32 [n_layers, d_in]: max |input| per channel over ``windows`` [W, T]."""
+  """site -> float32 [n_layers, d_in]: max |input| per channel over ``windows`` [W, T]."""
   check_batch_size(batch_size)
-  windows = np.asarray(windows, np.int32)
-  if windows.ndim != 2 or len(windows) == 0:
-    raise ValueError(f"windows must be a non-empty [W, T] array, got shape {windows.shape}")
-  out = {
-    p: np.zeros((config.n_layers, config.linear_shapes()[p][0]), np.float32) for p in PROJECTIONS
-  }
-  with progress_bar(
-    total=len(windows), desc="calibration", unit="window", disable=not show_progress
-  ) as bar:
-    for start in range(0, len(windows), batch_size):
-      rows = jnp.asarray(windows[start : start + batch_size])
-      records = _batch_absmax(params, rows, config=config, dtype=dtype)
-      for p in PROJECTIONS:
-        out[p] = np.maximum(out[p], np.asarray(records[p], np.float32))
-      bar.update(len(rows))
+  windows = check_windows(windows)
+  out = {s.name: np.zeros((config.n_layers, s.d_in), np.float32) for s in config.sites}
+  for rows in windows_in_batches(
+    windows, batch_size, desc="calibration", show_progress=show_progress
+  ):
+    records = _batch_absmax(params, rows, config=config, dtype=dtype)
+    for p in out:
+      out[p] = np.maximum(out[p], np.asarray(records[p], np.float32))
   return out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "act_mode", "dtype"))
 def _batch_quant_errors(params, tokens_BxT, sites, *, config, act_mode, dtype):
-  from amber_jax.quant import int8_dot_general, quantize_activation
-
   def record(x, weights, q):
     y = jnp.einsum("...i,io->...o", x, weights["w"].astype(x.dtype)).astype(jnp.float32)
     s = (q["fold"] * q["act_div"]).astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
@@ -73,8 +68,8 @@ def _batch_quant_errors(params, tokens_BxT, sites, *, config, act_mode, dtype):
     err = y - y_q
     return jnp.sum(err * err), jnp.sum(y * y)
 
-  return dense_pass_records(
-    params, tokens_BxT, config=config, dtype=dtype, site_xs=sites, record=record
+  return site_records(
+    params, tokens_BxT, config=config, dtype=dtype, hook=record_only(record), hook_xs=sites
   )
 
 
@@ -88,34 +83,35 @@ def measure_quant_errors(
   dtype=jnp.float32,
   show_progress: bool = True,
 ) -> np.ndarray:
-  """[n_layers, 7] relative output error ||Y - Y_w8a8|| / ||Y|| of each site quantized alone
-  (dense float model upstream), on ``windows``: what automatic float-site selection ranks."""
+  """[n_layers, n_sites] (``config.sites`` order) relative output error ||Y - Y_w8a8|| / ||Y||
+  of each site quantized alone (dense float model upstream), on ``windows``: what automatic
+  float-site selection ranks."""
   check_batch_size(batch_size)
   windows = np.asarray(windows, np.int32)
-  err2 = np.zeros((config.n_layers, len(PROJECTIONS)))
+  names = config.sites.names
+  err2 = np.zeros((config.n_layers, len(names)))
   ref2 = np.zeros_like(err2)
-  with progress_bar(
-    total=len(windows), desc="quant error", unit="window", disable=not show_progress
-  ) as bar:
-    for start in range(0, len(windows), batch_size):
-      rows = jnp.asarray(windows[start : start + batch_size])
-      records = _batch_quant_errors(
-        params, rows, quant_state.sites, config=config, act_mode=quant_state.act_mode, dtype=dtype
-      )
-      for j, p in enumerate(PROJECTIONS):
-        err2[:, j] += np.asarray(records[p][0], np.float64)
-        ref2[:, j] += np.asarray(records[p][1], np.float64)
-      bar.update(len(rows))
-  return np.sqrt(err2) / (np.sqrt(ref2) + 1e-12)
+  for rows in windows_in_batches(
+    windows, batch_size, desc="quant error", show_progress=show_progress
+  ):
+    records = _batch_quant_errors(
+      params, rows, quant_state.sites, config=config, act_mode=quant_state.act_mode, dtype=dtype
+    )
+    for j, p in enumerate(names):
+      err2[:, j] += np.asarray(records[p][0], np.float64)
+      ref2[:, j] += np.asarray(records[p][1], np.float64)
+  return relative_errors(err2, ref2)
 
 
-def most_sensitive_sites(errors_LxP: np.ndarray, k: int) -> tuple[tuple[int, str], ...]:
-  """The ``k`` (layer, projection) sites with the largest errors."""
+def most_sensitive_sites(
+  errors_LxP: np.ndarray, k: int, site_names: tuple[str, ...]
+) -> tuple[tuple[int, str], ...]:
+  """The ``k`` (layer, site) pairs with the largest errors; ``site_names`` name the columns of
+  ``errors_LxP`` (``config.sites.names``)."""
   if k < 0:
     raise ValueError(f"k must be >= 0, got {k}")
+  if errors_LxP.shape[1] != len(site_names):
+    raise ValueError(f"errors_LxP has {errors_LxP.shape[1]} columns for {len(site_names)} sites")
   order = np.argsort(-errors_LxP, axis=None, kind="stable")[:k]
-  return tuple(
-    sorted(
-      (int(i // errors_LxP.shape[1]), PROJECTIONS[int(i % errors_LxP.shape[1])]) for i in order
-    )
-  )
+  n = errors_LxP.shape[1]
+  return tuple(sorted((int(i // n), site_names[int(i % n)]) for i in order))

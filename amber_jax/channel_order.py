@@ -50,9 +50,9 @@ def model_channel_order(
   config: LlamaConfig, o_order: str, *, seed: int = 0
 ) -> dict[str, np.ndarray] | None:
   """The plan's ``channel_order`` for ``o_order``: None for "heads" (natural order
-  everywhere), {"o": [L, n_heads * head_dim]} for "mixed"."""
+  everywhere); for "mixed", a fixed random order of the input of every site whose input is
+  concatenated attention heads (``Site.heads``; o for Llama: {"o": [L, n_heads * head_dim]})."""
   check_o_order(o_order)
   if o_order == "heads":
     return None
-  width = config.linear_shapes()["o"][0]
-  return {"o": mixed_order(config.n_layers, width, seed=seed)}
+  return {s.name: mixed_order(config.n_layers, s.d_in, seed=seed) for s in config.sites if s.heads}

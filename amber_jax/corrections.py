@@ -5,7 +5,7 @@ input channels per token). The corrections here are cheap, training-free fixes o
 fitted per site on calibration tokens and stored as data in the plan
 (``SparsityPlan.correction``), stacked over layers like the score factors, so trying another
 correction re-uses the compiled model. The weights never change. At an enabled site in
-prefill, ``amber_jax.model.llama.project`` computes (``corrected_sparse_matmul``)::
+prefill, the site's linear (``amber_jax.core.linear``) computes (``amber_jax.core.correction``)::
 
     x_c = x - center                          # per input channel (0: off)
     m   = N:M mask of |x_c| * factors         # the plan's score, on the centred values
@@ -70,17 +70,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
-from amber_jax.model.llama import causal_mask, dense_pass_records, embed, project, run_layers
+from amber_jax.calibrate.harness import check_windows, record_only, site_records
+from amber_jax.core.correction import (
+  sparse_operand,
+  token_gain,
+)
+from amber_jax.core.linear import LinearSpec, site_linear
+from amber_jax.core.sites import Architecture
 from amber_jax.patterns import NMPattern
+from amber_jax.plan import GROUP_KEYS, check_group_arrays, identity_arrays
 from amber_jax.progress import progress_bar
-from amber_jax.sparsity import nm_keep
 
 # Single corrections; combine them with "+" (one of each kind: centre, rescale, scale, bias).
 CORRECTIONS = (
@@ -94,8 +98,8 @@ CORRECTIONS = (
   "rescale_channel",
 )
 CORRECTION_INPUTS = ("dense", "sequential", "global")
-# The arrays of one site (per projection: stacked over layers in the plan).
-CORRECTION_KEYS = ("center", "in_scale", "token_rescale", "out_scale", "out_bias")
+# The arrays of one site (stacked over layers in the plan), as the plan schema lists them.
+CORRECTION_KEYS = GROUP_KEYS["correction"]
 
 _KIND = {
   "scale": ("scale", "site"),
@@ -188,75 +192,14 @@ def _identity_site(d_in: int, d_out: int, lead: tuple[int, ...] = ()) -> dict[st
   }
 
 
-def identity_correction(config: LlamaConfig) -> dict[str, dict[str, jax.Array]]:
+def identity_correction(config: Architecture) -> dict[str, dict[str, jax.Array]]:
   """A correction that changes nothing (same pytree structure as every calibrated one)."""
-  return {
-    p: _identity_site(d_in, d_out, (config.n_layers,))
-    for p, (d_in, d_out) in config.linear_shapes().items()
-  }
+  return identity_arrays("correction", config)
 
 
-def check_correction_tree(config: LlamaConfig, correction) -> None:
+def check_correction_tree(config: Architecture, correction) -> None:
   """ValueError naming the entry unless ``correction`` has the arrays and shapes of a plan's."""
-  expected = identity_correction(config)
-  if not isinstance(correction, dict) or set(correction) != set(expected):
-    raise ValueError(f"correction must map every projection {PROJECTIONS} to its arrays")
-  for p, site in expected.items():
-    if not isinstance(correction[p], dict) or set(correction[p]) != set(CORRECTION_KEYS):
-      raise ValueError(f"correction[{p!r}] must have exactly the keys {CORRECTION_KEYS}")
-    for k, a in site.items():
-      if tuple(np.shape(correction[p][k])) != a.shape:
-        raise ValueError(
-          f"correction[{p!r}][{k!r}] must have shape {a.shape}, got {np.shape(correction[p][k])}"
-        )
-
-
-def _row(a: jax.Array, like: jax.Array) -> jax.Array:
-  """A per-channel vector [C] broadcastable against ``like`` [..., C], in its dtype."""
-  return a.astype(like.dtype).reshape((1,) * (like.ndim - 1) + (-1,))
-
-
-def _token_gain(xc: jax.Array, xs: jax.Array, flag: jax.Array) -> jax.Array:
-  """[..., 1] float32: ||x_c|| / ||x_s|| per token where ``flag`` is 1 (else 1)."""
-  n_c = jnp.sum(jnp.square(xc.astype(jnp.float32)), axis=-1, keepdims=True)
-  n_s = jnp.sum(jnp.square(xs.astype(jnp.float32)), axis=-1, keepdims=True)
-  gain = jnp.where(n_s > 0, jnp.sqrt(n_c / jnp.where(n_s > 0, n_s, 1.0)), 1.0)
-  return jnp.where(flag > 0, gain, 1.0)
-
-
-def _sparse_operand(x, pattern, factors, center, method, channel_order=None):
-  """(x_c, x_s): the centred input and its N:M-sparse version (mask chosen on x_c)."""
-  xc = x - _row(center, x)
-  keep = nm_keep(xc, pattern, factors, channel_order=channel_order, method=method)
-  return xc, jnp.where(keep, xc, jnp.zeros((), xc.dtype))
-
-
-def corrected_sparse_matmul(
-  x: jax.Array,
-  w: jax.Array,
-  pattern: NMPattern,
-  factors: jax.Array,
-  correction: dict[str, jax.Array],
-  *,
-  channel_order: jax.Array | None = None,
-  method: str = "auto",
-  sparsify_fn: Callable[[jax.Array], jax.Array] | None = None,
-) -> jax.Array:
-  """One site's corrected sparse output: x [..., d_in], w [d_in, d_out] -> [..., d_out].
-
-  ``correction`` holds this site's row of the plan's arrays (see the module docstring);
-  ``channel_order`` forms the N:M groups as in ``amber_jax.sparsity.nm_keep``.
-  ``sparsify_fn`` (x_c -> its N:M-sparse version) replaces the hard mask of ``pattern`` and
-  ``factors``, e.g. with the straight-through mask that ``amber_jax.learned_factors`` trains.
-  """
-  if sparsify_fn is None:
-    xc, xs = _sparse_operand(x, pattern, factors, correction["center"], method, channel_order)
-  else:
-    xc = x - _row(correction["center"], x)
-    xs = sparsify_fn(xc)
-  gain = _token_gain(xc, xs, correction["token_rescale"]).astype(x.dtype)
-  y = jnp.einsum("...i,io->...o", xs * _row(correction["in_scale"], xs), w)
-  return y * gain * _row(correction["out_scale"], y) + _row(correction["out_bias"], y)
+  check_group_arrays(config, "correction", correction)
 
 
 def _safe_ratio(num, den, default=1.0):
@@ -327,14 +270,14 @@ def fit_site_correction(
   else:
     center = jnp.zeros((d_in,), jnp.float32)
   # The mask is chosen exactly as at inference (in the input's dtype).
-  xc, xs = _sparse_operand(x, pattern, factors, center, method, channel_order)
+  xc, xs = sparse_operand(x, pattern, factors, center, method, channel_order)
   xc, xs = f32(xc), f32(xs)
   if spec.rescale == "channel":
     in_scale = jnp.sqrt(_safe_ratio(jnp.sum(xc * xc, axis=0), jnp.sum(xs * xs, axis=0)))
   else:
     in_scale = jnp.ones((d_in,), jnp.float32)
   token_rescale = jnp.asarray(1.0 if spec.rescale == "token" else 0.0, jnp.float32)
-  gain = _token_gain(xc, xs, token_rescale)
+  gain = token_gain(xc, xs, token_rescale)
   y = x32 @ w32 if target is None else f32(target).reshape(-1, d_out)  # the target [T, d_out]
   center_out = center @ w32
   y_hat = (xs * in_scale[None, :]) @ w32 * gain + center_out[None, :]
@@ -362,7 +305,7 @@ def fit_site_correction(
     "out_bias": alpha * center_out + bias,
   }
   zero = jnp.zeros((d_in,), jnp.float32)
-  _, x_plain = _sparse_operand(x32, pattern, factors, zero, method, channel_order)
+  _, x_plain = sparse_operand(x32, pattern, factors, zero, method, channel_order)
   err_plain = y - x_plain @ w32
   err_fit = y - (y_hat * alpha[None, :] + bias[None, :])
   errors = jnp.stack([jnp.sum(err_plain**2), jnp.sum(err_fit**2), jnp.sum(y * y)])
@@ -401,8 +344,13 @@ def _site_record(x, weights, site, *, pattern, spec, method, target=None):
 def _calibration_pass(params, tokens_BxT, sites, *, config, pattern, spec, inputs, method, dtype):
   record = functools.partial(_site_record, pattern=pattern, spec=spec, method=method)
   if inputs == "dense":
-    return dense_pass_records(
-      params, tokens_BxT, config=config, dtype=dtype, site_xs=sites, record=record
+    return site_records(
+      params,
+      tokens_BxT,
+      config=config,
+      dtype=dtype,
+      hook=record_only(lambda x, weights, site: record(x, weights, site)),
+      hook_xs=sites,
     )
   # Sequential: the sparse, corrected model runs; each site is fitted on the input it sees,
   # then its corrected output feeds the rest of the forward pass. "global" also runs the dense
@@ -411,41 +359,21 @@ def _calibration_pass(params, tokens_BxT, sites, *, config, pattern, spec, input
   b = tokens_BxT.shape[0]
   if inputs == "global":
     tokens_BxT = jnp.concatenate([tokens_BxT, tokens_BxT])
-  rows, t = tokens_BxT.shape
-  h = embed(params, tokens_BxT, dtype)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (rows, t))
+  linear_spec = LinearSpec(pattern=pattern, mask_method=method)
 
-  def make_lin(layer_params, layer_x, layer):
-    records = {}
+  def hook(name, x, weights, site, linear):
+    del name
+    target = y_dense = None
+    if inputs == "global":
+      x_dense, x = x[:b], x[b:]
+      y_dense = linear(x_dense)  # the plan is dense here: the site's plain output
+      # The fit's target excludes the site's own bias (added after the correction).
+      target = jnp.einsum("...i,io->...o", x_dense, weights["w"].astype(x_dense.dtype))
+    arrays, errors = record(x, weights, site, target=target)
+    y = site_linear(x, weights, dict(site, correction=arrays), linear_spec)
+    return (y if y_dense is None else jnp.concatenate([y_dense, y])), (arrays, errors)
 
-    def lin(x, proj):
-      site, weights = layer_x[proj], layer_params[proj]
-      target = y_dense = None
-      if inputs == "global":
-        x_dense, x = x[:b], x[b:]
-        y_dense = project(x_dense, weights, proj=proj, layer=layer, plan_slice=None, pattern=None)
-        # The fit's target excludes the site's own bias (added after the correction).
-        target = jnp.einsum("...i,io->...o", x_dense, weights["w"].astype(x_dense.dtype))
-      arrays, errors = record(x, weights, site, target=target)
-      records[proj] = (arrays, errors)
-      plan_slice = dict(site, correction=arrays)
-      y = project(
-        x,
-        weights,
-        proj=proj,
-        layer=layer,
-        plan_slice=plan_slice,
-        pattern=pattern,
-        mask_method=method,
-      )
-      return y if y_dense is None else jnp.concatenate([y_dense, y])
-
-    return lin, records
-
-  _, _, records = run_layers(
-    config, params, h, positions, causal_mask(t, None, rows), None, make_lin, sites
-  )
-  return records
+  return site_records(params, tokens_BxT, config=config, dtype=dtype, hook=hook, hook_xs=sites)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,7 +383,7 @@ class CorrectionResult:
   correction: dict[str, dict[str, jax.Array]]  # proj -> CORRECTION_KEYS -> stacked arrays
   spec: str  # canonical name, e.g. "median+scale_channel+bias"
   inputs: str  # "dense", "sequential" or "global"
-  # [n_layers, 7] (PROJECTIONS order) relative output error ||Y - Y'|| / ||Y|| on the
+  # [n_layers, n_sites] (``config.sites`` order) relative output error ||Y - Y'|| / ||Y|| on the
   # calibration tokens of each sparse site, plain N:M (before) and corrected (after); 0 for
   # dense sites. "sequential": on the inputs of the corrected model; "global": against the
   # dense model's output of the site.
@@ -470,7 +398,7 @@ def calibrate_corrections(
   plan,
   windows: np.ndarray,
   *,
-  config: LlamaConfig,
+  config: Architecture,
   correction: str | CorrectionSpec,
   inputs: str = "dense",
   dtype=jnp.float32,
@@ -490,11 +418,10 @@ def calibrate_corrections(
     raise ValueError(f"corrections need plan.impl='xla', got {plan.impl!r}")
   if plan.quant is not None:
     raise ValueError("corrections are for float plans: this plan has a W8A8 part (quant)")
-  windows = np.asarray(windows, np.int32)
-  if windows.ndim != 2 or len(windows) == 0:
-    raise ValueError(f"windows must be a non-empty [W, T] array, got shape {windows.shape}")
+  windows = check_windows(windows)
   start = time.perf_counter()
-  sites = {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in PROJECTIONS}
+  names = config.sites.names
+  sites = {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in names}
   for p, order in (plan.channel_order or {}).items():
     sites[p]["channel_order"] = order
   with progress_bar(
@@ -516,8 +443,8 @@ def calibrate_corrections(
     )
     records = jax.block_until_ready(records)
     bar.update(len(windows))
-  out = {p: dict(records[p][0]) for p in PROJECTIONS}
-  errors = np.stack([np.asarray(records[p][1], np.float64) for p in PROJECTIONS], axis=1)
+  out = {p: dict(records[p][0]) for p in names}
+  errors = np.stack([np.asarray(records[p][1], np.float64) for p in names], axis=1)
   ref = np.sqrt(errors[..., 2]) + 1e-12
   return CorrectionResult(
     correction=out,

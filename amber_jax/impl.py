@@ -20,13 +20,49 @@ silent fallback.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import jax
 
 from amber_jax.patterns import NMPattern
 
-IMPLS = ("xla", "pallas", "pallas_mask")
-PALLAS_IMPLS = ("pallas", "pallas_mask")
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MatmulBackend:
+  """How a site's matmul runs (tokamax-style: one op, implementations behind it by name).
+
+  ``sparse_matmul(x_2d, w, *, pattern, factors)`` computes the N:M product itself (the mask
+  inside the kernel or its own pass), or is None: the mask is taken in jnp and XLA's dot runs.
+  ``int8_matmul(x_q_2d, w_q, x_scale_2d, w_scale_2d, *, out_dtype)`` computes the W8A8 product
+  with its rescale, or is None: XLA's int8 dot with int32 accumulation. ``check(pattern,
+  platform)`` raises ValueError when the backend cannot run that pattern there.
+  ``corrections``: whether output corrections (``amber_jax.core.correction``) run on it.
+  """
+
+  name: str
+  sparse_matmul: Callable | None = None
+  int8_matmul: Callable | None = None
+  check: Callable[[NMPattern | None, str], None] | None = None
+  corrections: bool = False
+
+
+BACKENDS: dict[str, MatmulBackend] = {}
+
+
+def register_backend(backend: MatmulBackend) -> MatmulBackend:
+  """Adds ``backend`` to the registry under its name (ValueError if the name is taken)."""
+  if backend.name in BACKENDS:
+    raise ValueError(f"a matmul backend named {backend.name!r} is already registered")
+  BACKENDS[backend.name] = backend
+  return backend
+
+
+def get_backend(name: str) -> MatmulBackend:
+  """The registered backend ``name``; ValueError listing the registered ones otherwise."""
+  if name not in BACKENDS:
+    raise ValueError(f"impl must be one of {', '.join(BACKENDS)}, got {name!r}")
+  return BACKENDS[name]
 
 
 def default_impl(backend: str | None = None) -> str:
@@ -36,19 +72,27 @@ def default_impl(backend: str | None = None) -> str:
 
 
 def check_impl(impl: str, pattern: NMPattern | None, backend: str | None = None) -> str:
-  """Validates ``impl`` for this pattern on this backend; raises ValueError naming why not."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-  backend = backend or jax.default_backend()
-  if impl in PALLAS_IMPLS and pattern is not None:
-    if backend == "rocm":
+  """Validates ``impl`` (a registered backend) for this pattern on this platform (``backend``,
+  None: JAX's default); raises ValueError naming why not. Never a silent fallback."""
+  matmul_backend = get_backend(impl)
+  if matmul_backend.check is not None:
+    matmul_backend.check(pattern, backend or jax.default_backend())
+  return impl
+
+
+def _check_pallas(impl: str) -> Callable[[NMPattern | None, str], None]:
+  def check(pattern: NMPattern | None, platform: str) -> None:
+    if pattern is None:
+      return
+    if platform == "rocm":
       raise ValueError(f"impl={impl!r} has no kernel for ROCm here; use impl='xla'")
-    if backend in ("gpu", "cuda", "cpu") and pattern.m & (pattern.m - 1):
+    if platform in ("gpu", "cuda", "cpu") and pattern.m & (pattern.m - 1):
       raise ValueError(
         f"impl={impl!r} (a Triton kernel) needs a power-of-2 M, got pattern {pattern}; "
         "use impl='xla' for this pattern"
       )
-  return impl
+
+  return check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +121,7 @@ def _coarse(size: int, cap: int, floor: int = 16) -> int:
 
 
 def pallas_sparse_matmul(
-  x_2d, w, *, impl: str, pattern: NMPattern, factors, options: KernelOptions
+  x_2d, w, *, impl: str, pattern: NMPattern, factors, options: KernelOptions | None = None
 ):
   """[tokens, K] x [K, N] through a Pallas impl (imported lazily: optional dependency):
   "pallas" the fused kernel, "pallas_mask" the mask pass then XLA's dot."""
@@ -86,6 +130,7 @@ def pallas_sparse_matmul(
 
   if impl not in PALLAS_IMPLS:
     raise ValueError(f"impl must be one of {PALLAS_IMPLS}, got {impl!r}")
+  options = kernel_options() if options is None else options
   block_sizes = None
   if options.coarse_blocks:
     tokens, k = x_2d.shape
@@ -110,11 +155,14 @@ def pallas_sparse_matmul(
   )
 
 
-def pallas_int8_matmul(x_q_2d, w_q, x_scale_2d, w_scale_2d, *, out_dtype, options: KernelOptions):
+def pallas_int8_matmul(
+  x_q_2d, w_q, x_scale_2d, w_scale_2d, *, out_dtype, options: KernelOptions | None = None
+):
   """W8A8 [tokens, K] int8 x [K, N] int8 through the Pallas int8 kernel (rescale fused)."""
   from pallas_kernels.int8_matmul import int8_matmul
   from pallas_kernels.nm_matmul import BlockSizes
 
+  options = kernel_options() if options is None else options
   block_sizes = None
   if options.coarse_blocks:
     tokens, k = x_q_2d.shape
@@ -133,3 +181,18 @@ def pallas_int8_matmul(x_q_2d, w_q, x_scale_2d, w_scale_2d, *, out_dtype, option
     interpret=options.interpret,
     backend="triton" if options.interpret else None,
   )
+
+
+register_backend(MatmulBackend(name="xla", corrections=True))
+for _impl in ("pallas", "pallas_mask"):
+  register_backend(
+    MatmulBackend(
+      name=_impl,
+      sparse_matmul=functools.partial(pallas_sparse_matmul, impl=_impl),
+      int8_matmul=pallas_int8_matmul,
+      check=_check_pallas(_impl),
+    )
+  )
+# The built-in implementations (IMPLS) and those whose matmul is a Pallas kernel.
+IMPLS = tuple(BACKENDS)
+PALLAS_IMPLS = ("pallas", "pallas_mask")

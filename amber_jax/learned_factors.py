@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amber_jax.corrections import corrected_sparse_matmul, identity_correction
+from amber_jax.core.correction import corrected_sparse_matmul
+from amber_jax.corrections import identity_correction
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.llama import _logits, causal_mask, embed, forward, run_layers
+from amber_jax.model.llama import forward, lm_head, model_pass
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import SparsityPlan
 from amber_jax.progress import progress_bar
@@ -71,52 +72,46 @@ def ste_sparsify(
 
 
 def _sparse_logits(params, tokens_BxT, theta, plan, *, config, temperature):
-  """Logits with the STE mask at enabled sites; ``theta["factors"]`` proj -> [L, d_in] log score
-  factors, ``theta["scales"]`` (or None) proj -> [L, d_out] log output scales of sparse sites;
+  """Logits with the STE mask at enabled sites; ``theta["factors"]`` site -> [L, d_in] log score
+  factors, ``theta["scales"]`` (or None) site -> [L, d_out] log output scales of sparse sites;
   ``plan`` gives the enabled sites, pattern, channel orders and correction."""
-  b, t = tokens_BxT.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  h = embed(params, tokens_BxT, jnp.float32)
   scales = theta["scales"]
   pattern, correction = plan.pattern, plan.correction
   orders = plan.channel_order or {}
-  layer_xs = {
-    p: (
-      plan.enabled[p],
-      theta["factors"][p],
-      None if scales is None else scales[p],
-      orders.get(p),
-      None if correction is None else correction[p],
-    )
-    for p in plan.enabled
-  }
+  hook_xs = {}
+  for p in plan.enabled:
+    row = {"enabled": plan.enabled[p], "log_factors": theta["factors"][p]}
+    if scales is not None:
+      row["log_scale"] = scales[p]
+    if p in orders:
+      row["channel_order"] = orders[p]
+    if correction is not None:
+      row["correction"] = correction[p]
+    hook_xs[p] = row
 
-  def make_lin(layer_params, layer_x, layer):
-    def lin(x, proj):
-      on, log_factors, log_scale, order, corr = layer_x[proj]
-      w = layer_params[proj]["w"].astype(x.dtype)
+  def hook(name, x, weights, row, linear):
+    del name, linear  # the dense plan's product is replaced by the straight-through one
+    on, log_scale, corr = row["enabled"], row.get("log_scale"), row.get("correction")
+    w = weights["w"].astype(x.dtype)
 
-      def ste(v):
-        return ste_sparsify(v, pattern, jnp.exp(log_factors), temperature, order)
+    def ste(v):
+      factors = jnp.exp(row["log_factors"])
+      return ste_sparsify(v, pattern, factors, temperature, row.get("channel_order"))
 
-      if corr is None:
-        y = jnp.einsum("...i,io->...o", jnp.where(on, ste(x), x), w)
-      else:  # the model's corrected path, with the straight-through mask
-        y_sparse = corrected_sparse_matmul(x, w, pattern, None, corr, sparsify_fn=ste)
-        y = jnp.where(on, y_sparse, jnp.einsum("...i,io->...o", x, w))
-      if log_scale is not None:  # the plan's correction out_scale, on sparse sites only
-        scale = jnp.exp(log_scale).astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-        y = jnp.where(on, y * scale, y)
-      if "b" in layer_params[proj]:
-        y = y + layer_params[proj]["b"].astype(y.dtype)
-      return y
+    if corr is None:
+      y = jnp.einsum("...i,io->...o", jnp.where(on, ste(x), x), w)
+    else:  # the model's corrected path, with the straight-through mask
+      y_sparse = corrected_sparse_matmul(x, w, pattern, None, corr, sparsify_fn=ste)
+      y = jnp.where(on, y_sparse, jnp.einsum("...i,io->...o", x, w))
+    if log_scale is not None:  # the plan's correction out_scale, on sparse sites only
+      scale = jnp.exp(log_scale).astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+      y = jnp.where(on, y * scale, y)
+    if "b" in weights:
+      y = y + weights["b"].astype(y.dtype)
+    return y, None
 
-    return lin, {}
-
-  h, _, _ = run_layers(
-    config, params, h, positions, causal_mask(t, None, b), None, make_lin, layer_xs
-  )
-  return _logits(config, params, h)
+  out = model_pass(params, tokens_BxT, config=config, hook=hook, hook_xs=hook_xs)
+  return lm_head(config, params, out.hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -192,8 +187,7 @@ def learn_score_factors(
     "scales": None,
   }
   if learn_scales:
-    shapes = config.linear_shapes()
-    theta["scales"] = {p: jnp.zeros((config.n_layers, shapes[p][1])) for p in enabled}
+    theta["scales"] = {p: jnp.zeros((config.n_layers, config.sites[p].d_out)) for p in enabled}
   kw = dict(config=config, temperature=temperature)
   kl = lambda th, tok, tea: _kl(params, tok, tea, th, plan, **kw)
   loss_and_grad = jax.jit(jax.value_and_grad(kl, argnums=0))

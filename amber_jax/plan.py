@@ -1,7 +1,8 @@
 """The sparsity plan: per-site choices as data (a pytree next to params).
 
-A site is one linear projection of one layer (``q, k, v, o, gate, up, down``).
-For every projection the plan holds, stacked over layers:
+A site is one linear of one layer, as the architecture declares it (``config.sites``,
+``amber_jax.core.sites``; for Llama ``q, k, v, o, gate, up, down``). For every site the plan
+holds, stacked over layers:
 
 * ``enabled[proj]``: bool ``[L]``, whether that site's input is sparsified in prefill;
 * ``factors[proj]``: float32 ``[L, d_in]``, the per-input-channel score factors
@@ -21,6 +22,7 @@ re-uses the compiled function.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,10 +31,156 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from amber_jax.core.sites import Architecture, Site
 from amber_jax.impl import check_impl, default_impl
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.patterns import NMPattern
 from amber_jax.sparsity import MASK_METHODS, check_channel_order
+
+# ------------------------------------------------------------------------------------------------
+# The schema: every per-site array a plan can hold, with its axes. Plan I/O, its checks, the
+# sharding of a plan and the identity values derive from this table, so a new per-site field is
+# one entry here (and the step of ``amber_jax.core.linear`` that reads it).
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteField:
+  """One per-site array of a plan: where it sits (``group``, and ``key`` inside a group of
+  arrays), its axes after the leading layer axis (an expert site adds its expert axis after
+  that), "in" (the site's input channels) or "out" (its output channels), and its dtype.
+  ``whole``: the array is used whole by every device (a permutation of the entire input), so a
+  sharded plan replicates it."""
+
+  group: str
+  key: str | None
+  axes: tuple[str, ...]
+  dtype: str
+  doc: str
+  whole: bool = False
+
+  @property
+  def name(self) -> str:
+    return self.group if self.key is None else f"{self.group}/{self.key}"
+
+  def shape(self, site: Site, n_layers: int) -> tuple[int, ...]:
+    """The array's shape for ``site`` of a model of ``n_layers`` layers."""
+    experts = (site.experts,) if site.experts else ()
+    dims = {"in": site.d_in, "out": site.d_out}
+    return (n_layers, *experts, *(dims[a] for a in self.axes))
+
+
+_F32, _BOOL = "float32", "bool"
+SITE_FIELDS: tuple[SiteField, ...] = (
+  SiteField("enabled", None, (), _BOOL, "the site's input is N:M-sparsified in prefill"),
+  SiteField("factors", None, ("in",), _F32, "score factors: the score is |x| * factors"),
+  SiteField(
+    "channel_order", None, ("in",), "int32", "the N:M groups are consecutive in x[order]", True
+  ),
+  SiteField("correction", "center", ("in",), _F32, "input shift before selection"),
+  SiteField("correction", "in_scale", ("in",), _F32, "per-input-channel rescale of kept values"),
+  SiteField("correction", "token_rescale", (), _F32, "1: rescale each token's kept norm"),
+  SiteField("correction", "out_scale", ("out",), _F32, "per-output-channel scale"),
+  SiteField("correction", "out_bias", ("out",), _F32, "per-output-channel bias"),
+  SiteField("quant", "w_q", ("in", "out"), "int8", "smoothed int8 weight"),
+  SiteField("quant", "w_scale", ("out",), _F32, "per-output-channel weight scale"),
+  SiteField("quant", "act_div", ("in",), _F32, "what the input is divided by (smoothing)"),
+  SiteField("quant", "fold", ("in",), _F32, "smoothing folded into the preceding norm"),
+  SiteField("quant", "act_scale", (), _F32, "static per-tensor activation scale"),
+  SiteField("quant", "in_float", (), _BOOL, "the site keeps its float weight"),
+  SiteField("quant", "act_absmax", ("in",), _F32, "calibration max |input| per channel"),
+)
+# The groups whose arrays are a dict of keys per site, and each group's keys.
+GROUP_KEYS: dict[str, tuple[str, ...]] = {
+  g: tuple(f.key for f in SITE_FIELDS if f.group == g) for g in ("correction", "quant")
+}
+# A W8A8 plan's folded norm weights ([L, D] per norm that sites fold into): not per site.
+NORM_FIELD = SiteField("quant", "norms", ("model",), _F32, "RMSNorm weight with smoothing folded")
+_FIELDS = {(f.group, f.key): f for f in SITE_FIELDS}
+
+
+def leaf_field(names: tuple[str, ...]) -> tuple[str | None, SiteField]:
+  """(site name, field) of a plan leaf from its tree path as names, e.g. ("factors", "q"),
+  ("correction", "o", "out_bias"), ("quant", "sites", "down", "w_q"); (None, NORM_FIELD) for
+  ("quant", "norms", name). ValueError for a path outside the schema."""
+  match names:
+    case (group, site) if (group, None) in _FIELDS:
+      return site, _FIELDS[(group, None)]
+    case ("correction", site, key) if ("correction", key) in _FIELDS:
+      return site, _FIELDS[("correction", key)]
+    case ("quant", "sites", site, key) if ("quant", key) in _FIELDS:
+      return site, _FIELDS[("quant", key)]
+    case ("quant", "norms", _):
+      return None, NORM_FIELD
+  raise ValueError(
+    f"no plan field at {'/'.join(names)!r}: a plan holds "
+    f"{', '.join(sorted({f.name for f in SITE_FIELDS}))} per site (amber_jax.plan.SITE_FIELDS)"
+  )
+
+
+def tree_names(path) -> tuple[str, ...]:
+  """A pytree key path as plain names: ("layers", "q", "w"), ("quant", "sites", "o", "w_q")."""
+  out = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        out.append(str(getattr(key, attr)))
+        break
+    else:
+      out.append(str(key))
+  return tuple(out)
+
+
+def identity_arrays(group: str, config: Architecture) -> dict[str, dict[str, jax.Array]]:
+  """site -> key -> the arrays of ``group`` ("correction") that change nothing, per the schema:
+  zeros for shifts, biases and flags, ones for scales."""
+  ones = {"in_scale", "out_scale"}
+  out = {}
+  for site in config.sites:
+    out[site.name] = {}
+    for key in GROUP_KEYS[group]:
+      f = _FIELDS[(group, key)]
+      fill = jnp.ones if key in ones else jnp.zeros
+      out[site.name][key] = fill(f.shape(site, config.n_layers), f.dtype)
+  return out
+
+
+def check_group_arrays(config: Architecture, group: str, tree) -> None:
+  """ValueError naming the entry unless ``tree`` (site -> key -> array, e.g. a plan's
+  ``correction`` or its W8A8 ``quant.sites``) has every site of ``config``, exactly the keys of
+  ``group`` and the schema's shape for each."""
+  sites = config.sites
+  if not isinstance(tree, dict) or set(tree) != set(sites.names):
+    raise ValueError(f"{group} must map every site {sites.names} to its arrays")
+  for name, arrays in tree.items():
+    if not isinstance(arrays, dict) or set(arrays) != set(GROUP_KEYS[group]):
+      raise ValueError(f"{group}[{name!r}] must have exactly the keys {GROUP_KEYS[group]}")
+    for key in GROUP_KEYS[group]:
+      want = _FIELDS[(group, key)].shape(sites[name], config.n_layers)
+      if tuple(np.shape(arrays[key])) != want:
+        raise ValueError(
+          f"{group}[{name!r}][{key!r}] must have shape {want}, got {tuple(np.shape(arrays[key]))}"
+        )
+
+
+def check_plan_arrays(config: Architecture, plan: SparsityPlan) -> None:
+  """ValueError naming the entry unless every array of ``plan`` has the schema's shape for its
+  site of ``config``: ``enabled`` and ``factors`` for every site, every key of a correction or
+  a W8A8 part where the plan has one, channel orders that are permutations."""
+  sites = config.sites
+  for group in ("enabled", "factors"):
+    tree = getattr(plan, group)
+    if set(tree) != set(sites.names):
+      raise ValueError(f"{group} must map every site {sites.names}, got {sorted(tree)}")
+    field = _FIELDS[(group, None)]
+    for name in sites.names:
+      want = field.shape(sites[name], config.n_layers)
+      if tuple(np.shape(tree[name])) != want:
+        raise ValueError(f"{group}[{name!r}] must have shape {want}, got {np.shape(tree[name])}")
+  if plan.correction is not None:
+    check_group_arrays(config, "correction", plan.correction)
+  if plan.quant is not None:
+    check_group_arrays(config, "quant", plan.quant.sites)
+  if plan.channel_order is not None:
+    check_plan_channel_order(config, {p: np.asarray(o) for p, o in plan.channel_order.items()})
 
 
 @struct.dataclass
@@ -55,19 +203,43 @@ class SparsityPlan:
   channel_order: dict[str, jax.Array] | None = None
 
   def enabled_sites(self) -> list[tuple[int, str]]:
-    """(layer, projection) pairs that are sparsified, in layer-major order."""
+    """(layer, site) pairs that are sparsified, in layer-major, block order."""
     flags = {p: np.asarray(v) for p, v in self.enabled.items()}
     n_layers = len(next(iter(flags.values())))
-    return [(l, p) for l in range(n_layers) for p in PROJECTIONS if flags[p][l]]
+    return [(l, p) for l in range(n_layers) for p in flags if flags[p][l]]
+
+  def site_rows(self, *, sparse: bool = True) -> dict | None:
+    """The plan as the layer scan reads it, every array stacked over layers: ``{"sites": name
+    -> row, "norms": folded RMSNorm weights or None}``, where a row holds what the site's linear
+    uses (``amber_jax.core.linear``): ``enabled``, ``factors``, and where present
+    ``channel_order`` and ``correction`` (only when ``sparse``: decode runs no N:M step), and
+    ``quant`` (the W8A8 part, in prefill and decode). None when nothing applies (a dense plan,
+    or decode of a float plan). The one place a plan is sliced per site."""
+    nm = sparse and self.pattern is not None
+    if not nm and self.quant is None:
+      return None
+    sites = {}
+    for name in self.enabled:
+      row = {}
+      if nm:
+        row.update(enabled=self.enabled[name], factors=self.factors[name])
+        if self.correction is not None:
+          row["correction"] = self.correction[name]
+        if self.channel_order is not None and name in self.channel_order:
+          row["channel_order"] = self.channel_order[name]
+      if self.quant is not None:
+        row["quant"] = self.quant.sites[name]
+      sites[name] = row
+    return {"sites": sites, "norms": None if self.quant is None else self.quant.norms}
 
 
-def dense_plan(config: LlamaConfig) -> SparsityPlan:
+def dense_plan(config: Architecture) -> SparsityPlan:
   """A plan that sparsifies nothing (pattern None): exactly the dense model."""
   return make_plan(config, None, sites=())
 
 
 def make_plan(
-  config: LlamaConfig,
+  config: Architecture,
   pattern: NMPattern | str | None,
   *,
   sites: Iterable[tuple[int, str]] | str = "all",
@@ -79,7 +251,7 @@ def make_plan(
   """Builds a plan.
 
   Args:
-    config: the model configuration (gives L and each projection's input width).
+    config: the model configuration (gives L and its sites with their input widths).
     pattern: N:M pattern, "N:M", or None for dense.
     sites: "all" (every projection of every layer) or an iterable of
       (layer, projection) pairs to sparsify.
@@ -100,27 +272,28 @@ def make_plan(
   if mask_method not in ("auto", *MASK_METHODS):
     raise ValueError(f"mask_method must be 'auto' or one of {MASK_METHODS}, got {mask_method!r}")
   n_layers = config.n_layers
-  shapes = config.linear_shapes()
-  enabled = {p: np.zeros((n_layers,), bool) for p in PROJECTIONS}
+  names = config.sites.names
+  shapes = {s.name: s.shape for s in config.sites}
+  enabled = {p: np.zeros((n_layers,), bool) for p in names}
   if pattern is not None:
     if isinstance(sites, str):
       if sites != "all":
         raise ValueError(f"sites must be 'all' or (layer, projection) pairs, got {sites!r}")
-      sites = [(l, p) for l in range(n_layers) for p in PROJECTIONS]
+      sites = [(l, p) for l in range(n_layers) for p in names]
     for layer, proj in sites:
-      if proj not in PROJECTIONS:
-        raise ValueError(f"unknown projection {proj!r}; valid: {', '.join(PROJECTIONS)}")
+      if proj not in names:
+        raise ValueError(f"unknown projection {proj!r}; valid: {', '.join(names)}")
       if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
       enabled[proj][layer] = True
-    for proj in PROJECTIONS:
+    for proj in names:
       if enabled[proj].any():
         pattern.check_width(shapes[proj][0], where=f"{proj}-projection input")
-  unknown = sorted(set(factors or {}) - set(PROJECTIONS))
+  unknown = sorted(set(factors or {}) - set(names))
   if unknown:
-    raise ValueError(f"factors has unknown projections {unknown}; valid: {', '.join(PROJECTIONS)}")
+    raise ValueError(f"factors has unknown projections {unknown}; valid: {', '.join(names)}")
   out_factors = {}
-  for proj in PROJECTIONS:
+  for proj in names:
     d_in = shapes[proj][0]
     f = np.ones((n_layers, d_in), np.float32)
     if factors is not None and proj in factors:
@@ -144,17 +317,17 @@ def make_plan(
 
 
 def check_plan_channel_order(
-  config: LlamaConfig, channel_order: Mapping[str, np.ndarray] | None
+  config: Architecture, channel_order: Mapping[str, np.ndarray] | None
 ) -> dict[str, jax.Array] | None:
   """``channel_order`` as the plan stores it (int32 jax arrays; None for an empty mapping),
   after checking that every row is a permutation of its projection's input channels."""
   if not channel_order:
     return None
-  shapes = config.linear_shapes()
+  shapes = {s.name: s.shape for s in config.sites}
   out = {}
   for proj, order in channel_order.items():
-    if proj not in PROJECTIONS:
-      raise ValueError(f"channel_order has unknown projection {proj!r}; valid: {PROJECTIONS}")
+    if proj not in shapes:
+      raise ValueError(f"channel_order has unknown projection {proj!r}; valid: {tuple(shapes)}")
     order = np.asarray(order)
     d_in = shapes[proj][0]
     if order.shape != (config.n_layers, d_in):

@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 
 import jax.numpy as jnp
-import numpy as np
 
-from amber_jax.corrections import check_correction_tree
-from amber_jax.impl import IMPLS
+from amber_jax.core.sites import Architecture
+from amber_jax.impl import BACKENDS
 from amber_jax.io.plan_checkpoint import PlanCheckpointError, load_plan, save_plan
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
 from amber_jax.patterns import NMPattern
-from amber_jax.plan import SparsityPlan, check_plan_channel_order
+from amber_jax.plan import SparsityPlan, check_plan_arrays
 from amber_jax.quant import ACT_MODES
 from amber_jax.quant_plan import ORDERS, QuantState
 from amber_jax.sparsity import MASK_METHODS
@@ -60,8 +58,8 @@ def _check_static(path, static: dict) -> None:
       f"plan checkpoint {os.fspath(path)!r}: {field} must be one of {valid}, got {value!r}"
     )
 
-  if static.get("impl") not in IMPLS:
-    bad("impl", static.get("impl"), IMPLS)
+  if static.get("impl") not in BACKENDS:
+    bad("impl", static.get("impl"), tuple(BACKENDS))
   if static.get("mask_method") not in ("auto", *MASK_METHODS):
     bad("mask_method", static.get("mask_method"), ("auto", *MASK_METHODS))
   quant = static.get("quant")
@@ -73,7 +71,7 @@ def _check_static(path, static: dict) -> None:
 
 
 def load_sparsity_plan(
-  path: str | os.PathLike, *, expect: dict | None = None, config: LlamaConfig | None = None
+  path: str | os.PathLike, *, expect: dict | None = None, config: Architecture | None = None
 ) -> tuple[SparsityPlan, dict]:
   """Restores a plan saved by ``save_sparsity_plan``; ``expect`` entries must match the
   saved metadata (else PlanCheckpointError naming the key and both values). The static fields
@@ -110,23 +108,3 @@ def load_sparsity_plan(
     except ValueError as e:
       raise PlanCheckpointError(f"plan checkpoint {os.fspath(path)!r}: {e}") from None
   return plan, metadata
-
-
-def check_plan_arrays(config: LlamaConfig, plan: SparsityPlan) -> None:
-  """ValueError naming the entry unless ``plan``'s arrays fit ``config``: enabled [L] and
-  factors [L, d_in] per projection, channel orders that are permutations, corrections of the
-  plan layout."""
-  shapes = config.linear_shapes()
-  for name, tree, shape_of in (
-    ("enabled", plan.enabled, lambda p: (config.n_layers,)),
-    ("factors", plan.factors, lambda p: (config.n_layers, shapes[p][0])),
-  ):
-    if set(tree) != set(PROJECTIONS):
-      raise ValueError(f"{name} must map every projection {PROJECTIONS}, got {sorted(tree)}")
-    for p in PROJECTIONS:
-      if tuple(tree[p].shape) != shape_of(p):
-        raise ValueError(f"{name}[{p!r}] must have shape {shape_of(p)}, got {tree[p].shape}")
-  if plan.channel_order is not None:
-    check_plan_channel_order(config, {p: np.asarray(o) for p, o in plan.channel_order.items()})
-  if plan.correction is not None:
-    check_correction_tree(config, plan.correction)

@@ -2,9 +2,10 @@
 
 Policies:
 
-* ``all``: every projection of every layer;
-* ``paper``: q, gate and down sparse in every layer; k, v (small under GQA), o and
-  up (most sensitive) dense; ``skip_layers`` keeps q and gate dense in those layers;
+* ``all``: every site of every layer;
+* ``paper``: the paper's rules, as the architecture declares them (``Site.rule``): for Llama,
+  q, gate and down sparse in every layer; k, v (small under GQA), o and up (most sensitive)
+  dense; ``skip_layers`` keeps the skippable sites (q and gate) dense in those layers;
 * ``auto``: the paper's rules, with the q/gate skip layers chosen from measured
   sensitivities: as many of the most sensitive layers as the coverage target
   allows (every layer's q+gate costs the same multiply-adds, so taking the
@@ -28,17 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amber_jax.calibrate.harness import (
+  record_only,
+  relative_errors,
+  site_records,
+  windows_in_batches,
+)
+from amber_jax.core.sites import Architecture
 from amber_jax.coverage import coverage as coverage_of
 from amber_jax.coverage import site_macs
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
-from amber_jax.model.llama import dense_pass_records
 from amber_jax.patterns import NMPattern
-from amber_jax.progress import progress_bar
 from amber_jax.sparsity import sparsify
 
 POLICIES = ("all", "paper", "auto", "search")
-PAPER_SPARSE = ("q", "gate", "down")
-SKIPPABLE = ("q", "gate")
 
 
 def check_policy(policy: str) -> str:
@@ -55,7 +58,7 @@ def check_batch_size(batch_size: int) -> int:
   return batch_size
 
 
-def check_skip_layers(config: LlamaConfig, skip_layers: Iterable[int]) -> tuple[int, ...]:
+def check_skip_layers(config: Architecture, skip_layers: Iterable[int]) -> tuple[int, ...]:
   """The distinct layer indices of ``skip_layers``, sorted; ValueError for a non-integer or
   an index outside the model's layers."""
   skip_layers = list(skip_layers)
@@ -79,32 +82,32 @@ def check_coverage_target(target: float) -> float:
 
 
 def policy_sites(
-  config: LlamaConfig, policy: str, skip_layers: Iterable[int] = ()
+  config: Architecture, policy: str, skip_layers: Iterable[int] = ()
 ) -> list[tuple[int, str]]:
-  """(layer, projection) pairs sparsified under ``policy`` ("all" or "paper") with q/gate of
-  ``skip_layers`` kept dense."""
+  """(layer, site) pairs sparsified under ``policy`` ("all" or "paper") with the skippable
+  sites (q/gate for Llama) of ``skip_layers`` kept dense."""
   check_policy(policy)
   skip = set(check_skip_layers(config, skip_layers))
-  projections = PROJECTIONS if policy == "all" else PAPER_SPARSE
+  sites = config.sites
+  names = sites.names if policy == "all" else sites.with_rule("sparse", "skippable")
+  skippable = set(sites.with_rule("skippable"))
   return [
-    (l, p)
-    for l in range(config.n_layers)
-    for p in projections
-    if not (l in skip and p in SKIPPABLE)
+    (l, p) for l in range(config.n_layers) for p in names if not (l in skip and p in skippable)
   ]
 
 
 @dataclasses.dataclass(frozen=True)
 class Sensitivity:
-  """Relative output error per site, [n_layers, 7] in PROJECTIONS order."""
+  """Relative output error per site, [n_layers, n_sites] in ``config.sites`` order."""
 
   errors: np.ndarray
   pattern: str
   score: str
   tokens: int
+  site_names: tuple[str, ...]  # the columns of ``errors``
 
   def table(self) -> str:
-    header = "layer " + " ".join(f"{p:>7}" for p in PROJECTIONS)
+    header = "layer " + " ".join(f"{p:>7}" for p in self.site_names)
     rows = [header]
     for l, row in enumerate(self.errors):
       rows.append(f"{l:>5} " + " ".join(f"{e:>7.4f}" for e in row))
@@ -122,8 +125,8 @@ def _sensitivity_sums(params, tokens_BxT, sites, *, config, pattern, dtype):
     err = err.astype(jnp.float32)
     return jnp.sum(err * err), jnp.sum(y * y)
 
-  return dense_pass_records(
-    params, tokens_BxT, config=config, dtype=dtype, site_xs=sites, record=record
+  return site_records(
+    params, tokens_BxT, config=config, dtype=dtype, hook=record_only(record), hook_xs=sites
   )
 
 
@@ -131,7 +134,7 @@ def measure_sensitivity(
   params,
   windows: np.ndarray,
   *,
-  config: LlamaConfig,
+  config: Architecture,
   pattern: NMPattern,
   factors: dict[str, np.ndarray],
   score: str = "",
@@ -142,31 +145,34 @@ def measure_sensitivity(
 ) -> Sensitivity:
   """Per-site relative output error of sparsifying that site alone, on ``windows`` (dense model).
 
-  ``windows`` [W, T] token ids; ``factors`` proj -> [L, d_in] score factors; ``channel_order``
-  a plan's (proj -> [L, d_in] permutations forming the N:M groups) or None.
+  ``windows`` [W, T] token ids; ``factors`` site -> [L, d_in] score factors; ``channel_order``
+  a plan's (site -> [L, d_in] permutations forming the N:M groups) or None.
   """
   check_batch_size(batch_size)
   windows = np.asarray(windows, np.int32)
-  sites = {p: {"factors": jnp.asarray(factors[p])} for p in PROJECTIONS}
+  names = config.sites.names
+  sites = {p: {"factors": jnp.asarray(factors[p])} for p in names}
   for p, order in (channel_order or {}).items():
     sites[p]["channel_order"] = jnp.asarray(order)
-  err2 = np.zeros((config.n_layers, len(PROJECTIONS)))
+  err2 = np.zeros((config.n_layers, len(names)))
   ref2 = np.zeros_like(err2)
-  with progress_bar(
-    total=len(windows), desc="sensitivity", unit="window", disable=not show_progress
-  ) as bar:
-    for start in range(0, len(windows), batch_size):
-      rows = jnp.asarray(windows[start : start + batch_size])
-      records = _sensitivity_sums(params, rows, sites, config=config, pattern=pattern, dtype=dtype)
-      for j, proj in enumerate(PROJECTIONS):
-        err2[:, j] += np.asarray(records[proj][0], np.float64)
-        ref2[:, j] += np.asarray(records[proj][1], np.float64)
-      bar.update(len(rows))
-  errors = np.sqrt(err2) / (np.sqrt(ref2) + 1e-12)
-  return Sensitivity(errors=errors, pattern=str(pattern), score=score, tokens=int(windows.size))
+  for rows in windows_in_batches(
+    windows, batch_size, desc="sensitivity", show_progress=show_progress
+  ):
+    records = _sensitivity_sums(params, rows, sites, config=config, pattern=pattern, dtype=dtype)
+    for j, proj in enumerate(names):
+      err2[:, j] += np.asarray(records[proj][0], np.float64)
+      ref2[:, j] += np.asarray(records[proj][1], np.float64)
+  return Sensitivity(
+    errors=relative_errors(err2, ref2),
+    pattern=str(pattern),
+    score=score,
+    tokens=int(windows.size),
+    site_names=names,
+  )
 
 
-def max_skips_for_coverage(config: LlamaConfig, target: float) -> int:
+def max_skips_for_coverage(config: Architecture, target: float) -> int:
   """How many layers can keep q/gate dense under the paper's rules with coverage >= target."""
   check_coverage_target(target)
   pattern = NMPattern(n=1, m=2)  # coverage does not depend on N:M
@@ -194,19 +200,20 @@ def _check_finite_errors(sensitivity: Sensitivity) -> None:
 
 
 def select_skip_layers(
-  sensitivity: Sensitivity, config: LlamaConfig, coverage_target: float
+  sensitivity: Sensitivity, config: Architecture, coverage_target: float
 ) -> tuple[int, ...]:
-  """The q/gate skip layers of the ``auto`` policy: the most sensitive that the target allows."""
+  """The skip layers (q/gate dense) of the ``auto`` policy: the most sensitive (summed over the
+  skippable sites) that the target allows."""
   _check_finite_errors(sensitivity)
   k = max_skips_for_coverage(config, coverage_target)
-  q, gate = PROJECTIONS.index("q"), PROJECTIONS.index("gate")
-  benefit = sensitivity.errors[:, q] + sensitivity.errors[:, gate]
+  columns = [config.sites.index(p) for p in config.sites.with_rule("skippable")]
+  benefit = sensitivity.errors[:, columns].sum(axis=1)
   order = np.argsort(-benefit, kind="stable")
   return tuple(sorted(int(l) for l in order[:k]))
 
 
 def select_dense_sites(
-  sensitivity: Sensitivity, config: LlamaConfig, coverage_target: float
+  sensitivity: Sensitivity, config: Architecture, coverage_target: float
 ) -> tuple[tuple[int, str], ...]:
   """Site-granular ``auto``: which q and gate sites (independently) stay dense.
 
@@ -223,11 +230,12 @@ def select_dense_sites(
   budget = paper - coverage_target * total
   if budget < -1e-9 * total:
     max_skips_for_coverage(config, coverage_target)  # raises the unreachable-target error
-  unit = math.gcd(*(macs[p] for p in SKIPPABLE))
+  skippable = config.sites.with_rule("skippable")
+  unit = math.gcd(*(macs[p] for p in skippable))
   capacity = max(0, int(math.floor(budget / unit + 1e-9)))
-  items = [(l, p) for l in range(config.n_layers) for p in SKIPPABLE]
+  items = [(l, p) for l in range(config.n_layers) for p in skippable]
   costs = [macs[p] // unit for _, p in items]
-  values = [float(sensitivity.errors[l, PROJECTIONS.index(p)]) for l, p in items]
+  values = [float(sensitivity.errors[l, config.sites.index(p)]) for l, p in items]
   return tuple(sorted(items[i] for i in knapsack(costs, values, capacity)))
 
 

@@ -1,12 +1,13 @@
 """W8A8 (and Outstanding-sparse) as plan data: smoothed int8 weights, scales, float sites.
 
 Smoothing divides a site's input by s (per input channel) and multiplies the weight's
-input rows by s, so dense outputs are unchanged. Where sites share a preceding RMSNorm
-(q/k/v on the attention norm, gate/up on the MLP norm) the division is folded exactly
-into that norm's weight (one s for the group, from the group's largest weight rows);
-o and down divide their input at the injection point.
+input rows by s, so dense outputs are unchanged. Sites that read the same activation share
+one s (from the group's largest weight rows); where that activation is a norm's output
+(``Site.folds_into``: q/k/v on the attention norm, gate/up on the MLP norm for Llama) the
+division is folded exactly into that norm's weight; other sites (o and down) divide their
+input at the injection point.
 
-Per projection, stacked over layers:
+Per site, stacked over layers:
 
 * ``w_q`` int8 [L, d_in, d_out] and ``w_scale`` float32 [L, d_out] (symmetric per output
   channel) of the smoothed weight;
@@ -31,13 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.core.sites import Architecture
 from amber_jax.quant import quantize_weight, smoothing_factors, weight_input_absmax
 
 SMOOTHING = ("none", "smoothquant", "outstanding")
 ACT_MODES = ("token", "tensor")
 ORDERS = ("sparsify_first", "quantize_first")
-GROUPS = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}
 DEFAULT_ALPHA = {"none": 0.5, "smoothquant": 0.5, "outstanding": 0.10}
 
 
@@ -46,7 +46,7 @@ class QuantState:
   """The W8A8 part of a plan: int8 weights, scales and smoothing per site, folded norms, and
   the activation mode and order (static). Built by ``build_quant_state``."""
 
-  sites: dict  # proj -> {"w_q", "w_scale", "act_div", "fold", "act_scale", "in_float"}
+  sites: dict  # site -> the arrays of amber_jax.plan.GROUP_KEYS["quant"]
   norms: dict  # "attn_norm"/"mlp_norm" -> [L, D] folded norm weights
   act_mode: str = struct.field(pytree_node=False, default="token")
   order: str = struct.field(pytree_node=False, default="sparsify_first")
@@ -66,20 +66,26 @@ def check_quant_options(smooth: str, alpha: float, act_mode: str, order: str) ->
 
 
 def check_float_sites(
-  float_sites: Iterable[tuple[int, str]], config: LlamaConfig | None = None
+  float_sites: Iterable[tuple[int, str]], config: Architecture | None = None
 ) -> tuple[tuple[int, str], ...]:
-  """``float_sites`` as a tuple if every entry is a (layer, projection) pair with a known
-  projection (and, given ``config``, a layer of that model); else ValueError naming the entry
-  and what is valid. Callable before the model loads (without ``config``)."""
+  """``float_sites`` as a tuple if every entry is a (layer, site name) pair (with, given
+  ``config``, a declared site and a layer of that model); else ValueError naming the entry and
+  what is valid. Callable before the model loads (without ``config``: the names are checked
+  when it has loaded)."""
   sites = tuple(float_sites)
+  names = None if config is None else config.sites.names
   for site in sites:
     layer, proj = site if isinstance(site, tuple) and len(site) == 2 else (None, None)
     if (
-      proj not in PROJECTIONS or isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
+      not isinstance(proj, str)
+      or (names is not None and proj not in names)
+      or isinstance(layer, bool)
+      or not isinstance(layer, (int, np.integer))
     ):
+      valid = "a site name" if names is None else f"one of {', '.join(names)}"
       raise ValueError(
-        f"float_sites entry {site!r} is not a (layer, projection) pair with projection one "
-        f"of {', '.join(PROJECTIONS)}"
+        f"float_sites entry {site!r} is not a (layer, projection) pair: the projection must be "
+        f"{valid}"
       )
     if layer < 0 or (config is not None and layer >= config.n_layers):
       valid = "layer >= 0" if config is None else f"layers 0..{config.n_layers - 1}"
@@ -89,7 +95,7 @@ def check_float_sites(
 
 def build_quant_state(
   params,
-  config: LlamaConfig,
+  config: Architecture,
   input_absmax: dict[str, np.ndarray],
   *,
   smooth: str = "smoothquant",
@@ -104,9 +110,10 @@ def build_quant_state(
   check_quant_options(smooth, alpha, act_mode, order)
   n_layers = config.n_layers
   float_set = set(check_float_sites(float_sites, config))
-  w = {p: np.asarray(params["layers"][p]["w"], np.float32) for p in PROJECTIONS}
+  names = config.sites.names
+  w = {p: np.asarray(params["layers"][p]["w"], np.float32) for p in names}
   s = {}
-  for group in (*GROUPS.values(), ("o",), ("down",)):
+  for group in config.sites.groups_by_input().values():
     w_absmax = np.stack(
       [np.max([weight_input_absmax(w[p][l]) for p in group], axis=0) for l in range(n_layers)]
     )
@@ -119,9 +126,9 @@ def build_quant_state(
     ).astype(np.float32)
     for p in group:
       s[p] = group_s
-  folded = {p for g in GROUPS.values() for p in g}
+  folded = {site.name for site in config.sites if site.folds_into is not None}
   sites, smoothed = {}, {}
-  for p in PROJECTIONS:
+  for p in names:
     smoothed[p] = w[p] * s[p][:, :, None]
     q_and_scale = [quantize_weight(smoothed[p][l]) for l in range(n_layers)]
     ones = np.ones_like(s[p])
@@ -138,8 +145,11 @@ def build_quant_state(
       "act_absmax": jnp.asarray(input_absmax[p], jnp.float32),
     }
   norms = {
-    name: jnp.asarray(np.asarray(params["layers"][name], np.float32) / s[group[0]])
-    for name, group in GROUPS.items()
+    site.folds_into: jnp.asarray(
+      np.asarray(params["layers"][site.folds_into], np.float32) / s[site.name]
+    )
+    for site in config.sites
+    if site.folds_into is not None
   }
   return QuantState(sites=sites, norms=norms, act_mode=act_mode, order=order), smoothed
 

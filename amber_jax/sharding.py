@@ -55,15 +55,12 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.core.sites import Site, SiteSet
+from amber_jax.plan import leaf_field, tree_names
 
 DATA = "data"
 MODEL = "model"
 AXES = (DATA, MODEL)
-# Megatron's split: column-parallel projections split their output, row-parallel their input.
-COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
-ROW_PARALLEL = ("o", "down")
-assert set(COLUMN_PARALLEL + ROW_PARALLEL) == set(PROJECTIONS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +72,7 @@ def make_mesh(
   data: int = 1,
   model: int = 1,
   devices: Sequence[jax.Device] | None = None,
-  config: LlamaConfig | None = None,
+  config=None,
   batch_size: int | None = None,
   fsdp: bool = False,
 ) -> Mesh:
@@ -109,7 +106,7 @@ def make_mesh(
 def check_mesh(
   mesh: Mesh,
   *,
-  config: LlamaConfig | None = None,
+  config=None,
   batch_size: int | None = None,
   fsdp: bool = False,
   vocab_parallel: bool = True,
@@ -159,38 +156,29 @@ def _divisors_of_all(sizes) -> list[int]:
 # Partition specs.
 
 
-def _names(path) -> tuple[str, ...]:
-  """A pytree key path as plain names: ("layers", "q", "w"), ("quant", "sites", "o", "w_q")."""
-  out = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        out.append(str(getattr(key, attr)))
-        break
-    else:
-      out.append(str(key))
-  return tuple(out)
-
-
-def _matrix_spec(proj: str, fsdp: bool) -> P:
+def _matrix_spec(site: Site, fsdp: bool) -> P:
   """[L, d_in, d_out]: Megatron split over "model", the other dim over "data" with FSDP."""
   other = DATA if fsdp else None
-  if proj in COLUMN_PARALLEL:
+  if site.parallel == "column":
     return P(None, other, MODEL)
   return P(None, MODEL, other)
 
 
-def _out_vector_spec(proj: str) -> P:
-  """[L, d_out] per-output-channel vectors (bias, W8A8 weight scales): split like the output."""
-  return P(None, MODEL) if proj in COLUMN_PARALLEL else P()
+def _axis_spec(site: Site, axis: str) -> str | None:
+  """The mesh axis a site's "in" or "out" channel axis is split over (None: replicated)."""
+  if axis == "in":
+    return MODEL if site.parallel == "row" else None
+  return MODEL if site.parallel == "column" else None
 
 
-def _in_vector_spec(proj: str) -> P:
-  """[L, d_in] per-input-channel vectors (score factors, smoothing): split like the input."""
-  return P(None, MODEL) if proj in ROW_PARALLEL else P()
+def _vector_spec(site: Site, axes: tuple[str, ...]) -> P:
+  """[L, (E,) channels] per-channel vectors: split like the site's weight on that axis."""
+  lead = (None,) * (1 + (1 if site.experts else 0))
+  split = tuple(_axis_spec(site, a) for a in axes)
+  return P(*lead, *split) if any(split) else P()
 
 
-def _param_spec(names: tuple[str, ...], *, fsdp: bool, vocab_parallel: bool) -> P:
+def _param_spec(names: tuple[str, ...], sites: SiteSet, *, fsdp: bool, vocab_parallel: bool) -> P:
   match names:
     case ("embed",):  # [V, D]
       return P(MODEL, None) if vocab_parallel else P()
@@ -198,68 +186,57 @@ def _param_spec(names: tuple[str, ...], *, fsdp: bool, vocab_parallel: bool) -> 
       return P(None, MODEL) if vocab_parallel else P()
     case ("final_norm",) | ("layers", "attn_norm" | "mlp_norm"):
       return P()
-    case ("layers", proj, "w") if proj in PROJECTIONS:
-      return _matrix_spec(proj, fsdp)
-    case ("layers", proj, "b") if proj in PROJECTIONS:
-      return _out_vector_spec(proj)
+    case ("layers", name, "w") if name in sites.names:
+      return _matrix_spec(sites[name], fsdp)
+    case ("layers", name, "b") if name in sites.names:
+      return _vector_spec(sites[name], ("out",))
   raise ValueError(
     f"no partition rule for params leaf {'/'.join(names)!r}: amber_jax.sharding knows the "
-    "Llama layout of amber_jax.model.llama (embed, lm_head, final_norm, layers/...)"
+    f"embedding, LM head, norms and the weights of the declared sites ({', '.join(sites.names)})"
   )
 
 
-def _plan_spec(names: tuple[str, ...], *, fsdp: bool) -> P:
-  match names:
-    case ("enabled", _):  # bool [L]
-      return P()
-    case ("factors", proj):  # [L, d_in]
-      return _in_vector_spec(proj)
-    case ("quant", "norms", _):  # [L, D] folded RMSNorm weights
-      return P()
-    case ("quant", "sites", proj, "w_q"):  # int8 [L, d_in, d_out]
-      return _matrix_spec(proj, fsdp)
-    case ("quant", "sites", proj, "w_scale"):  # [L, d_out]
-      return _out_vector_spec(proj)
-    case ("quant", "sites", proj, "act_div" | "fold" | "act_absmax"):  # [L, d_in]
-      return _in_vector_spec(proj)
-    case ("quant", "sites", _, "act_scale" | "in_float"):  # [L]
-      return P()
-    # Output corrections of sparse sites (amber_jax.corrections), where a plan has them.
-    case ("correction", proj, "center" | "in_scale"):  # [L, d_in]
-      return _in_vector_spec(proj)
-    case ("correction", proj, "out_scale" | "out_bias"):  # [L, d_out]
-      return _out_vector_spec(proj)
-    case ("correction", _, "token_rescale"):  # [L]
-      return P()
-    # A channel order (o_order="mixed") permutes a site's whole input: replicated. The
-    # computation stays exact (GSPMD gathers the sharded o input where a group crosses
-    # devices); the price is that all-gather of the o input on every sparse o site.
-    case ("channel_order", _):  # int32 [L, d_in]
-      return P()
-  raise ValueError(
-    f"no partition rule for plan leaf {'/'.join(names)!r}: amber_jax.sharding knows "
-    "SparsityPlan (enabled, factors, correction, channel_order) and QuantState (sites, norms)"
-  )
+def _plan_spec(names: tuple[str, ...], sites: SiteSet, *, fsdp: bool) -> P:
+  # From the plan schema (amber_jax.plan.SITE_FIELDS): each array is split like the channel
+  # axis of the site it belongs to. A channel order (o_order="mixed") permutes a site's whole
+  # input: replicated. The computation stays exact (GSPMD gathers the sharded o input where a
+  # group crosses devices); the price is that all-gather of the o input on every sparse o site.
+  try:
+    site, field = leaf_field(names)
+  except ValueError as e:
+    raise ValueError(f"no partition rule for plan leaf {'/'.join(names)!r}: {e}") from None
+  if site is None or field.whole:  # folded norm weights, whole-input permutations
+    return P()
+  if site not in sites.names:
+    raise ValueError(f"plan leaf {'/'.join(names)!r} names no declared site ({sites.names})")
+  if field.axes == ("in", "out"):  # the int8 weight: split as the float one
+    return _matrix_spec(sites[site], fsdp)
+  return _vector_spec(sites[site], field.axes)
 
 
-def param_specs(params, *, fsdp: bool = False, vocab_parallel: bool = True):
-  """The PartitionSpec of every params leaf (same tree structure as ``params``).
+def param_specs(params, *, sites: SiteSet, fsdp: bool = False, vocab_parallel: bool = True):
+  """The PartitionSpec of every params leaf (same tree structure as ``params``), from the
+  architecture's declared ``sites`` (``config.sites``: each site's "column"/"row" split).
 
   Raises:
-    ValueError: naming the leaf, for a leaf outside the Llama layout of ``amber_jax.model``.
+    ValueError: naming the leaf, for a leaf outside the model's layout.
   """
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: _param_spec(_names(path), fsdp=fsdp, vocab_parallel=vocab_parallel), params
+    lambda path, _: _param_spec(tree_names(path), sites, fsdp=fsdp, vocab_parallel=vocab_parallel),
+    params,
   )
 
 
-def plan_specs(plan, *, fsdp: bool = False):
-  """The PartitionSpec of every leaf of a SparsityPlan (with or without its W8A8 ``quant``).
+def plan_specs(plan, *, sites: SiteSet, fsdp: bool = False):
+  """The PartitionSpec of every leaf of a SparsityPlan (with or without its W8A8 ``quant``),
+  derived from the plan schema and the declared ``sites``.
 
   Returns a SparsityPlan of the same structure whose leaves are PartitionSpecs (usable as
   ``jax.jit`` in/out shardings after wrapping in NamedSharding).
   """
-  return jax.tree_util.tree_map_with_path(lambda path, _: _plan_spec(_names(path), fsdp=fsdp), plan)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: _plan_spec(tree_names(path), sites, fsdp=fsdp), plan
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -318,42 +295,36 @@ def _place(x, sharding: NamedSharding):
 
 def _shard_tree(tree, specs, mesh: Mesh, what: str):
   def one(path, x, spec):
-    _check_divisible(_names(path), np.shape(x), spec, mesh, what)
+    _check_divisible(tree_names(path), np.shape(x), spec, mesh, what)
     return _place(x, NamedSharding(mesh, spec))
 
   return jax.tree_util.tree_map_with_path(one, tree, specs)
 
 
-def shard_params(
-  params,
-  mesh: Mesh,
-  *,
-  config: LlamaConfig | None = None,
-  fsdp: bool = False,
-  vocab_parallel: bool = True,
-):
+def shard_params(params, mesh: Mesh, *, config, fsdp: bool = False, vocab_parallel: bool = True):
   """Places ``params`` on ``mesh`` by :func:`param_specs` (tensor parallel, optional FSDP).
 
-  ``config`` (recommended) checks whole heads per device (:func:`check_mesh`); without it only
-  the divisibility of each split array axis is checked.
+  ``config`` gives the declared sites (how each weight splits) and is checked to put whole
+  heads on each device (:func:`check_mesh`).
 
   Raises:
     ValueError: naming the leaf or the model dimension that the mesh does not divide.
   """
   check_mesh(mesh, config=config, fsdp=fsdp, vocab_parallel=vocab_parallel)
-  specs = param_specs(params, fsdp=fsdp, vocab_parallel=vocab_parallel)
+  specs = param_specs(params, sites=config.sites, fsdp=fsdp, vocab_parallel=vocab_parallel)
   return _shard_tree(params, specs, mesh, "params")
 
 
-def shard_plan(plan, mesh: Mesh, *, fsdp: bool = False):
-  """Places a SparsityPlan (and its W8A8 part) on ``mesh``, consistently with shard_params.
+def shard_plan(plan, mesh: Mesh, *, config, fsdp: bool = False):
+  """Places a SparsityPlan (and its W8A8 part) on ``mesh``, consistently with shard_params
+  (``config`` gives the declared sites).
 
   ``fsdp`` must be the value given to :func:`shard_params` (the int8 weights are split as the
   float ones). A dense plan (``None``) is returned as is.
   """
   if plan is None:
     return None
-  return _shard_tree(plan, plan_specs(plan, fsdp=fsdp), mesh, "plan")
+  return _shard_tree(plan, plan_specs(plan, sites=config.sites, fsdp=fsdp), mesh, "plan")
 
 
 def shard_batch(x, mesh: Mesh, *, process_local: bool = False) -> jax.Array:
@@ -380,5 +351,5 @@ def describe(tree) -> dict[str, Any]:
   out = {}
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     spec = getattr(getattr(x, "sharding", None), "spec", None)
-    out["/".join(_names(path))] = spec
+    out["/".join(tree_names(path))] = spec
   return out

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.coverage import site_macs
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import forward, forward_from_layer, layer_inputs
 from amber_jax.plan import SparsityPlan
 from amber_jax.policy import check_coverage_target, knapsack
@@ -101,18 +101,20 @@ class KLMeter:
 
 @dataclasses.dataclass(frozen=True)
 class SiteCosts:
-  """KL (nats/token) of sparsifying each site alone, [n_layers, 7] in PROJECTIONS order."""
+  """KL (nats/token) of sparsifying each site alone, [n_layers, n_sites] in ``site_names``
+  (``config.sites``) order."""
 
   kl: np.ndarray
   pattern: str
   tokens: int
   seconds: float
+  site_names: tuple[str, ...]
   # Projections whose N:M groups followed a channel order of the plan (e.g. ("o",) for
   # o_order="mixed"): their costs hold only for plans with the same grouping.
   ordered: tuple[str, ...] = ()
 
   def table(self) -> str:
-    header = "layer " + " ".join(f"{p:>8}" for p in PROJECTIONS)
+    header = "layer " + " ".join(f"{p:>8}" for p in self.site_names)
     rows = [header] + [
       f"{l:>5} " + " ".join(f"{1e3 * c:>8.3f}" for c in row) for l, row in enumerate(self.kl)
     ]
@@ -141,13 +143,14 @@ def measure_site_costs(
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   start = time.perf_counter()
   meter = KLMeter(params, calib_windows, config=config, batch_size=batch_size, dtype=dtype)
-  off = {p: jnp.zeros((config.n_layers,), bool) for p in PROJECTIONS}
-  kl = np.zeros((config.n_layers, len(PROJECTIONS)))
+  names = config.sites.names
+  off = {p: jnp.zeros((config.n_layers,), bool) for p in names}
+  kl = np.zeros((config.n_layers, len(names)))
   with progress_bar(
     total=kl.size, desc=f"site search {plan.pattern}", unit="site", disable=not show_progress
   ) as bar:
     for l in range(config.n_layers):
-      for j, proj in enumerate(PROJECTIONS):
+      for j, proj in enumerate(names):
         enabled = dict(off, **{proj: off[proj].at[l].set(True)})
         kl[l, j] = meter(plan.replace(enabled=enabled))
         bar.update(1)
@@ -157,6 +160,7 @@ def measure_site_costs(
     tokens=meter.tokens,
     seconds=time.perf_counter() - start,
     ordered=tuple(sorted(plan.channel_order or {})),
+    site_names=names,
   )
 
 
@@ -167,18 +171,19 @@ def select_sites(
   (layer, projection) multiply-adds. Exact: a 0/1 knapsack choosing the sites that stay dense,
   each worth its cost, within the multiply-adds above the target (units: the gcd of the sites')."""
   check_coverage_target(coverage_target)
-  if costs.kl.shape != (config.n_layers, len(PROJECTIONS)):
+  names = config.sites.names
+  if costs.kl.shape != (config.n_layers, len(names)):
     raise ValueError(f"costs are for {costs.kl.shape[0]} layers, the model has {config.n_layers}")
   macs = site_macs(config)
   unit = math.gcd(*macs.values())
   total = config.n_layers * sum(macs.values()) // unit
   capacity = int(math.floor(total * (1 - coverage_target) + 1e-9))
-  items = [(l, p) for l in range(config.n_layers) for p in PROJECTIONS]
+  items = [(l, p) for l in range(config.n_layers) for p in names]
   if not np.isfinite(costs.kl).all():  # max(nan, 0) is nan: the knapsack would take it as free
     bad = [items[i] for i in np.flatnonzero(~np.isfinite(costs.kl.ravel()))]
     raise ValueError(f"site costs must be finite; non-finite at (layer, projection) {bad[:8]}")
   # A negative measured KL is noise around zero: such a site is free to sparsify.
-  values = [max(float(costs.kl[l, PROJECTIONS.index(p)]), 0.0) for l, p in items]
+  values = [max(float(costs.kl[l, names.index(p)]), 0.0) for l, p in items]
   dense = set(knapsack([macs[p] // unit for _, p in items], values, capacity))
   return tuple(item for i, item in enumerate(items) if i not in dense)
 

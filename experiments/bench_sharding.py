@@ -339,7 +339,7 @@ def main(argv):
 
     fns["single"] = single_fn
     for m, mesh in mesh_objs.items():
-      s_plan = sh.shard_plan(plan, mesh)
+      s_plan = sh.shard_plan(plan, mesh, config=config)
 
       def sharded_fn(m=m, s_plan=s_plan):
         return jax.block_until_ready(

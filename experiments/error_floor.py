@@ -29,11 +29,10 @@ import numpy as np
 from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
 from absl import flags
 
+from amber_jax.calibrate.harness import record_only, site_records
 from amber_jax.channel_order import mixed_order
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.model.config import PROJECTIONS
-from amber_jax.model.llama import dense_pass_records
 from amber_jax.patterns import NMPattern
 from amber_jax.report import markdown_table
 from amber_jax.runs.checks import parse_ints
@@ -65,11 +64,8 @@ SEQ_LEN = 512  # tokens per calibration window
 
 def _parse_site(spec: str) -> tuple[str, int]:
   proj, _, layer = spec.strip().partition(":")
-  if proj not in PROJECTIONS or not layer.isdigit():
-    raise ValueError(
-      f"--sites entries must be projection:layer with projection in {', '.join(PROJECTIONS)}, "
-      f"got {spec!r}"
-    )
+  if not proj or not layer.isdigit():
+    raise ValueError(f"--sites entries must be projection:layer, got {spec!r}")
   return proj, int(layer)
 
 
@@ -78,6 +74,7 @@ def _check_for_model(config, pattern: NMPattern, sites, ranks) -> None:
   is below the site's smaller dimension."""
   shapes = config.linear_shapes()
   for proj, layer in sites:
+    config.sites.check_name(proj, where=f"--sites entry {proj}:{layer}: projection")
     if not 0 <= layer < config.n_layers:
       raise ValueError(
         f"--sites entry {proj}:{layer}: layer must be in 0..{config.n_layers - 1} "
@@ -142,9 +139,7 @@ def main(argv):
   config, params = setup.config, setup.params
   factors = {p: jnp.asarray(v) for p, v in model_factors(params, "robust").items()}
   record = jax.jit(
-    lambda p, t: dense_pass_records(
-      p, t, config=config, dtype=jnp.float32, site_xs=None, record=lambda x, w, f: x
-    )
+    lambda p, t: site_records(p, t, config=config, hook=record_only(lambda x, w, row: x))
   )
   fit_inputs, test_inputs = (
     record(params, jnp.asarray(setup.calib_windows[i : i + 1, : _TOKENS.value])) for i in (0, 1)

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from amber_jax.channel_order import mixed_order, model_channel_order
-from amber_jax.corrections import calibrate_corrections, corrected_sparse_matmul
+from amber_jax.core.correction import corrected_sparse_matmul
+from amber_jax.core.linear import LinearSpec, site_linear
+from amber_jax.corrections import calibrate_corrections
 from amber_jax.learned_factors import learn_score_factors, ste_sparsify
 from amber_jax.model import LlamaConfig, forward
 from amber_jax.model.config import PROJECTIONS
-from amber_jax.model.llama import project
 from amber_jax.model.presets import init_random_params
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
@@ -205,10 +206,10 @@ def test_pallas_corrected_and_w8a8_paths_honour_the_order(model):
   f = jnp.asarray(rng.uniform(0.5, 2, 64), jnp.float32)
   order = jnp.asarray(rng.permutation(64))
   site = {"enabled": jnp.asarray(True), "factors": f, "channel_order": order}
-  kw = dict(proj="down", layer=jnp.asarray(0), pattern=NMPattern.parse("4:8"))
+  p48 = NMPattern.parse("4:8")
   want = jnp.einsum("...i,io->...o", sparsify(x, "4:8", f, channel_order=order), w)
-  xla = project(x, {"w": w}, plan_slice=site, impl="xla", **kw)
-  pallas = project(x, {"w": w}, plan_slice=site, impl="pallas", **kw)
+  xla = site_linear(x, {"w": w}, site, LinearSpec(pattern=p48, backend="xla"))
+  pallas = site_linear(x, {"w": w}, site, LinearSpec(pattern=p48, backend="pallas"))
   identity = {
     "center": jnp.zeros(64),
     "in_scale": jnp.ones(64),
@@ -216,7 +217,6 @@ def test_pallas_corrected_and_w8a8_paths_honour_the_order(model):
     "out_scale": jnp.ones(w.shape[1]),
     "out_bias": jnp.zeros(w.shape[1]),
   }
-  p48 = NMPattern.parse("4:8")
   corrected = corrected_sparse_matmul(x, w, p48, f, identity, channel_order=order)
   for name, got in (("xla", xla), ("pallas", pallas), ("corrected", corrected)):
     err = float(jnp.max(jnp.abs(got - want)))

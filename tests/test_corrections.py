@@ -9,19 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from amber_jax.core.correction import corrected_sparse_matmul
 from amber_jax.corrections import (
   CORRECTION_KEYS,
   CorrectionSpec,
   calibrate_corrections,
   channel_median,
   check_correction_tree,
-  corrected_sparse_matmul,
   fit_site_correction,
   identity_correction,
 )
 from amber_jax.eval.perplexity import make_windows, window_nll
 from amber_jax.model import PROJECTIONS, LlamaConfig, decode_step, forward, prefill
-from amber_jax.model.llama import causal_mask, dense_pass_records, embed, run_layers
+from amber_jax.model.llama import lm_head, model_pass
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
 from amber_jax.pruner import AmberConfig, build_plan
@@ -186,13 +186,10 @@ def test_corrected_matmul_matches_reference():
 def recorded_inputs(params, windows):
   """proj -> [L, tokens, d_in]: every site's input in one dense pass."""
 
-  def record(x, weights, site_x):
-    del weights, site_x
-    return x.reshape(-1, x.shape[-1])
+  def record(name, x, weights, row, linear):
+    return linear(x), x.reshape(-1, x.shape[-1])
 
-  return dense_pass_records(
-    params, jnp.asarray(windows), config=CONFIG, dtype=jnp.float32, site_xs=None, record=record
-  )
+  return model_pass(params, jnp.asarray(windows), config=CONFIG, hook=record).records
 
 
 def test_dense_calibration_equals_numpy_on_recorded_inputs(model):
@@ -286,28 +283,13 @@ def test_global_fits_to_the_dense_models_outputs(model):
 
   # The sparse model's inputs of down in layer 1: record them under the plan with only layer
   # 0's correction (the one the calibration pass had applied when it reached layer 1).
-  from amber_jax.model.llama import plan_injection
+  def rec(name, x, weights, row, linear):
+    return linear(x), (x.reshape(-1, x.shape[-1]) if name == "down" else None)
 
-  make_lin, plan_xs = plan_injection(corrected_q)
-  seen = {}
-
-  def recording_make_lin(layer_params, plan_layer, layer):
-    lin, _ = make_lin(layer_params, plan_layer, layer)
-
-    def rec(x, proj):
-      if proj == "down":
-        seen["x"] = x.reshape(-1, x.shape[-1])
-      return lin(x, proj)
-
-    return rec, {"down": seen}
-
-  b, t = windows.shape
-  h = embed(params, jnp.asarray(windows), jnp.float32)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  _, _, records = run_layers(
-    CONFIG, params, h, positions, causal_mask(t, None, b), None, recording_make_lin, plan_xs
-  )
-  sparse_x = np.asarray(records["down"]["x"][1], np.float64)
+  records = model_pass(
+    params, jnp.asarray(windows), config=CONFIG, plan=corrected_q, hook=rec
+  ).records
+  sparse_x = np.asarray(records["down"][1], np.float64)
   w = np.asarray(params["layers"]["down"]["w"][1], np.float64)
   plain = (sparse_x * np_keep(np.abs(sparse_x), 2, 4)) @ w
   expected = (dense_x @ w - plain).mean(0)
@@ -333,28 +315,20 @@ def test_channel_median_equals_numpy(shape):
 
 def plain_reference_logits(params, toks, plan):
   """The N:M model as it was before corrections existed: sparsify, then the dense dot."""
-  b, t = toks.shape
-  h = embed(params, toks, jnp.float32)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
-  def make_lin(layer_params, layer_x, layer):
-    def lin(x, proj):
-      site = layer_x[proj]
-      x = jax.lax.cond(
-        site["enabled"], lambda v: sparsify(v, plan.pattern, site["factors"]), lambda v: v, x
-      )
-      y = jnp.einsum("...i,io->...o", x, layer_params[proj]["w"])
-      if "b" in layer_params[proj]:
-        y = y + layer_params[proj]["b"].reshape((1,) * (y.ndim - 1) + (-1,))
-      return y
-
-    return lin, {}
+  def own_linear(name, x, weights, site, linear):
+    del name, linear  # written out here: the reference must not share the library's code
+    x = jax.lax.cond(
+      site["enabled"], lambda v: sparsify(v, plan.pattern, site["factors"]), lambda v: v, x
+    )
+    y = jnp.einsum("...i,io->...o", x, weights["w"])
+    if "b" in weights:
+      y = y + weights["b"].reshape((1,) * (y.ndim - 1) + (-1,))
+    return y, None
 
   sites = {p: {"enabled": plan.enabled[p], "factors": plan.factors[p]} for p in PROJECTIONS}
-  h, _, _ = run_layers(CONFIG, params, h, positions, causal_mask(t, None, b), None, make_lin, sites)
-  from amber_jax.model.llama import _logits
-
-  return _logits(CONFIG, params, h)
+  out = model_pass(params, toks, config=CONFIG, hook=own_linear, hook_xs=sites)
+  return lm_head(CONFIG, params, out.hidden)
 
 
 def test_no_correction_is_bit_identical_to_the_plain_plan(model):

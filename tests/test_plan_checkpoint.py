@@ -314,3 +314,65 @@ def test_int8_weights_take_at_most_27_percent_of_fp32_on_disk(tmp_path):
   assert ratio_to_raw <= 0.27 and ratio_to_saved <= 0.27
   got, _ = load_plan(tmp_path / "int8")
   assert got["w"].dtype == np.int8 and np.array_equal(got["w"], w8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans saved before the core redesign (scripts/make_plan_fixtures.py at 7df4621) still restore.
+
+
+def test_plans_saved_by_the_previous_layout_restore_bit_for_bit():
+  from pathlib import Path
+
+  import jax
+  import jax.numpy as jnp
+
+  from amber_jax.channel_order import model_channel_order
+  from amber_jax.corrections import identity_correction
+  from amber_jax.model import LlamaConfig, forward
+  from amber_jax.model.presets import init_random_params
+  from amber_jax.plan import make_plan
+  from amber_jax.plan_io import load_sparsity_plan
+  from amber_jax.quant_plan import build_quant_state
+  from amber_jax.scores import model_factors
+
+  fixtures = Path(__file__).parent / "fixtures" / "plans"
+  cfg = LlamaConfig(
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+  )
+  params = init_random_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(3)
+  # The same recipes as the script, built by today's code.
+  plan = make_plan(
+    cfg,
+    "2:4",
+    sites=[(0, "q"), (1, "gate"), (0, "down"), (1, "down"), (1, "o")],
+    factors=model_factors(params, "robust"),
+    channel_order=model_channel_order(cfg, "mixed"),
+  )
+  corr = jax.tree.map(
+    lambda a: a + jnp.asarray(rng.uniform(0, 0.1, a.shape), a.dtype), identity_correction(cfg)
+  )
+  want_float = plan.replace(correction=corr)
+  absmax = {
+    s.name: rng.uniform(0.5, 3, (cfg.n_layers, s.d_in)).astype(np.float32) for s in cfg.sites
+  }
+  state, smoothed = build_quant_state(
+    params, cfg, absmax, smooth="smoothquant", float_sites=[(1, "o")]
+  )
+  smoothed_layers = {"layers": {p: {"w": w} for p, w in smoothed.items()}}
+  want_w8a8 = make_plan(
+    cfg, "2:4", sites=[(0, "q"), (1, "down")], factors=model_factors(smoothed_layers, "robust")
+  ).replace(quant=state)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 12)), jnp.int32)
+  for name, want in (("v1_float", want_float), ("v1_w8a8", want_w8a8)):
+    got, metadata = load_sparsity_plan(fixtures / name, config=cfg)
+    assert metadata["fixture"] == name[3:]
+    leaves_got, tree_got = jax.tree.flatten(got)
+    leaves_want, tree_want = jax.tree.flatten(want)
+    assert tree_got == tree_want, name
+    for a, b in zip(leaves_got, leaves_want, strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(
+      np.asarray(forward(params, tokens, config=cfg, plan=got)),
+      np.asarray(forward(params, tokens, config=cfg, plan=want)),
+    )

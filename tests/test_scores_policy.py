@@ -76,7 +76,7 @@ def test_auto_selects_most_sensitive_layers():
   errors[12, gate] = 0.8
   errors[20, q] = 0.5
   errors[25, PROJECTIONS.index("up")] = 5.0  # up is dense anyway: must not matter
-  sens = Sensitivity(errors=errors, pattern="8:16", score="naive", tokens=1)
+  sens = Sensitivity(errors=errors, pattern="8:16", score="naive", tokens=1, site_names=PROJECTIONS)
   assert select_skip_layers(sens, SMOLLM2, 0.55) == (7, 12, 20)
 
 
@@ -86,7 +86,7 @@ def test_non_finite_sensitivities_are_an_error():
 
   errors = np.full((SMOLLM2.n_layers, len(PROJECTIONS)), 0.1)
   errors[3, PROJECTIONS.index("q")] = np.nan
-  sens = Sensitivity(errors=errors, pattern="8:16", score="naive", tokens=1)
+  sens = Sensitivity(errors=errors, pattern="8:16", score="naive", tokens=1, site_names=PROJECTIONS)
   for select in (select_skip_layers, select_dense_sites):
     with pytest.raises(ValueError, match=r"sensitivity errors must be finite.*\(3, 0\)"):
       select(sens, SMOLLM2, 0.55)
@@ -169,7 +169,8 @@ def test_site_granular_auto_is_an_exact_knapsack():
     vocab_size=8, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
   )
   rng = np.random.default_rng(5)
-  sens = Sensitivity(errors=rng.uniform(size=(3, 7)), pattern="2:4", score="naive", tokens=1)
+  errors = rng.uniform(size=(3, 7))
+  sens = Sensitivity(errors=errors, pattern="2:4", score="naive", tokens=1, site_names=PROJECTIONS)
   target = 0.45
   chosen = select_dense_sites(sens, cfg, target)
   sites = [(l, p) for l in range(3) for p in ("q", "gate")]

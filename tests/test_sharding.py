@@ -67,8 +67,12 @@ def tiny() -> dict:
 def test_param_specs_are_megatron_layout():
   from jax.sharding import PartitionSpec as P
 
+  from amber_jax.model import LlamaConfig
   from amber_jax.sharding import param_specs
 
+  sites = LlamaConfig(
+    vocab_size=8, d_model=4, n_layers=2, n_heads=1, n_kv_heads=1, head_dim=4, d_ff=4
+  ).sites
   params = {
     "embed": np.zeros((8, 4)),
     "lm_head": np.zeros((4, 8)),
@@ -80,7 +84,7 @@ def test_param_specs_are_megatron_layout():
       "q": {"w": np.zeros((2, 4, 4)), "b": np.zeros((2, 4))},
     },
   }
-  specs = param_specs(params)
+  specs = param_specs(params, sites=sites)
   assert specs["layers"]["q"]["w"] == P(None, None, "model")  # column parallel: heads
   assert specs["layers"]["q"]["b"] == P(None, "model")
   assert specs["layers"]["gate"]["w"] == P(None, None, "model")
@@ -88,7 +92,7 @@ def test_param_specs_are_megatron_layout():
   assert specs["layers"]["down"]["w"] == P(None, "model", None)
   assert specs["embed"] == P("model", None) and specs["lm_head"] == P(None, "model")
   assert specs["layers"]["attn_norm"] == P() and specs["final_norm"] == P()
-  fsdp = param_specs(params, fsdp=True, vocab_parallel=False)
+  fsdp = param_specs(params, sites=sites, fsdp=True, vocab_parallel=False)
   assert fsdp["layers"]["up"]["w"] == P(None, "data", "model")
   assert fsdp["layers"]["down"]["w"] == P(None, "model", "data")
   assert fsdp["embed"] == P() and fsdp["lm_head"] == P()
@@ -104,7 +108,7 @@ def test_plan_specs_follow_the_weights():
   cfg = LlamaConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
   )
-  specs = plan_specs(make_plan(cfg, "8:16"))
+  specs = plan_specs(make_plan(cfg, "8:16"), sites=cfg.sites)
   assert specs.enabled["o"] == P()
   assert specs.factors["o"] == P(None, "model") and specs.factors["down"] == P(None, "model")
   assert specs.factors["q"] == P() and specs.factors["gate"] == P()  # inputs replicated
@@ -112,7 +116,7 @@ def test_plan_specs_follow_the_weights():
   q = {"w_q": 0, "w_scale": 0, "act_div": 0, "fold": 0, "act_scale": 0, "in_float": 0}
   c = {"center": 0, "in_scale": 0, "token_rescale": 0, "out_scale": 0, "out_bias": 0}
   tree = {"quant": {"sites": {"o": q, "up": q}, "norms": {"attn_norm": 0}}, "correction": {"o": c}}
-  specs = plan_specs(tree, fsdp=True)
+  specs = plan_specs(tree, sites=cfg.sites, fsdp=True)
   assert specs["quant"]["sites"]["o"]["w_q"] == P(None, "model", "data")
   assert specs["quant"]["sites"]["up"]["w_q"] == P(None, "data", "model")
   assert specs["quant"]["sites"]["o"]["w_scale"] == P()
@@ -124,18 +128,21 @@ def test_plan_specs_follow_the_weights():
   assert specs["correction"]["o"]["out_bias"] == P()
   assert specs["correction"]["o"]["token_rescale"] == P()
   with pytest.raises(ValueError, match="no partition rule for plan leaf 'quant/sites/o/extra'"):
-    plan_specs({"quant": {"sites": {"o": {"extra": 0}}}})
+    plan_specs({"quant": {"sites": {"o": {"extra": 0}}}}, sites=cfg.sites)
   from amber_jax.channel_order import model_channel_order
 
   mixed = make_plan(cfg, "8:16", channel_order=model_channel_order(cfg, "mixed"))
-  assert plan_specs(mixed).channel_order["o"] == P()  # a permutation of the whole input
+  assert (
+    plan_specs(mixed, sites=cfg.sites).channel_order["o"] == P()
+  )  # a permutation of the whole input
 
 
 def test_unknown_params_leaf_is_a_clear_error():
+  from amber_jax.model.presets import preset
   from amber_jax.sharding import param_specs
 
   with pytest.raises(ValueError, match="no partition rule for params leaf 'layers/q/scale'"):
-    param_specs({"layers": {"q": {"scale": np.zeros(3)}}})
+    param_specs({"layers": {"q": {"scale": np.zeros(3)}}}, sites=preset("smollm2-135m").sites)
 
 
 def test_mesh_size_must_match_device_count():
@@ -365,24 +372,13 @@ def _site_inputs(cfg, params, tokens, plan):
   recorded at the model's injection point."""
   import jax.numpy as jnp
 
-  from amber_jax.model.llama import causal_mask, embed, plan_injection, run_layers
+  from amber_jax.model.llama import model_pass
 
-  make_lin, plan_xs = plan_injection(plan)
+  def recording(name, x, weights, row, linear):
+    return linear(x), x
 
-  def recording(layer_params, layer_x, layer):
-    lin, records = make_lin(layer_params, layer_x, layer)
-
-    def lin_(x, proj):
-      records[proj] = x
-      return lin(x, proj)
-
-    return lin_, records
-
-  b, t = tokens.shape
-  h = embed(params, tokens, jnp.float32)
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  h, _, records = run_layers(cfg, params, h, pos, causal_mask(t, None, b), None, recording, plan_xs)
-  return h, records
+  out = model_pass(params, tokens, config=cfg, plan=plan, dtype=jnp.float32, hook=recording)
+  return out.hidden, out.records
 
 
 def _mask_flips(cfg, plan, single, sharded):
@@ -450,7 +446,7 @@ def _tiny_script() -> dict:
   from amber_jax.eval.multiple_choice import score_requests
   from amber_jax.eval.perplexity import perplexity, window_nll
   from amber_jax.model import LlamaConfig
-  from amber_jax.model.llama import causal_mask, embed, plan_injection, prefill, run_layers
+  from amber_jax.model.llama import embed, model_pass, prefill
   from amber_jax.model.presets import init_random_params
   from amber_jax.plan import make_plan
   from amber_jax.quant_plan import build_quant_state
@@ -529,8 +525,8 @@ def _tiny_script() -> dict:
   s_nll_windows = sh.shard_batch(nll_windows, mesh)
   one_hot = np.eye(batch, dtype=np.float32)
   for name, plan in plans.items():
-    s_plan = sh.shard_plan(plan, mesh)
-    f_plan = sh.shard_plan(plan, mesh, fsdp=True)
+    s_plan = sh.shard_plan(plan, mesh, config=cfg)
+    f_plan = sh.shard_plan(plan, mesh, config=cfg, fsdp=True)
     logits, cache = jit_prefill(params, jnp.asarray(tokens), config=cfg, plan=plan)
     s_logits, s_cache = jit_prefill(s_params, s_tokens, config=cfg, plan=s_plan)
     if maxdiff(logits, s_logits) > LOGIT_TOL:
@@ -585,19 +581,14 @@ def _tiny_script() -> dict:
       diffs[f"score_requests {name}: greedy equal"] = float(all(a[1:] == b[1:] for a, b in pairs))
 
   # The proposed model hook: constrain_batch on the activations. Shown through the public
-  # injection point (run_layers with a make_lin that constrains each site's input).
+  # harness (model_pass with a site hook that constrains each site's input).
   def hidden(params_, tokens_, plan_):
-    make_lin, plan_xs = plan_injection(plan_)
+    def constrained(name, x, weights, row, linear):
+      return linear(sh.constrain_batch(x)), None
 
-    def constrained(layer_params, layer_x, layer):
-      lin, records = make_lin(layer_params, layer_x, layer)
-      return (lambda x, proj: lin(sh.constrain_batch(x), proj)), records
-
-    b, t = tokens_.shape
     h = sh.constrain_batch(embed(params_, tokens_, f32))
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, _, _ = run_layers(cfg, params_, h, pos, causal_mask(t, None, b), None, constrained, plan_xs)
-    return h
+    out = model_pass(params_, config=cfg, plan=plan_, dtype=f32, hook=constrained, h_BxTxD=h)
+    return out.hidden
 
   with jax.set_mesh(mesh):
     compiled = jax.jit(hidden).lower(f_params, s_tokens, None).compile()
@@ -623,7 +614,7 @@ def _tiny_script() -> dict:
   placed = {
     "params": s_params,
     "fsdp params": f_params,
-    "plan": sh.shard_plan(plans["w8a8 + 8:16"], mesh),
+    "plan": sh.shard_plan(plans["w8a8 + 8:16"], mesh, config=cfg),
   }
   for prefix, tree in placed.items():
     shapes = [list(x.addressable_shards[0].data.shape) for x in jax.tree.leaves(tree)]
@@ -647,7 +638,7 @@ def _tiny_script() -> dict:
   error("2x3 on 8 devices", lambda: sh.make_mesh(data=2, model=3))
   error("batch of 3", lambda: sh.shard_batch(np.zeros((3, 4), np.int32), mesh))
   odd = {"embed": np.zeros((447, 64), np.float32)}
-  error("odd vocab", lambda: sh.shard_params(odd, mesh))
+  error("odd vocab", lambda: sh.shard_params(odd, mesh, config=cfg))
   return {
     "diffs": diffs,
     "flips": flips,

@@ -13,7 +13,7 @@ import pytest
 from amber_jax.coverage import coverage, site_macs
 from amber_jax.model import LlamaConfig, forward
 from amber_jax.model.config import PROJECTIONS
-from amber_jax.model.llama import forward_from_layer, layer_inputs, plan_injection, run_layers
+from amber_jax.model.llama import KVCache, forward_from_layer, layer_inputs, model_pass
 from amber_jax.model.presets import init_random_params
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
@@ -21,6 +21,8 @@ from amber_jax.policy import knapsack
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.scores import model_factors
 from amber_jax.site_search import SiteCosts, measure_site_costs, plan_kl, select_sites
+
+NO_TIME = dict(tokens=1, seconds=0.0, site_names=PROJECTIONS)
 
 CFG = LlamaConfig(
   vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
@@ -85,7 +87,9 @@ def test_site_cost_is_the_kl_of_that_site_alone(model, costs):
 @pytest.mark.parametrize("target", [0.3, 0.55, 0.8, 1.0])
 def test_select_sites_is_the_cheapest_set_reaching_the_target(target):
   rng = np.random.default_rng(2)
-  costs = SiteCosts(kl=rng.random((CFG.n_layers, 7)), pattern="2:4", tokens=1, seconds=0.0)
+  costs = SiteCosts(
+    kl=rng.random((CFG.n_layers, 7)), pattern="2:4", tokens=1, seconds=0.0, site_names=PROJECTIONS
+  )
   chosen = select_sites(costs, CFG, target)
   assert coverage(CFG, chosen, PATTERN).covered >= target - 1e-12
   items = [(l, p) for l in range(CFG.n_layers) for p in PROJECTIONS]
@@ -126,7 +130,9 @@ def test_build_plan_search_policy(model, costs):
   assert again.coverage.covered >= 0.8 and again.site_costs is costs
   # The chosen sites move the model's distribution less than the opposite choice at the same
   # coverage target: costs reversed (max - kl), so the most costly sites are taken first.
-  worst = SiteCosts(kl=costs.kl.max() - costs.kl, pattern="2:4", tokens=1, seconds=0.0)
+  worst = SiteCosts(
+    kl=costs.kl.max() - costs.kl, pattern="2:4", tokens=1, seconds=0.0, site_names=PROJECTIONS
+  )
   worst_sites = select_sites(worst, CFG, 0.5)
   worst_cov = coverage(CFG, worst_sites, PATTERN).covered
   assert 0.5 <= worst_cov < 1.0 and len(worst_sites) < CFG.n_layers * len(PROJECTIONS)
@@ -151,7 +157,9 @@ def test_bad_inputs(model, costs):
   )
   with pytest.raises(ValueError, match="costs are for 2 layers"):
     select_sites(costs, other, 0.5)
-  nan_costs = SiteCosts(kl=costs.kl.copy(), pattern="2:4", tokens=1, seconds=0.0)
+  nan_costs = SiteCosts(
+    kl=costs.kl.copy(), pattern="2:4", tokens=1, seconds=0.0, site_names=PROJECTIONS
+  )
   nan_costs.kl[1, 3] = np.nan
   with pytest.raises(ValueError, match=r"site costs must be finite; non-finite at .*\(1, 'o'\)"):
     select_sites(nan_costs, CFG, 0.5)
@@ -191,6 +199,6 @@ def test_forward_from_layer_resumes_the_dense_stream(model, first):
   err = float(jnp.max(jnp.abs(got - want)))
   print(f"\nmax |logit diff| resumed at layer {first}: {err:.2e}")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  make_lin, xs = plan_injection(None)
+  cache = KVCache(k=None, v=None, length=jnp.int32(0))
   with pytest.raises(ValueError, match="takes no KV cache"):
-    run_layers(CFG, params, inputs[0], None, None, object(), make_lin, xs, first_layer=0)
+    model_pass(params, config=CFG, h_BxTxD=inputs[0], first_layer=jnp.int32(0), cache=cache)

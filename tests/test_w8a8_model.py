@@ -248,7 +248,7 @@ def test_automatic_float_sites_pick_the_largest_quantization_errors(model):
   errors = measure_quant_errors(params, np.asarray(tokens), state, config=CFG, show_progress=False)
   assert errors.shape == (CFG.n_layers, len(PROJECTIONS))
   assert (errors > 0).all() and (errors < 0.5).all()
-  top = most_sensitive_sites(errors, 3)
+  top = most_sensitive_sites(errors, 3, CFG.site_names)
   threshold = np.sort(errors, axis=None)[-3]
   assert all(errors[l, PROJECTIONS.index(p)] >= threshold for l, p in top)
   # Keeping those sites in float lowers the model's error.
@@ -270,7 +270,8 @@ def test_automatic_float_sites_pick_the_largest_quantization_errors(model):
 def test_project_w8a8_orders_against_a_hand_built_reference(act_mode):
   """The injection point's int8 path, step by step: smoothing division, N:M (before or after
   quantization), int8 dot, rescale. Fails if either order skipped or misplaced the mask."""
-  from amber_jax.model.llama import project
+  from amber_jax.core.linear import LinearSpec, site_linear
+  from amber_jax.patterns import NMPattern
   from amber_jax.quant import int8_dot_general, quantize_activation, quantize_weight
   from amber_jax.sparsity import sparsify
 
@@ -304,24 +305,10 @@ def test_project_w8a8_orders_against_a_hand_built_reference(act_mode):
 
   outs = {}
   for order in ("sparsify_first", "quantize_first"):
-    outs[order] = np.asarray(
-      project(
-        x,
-        {"w": w},
-        proj="q",
-        layer=jnp.int32(0),
-        plan_slice=plan_slice,
-        pattern="2:4",
-        quant_slice=q,
-        act_mode=act_mode,
-        order=order,
-      )  # fmt: skip
-    )
+    spec = LinearSpec(pattern=NMPattern.parse("2:4"), act_mode=act_mode, order=order)
+    outs[order] = np.asarray(site_linear(x, {"w": w}, dict(plan_slice, quant=q), spec))
     np.testing.assert_array_equal(outs[order], np.asarray(reference(order)))
-  dense = project(
-    x, {"w": w}, proj="q", layer=jnp.int32(0), plan_slice=None, pattern=None, quant_slice=q,
-    act_mode=act_mode,
-  )  # fmt: skip
+  dense = site_linear(x, {"w": w}, {"quant": q}, LinearSpec(act_mode=act_mode))
   assert not np.array_equal(outs["sparsify_first"], np.asarray(dense))
   if act_mode == "token":  # the per-token scale sees the mask only when sparsifying first
     assert not np.array_equal(outs["sparsify_first"], outs["quantize_first"])

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.coverage import plan_coverage, site_macs
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import prefill
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.plan import SparsityPlan, make_plan
@@ -427,7 +427,7 @@ def bench_prefill(
     "pattern": None if pattern is None else str(pattern),
     "score": "|x| x factors (factors from the plan; all ones = naive |x|)",
     "sparse_sites": 0 if sparse_plan is None else len(sparse_plan.enabled_sites()),
-    "total_sites": config.n_layers * len(PROJECTIONS),
+    "total_sites": config.n_layers * len(config.sites),
     "coverage": 0.0 if sparse_plan is None else plan_coverage(config, sparse_plan).covered,
     "dtype": dtype,
     "repeats": repeats,

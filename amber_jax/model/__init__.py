@@ -7,9 +7,10 @@ from amber_jax.model.llama import (
   decode_step,
   forward,
   forward_hidden,
+  lm_head,
+  model_pass,
   prefill,
   prefill_hidden,
-  project,
 )
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
   "generate_greedy",
   "prefill",
   "prefill_hidden",
-  "project",
+  "lm_head",
+  "model_pass",
 ]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
+
+from amber_jax.core.sites import Site, SiteSet
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,17 +104,54 @@ class LlamaConfig:
   def kv_dim(self) -> int:
     return self.n_kv_heads * self.head_dim
 
+  @functools.cached_property
+  def sites(self) -> SiteSet:
+    """The decoder layer's linears, in the order the layer computes them (the declaration the
+    rest of the library iterates over; see ``amber_jax.core.sites``). The paper's rules: q and
+    gate sparse except in skipped layers, down always sparse, k and v (small under GQA), o and
+    up (the most sensitive) dense."""
+    d, q, kv, ff = self.d_model, self.q_dim, self.kv_dim, self.d_ff
+    attn = dict(reads="attn_norm", folds_into="attn_norm", parallel="column")
+    mlp = dict(reads="mlp_norm", folds_into="mlp_norm", parallel="column")
+    return SiteSet(
+      (
+        Site(name="q", path="attention/q", d_in=d, d_out=q, rule="skippable", **attn),
+        Site(name="k", path="attention/k", d_in=d, d_out=kv, rule="dense", **attn),
+        Site(name="v", path="attention/v", d_in=d, d_out=kv, rule="dense", **attn),
+        Site(
+          name="o",
+          path="attention/o",
+          d_in=q,
+          d_out=d,
+          reads="attn_out",
+          parallel="row",
+          rule="dense",
+          heads=self.n_heads,
+        ),
+        Site(name="gate", path="mlp/gate", d_in=d, d_out=ff, rule="skippable", **mlp),
+        Site(name="up", path="mlp/up", d_in=d, d_out=ff, rule="dense", **mlp),
+        Site(
+          name="down",
+          path="mlp/down",
+          d_in=ff,
+          d_out=d,
+          reads="mlp_hidden",
+          parallel="row",
+          rule="sparse",
+        ),
+      )
+    )
+
+  @property
+  def site_names(self) -> tuple[str, ...]:
+    """The names of ``sites``, in block order."""
+    return self.sites.names
+
   def linear_shapes(self) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each projection of one layer, in site order."""
-    return {
-      "q": (self.d_model, self.q_dim),
-      "k": (self.d_model, self.kv_dim),
-      "v": (self.d_model, self.kv_dim),
-      "o": (self.q_dim, self.d_model),
-      "gate": (self.d_model, self.d_ff),
-      "up": (self.d_model, self.d_ff),
-      "down": (self.d_ff, self.d_model),
-    }
+    """(d_in, d_out) of each site of one layer, in site order."""
+    return {s.name: s.shape for s in self.sites}
 
 
+# The Llama family's site names, in block order (what ``LlamaConfig.sites`` declares); code
+# outside the architecture's own modules iterates ``config.sites`` instead.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")

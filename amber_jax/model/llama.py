@@ -1,37 +1,36 @@
 """A functional Llama-family decoder: params pytree in, logits (and KV cache) out.
 
 Layers are stacked along a leading axis and run with ``lax.scan``, so a
-30-layer model compiles as one layer. Every linear projection goes through
-:func:`project`, the single injection point that knows its site (layer,
-projection) and applies the plan's activation transform to its input. Prefill
+30-layer model compiles as one layer. Every linear goes through
+``amber_jax.core.linear.site_linear`` with its row of the plan (the one injection point), or
+through a caller's *site hook* (:func:`model_pass`), which is how calibration records or
+overrides a site's input and output. :func:`model_pass` is the one harness (embed, positions,
+mask, the layer scan) that every entry point here and every calibration pass runs. Prefill
 honours the plan; decode never sparsifies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from amber_jax.impl import (
-  PALLAS_IMPLS,
-  kernel_options,
-  pallas_int8_matmul,
-  pallas_sparse_matmul,
-)
+from amber_jax.core.linear import LinearSpec, site_linear
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
-from amber_jax.quant import int8_dot_general, quantize_activation
+from amber_jax.plan import SparsityPlan
 from amber_jax.sharding import constrain_batch
-from amber_jax.sparsity import sparsify
 
 Params = dict[str, Any]
-
-if TYPE_CHECKING:  # plan.py imports model.config; avoid the cycle at runtime.
-  from amber_jax.plan import SparsityPlan
+# hook(site name, x, weights, the hook's row for this layer, linear) -> (y, record or None):
+# ``linear(x)`` is the site's own output under the plan; the hook may return it, or any other
+# output (a calibration pass that overrides the site), and a record collected over layers.
+SiteHook = Callable[[str, jax.Array, dict, Any, Callable[[jax.Array], jax.Array]], tuple]
 
 
 @struct.dataclass
@@ -45,159 +44,6 @@ class KVCache:
   start: jax.Array | None = None
 
 
-def project(
-  x: jax.Array,
-  weights: dict[str, jax.Array],
-  *,
-  proj: str,
-  layer: jax.Array,
-  plan_slice: dict[str, jax.Array] | None,
-  pattern,
-  impl: str = "xla",
-  mask_method: str = "auto",
-  quant_slice: dict[str, jax.Array] | None = None,
-  act_mode: str = "token",
-  order: str = "sparsify_first",
-) -> jax.Array:
-  """The injection point: ``transform(x) @ w (+ b)`` for site (layer, proj).
-
-  ``plan_slice`` holds this layer's ``enabled`` flag and ``factors`` for ``proj``;
-  None (decode, or a dense plan) means the input is used as is. ``impl`` "xla"
-  sparsifies in jnp then calls XLA's dot; "pallas" calls the fused kernel (the
-  mask is computed on each tile inside the matmul); "pallas_mask" runs the mask as its own
-  Pallas pass, then XLA's dot. ``layer`` is the traced layer index (kept for transforms
-  that need the site identity). A ``correction`` entry in
-  ``plan_slice`` (``amber_jax.corrections``) corrects the sparse output of an enabled site
-  (impl "xla", float weights only); without one the code path is exactly the plain N:M one.
-  A ``channel_order`` entry (a permutation of the input channels) forms the N:M groups over
-  ``x[..., order]`` (``amber_jax.sparsity.nm_keep``); the Pallas kernel then gets the
-  permuted input, weight rows and factors, which is the same product.
-  """
-  del layer  # The plan slice is already this layer's row.
-  correction = None if plan_slice is None else plan_slice.get("correction")
-  channel_order = None if plan_slice is None else plan_slice.get("channel_order")
-  if correction is not None and (quant_slice is not None or impl != "xla"):
-    raise ValueError(
-      "plan.correction needs impl='xla' and float weights (no W8A8 part), got "
-      f"impl={impl!r}, quant={'yes' if quant_slice is not None else 'no'}"
-    )
-  if quant_slice is not None:
-    y = _project_w8a8(
-      x, weights, plan_slice, pattern, mask_method, quant_slice, act_mode, order, impl
-    )
-    if "b" in weights:
-      y = y + weights["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-    return y
-  w = weights["w"].astype(x.dtype)
-  dense = lambda x_: jnp.einsum("...i,io->...o", x_, w)
-  if plan_slice is None or pattern is None:
-    y = dense(x)
-  elif impl in PALLAS_IMPLS:
-    factors = plan_slice["factors"]
-
-    def fused(x_):
-      lead = x_.shape[:-1]
-      w_, factors_ = w, factors
-      if channel_order is not None:  # the kernel's groups are consecutive: permute its operands
-        x_ = jnp.take(x_, channel_order, axis=-1)
-        w_, factors_ = jnp.take(w, channel_order, axis=0), jnp.take(factors, channel_order)
-      x2d = x_.reshape(-1, x_.shape[-1])
-      y2d = pallas_sparse_matmul(
-        x2d, w_, impl=impl, pattern=pattern, factors=factors_, options=kernel_options()
-      )
-      return y2d.reshape(*lead, w.shape[1])
-
-    y = jax.lax.cond(plan_slice["enabled"], fused, dense, x)
-  elif correction is not None:
-    # Imported here: amber_jax.corrections imports this module (its calibration runs the model).
-    from amber_jax.corrections import corrected_sparse_matmul
-
-    def corrected(x_):
-      return corrected_sparse_matmul(
-        x_,
-        w,
-        pattern,
-        plan_slice["factors"],
-        correction,
-        channel_order=channel_order,
-        method=mask_method,
-      )
-
-    y = jax.lax.cond(plan_slice["enabled"], corrected, dense, x)
-  else:
-    factors = plan_slice["factors"]
-    x = jax.lax.cond(
-      plan_slice["enabled"],
-      lambda x_: sparsify(x_, pattern, factors, channel_order=channel_order, method=mask_method),
-      lambda x_: x_,
-      x,
-    )
-    y = dense(x)
-  if "b" in weights:
-    y = y + weights["b"].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-  return y
-
-
-def _project_w8a8(x, weights, plan_slice, pattern, mask_method, q, act_mode, order, impl):
-  """W8A8 at the injection point, with the N:M transform before or after quantizing.
-
-  With a Pallas ``impl`` the int8 product and its rescale run in the Pallas int8 kernel
-  (``pallas_kernels.int8_matmul``: the same int32 sums and float32 rescale); the N:M mask and
-  the quantization stay in jnp (the per-token scale needs the whole row).
-  """
-
-  def row(a):  # per-input-channel vector [d_in] -> broadcastable against x
-    return a.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-
-  def maybe_sparsify(v):
-    if plan_slice is None or pattern is None:
-      return v
-    return jax.lax.cond(
-      plan_slice["enabled"],
-      lambda v_: sparsify(
-        v_,
-        pattern,
-        plan_slice["factors"],
-        channel_order=plan_slice.get("channel_order"),
-        method=mask_method,
-      ),
-      lambda v_: v_,
-      v,
-    )
-
-  def float_path(x_):
-    # Select on the smoothed activation, as the int8 path does, then undo the smoothing
-    # (the folded part and the divided part) for the float weight.
-    xs = maybe_sparsify(x_ / row(q["act_div"])) * row(q["fold"] * q["act_div"])
-    return jnp.einsum("...i,io->...o", xs, weights["w"].astype(x_.dtype))
-
-  def int8_path(x_):
-    xs = x_ / row(q["act_div"])
-    static = q["act_scale"] if act_mode == "tensor" else None
-    if order == "sparsify_first":
-      x_q, x_scale = quantize_activation(maybe_sparsify(xs), mode=act_mode, static_scale=static)
-    else:
-      x_q, x_scale = quantize_activation(xs, mode=act_mode, static_scale=static)
-      x_q = maybe_sparsify(x_q)
-    if impl in PALLAS_IMPLS:
-      lead, k = x_q.shape[:-1], x_q.shape[-1]
-      x_scale_2d = jnp.broadcast_to(x_scale, lead + (1,)).reshape(-1, 1)
-      y2d = pallas_int8_matmul(
-        x_q.reshape(-1, k),
-        q["w_q"],
-        x_scale_2d,
-        q["w_scale"].reshape(1, -1),
-        out_dtype=x_.dtype,
-        options=kernel_options(),
-      )
-      return y2d.reshape(*lead, y2d.shape[-1])
-    acc = int8_dot_general(x_q, q["w_q"], (((x_q.ndim - 1,), (0,)), ((), ())))
-    w_scale = q["w_scale"].reshape((1,) * (acc.ndim - 1) + (-1,))
-    return (acc.astype(jnp.float32) * x_scale * w_scale).astype(x_.dtype)
-
-  return jax.lax.cond(q["in_float"], float_path, int8_path, x)
-
-
 def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   """One pre-norm decoder layer.
 
@@ -205,7 +51,7 @@ def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   over the layer's own keys) or (k_cache, v_cache, index).
   """
   b, t, _ = h.shape
-  attn_norm, mlp_norm = norms
+  attn_norm, mlp_norm = norms["attn_norm"], norms["mlp_norm"]
   x = rms_norm(h, attn_norm, config.norm_eps)
   q = lin(x, "q").reshape(b, t, config.n_heads, config.head_dim)
   k = lin(x, "k").reshape(b, t, config.n_kv_heads, config.head_dim)
@@ -227,59 +73,56 @@ def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   return h, kv_out
 
 
-def plan_injection(plan: SparsityPlan | None, *, sparse: bool = True):
-  """The default injection point factory: (layer_params, plan row, layer) -> lin(x, proj).
+def linear_spec(plan: SparsityPlan | None, *, sparse: bool = True) -> LinearSpec:
+  """The static part of the sites' linears under ``plan`` (no N:M step when not ``sparse``)."""
+  if plan is None:
+    return LinearSpec()
+  quant = plan.quant
+  return LinearSpec(
+    pattern=plan.pattern if sparse else None,
+    backend=plan.impl,
+    mask_method=plan.mask_method,
+    act_mode="token" if quant is None else quant.act_mode,
+    order="sparsify_first" if quant is None else quant.order,
+  )
 
-  Also returns the per-layer rows of the plan to scan over (None for dense). With
-  ``sparse=False`` (decode) the N:M transform is off; a W8A8 part of the plan stays on.
+
+def plan_injection(plan: SparsityPlan | None, *, sparse: bool = True, hook: SiteHook | None = None):
+  """The injection point factory ``make_lin(layer_params, layer_x, layer) -> (lin, records)``
+  for the layer scan of ``model_pass``, and the per-layer data to scan over (the plan's rows,
+  ``SparsityPlan.site_rows``, under "plan"). With ``sparse=False`` (decode) the N:M transform
+  is off; a W8A8 part of the plan stays on. With a ``hook``, each site calls it with its
+  layer's row of ``layer_x["hook"]`` (see ``SiteHook``) and its records are collected.
   """
-  pattern = None if plan is None or not sparse else plan.pattern
-  quant = None if plan is None else plan.quant
-  if pattern is None and quant is None:
-    plan_xs = None
-  else:
-    plan_xs = {"sites": {}, "norms": None}
-    for p in plan.enabled:
-      site = {}
-      if pattern is not None:
-        site.update(enabled=plan.enabled[p], factors=plan.factors[p])
-        if plan.correction is not None:  # prefill only: decode (pattern None) stays uncorrected
-          site["correction"] = plan.correction[p]
-        if plan.channel_order is not None and p in plan.channel_order:
-          site["channel_order"] = plan.channel_order[p]
-      if quant is not None:
-        site["quant"] = quant.sites[p]
-      plan_xs["sites"][p] = site
-    if quant is not None:
-      plan_xs["norms"] = (quant.norms["attn_norm"], quant.norms["mlp_norm"])
-  impl = "xla" if plan is None else plan.impl
-  mask_method = "auto" if plan is None else plan.mask_method
-  act_mode = "token" if quant is None else quant.act_mode
-  order = "sparsify_first" if quant is None else quant.order
+  spec = linear_spec(plan, sparse=sparse)
+  plan_xs = None if plan is None else plan.site_rows(sparse=sparse)
 
-  def make_lin(layer_params, plan_layer, layer):
-    def lin(x, proj):
-      site = None if plan_layer is None else plan_layer["sites"][proj]
-      return project(
-        x,
-        layer_params[proj],
-        proj=proj,
-        layer=layer,
-        plan_slice=site if pattern is not None else None,
-        pattern=pattern,
-        impl=impl,
-        mask_method=mask_method,
-        quant_slice=None if site is None else site.get("quant"),
-        act_mode=act_mode,
-        order=order,
-      )
+  def make_lin(layer_params, layer_x, layer):
+    del layer  # The rows are already this layer's.
+    records = {}
+    rows = None if layer_x["plan"] is None else layer_x["plan"]["sites"]
+    hook_rows = layer_x["hook"]
 
-    return lin, {}
+    def lin(x, name):
+      weights = layer_params[name]
+      row = None if rows is None else rows[name]
+
+      def linear(x_):
+        return site_linear(x_, weights, row, spec)
+
+      if hook is None:
+        return linear(x)
+      y, record = hook(name, x, weights, None if hook_rows is None else hook_rows[name], linear)
+      if record is not None:
+        records[name] = record
+      return y
+
+    return lin, records
 
   return make_lin, plan_xs
 
 
-def run_layers(
+def _scan_layers(
   config,
   params,
   h,
@@ -292,7 +135,8 @@ def run_layers(
   first_layer: jax.Array | None = None,
   keep_inputs: bool = False,
 ):
-  """Scans the decoder layers. ``make_lin(layer_params, layer_x, layer) -> (lin, records)``.
+  """Scans the decoder layers (the body of ``model_pass``).
+  ``make_lin(layer_params, layer_x, layer) -> (lin, records)``.
 
   ``records`` is a dict the injection point may fill while the layer is traced
   (e.g. per-site statistics); it is returned stacked over layers.
@@ -320,9 +164,10 @@ def run_layers(
     h_in = h
     lin, records = make_lin(layer_params, layer_x, layer)
     kv_in = None if kv is None else (kv[0], kv[1], cache.length)
-    norms = (layer_params["attn_norm"], layer_params["mlp_norm"])
-    if isinstance(layer_x, dict) and layer_x.get("norms") is not None:
-      norms = layer_x["norms"]  # RMSNorm weights with smoothing folded in (W8A8 plans)
+    norms = {"attn_norm": layer_params["attn_norm"], "mlp_norm": layer_params["mlp_norm"]}
+    plan_x = layer_x["plan"] if isinstance(layer_x, dict) and "plan" in layer_x else None
+    if plan_x is not None and plan_x.get("norms") is not None:
+      norms = plan_x["norms"]  # RMSNorm weights with smoothing folded in (W8A8 plans)
 
     def run(h_):
       return _decoder_layer(config, h_, lin, cos, sin, kv_in, mask, norms)
@@ -345,14 +190,73 @@ def run_layers(
   return h, kv, records
 
 
-def _run_layers(config, params, plan, h, positions, mask, cache: KVCache | None, sparse=True):
-  make_lin, plan_xs = plan_injection(plan, sparse=sparse)
-  h, kv, _ = run_layers(config, params, h, positions, mask, cache, make_lin, plan_xs)
-  return h, kv
+@dataclasses.dataclass(frozen=True)
+class ModelPass:
+  """What ``model_pass`` returns: the last layer's hidden states [B, T, D] (before the final
+  norm), the (K, V) each layer wrote, the site hook's records (name -> stacked over layers) and,
+  with ``keep_inputs``, the residual stream entering each layer [L, B, T, D]."""
+
+  hidden: jax.Array
+  kv: tuple[jax.Array, jax.Array]
+  records: dict
+  inputs: jax.Array | None = None
 
 
-def _logits(config, params, h):
-  h = rms_norm(h, params["final_norm"], config.norm_eps)
+def model_pass(
+  params: Params,
+  tokens_BxT: jax.Array | None = None,
+  *,
+  config: LlamaConfig,
+  plan: SparsityPlan | None = None,
+  sparse: bool = True,
+  dtype=jnp.float32,
+  hook: SiteHook | None = None,
+  hook_xs: Any = None,
+  positions_BxT: jax.Array | None = None,
+  attn_mask_BxTxT: jax.Array | None = None,
+  h_BxTxD: jax.Array | None = None,
+  first_layer: jax.Array | None = None,
+  cache: KVCache | None = None,
+  keep_inputs: bool = False,
+) -> ModelPass:
+  """The one harness: embed, positions, attention mask, then the layer scan with every site's
+  linear under ``plan`` (and ``hook``, if given). Every forward, prefill and decode entry point
+  and every calibration pass (``amber_jax.calibrate``) runs this.
+
+  ``tokens_BxT`` are embedded, or ``h_BxTxD`` (the residual stream entering ``first_layer``)
+  is used instead. Positions default to 0..T-1, the mask to causal; give both for packed rows
+  or a KV cache. ``hook`` (see ``SiteHook``) sees each site's input and its output under the
+  plan and may replace the output; ``hook_xs`` are its per-site data, site name -> arrays
+  stacked over layers (each layer's row is passed to the hook). ``first_layer`` skips the
+  layers before it at run time (``_scan_layers``).
+  """
+  if (tokens_BxT is None) == (h_BxTxD is None):
+    raise ValueError("model_pass: give exactly one of tokens_BxT and h_BxTxD")
+  h = embed(params, tokens_BxT, dtype) if h_BxTxD is None else h_BxTxD.astype(dtype)
+  b, t = h.shape[:2]
+  if positions_BxT is None:
+    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  mask = causal_mask(t, None, b) if attn_mask_BxTxT is None else attn_mask_BxTxT.astype(bool)
+  make_lin, plan_xs = plan_injection(plan, sparse=sparse, hook=hook)
+  out = _scan_layers(
+    config,
+    params,
+    h,
+    positions_BxT,
+    mask,
+    cache,
+    make_lin,
+    {"plan": plan_xs, "hook": hook_xs},
+    first_layer=first_layer,
+    keep_inputs=keep_inputs,
+  )
+  return ModelPass(*out)
+
+
+def lm_head(config: LlamaConfig, params: Params, h_BxTxD: jax.Array) -> jax.Array:
+  """float32 logits [B, T, V] of the last layer's hidden states: final norm, then the LM head
+  (the tied embedding where the checkpoint ties them)."""
+  h = rms_norm(h_BxTxD, params["final_norm"], config.norm_eps)
   if config.tie_embeddings:
     w_DxV = params["embed"].T
   else:
@@ -402,38 +306,27 @@ def forward_hidden(
   N:M masks are per token, so packing changes no token's sparsity.
   """
   b, t = tokens_BxT.shape
-  if positions_BxT is None:
-    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   if attn_mask_BxTxT is None:
-    mask = causal_mask(t, valid_BxT, b)
+    attn_mask_BxTxT = causal_mask(t, valid_BxT, b)
   elif valid_BxT is not None:
     raise ValueError("pass either valid_BxT or attn_mask_BxTxT (which already masks padding)")
-  else:
-    mask = attn_mask_BxTxT.astype(bool)
-  h = embed(params, tokens_BxT, dtype)
-  return _run_layers(config, params, plan, h, positions_BxT, mask, None)
+  out = model_pass(
+    params,
+    tokens_BxT,
+    config=config,
+    plan=plan,
+    dtype=dtype,
+    positions_BxT=positions_BxT,
+    attn_mask_BxTxT=attn_mask_BxTxT,
+  )
+  return out.hidden, out.kv
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def layer_inputs(params: Params, tokens_BxT: jax.Array, *, config: LlamaConfig, dtype=jnp.float32):
   """The dense model's residual stream entering each layer, [L, B, T, D] (causal, no padding):
   with ``forward_from_layer`` it lets a pass that changes only layer l and later start at l."""
-  b, t = tokens_BxT.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  make_lin, plan_xs = plan_injection(None)
-  h = embed(params, tokens_BxT, dtype)
-  *_, inputs = run_layers(
-    config,
-    params,
-    h,
-    positions,
-    causal_mask(t, None, b),
-    None,
-    make_lin,
-    plan_xs,
-    keep_inputs=True,
-  )
-  return inputs
+  return model_pass(params, tokens_BxT, config=config, dtype=dtype, keep_inputs=True).inputs
 
 
 def forward_from_layer(
@@ -450,21 +343,15 @@ def forward_from_layer(
   Equals ``forward`` when the plan changes nothing before ``first_layer`` (no sparse site and
   no W8A8 part there: a W8A8 plan quantizes every layer); the skipped layers cost nothing at
   run time."""
-  b, t, _ = h_BxTxD.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  make_lin, plan_xs = plan_injection(plan)
-  h, _, _ = run_layers(
-    config,
+  out = model_pass(
     params,
-    h_BxTxD.astype(dtype),
-    positions,
-    causal_mask(t, None, b),
-    None,
-    make_lin,
-    plan_xs,
+    config=config,
+    plan=plan,
+    dtype=dtype,
+    h_BxTxD=h_BxTxD,
     first_layer=jnp.asarray(first_layer, jnp.int32),
   )
-  return _logits(config, params, h)
+  return lm_head(config, params, out.hidden)
 
 
 def forward(
@@ -484,7 +371,7 @@ def forward(
   h, _ = forward_hidden(
     params, tokens_BxT, config=config, plan=plan, valid_BxT=valid_BxT, dtype=dtype
   )
-  return _logits(config, params, h)
+  return lm_head(config, params, h)
 
 
 def prefill_hidden(
@@ -543,7 +430,7 @@ def prefill(
   h, cache = prefill_hidden(
     params, tokens_BxT, config=config, plan=plan, max_len=max_len, dtype=dtype, start_B=start_B
   )
-  return _logits(config, params, h), cache
+  return lm_head(config, params, h), cache
 
 
 def decode_step(
@@ -576,37 +463,21 @@ def decode_step(
   if cache.start is not None:  # left-padded rows: skip their padding, shift their positions
     mask = mask & (key_slot[None, None, :] >= cache.start[:, None, None])
     positions = slots - cache.start[:, None]
-  h = embed(params, tokens_BxT, dtype)
   # Decode never sparsifies (sparse=False); W8A8 weights stay int8.
-  h, (k, v) = _run_layers(config, params, plan, h, positions, mask, cache, sparse=False)
+  out = model_pass(
+    params,
+    tokens_BxT,
+    config=config,
+    plan=plan,
+    sparse=False,
+    dtype=dtype,
+    positions_BxT=positions,
+    attn_mask_BxTxT=mask,
+    cache=cache,
+  )
+  h, (k, v) = out.hidden, out.kv
   new_cache = KVCache(k=k, v=v, length=cache.length + t, start=cache.start)
   # Only reachable with a traced length (see above). Poisoned before the LM head: [B, T, D]
   # is far smaller than the logits, and the NaN reaches every logit through it.
   h = jnp.where(cache.length + t > s_max, jnp.nan, h)
-  return _logits(config, params, h), new_cache
-
-
-def dense_pass_records(params, tokens_BxT, *, config: LlamaConfig, dtype, site_xs, record):
-  """A dense prefill in which every site also reports statistics of its input.
-
-  ``record(x, weights, site_x)`` is called at each site with its input, its weights and its
-  row of ``site_xs`` (proj -> data stacked over layers, or None); the returned pytree is
-  collected as proj -> stats stacked over layers. Calibration and sensitivity use this.
-  """
-  b, t = tokens_BxT.shape
-  h = embed(params, tokens_BxT, dtype)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-
-  def make_lin(layer_params, layer_x, layer):
-    records = {}
-
-    def lin(x, proj):
-      records[proj] = record(x, layer_params[proj], None if layer_x is None else layer_x[proj])
-      return project(x, layer_params[proj], proj=proj, layer=layer, plan_slice=None, pattern=None)
-
-    return lin, records
-
-  _, _, records = run_layers(
-    config, params, h, positions, causal_mask(t, None, b), None, make_lin, site_xs
-  )
-  return records
+  return lm_head(config, params, h), new_cache

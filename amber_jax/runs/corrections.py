@@ -26,7 +26,6 @@ from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.methods import Method, resolve_method
-from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.pruner import AmberConfig, build_plan
 from amber_jax.report import markdown_table
@@ -161,8 +160,9 @@ def run_corrections(cfg: CorrectionsConfig, *, log=print, show_progress=True) ->
         dtype=dtype,
         show_progress=show_progress,
       )
-      # [n_layers, 7] in PROJECTIONS order, like the correction errors.
-      sparse = np.stack([np.asarray(info.plan.enabled[p]) for p in PROJECTIONS], axis=1)
+      # [n_layers, n_sites] in config.sites order, like the correction errors.
+      names = setup.config.sites.names
+      sparse = np.stack([np.asarray(info.plan.enabled[p]) for p in names], axis=1)
       for run in cfg.corrections:
         spec, inputs = parse_run(run)
         plan, result = info.plan, None

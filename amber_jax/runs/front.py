@@ -45,7 +45,6 @@ from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.methods import DEFAULT_LEARN_STEPS as REGISTRY_LEARN_STEPS
 from amber_jax.methods import Method, build_method_plan, resolve_method
-from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.plan import make_plan
 from amber_jax.plots import save_coverage_front, save_learning_curves
@@ -261,6 +260,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
       tokens=c["tokens"],
       seconds=c["seconds"],
       ordered=tuple(c.get("ordered", ())),
+      site_names=tuple(c.get("site_names", setup.config.site_names)),
     )
     for key, c in result["site_costs"].items()
   }
@@ -301,6 +301,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
             "tokens": found.tokens,
             "seconds": found.seconds,
             "ordered": list(found.ordered),
+            "site_names": list(found.site_names),
           }
         start = time.perf_counter()
         built = build_method_plan(
@@ -323,7 +324,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
           "method": method,
           "target": target,
           "coverage": info.coverage.covered,
-          "sparse_sites": {p: int(np.asarray(plan.enabled[p]).sum()) for p in PROJECTIONS},
+          "sparse_sites": {p: int(np.asarray(plan.enabled[p]).sum()) for p in plan.enabled},
           "calib_kl": kl_to_dense(plan),
           "perplexity": evaluate(plan, f"{pattern} {method} @ {target}", names),
           "calib_seconds": calib_seconds,

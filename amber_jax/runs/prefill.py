@@ -30,7 +30,6 @@ from amber_jax.methods import (
   identify_method,
   resolve_method,
 )
-from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import parse_pattern_or_dense
 from amber_jax.plan import make_plan
 from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
@@ -212,17 +211,14 @@ class PrefillRunConfig:
 
 def parse_float_sites(items) -> tuple[tuple[int, str], ...]:
   """["down:29", "o:0"] (the --float_sites flag) -> ((29, "down"), (0, "o")); ValueError
-  naming the flag for an entry that is not proj:layer with a known projection."""
+  naming the flag for an entry that is not proj:layer (the names are checked against the
+  model's declared sites once its config has loaded, ``check_float_sites``)."""
   sites = []
   for item in items:
     proj, _, layer = str(item).partition(":")
     if not layer.strip().isdigit():
       raise ValueError(
         f"--float_sites entries look like proj:layer (e.g. down:29,o:0), got {item!r}"
-      )
-    if proj.strip() not in PROJECTIONS:
-      raise ValueError(
-        f"--float_sites entry {item!r}: the projection must be one of {', '.join(PROJECTIONS)}"
       )
     sites.append((int(layer), proj.strip()))
   return tuple(sites)
@@ -433,7 +429,10 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
         show_progress=show_progress,
       )
       float_sites = tuple(
-        sorted(set(float_sites) | set(most_sensitive_sites(errors, cfg.float_sites_auto)))
+        sorted(
+          set(float_sites)
+          | set(most_sensitive_sites(errors, cfg.float_sites_auto, config.site_names))
+        )
       )
     quant_state, smoothed = build_quant_state(
       params,

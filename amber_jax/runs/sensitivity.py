@@ -7,7 +7,6 @@ import time
 
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.model.config import PROJECTIONS
 from amber_jax.patterns import NMPattern
 from amber_jax.policy import check_coverage_target, measure_sensitivity, select_skip_layers
 from amber_jax.pruner import AmberConfig
@@ -53,8 +52,8 @@ def run_sensitivity(cfg: SensitivityRunConfig, *, log=print, show_progress=True)
 
   def validate(config):
     auto.validate_for(config)
-    for p, (d_in, _) in config.linear_shapes().items():
-      pattern.check_width(d_in, where=f"{p}-projection input")
+    for site in config.sites:
+      pattern.check_width(site.d_in, where=f"{site.name}-projection input")
 
   setup = prepare_eval(
     model=cfg.model,
@@ -84,7 +83,7 @@ def run_sensitivity(cfg: SensitivityRunConfig, *, log=print, show_progress=True)
   skip = select_skip_layers(sens, setup.config, cfg.coverage)
   return {
     "errors": sens.errors.tolist(),
-    "projections": list(PROJECTIONS),
+    "projections": list(sens.site_names),
     "skip_layers": list(skip),
     "seconds": time.perf_counter() - start,
     "tokens": sens.tokens,

@@ -1,0 +1,1 @@
+"""Calibration and planning: passes over calibration windows that measure sites and build plans."""
