@@ -61,7 +61,7 @@ def usable_cpus() -> int:
 
 
 def _impls() -> list[str]:
-  from amber_jax.impl import IMPLS
+  from amber_jax.core.backends import IMPLS
 
   return list(IMPLS)
 
@@ -73,10 +73,10 @@ def _dtypes() -> list[str]:
 
 
 def _method_help() -> str:
-  from amber_jax.methods import BEST, method_names
+  from amber_jax.calibrate.methods import BEST, method_names
 
   return (
-    f"A named method of amber_jax.methods: {', '.join(method_names())} (best = {BEST}); "
+    f"A named method of amber_jax.calibrate.methods: {', '.join(method_names())} (best = {BEST}); "
     "search and search_mixed take +<correction>, +learned[N], +learnedscale[N]. Sets score, "
     "policy, o_order, granularity (and correction, learned factors); giving one of those "
     "flags with another value as well is an error."
@@ -198,11 +198,11 @@ def define_options(*names: str, **overrides) -> Options:
 
 def method_or_flags(opts: Options, names=("score", "policy", "o_order", "granularity")) -> None:
   """With ``--method``, ValueError if one of the old recipe flags ``names`` was given with a
-  value other than the method's (``amber_jax.methods.check_method_conflicts``: it names both);
+  value other than the method's (``amber_jax.calibrate.methods.check_method_conflicts``: it names both);
   an unknown method is a ValueError listing the valid names."""
   if not opts.method:
     return
-  from amber_jax.methods import check_method_conflicts
+  from amber_jax.calibrate.methods import check_method_conflicts
 
   check_method_conflicts(opts.method, {n: flags.FLAGS[n].value for n in names if opts.present(n)})
 

@@ -17,13 +17,13 @@ from _common import default_cache_dir, run
 from absl import flags
 
 from amber_jax.io.atomic import check_output_file, write_json_atomic
-from amber_jax.report import update_markdown_section
 from amber_jax.runs.amber_table import (
   AmberTableConfig,
   amber_table_markdown,
   run_amber_table,
 )
 from amber_jax.runs.checks import check_markdown_file
+from amber_jax.runs.markdown import update_markdown_section
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERNS = flags.DEFINE_list("patterns", ["2:4", "4:8", "8:16"], "N:M patterns.")

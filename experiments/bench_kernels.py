@@ -71,9 +71,9 @@ from _common import run
 from absl import flags
 from jax import lax
 
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import sparsify
 from amber_jax.io.atomic import check_output_file, write_json_atomic
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import sparsify
 from pallas_kernels.int8_matmul import default_block_sizes as int8_default_block_sizes
 from pallas_kernels.int8_matmul import (
   int8_matmul,

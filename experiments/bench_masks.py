@@ -3,7 +3,7 @@
     python experiments/bench_masks.py --pattern=8:16
 
 For each shape (tokens x K times K x N, bf16 on accelerators) it times: the dense
-dot; mask + dot for each algorithm of amber_jax.sparsity (pairwise ranks, lax.top_k,
+dot; mask + dot for each algorithm of amber_jax.core.sparsity (pairwise ranks, lax.top_k,
 a Batcher sorting network giving the N-th largest score as a threshold); and a
 threshold-only lower bound (one compare per entry, not an exact N:M mask). All exact
 variants are checked to give the same mask. Prints ms and the ratio to the dense dot.
@@ -21,8 +21,8 @@ import numpy as np
 from _common import run
 from absl import flags
 
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import MASK_METHODS, nm_mask, nm_scores
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import MASK_METHODS, nm_mask, nm_scores
 
 SHAPES = {
   "full": [(8192, 4096, 4096), (8192, 14336, 4096), (2048, 4096, 14336)],

@@ -16,7 +16,7 @@ rendezvous, smaller per-device matmuls), not scaling.
 For every plan (``--plans``: dense, 8:16 naive on every site, W8A8 with SmoothQuant calibrated on
 the benchmark's own tokens) it jits ``amber_jax.model.prefill`` (logits and KV cache) once on one
 device with unsharded params and once per mesh (``--meshes``, DATAxMODEL) with params, plan and
-batch placed by ``amber_jax.sharding``; each is compiled and warmed up, then timed ``--repeats``
+batch placed by ``amber_jax.plan.sharding``; each is compiled and warmed up, then timed ``--repeats``
 times interleaved (order rotated every round); medians. It prints one table: single-device and
 sharded ms and tokens/s, their ratio, the share of time in collectives, the largest logit
 difference from the single-device prefill, and the same for a control without sharding: the
@@ -126,8 +126,8 @@ def _parse_mesh(text: str) -> tuple[int, int]:
 
 def _check_flags() -> tuple[list[tuple[int, int]], list[str]]:
   """What needs neither JAX nor the model (ValueError naming the flag): the meshes and plans."""
+  from amber_jax.core.patterns import NMPattern
   from amber_jax.io.atomic import check_output_file
-  from amber_jax.patterns import NMPattern
 
   for flag, least in ((_BATCH, 1), (_SEQ_LEN, 1), (_REPEATS, 1), (_CPU_DEVICES, 0)):
     if flag.value < least:
@@ -222,9 +222,9 @@ def _load(random_init: str | None, config, source, cache_dir: str, batch: int, s
 
 
 def _make_plan(name: str, config, params, tokens):
-  from amber_jax.calibration import collect_input_absmax
-  from amber_jax.plan import make_plan
-  from amber_jax.quant_plan import build_quant_state
+  from amber_jax.calibrate.stats import collect_input_absmax
+  from amber_jax.plan.quant_state import build_quant_state
+  from amber_jax.plan.schema import make_plan
 
   if name == "dense":
     return None
@@ -278,11 +278,11 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from amber_jax import sharding as sh
   from amber_jax.bench.prefill_bench import machine_info, time_interleaved
   from amber_jax.io.atomic import write_json_atomic
   from amber_jax.model.llama import forward, prefill
-  from amber_jax.plan import make_plan
+  from amber_jax.plan import sharding as sh
+  from amber_jax.plan.schema import make_plan
   from amber_jax.runs.common import check_seq_len_for
 
   machine = machine_info(cpu_model_name())

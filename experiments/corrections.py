@@ -20,7 +20,6 @@ from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
 from absl import flags
 
 from amber_jax.io.atomic import check_output_file, write_json_atomic
-from amber_jax.report import update_markdown_section
 from amber_jax.runs.checks import (
   check_markdown_file,
   read_json_file,
@@ -33,13 +32,14 @@ from amber_jax.runs.corrections import (
   corrections_markdown,
   run_corrections,
 )
+from amber_jax.runs.markdown import update_markdown_section
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _METHODS = flags.DEFINE_list(
   "methods",
   list(DEFAULT_METHODS),
-  "Base plans (amber_jax.methods names): amber (or paper), naive, naive_rules, search, ...",
+  "Base plans (amber_jax.calibrate.methods names): amber (or paper), naive, naive_rules, search, ...",
 )
 _CORRECTIONS = flags.DEFINE_list(
   "corrections",

@@ -7,7 +7,7 @@ For a few sites (projection:layer) of the default model, on calibration tokens o
 
 * ``robust``: the robust score's mask (what the library does);
 * ``mixed``: the robust score's mask with the groups formed over a random channel order
-  (``amber_jax.channel_order.mixed_order``, as ``o_order="mixed"`` uses for o), as a share of
+  (``amber_jax.plan.channel_order.mixed_order``, as ``o_order="mixed"`` uses for o), as a share of
   the robust error: for o the groups then mix attention heads;
 * ``gram``: per group of M, a greedy mask that minimises the group's own output error using the
   Gram matrix of W's rows (x_D^T (W W^T)_DD x_D for the dropped set D): the best a per-channel
@@ -30,15 +30,15 @@ from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
 from absl import flags
 
 from amber_jax.calibrate.harness import record_only, site_records
-from amber_jax.channel_order import mixed_order
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import model_factors
+from amber_jax.core.sparsity import sparsify
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.patterns import NMPattern
-from amber_jax.report import markdown_table
+from amber_jax.plan.channel_order import mixed_order
 from amber_jax.runs.checks import parse_ints
 from amber_jax.runs.common import check_cache_dir, prepare_eval
-from amber_jax.scores import model_factors
-from amber_jax.sparsity import sparsify
+from amber_jax.runs.markdown import markdown_table
 
 _MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "Known model name, .gguf file or HF dir.")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")

@@ -2,7 +2,7 @@
 
     python experiments/front.py --output=results/front.json
 
-For each pattern and coverage target, the plan of each method (amber_jax.methods names: naive_rules
+For each pattern and coverage target, the plan of each method (amber_jax.calibrate.methods names: naive_rules
 and amber under the paper's site rules; the KL-searched sites; searched + median correction;
 searched + learned score factors at the goal coverage only), calibrated on the main text's
 calibration windows, then perplexity on its evaluation windows (and at the goal coverage also on
@@ -27,7 +27,6 @@ from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
 from absl import flags
 
 from amber_jax.io.atomic import check_output_file, write_json_atomic
-from amber_jax.report import update_markdown_section
 from amber_jax.runs.checks import (
   check_markdown_file,
   parse_floats,
@@ -42,13 +41,14 @@ from amber_jax.runs.front import (
   run_front,
   save_front_plots,
 )
+from amber_jax.runs.markdown import update_markdown_section
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _METHODS = flags.DEFINE_list(
   "methods",
   list(DEFAULT_METHODS),
-  "amber_jax.methods names with a coverage target: naive_rules (was 'naive'), amber (or "
+  "amber_jax.calibrate.methods names with a coverage target: naive_rules (was 'naive'), amber (or "
   "paper), search, search_mixed (o groups mix heads), and for search or search_mixed: "
   "+<correction>, +learned[N] (N optimiser steps, default 4), +learnedscale[N] (also output "
   "scales); best.",

@@ -24,7 +24,6 @@ from pathlib import Path
 from _common import define_options, run
 from absl import flags
 
-from amber_jax.report import update_markdown_section
 from amber_jax.runs.checks import check_markdown_file
 from amber_jax.runs.generation import (
   DEFAULT_TASKS,
@@ -33,6 +32,7 @@ from amber_jax.runs.generation import (
   generation_markdown,
   run_generation,
 )
+from amber_jax.runs.markdown import update_markdown_section
 from amber_jax.runs.zero_shot import METHODS, load_results, needs_calibration
 
 OPTS = define_options(
@@ -48,7 +48,9 @@ OPTS = define_options(
 _TASKS = flags.DEFINE_list("tasks", list(DEFAULT_TASKS), "Packaged task names or JSON files.")
 _PATTERNS = flags.DEFINE_list("patterns", ["dense", "8:16", "2:4"], "'dense' and/or N:M.")
 _METHODS = flags.DEFINE_list(
-  "methods", list(METHODS), "amber_jax.methods names (naive, amber, ...), per sparse pattern."
+  "methods",
+  list(METHODS),
+  "amber_jax.calibrate.methods names (naive, amber, ...), per sparse pattern.",
 )
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 3, "Solved examples before each question.")
 _LIMIT = flags.DEFINE_integer("limit", 100, "Questions per task (the first ones).")

@@ -4,7 +4,7 @@
 
 Builds the paper's plan (auto policy, robust score, coverage >= 0.55, calibrated on the 8
 windows after the 8 evaluation windows of lee_background), learns its per-channel score factors
-on those calibration windows (straight-through N:M mask, see amber_jax/learned_factors.py),
+on those calibration windows (straight-through N:M mask, see amber_jax/calibrate/learned_factors.py),
 then reports perplexity before and after on the evaluation windows and on the Wikipedia text
 (never used for calibration), the KL before/after on the calibration windows, the loss curve
 and the time. --save_plan writes the learned plan (orbax) for experiments/prefill.py --load_plan.
@@ -65,14 +65,14 @@ def main(argv):
 
   import numpy as np
 
+  from amber_jax.calibrate.learned_factors import learn_score_factors
+  from amber_jax.calibrate.pruner import AmberConfig, build_plan
+  from amber_jax.core.patterns import NMPattern
   from amber_jax.data.texts import load_text
   from amber_jax.eval.perplexity import make_windows, perplexity
   from amber_jax.io.atomic import write_json_atomic
   from amber_jax.io.loading import load_tokenizer
   from amber_jax.io.sources import resolve_model
-  from amber_jax.learned_factors import learn_score_factors
-  from amber_jax.patterns import NMPattern
-  from amber_jax.pruner import AmberConfig, build_plan
   from amber_jax.runs.common import check_cache_dir, prepare_eval
 
   _check_flags()
@@ -141,7 +141,7 @@ def main(argv):
     f"{_STEPS.value} steps in {learned.seconds:.0f} s"
   )
   if _SAVE_PLAN.value:
-    from amber_jax.plan_io import save_sparsity_plan
+    from amber_jax.plan.io import save_sparsity_plan
 
     # The identity prefill.py --load_plan checks (runs/prefill.py _plan_identity): the model as
     # named, its shapes, the pattern, no W8A8.

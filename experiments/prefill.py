@@ -28,7 +28,7 @@ dense does not. Other plans by flag (--nonaive_baseline drops the baseline row):
     python experiments/prefill.py --pattern=2:4 --score=naive --policy=all
     python experiments/prefill.py --pattern=2:4 --policy=paper --skip_layers=1,3,4 --output=o.json
 
-A named method (amber_jax.methods) instead of the flags: --method=amber is the default plan,
+A named method (amber_jax.calibrate.methods) instead of the flags: --method=amber is the default plan,
 --method=naive the baseline alone, --method=best the best recipe so far (search_mixed+learnedscale:
 about 7 minutes of calibration on 2 cores). --method with a conflicting --score, --policy,
 --o_order or --granularity is an error.
@@ -46,15 +46,15 @@ import dataclasses
 from _common import define_options, method_or_flags, run
 from absl import flags
 
+from amber_jax.calibrate.policy import POLICIES, parse_layer_list
+from amber_jax.core.scores import SCORES
 from amber_jax.io.atomic import check_output_file, write_json_atomic
-from amber_jax.policy import POLICIES, parse_layer_list
 from amber_jax.runs.prefill import (
   PrefillRunConfig,
   format_table,
   parse_float_sites,
   run_prefill,
 )
-from amber_jax.scores import SCORES
 
 _DEFAULT = {f.name: f.default for f in dataclasses.fields(PrefillRunConfig)}
 OPTS = define_options(

@@ -16,8 +16,8 @@ from _common import default_cache_dir, run
 from absl import flags
 
 from amber_jax.io.atomic import check_output_file, write_json_atomic
-from amber_jax.report import update_markdown_section
 from amber_jax.runs.checks import check_markdown_file
+from amber_jax.runs.markdown import update_markdown_section
 from amber_jax.runs.quant_table import (
   QuantTableConfig,
   quant_table_markdown,

@@ -14,10 +14,10 @@ import numpy as np
 from _common import default_cache_dir, run
 from absl import flags
 
+from amber_jax.core.scores import SCORES
 from amber_jax.io.atomic import check_output_file, write_json_atomic
-from amber_jax.plots import save_sensitivity_heatmap
+from amber_jax.runs.plots import save_sensitivity_heatmap
 from amber_jax.runs.sensitivity import SensitivityRunConfig, run_sensitivity
-from amber_jax.scores import SCORES
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")

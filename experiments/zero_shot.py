@@ -31,8 +31,8 @@ from _common import define_options, run
 from absl import flags
 
 from amber_jax.data.bigbench import BIGBENCH_TASKS
-from amber_jax.report import update_markdown_section
 from amber_jax.runs.checks import check_markdown_file
+from amber_jax.runs.markdown import update_markdown_section
 from amber_jax.runs.zero_shot import (
   METHODS,
   ZeroShotConfig,
@@ -63,7 +63,7 @@ _PATTERNS = flags.DEFINE_list("patterns", ["dense", "8:16", "2:4"], "'dense' and
 _METHODS = flags.DEFINE_list(
   "methods",
   list(METHODS),
-  "For each sparse pattern, amber_jax.methods names: naive (all linears, |x|), amber (auto "
+  "For each sparse pattern, amber_jax.calibrate.methods names: naive (all linears, |x|), amber (auto "
   "policy, robust score), or any other sparse method (search_mixed, best, ...).",
 )
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "Solved examples before each question.")

@@ -1,6 +1,6 @@
 """Pallas kernels of amber_jax: N:M-sparse matmul (fused, or mask pass + dot) and W8A8 int8.
 
-Each op has a plain-jnp reference (``*_reference``, or ``amber_jax.sparsity.sparsify`` for
+Each op has a plain-jnp reference (``*_reference``, or ``amber_jax.core.sparsity.sparsify`` for
 the mask), takes frozen block sizes and ``interpret=``; see each module's docstring for its
 backends (Triton on GPU, Mosaic on TPU, Mosaic GPU for the Hopper int8 kernel).
 

@@ -2,7 +2,7 @@
 
 * ``quantize_per_token(x)``: symmetric per-row int8, ``scale = absmax / 127`` (float32,
   [tokens, 1]), codes in [-127, 127]; an all-zero row gets scale 1 and zero codes (never a
-  division by zero). The same quantizer as ``amber_jax.quant``.
+  division by zero). The same quantizer as ``amber_jax.core.quant``.
 * ``quantize_per_channel(w)``: the same per output column of w [K, N]: scale [1, N].
 * ``int8_matmul(x_q, w_q, x_scale, w_scale, *, out_dtype)``: int8 x int8 products
   accumulated in int32 (exact up to K = 133,144 for codes in [-127, 127]), then
@@ -43,9 +43,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from amber_jax.patterns import NMPattern
-from amber_jax.quant import INT8_MAX, absmax_scale, quantize_with_scale
-from amber_jax.sparsity import sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.quant import INT8_MAX, absmax_scale, quantize_with_scale
+from amber_jax.core.sparsity import sparsify
 from pallas_kernels.int8_matmul_mgpu import (
   W_LAYOUTS,
   check_mgpu_block_sizes,

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from amber_jax.patterns import NMPattern
+from amber_jax.core.patterns import NMPattern
 from pallas_kernels.nm_matmul import (
   MOSAIC_TPU,
   TRITON,

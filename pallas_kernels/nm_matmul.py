@@ -2,7 +2,7 @@
 
 The N:M mask of the activation is computed inside the matmul kernel, on each activation tile
 held on chip, and applied before the tile enters the dot: the masked activation is never
-written to memory. Semantics are exactly those of ``amber_jax.sparsity.sparsify`` (score
+written to memory. Semantics are exactly those of ``amber_jax.core.sparsity.sparsify`` (score
 ``|x|`` or ``|x| * factors`` in float32, NaN counts as +inf, top N of every M consecutive
 entries of a row, ties to the lower index), so kept values are bit-identical to the reference
 and only the accumulation order of the dot differs.
@@ -76,8 +76,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import selection_comparators, sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import selection_comparators, sparsify
 
 TRITON = "triton"
 MOSAIC_TPU = "mosaic_tpu"
@@ -316,7 +316,7 @@ def check_block_sizes(bs: BlockSizes, backend: str, dtype, *, m: int = 1, op: st
 
 
 def tile_scores(x: jax.Array, factors: jax.Array | None) -> jax.Array:
-  """Same float32 ops as ``amber_jax.sparsity.nm_scores``: |x| (* factors), NaN -> +inf."""
+  """Same float32 ops as ``amber_jax.core.sparsity.nm_scores``: |x| (* factors), NaN -> +inf."""
   s = jnp.abs(x.astype(jnp.float32))
   if factors is not None:
     s = s * factors

@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.channel_order import model_channel_order
-from amber_jax.corrections import identity_correction
+from amber_jax.calibrate.correction_fit import identity_correction
+from amber_jax.core.scores import model_factors
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.presets import init_random_params
-from amber_jax.plan import make_plan
-from amber_jax.plan_io import save_sparsity_plan
-from amber_jax.quant_plan import build_quant_state
-from amber_jax.scores import model_factors
+from amber_jax.plan.channel_order import model_channel_order
+from amber_jax.plan.io import save_sparsity_plan
+from amber_jax.plan.quant_state import build_quant_state
+from amber_jax.plan.schema import make_plan
 
 out = Path(sys.argv[1])
 cfg = LlamaConfig(

@@ -24,7 +24,7 @@ from amber_jax.bench.prefill_bench import (
   token_batch,
 )
 from amber_jax.model.config import LlamaConfig
-from amber_jax.plan import make_plan
+from amber_jax.plan.schema import make_plan
 
 TINY = LlamaConfig(
   vocab_size=64,

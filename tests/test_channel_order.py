@@ -7,23 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.channel_order import mixed_order, model_channel_order
+from amber_jax.calibrate.correction_fit import calibrate_corrections
+from amber_jax.calibrate.learned_factors import learn_score_factors, ste_sparsify
+from amber_jax.calibrate.policy import measure_sensitivity
+from amber_jax.calibrate.pruner import AmberConfig, build_plan
 from amber_jax.core.correction import corrected_sparse_matmul
 from amber_jax.core.linear import LinearSpec, site_linear
-from amber_jax.corrections import calibrate_corrections
-from amber_jax.learned_factors import learn_score_factors, ste_sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import model_factors
+from amber_jax.core.sparsity import check_channel_order, nm_keep, sparsify
 from amber_jax.model import LlamaConfig, forward
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.model.presets import init_random_params
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import make_plan
-from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
-from amber_jax.policy import measure_sensitivity
-from amber_jax.pruner import AmberConfig, build_plan
-from amber_jax.quant_plan import build_quant_state
+from amber_jax.plan.channel_order import mixed_order, model_channel_order
+from amber_jax.plan.io import load_sparsity_plan, save_sparsity_plan
+from amber_jax.plan.quant_state import build_quant_state
+from amber_jax.plan.schema import make_plan
 from amber_jax.runs.front import parse_method
-from amber_jax.scores import model_factors
-from amber_jax.sparsity import check_channel_order, nm_keep, sparsify
 
 CFG = LlamaConfig(
   vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.core.correction import corrected_sparse_matmul
-from amber_jax.corrections import (
+from amber_jax.calibrate.correction_fit import (
   CORRECTION_KEYS,
   CorrectionSpec,
   calibrate_corrections,
@@ -19,13 +18,14 @@ from amber_jax.corrections import (
   fit_site_correction,
   identity_correction,
 )
+from amber_jax.calibrate.pruner import AmberConfig, build_plan
+from amber_jax.core.correction import corrected_sparse_matmul
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import sparsify
 from amber_jax.eval.perplexity import make_windows, window_nll
 from amber_jax.model import PROJECTIONS, LlamaConfig, decode_step, forward, prefill
 from amber_jax.model.llama import lm_head, model_pass
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import make_plan
-from amber_jax.pruner import AmberConfig, build_plan
-from amber_jax.sparsity import sparsify
+from amber_jax.plan.schema import make_plan
 
 CONFIG = LlamaConfig(
   vocab_size=64,
@@ -397,7 +397,7 @@ def test_build_plan_hooks_the_correction(model, tmp_path):
   with pytest.raises(ValueError, match="needs calibration windows"):
     build_plan(params, CONFIG, amber, calib_windows=None)
   # A corrected plan saves and restores bit for bit.
-  from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
+  from amber_jax.plan.io import load_sparsity_plan, save_sparsity_plan
 
   save_sparsity_plan(tmp_path / "plan", info.plan, metadata={"model": "tiny"})
   restored, _ = load_sparsity_plan(tmp_path / "plan")

@@ -10,8 +10,8 @@ from flax import linen as nn
 from flax import nnx
 
 import amber_jax
-from amber_jax.dot_general import nm_dot_general
-from amber_jax.scores import channel_factors
+from amber_jax.core.dot_general import nm_dot_general
+from amber_jax.core.scores import channel_factors
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +133,7 @@ def test_channel_order_groups_the_permuted_channels():
 
 def _w8a8_reference(x, w, pattern=None, order="sparsify_first"):
   """Per-token int8 x, per-output-channel int8 w, int32 dot, float32 rescale, written out."""
-  from amber_jax.quant import int8_dot_general, quantize_activation, quantize_weight
+  from amber_jax.core.quant import int8_dot_general, quantize_activation, quantize_weight
 
   w_q, w_scale = quantize_weight(w)
   if pattern is not None and order == "sparsify_first":
@@ -149,7 +149,7 @@ def _w8a8_reference(x, w, pattern=None, order="sparsify_first"):
   "pattern, order", [(None, "sparsify_first"), ("2:4", "sparsify_first"), ("2:4", "quantize_first")]
 )
 def test_w8a8_dot_general_in_nnx_linear_equals_the_reference(pattern, order):
-  from amber_jax.dot_general import w8a8_dot_general
+  from amber_jax.core.dot_general import w8a8_dot_general
 
   layer = nnx.Linear(32, 8, dot_general=w8a8_dot_general(pattern, order=order), rngs=nnx.Rngs(1))
   x = _x()
@@ -167,7 +167,7 @@ def test_w8a8_dot_general_in_nnx_linear_equals_the_reference(pattern, order):
 
 
 def test_w8a8_dot_general_multiplies_int8():
-  from amber_jax.dot_general import w8a8_dot_general
+  from amber_jax.core.dot_general import w8a8_dot_general
 
   dg = w8a8_dot_general("8:16")
   x = jax.random.normal(jax.random.key(6), (4, 32))
@@ -190,7 +190,7 @@ def _sub_eqns(eqn):
 
 
 def test_w8a8_dot_general_contracting_axis_and_bad_input():
-  from amber_jax.dot_general import w8a8_dot_general
+  from amber_jax.core.dot_general import w8a8_dot_general
 
   x = jax.random.normal(jax.random.key(2), (16, 3))  # contract over axis 0
   w = jax.random.normal(jax.random.key(3), (16, 4))

@@ -8,7 +8,6 @@ import pathlib
 import pytest
 
 from amber_jax import runs
-from amber_jax.plots import save_learning_curves
 from amber_jax.runs.front import (
   FrontConfig,
   front_markdown,
@@ -17,6 +16,7 @@ from amber_jax.runs.front import (
   run_front,
   save_front_plots,
 )
+from amber_jax.runs.plots import save_learning_curves
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
 METHODS = (

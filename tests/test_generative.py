@@ -10,7 +10,7 @@ from test_multiple_choice import CFG, TOKENIZER_FILE
 from test_multiple_choice import params as params  # noqa: F401  (the tiny model fixture)
 
 from amber_jax.data.bigbench import BigBenchTaskError, bigbench_task_path, load_bigbench_task
-from amber_jax.eval.generative import (
+from amber_jax.eval.generative_tasks import (
   GenExample,
   GenTask,
   cut_answer,
@@ -19,9 +19,9 @@ from amber_jax.eval.generative import (
   greedy_continuations,
   load_generative_task,
 )
+from amber_jax.io.tokenizer import load_hf_tokenizer
 from amber_jax.model import generate_greedy
-from amber_jax.plan import make_plan
-from amber_jax.tokenizer import load_hf_tokenizer
+from amber_jax.plan.schema import make_plan
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from amber_jax.io.hf import (
   read_safetensors,
   save_hf_checkpoint,
 )
+from amber_jax.io.tokenizer import load_hf_tokenizer
 from amber_jax.model import forward
 from amber_jax.model.config import LlamaConfig, RopeScaling
-from amber_jax.tokenizer import load_hf_tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 NAMES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.impl import check_impl, default_impl, kernel_options, pallas_sparse_matmul
+from amber_jax.calibrate.pruner import AmberConfig
+from amber_jax.core.backends import check_impl, default_impl, kernel_options, pallas_sparse_matmul
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import model_factors
 from amber_jax.model import LlamaConfig, forward
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import make_plan
-from amber_jax.pruner import AmberConfig
-from amber_jax.scores import model_factors
+from amber_jax.plan.schema import make_plan
 
 CFG = LlamaConfig(
   vocab_size=97,

@@ -112,6 +112,6 @@ def test_pure_maths_imports_no_model():
     for name, path in modules.items()
     if name.startswith("amber_jax.core")
     for target, _ in _imports(path, modules)
-    if target.startswith(upper) or target == "amber_jax.plan"
+    if target.startswith((*upper, "amber_jax.plan"))
   ]
   assert not bad, bad

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.patterns import NMPattern
+from amber_jax.core.patterns import NMPattern
 from pallas_kernels.int8_matmul import (
   MAX_K,
   int8_matmul,

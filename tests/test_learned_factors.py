@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.corrections import calibrate_corrections
-from amber_jax.learned_factors import learn_score_factors, ste_sparsify
+from amber_jax.calibrate.correction_fit import calibrate_corrections
+from amber_jax.calibrate.learned_factors import learn_score_factors, ste_sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import sparsify
 from amber_jax.model import LlamaConfig, forward
 from amber_jax.model.presets import init_random_params
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import make_plan
-from amber_jax.sparsity import sparsify
+from amber_jax.plan.schema import make_plan
 
 CFG = LlamaConfig(
   vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64

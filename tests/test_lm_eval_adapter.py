@@ -22,14 +22,14 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import amber_jax.eval.generative as generative  # noqa: E402
+import amber_jax.eval.generative_tasks as generative  # noqa: E402
 from amber_jax.data.bigbench import MCExample, MCTask  # noqa: E402
-from amber_jax.eval.generative import greedy_generate  # noqa: E402
+from amber_jax.eval.generative_tasks import greedy_generate  # noqa: E402
 from amber_jax.eval.lm_eval_adapter import AmberLM, rolling_windows  # noqa: E402
 from amber_jax.eval.multiple_choice import evaluate_task, score_requests  # noqa: E402
+from amber_jax.io.tokenizer import load_hf_tokenizer  # noqa: E402
 from amber_jax.model import LlamaConfig, forward, generate_greedy  # noqa: E402
-from amber_jax.plan import make_plan  # noqa: E402
-from amber_jax.tokenizer import load_hf_tokenizer  # noqa: E402
+from amber_jax.plan.schema import make_plan  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
 V = 448  # >= the tiny tokenizer's 435 ids
@@ -78,8 +78,8 @@ def params():
 
 @pytest.fixture(scope="module")
 def plans(params, tok):
-  from amber_jax.calibration import collect_input_absmax
-  from amber_jax.quant_plan import build_quant_state
+  from amber_jax.calibrate.stats import collect_input_absmax
+  from amber_jax.plan.quant_state import build_quant_state
 
   calib = np.asarray([tok.encode(TEXT).ids[:16]] * 2, np.int32)
   absmax = collect_input_absmax(params, calib, config=CFG, show_progress=False)

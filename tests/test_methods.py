@@ -1,12 +1,12 @@
-"""The method registry (amber_jax.methods): names, aliases, errors, and every runner's use of it
+"""The method registry (amber_jax.calibrate.methods): names, aliases, errors, and every runner's use of it
 builds the same AmberConfig as the old flags did."""
 
 from __future__ import annotations
 
 import pytest
 
-from amber_jax import methods
-from amber_jax.methods import (
+from amber_jax.calibrate import methods
+from amber_jax.calibrate.methods import (
   ALIASES,
   BASE_METHODS,
   BEST,
@@ -16,8 +16,8 @@ from amber_jax.methods import (
   identify_method,
   resolve_method,
 )
-from amber_jax.patterns import NMPattern
-from amber_jax.pruner import AmberConfig
+from amber_jax.calibrate.pruner import AmberConfig
+from amber_jax.core.patterns import NMPattern
 
 P816 = NMPattern.parse("8:16")
 

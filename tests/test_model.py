@@ -20,7 +20,7 @@ from amber_jax.model import (
   generate_greedy,
   prefill,
 )
-from amber_jax.plan import dense_plan, make_plan
+from amber_jax.plan.schema import dense_plan, make_plan
 
 BASE = dict(vocab_size=64, d_model=32, n_layers=2, head_dim=8, d_ff=64, max_seq_len=64)
 CONFIGS = {
@@ -411,7 +411,7 @@ def test_sequences_beyond_the_window_are_refused_and_padding_stays_within_it():
   """A windowed model (Mistral v0.1 style) attends fully causally, exact only up to the window:
   longer passes and generations raise; left-padded batches near the limit still run (their
   bucketed padding is capped at the limit)."""
-  from amber_jax.eval.generative import greedy_generate
+  from amber_jax.eval.generative_tasks import greedy_generate
   from amber_jax.model.presets import init_random_params
 
   config = LlamaConfig(

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from amber_jax.core.scores import model_factors
 from amber_jax.data.bigbench import (
   BIGBENCH_TASKS,
   BigBenchTaskError,
@@ -26,10 +27,9 @@ from amber_jax.eval.multiple_choice import (
   mean_stderr,
   score_requests,
 )
+from amber_jax.io.tokenizer import load_hf_tokenizer
 from amber_jax.model import LlamaConfig
-from amber_jax.plan import make_plan
-from amber_jax.scores import model_factors
-from amber_jax.tokenizer import load_hf_tokenizer
+from amber_jax.plan.schema import make_plan
 
 TOKENIZER_FILE = Path(__file__).parent / "fixtures" / "hf" / "tiny-llama" / "tokenizer.json"
 V = 448  # >= the tiny tokenizer's 435 ids
@@ -286,8 +286,8 @@ def _questions_sharing_contexts():
 @pytest.mark.parametrize("kind", ["dense", "sparse", "w8a8"])
 def test_packed_rows_equal_one_row_per_request(params, tok, kind):
   """Choices packed behind one shared context score as they do alone (dense, N:M, W8A8)."""
-  from amber_jax.calibration import collect_input_absmax
-  from amber_jax.quant_plan import build_quant_state
+  from amber_jax.calibrate.stats import collect_input_absmax
+  from amber_jax.plan.quant_state import build_quant_state
 
   reqs = _questions_sharing_contexts()
   plan = None

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import selection_comparators, sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import selection_comparators, sparsify
 from pallas_kernels.nm_mask import (
   MaskBlockSizes,
   check_mask_block_sizes,

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import sparsify
 from pallas_kernels.nm_matmul import (
   TUNED_BLOCK_SIZES,
   BlockSizes,

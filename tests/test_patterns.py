@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from amber_jax.patterns import NMPattern, parse_pattern_or_dense
+from amber_jax.core.patterns import NMPattern, parse_pattern_or_dense
 
 
 @pytest.mark.parametrize(

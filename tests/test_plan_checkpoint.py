@@ -21,7 +21,7 @@ from amber_jax.io.plan_checkpoint import (
   save_plan,
 )
 from amber_jax.model import LlamaConfig
-from amber_jax.plan import SparsityPlan, make_plan
+from amber_jax.plan.schema import SparsityPlan, make_plan
 
 # orbax leaves an asyncio callback behind when a restore fails; it is harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -326,14 +326,14 @@ def test_plans_saved_by_the_previous_layout_restore_bit_for_bit():
   import jax
   import jax.numpy as jnp
 
-  from amber_jax.channel_order import model_channel_order
-  from amber_jax.corrections import identity_correction
+  from amber_jax.calibrate.correction_fit import identity_correction
+  from amber_jax.core.scores import model_factors
   from amber_jax.model import LlamaConfig, forward
   from amber_jax.model.presets import init_random_params
-  from amber_jax.plan import make_plan
-  from amber_jax.plan_io import load_sparsity_plan
-  from amber_jax.quant_plan import build_quant_state
-  from amber_jax.scores import model_factors
+  from amber_jax.plan.channel_order import model_channel_order
+  from amber_jax.plan.io import load_sparsity_plan
+  from amber_jax.plan.quant_state import build_quant_state
+  from amber_jax.plan.schema import make_plan
 
   fixtures = Path(__file__).parent / "fixtures" / "plans"
   cfg = LlamaConfig(

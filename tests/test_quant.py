@@ -1,4 +1,4 @@
-"""amber_jax.quant: W8A8 error bounds, exactness, the int8 jaxpr, smoothing and bad input.
+"""amber_jax.core.quant: W8A8 error bounds, exactness, the int8 jaxpr, smoothing and bad input.
 
 Errors are reported, not only asserted: run with ``-s`` to see the ``[quant] ...`` lines.
 """
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.quant import (
+from amber_jax.core.quant import (
   int8_dot_general,
   quantize_activation,
   quantize_weight,

@@ -17,7 +17,7 @@ from amber_jax.eval.perplexity import make_windows, perplexity
 from amber_jax.io.loading import load_model, load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
 from amber_jax.model import LlamaConfig, generate_greedy
-from amber_jax.plan import make_plan
+from amber_jax.plan.schema import make_plan
 
 pytestmark = pytest.mark.real_model
 
@@ -130,8 +130,8 @@ def test_pallas_kernel_perplexity_equals_xla(real, text):
 
 def test_amber_auto_robust_8_16_meets_goal(real, windows, text):
   """Amber Pruner (robust score, auto q/gate skip layers at coverage >= 0.55) at 8:16."""
-  from amber_jax.patterns import NMPattern
-  from amber_jax.pruner import AmberConfig, build_plan
+  from amber_jax.calibrate.pruner import AmberConfig, build_plan
+  from amber_jax.core.patterns import NMPattern
 
   config, params, tokenizer = real
   ids = np.asarray(tokenizer.encode(text).ids, np.int32)
@@ -153,10 +153,10 @@ def test_int8_plan_checkpoint_of_the_default_model(real, text, tmp_path):
   """W8A8 plan of the real model on disk: int8 linear weights <= 27% of their fp32 bytes."""
   import jax as _jax
 
-  from amber_jax.calibration import collect_input_absmax
+  from amber_jax.calibrate.stats import collect_input_absmax
   from amber_jax.io.plan_checkpoint import checkpoint_bytes
-  from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
-  from amber_jax.quant_plan import build_quant_state
+  from amber_jax.plan.io import load_sparsity_plan, save_sparsity_plan
+  from amber_jax.plan.quant_state import build_quant_state
 
   config, params, tokenizer = real
   ids = np.asarray(tokenizer.encode(text).ids, np.int32)

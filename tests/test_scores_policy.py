@@ -6,18 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.coverage import coverage
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
-from amber_jax.patterns import NMPattern
-from amber_jax.policy import (
+from amber_jax.calibrate.policy import (
   Sensitivity,
   max_skips_for_coverage,
   parse_layer_list,
   policy_sites,
   select_skip_layers,
 )
-from amber_jax.pruner import AmberConfig
-from amber_jax.scores import channel_factors, model_factors
+from amber_jax.calibrate.pruner import AmberConfig
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import channel_factors, model_factors
+from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.plan.coverage import coverage
 
 P816 = NMPattern.parse("8:16")
 LLAMA31_8B = LlamaConfig(
@@ -82,7 +82,7 @@ def test_auto_selects_most_sensitive_layers():
 
 def test_non_finite_sensitivities_are_an_error():
   # A NaN would sort as the least sensitive layer (never skipped) without a word.
-  from amber_jax.policy import select_dense_sites
+  from amber_jax.calibrate.policy import select_dense_sites
 
   errors = np.full((SMOLLM2.n_layers, len(PROJECTIONS)), 0.1)
   errors[3, PROJECTIONS.index("q")] = np.nan
@@ -162,8 +162,8 @@ def test_bad_skip_layers_and_widths_fail_before_loading():
 def test_site_granular_auto_is_an_exact_knapsack():
   from itertools import combinations
 
-  from amber_jax.coverage import coverage as cov
-  from amber_jax.policy import select_dense_sites
+  from amber_jax.calibrate.policy import select_dense_sites
+  from amber_jax.plan.coverage import coverage as cov
 
   cfg = LlamaConfig(
     vocab_size=8, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
@@ -190,7 +190,7 @@ def test_site_granular_auto_is_an_exact_knapsack():
 
 
 def test_small_bad_inputs_name_the_argument():
-  from amber_jax.policy import check_batch_size, check_skip_layers, measure_sensitivity
+  from amber_jax.calibrate.policy import check_batch_size, check_skip_layers, measure_sensitivity
 
   with pytest.raises(ValueError, match="unknown projection 'gate_proj' in sites"):
     coverage(SMOLLM2, [(0, "gate_proj")], P816)

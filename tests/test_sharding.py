@@ -68,7 +68,7 @@ def test_param_specs_are_megatron_layout():
   from jax.sharding import PartitionSpec as P
 
   from amber_jax.model import LlamaConfig
-  from amber_jax.sharding import param_specs
+  from amber_jax.plan.sharding import param_specs
 
   sites = LlamaConfig(
     vocab_size=8, d_model=4, n_layers=2, n_heads=1, n_kv_heads=1, head_dim=4, d_ff=4
@@ -102,8 +102,8 @@ def test_plan_specs_follow_the_weights():
   from jax.sharding import PartitionSpec as P
 
   from amber_jax.model import LlamaConfig
-  from amber_jax.plan import make_plan
-  from amber_jax.sharding import plan_specs
+  from amber_jax.plan.schema import make_plan
+  from amber_jax.plan.sharding import plan_specs
 
   cfg = LlamaConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
@@ -129,7 +129,7 @@ def test_plan_specs_follow_the_weights():
   assert specs["correction"]["o"]["token_rescale"] == P()
   with pytest.raises(ValueError, match="no partition rule for plan leaf 'quant/sites/o/extra'"):
     plan_specs({"quant": {"sites": {"o": {"extra": 0}}}}, sites=cfg.sites)
-  from amber_jax.channel_order import model_channel_order
+  from amber_jax.plan.channel_order import model_channel_order
 
   mixed = make_plan(cfg, "8:16", channel_order=model_channel_order(cfg, "mixed"))
   assert (
@@ -139,7 +139,7 @@ def test_plan_specs_follow_the_weights():
 
 def test_unknown_params_leaf_is_a_clear_error():
   from amber_jax.model.presets import preset
-  from amber_jax.sharding import param_specs
+  from amber_jax.plan.sharding import param_specs
 
   with pytest.raises(ValueError, match="no partition rule for params leaf 'layers/q/scale'"):
     param_specs({"layers": {"q": {"scale": np.zeros(3)}}}, sites=preset("smollm2-135m").sites)
@@ -148,7 +148,7 @@ def test_unknown_params_leaf_is_a_clear_error():
 def test_mesh_size_must_match_device_count():
   import jax
 
-  from amber_jax.sharding import make_mesh
+  from amber_jax.plan.sharding import make_mesh
 
   n = len(jax.devices())
   with pytest.raises(ValueError, match=rf"data=3 x model=3 needs 9 devices, but devices has {n}"):
@@ -170,7 +170,7 @@ def test_mesh_must_divide_heads_ffn_and_batch(sizes, kwargs, message):
   from jax.sharding import AbstractMesh
 
   from amber_jax.model.presets import PRESETS
-  from amber_jax.sharding import check_mesh
+  from amber_jax.plan.sharding import check_mesh
 
   # SmolLM2-135M: 9 query heads, 3 KV heads, FFN 1536, d_model 576.
   with pytest.raises(ValueError, match=message):
@@ -392,8 +392,8 @@ def _mask_flips(cfg, plan, single, sharded):
   """
   import jax.numpy as jnp
 
+  from amber_jax.core.sparsity import nm_mask, nm_scores
   from amber_jax.model.config import PROJECTIONS
-  from amber_jax.sparsity import nm_mask, nm_scores
 
   n, m = plan.pattern.n, plan.pattern.m
   first = {}  # row -> (site order, relative gaps of the flipped groups there)
@@ -441,17 +441,17 @@ def _tiny_script() -> dict:
   import jax
   import jax.numpy as jnp
 
-  from amber_jax import sharding as sh
-  from amber_jax.calibration import collect_input_absmax
+  from amber_jax.calibrate.stats import collect_input_absmax
+  from amber_jax.core.scores import model_factors
   from amber_jax.eval.multiple_choice import score_requests
   from amber_jax.eval.perplexity import perplexity, window_nll
+  from amber_jax.io.tokenizer import load_hf_tokenizer
   from amber_jax.model import LlamaConfig
   from amber_jax.model.llama import embed, model_pass, prefill
   from amber_jax.model.presets import init_random_params
-  from amber_jax.plan import make_plan
-  from amber_jax.quant_plan import build_quant_state
-  from amber_jax.scores import model_factors
-  from amber_jax.tokenizer import load_hf_tokenizer
+  from amber_jax.plan import sharding as sh
+  from amber_jax.plan.quant_state import build_quant_state
+  from amber_jax.plan.schema import make_plan
 
   jax.config.update("jax_numpy_rank_promotion", "raise")
   assert len(jax.devices()) == N_DEVICES, jax.devices()
@@ -656,11 +656,11 @@ def _real_script(cache_dir: str) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from amber_jax import sharding as sh
   from amber_jax.data.texts import load_text
   from amber_jax.eval.perplexity import make_windows, perplexity, window_nll
   from amber_jax.io.loading import load_model, load_tokenizer
   from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
+  from amber_jax.plan import sharding as sh
 
   source = resolve_model(DEFAULT_MODEL, cache_dir)
   loaded = load_model(source, cache_dir, show_progress=False)

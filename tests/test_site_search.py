@@ -10,17 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.coverage import coverage, site_macs
+from amber_jax.calibrate.policy import knapsack
+from amber_jax.calibrate.pruner import AmberConfig, build_plan
+from amber_jax.calibrate.site_search import SiteCosts, measure_site_costs, plan_kl, select_sites
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import model_factors
 from amber_jax.model import LlamaConfig, forward
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.model.llama import KVCache, forward_from_layer, layer_inputs, model_pass
 from amber_jax.model.presets import init_random_params
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import make_plan
-from amber_jax.policy import knapsack
-from amber_jax.pruner import AmberConfig, build_plan
-from amber_jax.scores import model_factors
-from amber_jax.site_search import SiteCosts, measure_site_costs, plan_kl, select_sites
+from amber_jax.plan.coverage import coverage, site_macs
+from amber_jax.plan.schema import make_plan
 
 NO_TIME = dict(tokens=1, seconds=0.0, site_names=PROJECTIONS)
 

@@ -13,8 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import _keep_mask_pairwise, _keep_mask_topk, nm_mask, nm_scores, sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import (
+  _keep_mask_pairwise,
+  _keep_mask_topk,
+  nm_mask,
+  nm_scores,
+  sparsify,
+)
 
 MS = (2, 4, 8, 16, 32, 64)
 # Few distinct magnitudes (and signed zeros), so groups are full of ties and zeros.
@@ -289,7 +295,7 @@ def test_bad_pattern_string():
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 8), (8, 16), (5, 12), (16, 32), (20, 64)])
 def test_mask_methods_agree_with_ties(n, m):
-  from amber_jax.sparsity import MASK_METHODS, nm_mask, nm_scores
+  from amber_jax.core.sparsity import MASK_METHODS, nm_mask, nm_scores
 
   x = jax.random.randint(jax.random.key(n * 100 + m), (7, 3 * m), -2, 3).astype(jnp.float32)
   x = x.at[0, :m].set(jnp.nan).at[1, 1].set(jnp.inf)
@@ -306,7 +312,7 @@ def test_mask_methods_agree_with_ties(n, m):
 def test_mask_methods_agree_with_negative_factors(n, m):
   """Negative factors make every score <= 0: the sorting network's padding (M not a power of
   2) must stay below them, or the padded wires would take the top places."""
-  from amber_jax.sparsity import MASK_METHODS, nm_mask, nm_scores
+  from amber_jax.core.sparsity import MASK_METHODS, nm_mask, nm_scores
 
   x = jax.random.normal(jax.random.key(m), (5, 4 * m), jnp.float32).at[2, 3].set(jnp.inf)
   factors = -jax.random.uniform(jax.random.key(1), (4 * m,), jnp.float32, 0.5, 2.0)
@@ -327,7 +333,7 @@ def test_non_finite_activations_are_kept_whatever_their_factor():
 
 
 def test_nm_mask_on_raw_nan_scores_keeps_exactly_n_in_every_method():
-  from amber_jax.sparsity import MASK_METHODS, nm_mask
+  from amber_jax.core.sparsity import MASK_METHODS, nm_mask
 
   scores = jnp.array([[1.0, jnp.nan, 3.0, 2.0, jnp.nan, jnp.nan, 0.0, 1.0]])
   masks = [np.asarray(nm_mask(scores, NMPattern(n=2, m=4), method=k)) for k in MASK_METHODS]
@@ -337,7 +343,7 @@ def test_nm_mask_on_raw_nan_scores_keeps_exactly_n_in_every_method():
 
 def test_make_plan_rejects_bad_factors():
   from amber_jax.model.config import LlamaConfig
-  from amber_jax.plan import make_plan
+  from amber_jax.plan.schema import make_plan
 
   config = LlamaConfig(
     vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32

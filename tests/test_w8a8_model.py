@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amber_jax.calibration import collect_input_absmax
+from amber_jax.calibrate.stats import collect_input_absmax
 from amber_jax.model import LlamaConfig, decode_step, forward, prefill
 from amber_jax.model.config import PROJECTIONS
-from amber_jax.plan import make_plan
-from amber_jax.plan_io import PlanCheckpointError, load_sparsity_plan, save_sparsity_plan
-from amber_jax.quant_plan import build_quant_state
+from amber_jax.plan.io import PlanCheckpointError, load_sparsity_plan, save_sparsity_plan
+from amber_jax.plan.quant_state import build_quant_state
+from amber_jax.plan.schema import make_plan
 from amber_jax.runs.prefill import PrefillRunConfig, run_prefill
 
 CFG = LlamaConfig(
@@ -184,7 +184,7 @@ def test_plan_round_trip_is_bit_exact(model, tmp_path):
 
 
 def test_plan_with_an_unknown_impl_is_refused_on_load(tmp_path, monkeypatch):
-  import amber_jax.plan_io as plan_io
+  import amber_jax.plan.io as plan_io
 
   real_static = plan_io._static
   monkeypatch.setattr(plan_io, "_static", lambda plan: dict(real_static(plan), impl="cuda"))
@@ -241,7 +241,7 @@ def test_save_and_load_plan_through_the_main_job(tmp_path):
 
 
 def test_automatic_float_sites_pick_the_largest_quantization_errors(model):
-  from amber_jax.calibration import measure_quant_errors, most_sensitive_sites
+  from amber_jax.calibrate.stats import measure_quant_errors, most_sensitive_sites
 
   params, tokens, absmax = model
   state, _ = build_quant_state(params, CFG, absmax, smooth="none")
@@ -271,9 +271,9 @@ def test_project_w8a8_orders_against_a_hand_built_reference(act_mode):
   """The injection point's int8 path, step by step: smoothing division, N:M (before or after
   quantization), int8 dot, rescale. Fails if either order skipped or misplaced the mask."""
   from amber_jax.core.linear import LinearSpec, site_linear
-  from amber_jax.patterns import NMPattern
-  from amber_jax.quant import int8_dot_general, quantize_activation, quantize_weight
-  from amber_jax.sparsity import sparsify
+  from amber_jax.core.patterns import NMPattern
+  from amber_jax.core.quant import int8_dot_general, quantize_activation, quantize_weight
+  from amber_jax.core.sparsity import sparsify
 
   kx, kw, kd = jax.random.split(jax.random.key(4), 3)
   x = jax.random.normal(kx, (3, 5, 64), jnp.float32)

@@ -39,11 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.coverage import plan_coverage, site_macs
+from amber_jax.core.patterns import parse_pattern_or_dense
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import prefill
-from amber_jax.patterns import parse_pattern_or_dense
-from amber_jax.plan import SparsityPlan, make_plan
+from amber_jax.plan.coverage import plan_coverage, site_macs
+from amber_jax.plan.schema import SparsityPlan, make_plan
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

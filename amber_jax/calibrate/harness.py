@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.model.llama import SiteHook, model_pass
-from amber_jax.progress import progress_bar
+from amber_jax.util.progress import progress_bar
 
 
 def check_windows(windows: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The output correction of one N:M site, as pure maths (no model, no calibration).
 
-At an enabled site with a correction (``amber_jax.corrections`` fits the arrays; the plan holds
+At an enabled site with a correction (``amber_jax.calibrate.correction_fit`` fits the arrays; the plan holds
 them stacked over layers), the site's linear computes::
 
     x_c = x - center                          # per input channel (0: off)
@@ -20,8 +20,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import nm_keep
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import nm_keep
 
 
 def _row(a: jax.Array, like: jax.Array) -> jax.Array:
@@ -58,9 +58,9 @@ def corrected_sparse_matmul(
   """One site's corrected sparse output: x [..., d_in], w [d_in, d_out] -> [..., d_out].
 
   ``correction`` holds this site's row of the plan's arrays (see the module docstring);
-  ``channel_order`` forms the N:M groups as in ``amber_jax.sparsity.nm_keep``.
+  ``channel_order`` forms the N:M groups as in ``amber_jax.core.sparsity.nm_keep``.
   ``sparsify_fn`` (x_c -> its N:M-sparse version) replaces the hard mask of ``pattern`` and
-  ``factors``, e.g. with the straight-through mask that ``amber_jax.learned_factors`` trains.
+  ``factors``, e.g. with the straight-through mask that ``amber_jax.calibrate.learned_factors`` trains.
   """
   if sparsify_fn is None:
     xc, xs = sparse_operand(x, pattern, factors, correction["center"], method, channel_order)

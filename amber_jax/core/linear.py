@@ -3,22 +3,22 @@
     x --channel order--> --score, N:M mask--> --quantize--> --matmul backend--> --correction--> y
 
 Each step is optional and reads its data from the site's *row* (this layer's slice of the plan,
-``amber_jax.plan.SparsityPlan.site_rows``):
+``amber_jax.plan.schema.SparsityPlan.site_rows``):
 
 * ``enabled``, ``factors`` (and ``channel_order``): the N:M transform of the input, kept only
   where ``enabled`` (a traced bool: one compiled function serves every site choice). The
-  channel order forms the groups of M over ``x[..., order]`` (``amber_jax.sparsity.nm_keep``);
+  channel order forms the groups of M over ``x[..., order]`` (``amber_jax.core.sparsity.nm_keep``);
 * ``quant``: W8A8, the input divided by its smoothing, int8 codes per token (or with a static
   scale), the N:M transform before or after quantizing (``LinearSpec.order``), an int8 product
   with int32 accumulation and a float32 rescale; ``in_float`` keeps the site's float weight;
 * ``correction``: the output correction of an enabled site (``amber_jax.core.correction``);
-* the matmul runs on a registered backend (``amber_jax.impl``: ``xla``, ``pallas``,
+* the matmul runs on a registered backend (``amber_jax.core.backends``: ``xla``, ``pallas``,
   ``pallas_mask``): a backend with its own sparse product gets the permuted operands, one with
   its own int8 product gets the int8 codes; asking for a combination it cannot run (e.g. a
   correction on a Pallas backend) is a ValueError.
 
 A row of None (decode, a dense plan) is the plain ``x @ w (+ b)``. The model calls only
-``site_linear``; ``amber_jax.dot_general`` exports the same steps for other Flax code.
+``site_linear``; ``amber_jax.core.dot_general`` exports the same steps for other Flax code.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from amber_jax.core.backends import get_backend
 from amber_jax.core.correction import corrected_sparse_matmul
-from amber_jax.impl import get_backend
-from amber_jax.patterns import NMPattern
-from amber_jax.quant import int8_dot_general, quantize_activation
-from amber_jax.sparsity import sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.quant import int8_dot_general, quantize_activation
+from amber_jax.core.sparsity import sparsify
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

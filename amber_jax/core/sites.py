@@ -22,7 +22,7 @@ block computes:
 * ``rule``: the paper's default for the site: "sparse" (always), "skippable" (sparse except
   in the layers the policy keeps dense), "dense" (never, under the paper's rules);
 * ``heads``: >0 when the input is that many concatenated attention heads (its channels can be
-  regrouped across heads, ``amber_jax.channel_order``);
+  regrouped across heads, ``amber_jax.plan.channel_order``);
 * ``experts``/``active``: the number of experts with their own weight (0: a dense site) and how
   many of them a token uses (multiply-adds per token count only those).
 """

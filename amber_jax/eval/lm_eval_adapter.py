@@ -49,7 +49,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from amber_jax.eval.generative import (
+from amber_jax.eval.generative_tasks import (
   cut_at_eos,
   eos_id_tuple,
   greedy_generate,
@@ -59,8 +59,8 @@ from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.eval.multiple_choice import bucket_length, score_requests
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import forward_hidden
-from amber_jax.plan import SparsityPlan
-from amber_jax.progress import progress_bar
+from amber_jax.plan.schema import SparsityPlan
+from amber_jax.util.progress import progress_bar
 
 DEFAULT_CACHE_DIR = "~/.cache/amber_jax"
 
@@ -334,7 +334,7 @@ class AmberLM(LM):
     self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
     self._eos_token_ids = eos_ids
     self.show_progress = show_progress
-    # The plan's amber_jax.methods name ("dense", "amber", ...) when from_model built it.
+    # The plan's amber_jax.calibrate.methods name ("dense", "amber", ...) when from_model built it.
     self.method: str | None = None
 
   @property
@@ -393,10 +393,10 @@ class AmberLM(LM):
     """Loads ``model`` (a known name, a GGUF file or an HF directory) and builds its plan.
 
     The plan is ``pattern`` ("dense" or "N:M") with a named ``method`` of
-    :mod:`amber_jax.methods` (``amber``, ``naive``, ``search_mixed+learned``, ``best``, ...; its
+    :mod:`amber_jax.calibrate.methods` (``amber``, ``naive``, ``search_mixed+learned``, ``best``, ...; its
     canonical name is ``lm.method``) or, without one, ``score`` (default "naive"), ``policy``
     (default "all"), ``skip_layers`` ("1;3;4") and ``granularity`` (default "layer") as in
-    ``experiments/prefill.py`` (:class:`amber_jax.pruner.AmberConfig`); a method together with
+    ``experiments/prefill.py`` (:class:`amber_jax.calibrate.pruner.AmberConfig`); a method together with
     a score, policy or granularity of another value is a ValueError naming both. ``coverage``
     is the target of the methods and policies that have one. Calibrating plans (policy "auto")
     calibrate on ``calib_windows``
@@ -411,11 +411,15 @@ class AmberLM(LM):
       ValueError: bad plan options, or a pattern that does not fit the model, before any
         weights are loaded.
     """
+    from amber_jax.calibrate.methods import (
+      build_method_plan,
+      check_method_conflicts,
+      identify_method,
+    )
+    from amber_jax.calibrate.pruner import AmberConfig
+    from amber_jax.core.patterns import parse_pattern_or_dense
     from amber_jax.io.loading import load_model, load_tokenizer
     from amber_jax.io.sources import read_config, resolve_model
-    from amber_jax.methods import build_method_plan, check_method_conflicts, identify_method
-    from amber_jax.patterns import parse_pattern_or_dense
-    from amber_jax.pruner import AmberConfig
 
     if dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -497,7 +501,7 @@ class AmberLM(LM):
       calib = windows[calib_offset_windows:]
     plan = None
     if plan_dir:
-      from amber_jax.plan_io import load_sparsity_plan
+      from amber_jax.plan.io import load_sparsity_plan
 
       plan, _ = load_sparsity_plan(
         plan_dir, expect={"model_config": dataclasses.asdict(config)}, config=config

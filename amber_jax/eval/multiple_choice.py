@@ -36,8 +36,8 @@ from amber_jax.data.bigbench import MCTask, few_shot_context
 from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import forward_hidden
-from amber_jax.plan import SparsityPlan
-from amber_jax.progress import progress_bar
+from amber_jax.plan.schema import SparsityPlan
+from amber_jax.util.progress import progress_bar
 
 Request = tuple[str, str]  # (context, continuation)
 Score = tuple[float, int, bool]  # (summed log-likelihood, continuation tokens, is greedy)

@@ -23,8 +23,8 @@ import numpy as np
 from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import forward_hidden
-from amber_jax.plan import SparsityPlan
-from amber_jax.progress import progress_bar
+from amber_jax.plan.schema import SparsityPlan
+from amber_jax.util.progress import progress_bar
 
 
 def make_windows(tokens: np.ndarray, seq_len: int, num_windows: int | None) -> np.ndarray:

@@ -10,7 +10,7 @@ import tokenizers
 from amber_jax.io.param_cache import load_cached
 from amber_jax.io.sources import ModelSource
 from amber_jax.model.config import LlamaConfig
-from amber_jax.progress import progress_bar
+from amber_jax.util.progress import progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,6 @@ def load_tokenizer(source: ModelSource) -> tokenizers.Tokenizer:
     from amber_jax.io.gguf_loader import load_gguf_tokenizer
 
     return load_gguf_tokenizer(source.path)
-  from amber_jax.tokenizer import load_hf_tokenizer
+  from amber_jax.io.tokenizer import load_hf_tokenizer
 
   return load_hf_tokenizer(source.path)

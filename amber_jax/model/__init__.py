@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama, Llama-3, Mistral, Qwen2, SmolLM2) as pure functions."""
 
 from amber_jax.model.config import PROJECTIONS, LlamaConfig, RopeScaling
-from amber_jax.model.generate import generate_greedy
+from amber_jax.model.greedy import generate_greedy
 from amber_jax.model.llama import (
   KVCache,
   decode_step,

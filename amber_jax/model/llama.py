@@ -23,8 +23,8 @@ from flax import struct
 from amber_jax.core.linear import LinearSpec, site_linear
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
-from amber_jax.plan import SparsityPlan
-from amber_jax.sharding import constrain_batch
+from amber_jax.plan.schema import SparsityPlan
+from amber_jax.plan.sharding import constrain_batch
 
 Params = dict[str, Any]
 # hook(site name, x, weights, the hook's row for this layer, linear) -> (y, record or None):
@@ -160,7 +160,9 @@ def _scan_layers(
 
   def body(h, xs):
     layer_params, layer_x, layer, kv = xs
-    h = constrain_batch(h)  # batch over "data" when a mesh is set (amber_jax.sharding); else no-op
+    h = constrain_batch(
+      h
+    )  # batch over "data" when a mesh is set (amber_jax.plan.sharding); else no-op
     h_in = h
     lin, records = make_lin(layer_params, layer_x, layer)
     kv_in = None if kv is None else (kv[0], kv[1], cache.length)

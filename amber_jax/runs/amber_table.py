@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from amber_jax.calibrate.pruner import AmberConfig, build_plan
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import SCORES
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.patterns import NMPattern
-from amber_jax.pruner import AmberConfig, build_plan
-from amber_jax.report import markdown_table
 from amber_jax.runs.common import (
   DTYPES,
   check_model_options,
@@ -18,7 +18,7 @@ from amber_jax.runs.common import (
   prepare_eval,
   recorded_config,
 )
-from amber_jax.scores import SCORES
+from amber_jax.runs.markdown import markdown_table
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,6 @@
-"""Ablation of the output corrections (amber_jax.corrections) on one model and two texts.
+"""Ablation of the output corrections (amber_jax.calibrate.correction_fit) on one model and two texts.
 
-For every pattern and method (names of ``amber_jax.methods`` without a correction or learned
+For every pattern and method (names of ``amber_jax.calibrate.methods`` without a correction or learned
 factors of their own; by default ``amber``: robust score, auto policy at the coverage target,
 and ``naive``: |x| score, every site sparse; ``paper`` is ``amber``'s old name), one base plan is
 built, then each correction is fitted on
@@ -16,19 +16,18 @@ import time
 
 import numpy as np
 
-from amber_jax.corrections import (
+from amber_jax.calibrate.correction_fit import (
   CORRECTIONS,
   CorrectionSpec,
   calibrate_corrections,
   check_correction_inputs,
 )
+from amber_jax.calibrate.methods import Method, resolve_method
+from amber_jax.calibrate.pruner import AmberConfig, build_plan
+from amber_jax.core.patterns import NMPattern
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.methods import Method, resolve_method
-from amber_jax.patterns import NMPattern
-from amber_jax.pruner import AmberConfig, build_plan
-from amber_jax.report import markdown_table
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
@@ -38,6 +37,7 @@ from amber_jax.runs.common import (
   prepare_eval,
   recorded_config,
 )
+from amber_jax.runs.markdown import markdown_table
 
 DEFAULT_METHODS = ("amber", "naive")
 BEST = "median+scale+bias"
@@ -73,7 +73,7 @@ def parse_run(run: str) -> tuple[CorrectionSpec, str]:
 class CorrectionsConfig:
   model: str = DEFAULT_MODEL
   patterns: tuple[str, ...] = ("8:16", "2:4")
-  methods: tuple[str, ...] = DEFAULT_METHODS  # amber_jax.methods names ("paper": amber)
+  methods: tuple[str, ...] = DEFAULT_METHODS  # amber_jax.calibrate.methods names ("paper": amber)
   corrections: tuple[str, ...] = DEFAULT_CORRECTIONS  # "name" or "name@inputs"
   coverage: float = 0.55
   seq_len: int = 512
@@ -259,9 +259,9 @@ def corrections_markdown(result: dict, command: str) -> str:
       f"## Output corrections of the sparse sites ({cfg['model']})",
       "",
       f"Perplexity on the first {cfg['num_windows']} windows of {cfg['seq_len']} predicted "
-      f"tokens of each text; dense {dense}. Corrections (`amber_jax.corrections`) are fitted on "
+      f"tokens of each text; dense {dense}. Corrections (`amber_jax.calibrate.correction_fit`) are fitted on "
       f"the next {cfg['calib_windows']} windows of `{cfg['text']}` only; `{texts[-1]}` is never "
-      "seen in calibration. amber (paper in files written before amber_jax.methods) = robust "
+      "seen in calibration. amber (paper in files written before amber_jax.calibrate.methods) = robust "
       "score, auto policy at coverage >= "
       f'{cfg["coverage"]}; naive = |x| score on every site. "gap closed" = share of the '
       "log-perplexity gap between the uncorrected plan and dense that the correction removes; "

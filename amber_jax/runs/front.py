@@ -1,19 +1,19 @@
 """Coverage-quality front: the best plan of each method at each coverage target, on two texts.
 
-Methods are names of the registry (``amber_jax.methods``; all calibrated on the main text's
+Methods are names of the registry (``amber_jax.calibrate.methods``; all calibrated on the main text's
 calibration windows only) that have a coverage target:
 
 * ``naive_rules``: |x| scores, the paper's site rules (q, gate, down; q/gate skip layers by
   sensitivity), so coverage at most 0.594 on Llama-shaped models;
 * ``amber``: the paper's robust scores under the same rules (Amber Pruner);
-* ``search``: robust scores, sites chosen by their measured KL cost (``amber_jax.site_search``),
+* ``search``: robust scores, sites chosen by their measured KL cost (``amber_jax.calibrate.site_search``),
   any coverage;
 * ``search_mixed``: ``search`` with the o-projection's N:M groups mixing attention heads
-  (``AmberConfig(o_order="mixed")``, ``amber_jax.channel_order``); its site costs are measured
+  (``AmberConfig(o_order="mixed")``, ``amber_jax.plan.channel_order``); its site costs are measured
   with that grouping. Every suffix below applies to it as to ``search``;
-* ``search+<correction>``: the searched plan with an output correction (``amber_jax.corrections``);
+* ``search+<correction>``: the searched plan with an output correction (``amber_jax.calibrate.correction_fit``);
 * ``search+learned`` (4 optimiser steps) or ``search+learnedN`` (N steps): the searched plan
-  with score factors learned by optax (``amber_jax.learned_factors``), evaluated at the goal
+  with score factors learned by optax (``amber_jax.calibrate.learned_factors``), evaluated at the goal
   coverage only (about 40 s per step on 2 CPU cores for SmolLM2-135M); ``search+learnedscale[N]``
   also learns a per-output-channel scale of every sparse site. After a correction
   (``search+median+learned``) the factors are learned through the calibrated correction.
@@ -38,19 +38,19 @@ from pathlib import Path
 
 import numpy as np
 
-from amber_jax.channel_order import model_channel_order
+from amber_jax.calibrate.methods import DEFAULT_LEARN_STEPS as REGISTRY_LEARN_STEPS
+from amber_jax.calibrate.methods import Method, build_method_plan, resolve_method
+from amber_jax.calibrate.policy import max_skips_for_coverage
+from amber_jax.calibrate.pruner import AmberConfig
+from amber_jax.calibrate.site_search import KLMeter, SiteCosts, measure_site_costs
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import model_factors
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.methods import DEFAULT_LEARN_STEPS as REGISTRY_LEARN_STEPS
-from amber_jax.methods import Method, build_method_plan, resolve_method
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import make_plan
-from amber_jax.plots import save_coverage_front, save_learning_curves
-from amber_jax.policy import max_skips_for_coverage
-from amber_jax.pruner import AmberConfig
-from amber_jax.report import markdown_table
+from amber_jax.plan.channel_order import model_channel_order
+from amber_jax.plan.schema import make_plan
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
@@ -60,8 +60,8 @@ from amber_jax.runs.common import (
   prepare_eval,
   recorded_config,
 )
-from amber_jax.scores import model_factors
-from amber_jax.site_search import KLMeter, SiteCosts, measure_site_costs
+from amber_jax.runs.markdown import markdown_table
+from amber_jax.runs.plots import save_coverage_front, save_learning_curves
 
 DEFAULT_METHODS = ("naive_rules", "amber", "search", "search+median", "search+learned")
 DEFAULT_COVERAGES = (0.4, 0.55, 0.7, 0.9)
@@ -92,7 +92,7 @@ def parse_method(method: str) -> tuple[str, str, int, bool]:
   """(base, correction, learning steps, learn output scales) of a registry name, e.g.
   "search+median" -> ("search", "median", 0, False); "search+learned" -> ("search", "none", 4,
   False); "search+learnedscale12" -> ("search", "none", 12, True). The parsing is
-  ``amber_jax.methods.resolve_method``'s; this tuple form is kept for its callers."""
+  ``amber_jax.calibrate.methods.resolve_method``'s; this tuple form is kept for its callers."""
   m = resolve_method(method)
   return m.base.name, m.correction, m.learned_steps, m.learn_scales
 

@@ -15,7 +15,7 @@ import time
 
 from amber_jax.data.bigbench import BIGBENCH_TASKS, bigbench_task_path
 from amber_jax.data.texts import DEFAULT_TEXT
-from amber_jax.eval.generative import (
+from amber_jax.eval.generative_tasks import (
   evaluate_generation,
   load_generative_task,
   special_token_ids,
@@ -23,8 +23,8 @@ from amber_jax.eval.generative import (
 from amber_jax.io.atomic import write_json_atomic
 from amber_jax.io.loading import load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
-from amber_jax.report import markdown_table
 from amber_jax.runs.common import DTYPES, environment, prepare_eval, recorded_config
+from amber_jax.runs.markdown import markdown_table
 from amber_jax.runs.zero_shot import (
   DENSE,
   METHODS,
@@ -53,7 +53,7 @@ class GenerationConfig:
   model: str = DEFAULT_MODEL
   tasks: tuple[str, ...] = DEFAULT_TASKS  # packaged BIG-bench names or JSON files
   patterns: tuple[str, ...] = ("dense", "8:16", "2:4")
-  methods: tuple[str, ...] = METHODS  # amber_jax.methods names, per sparse pattern
+  methods: tuple[str, ...] = METHODS  # amber_jax.calibrate.methods names, per sparse pattern
   num_fewshot: int = 3  # solved examples before each question: they teach the answer format
   limit: int | None = 100
   max_new_tokens: int | None = None  # None: the longest accepted answer's tokens + 2, per task
@@ -67,7 +67,7 @@ class GenerationConfig:
   calib_windows: int = 8
   output: str = ""
   cache_dir: str = ""
-  impl: str | None = None  # sparse matmul implementation (amber_jax.impl); speed only
+  impl: str | None = None  # sparse matmul implementation (amber_jax.core.backends); speed only
 
   def __post_init__(self):
     check_eval_grid(self)

@@ -1,6 +1,6 @@
 """The main job: perplexity and prefill throughput, dense vs an N:M plan, side by side.
 
-The plan is a named method of ``amber_jax.methods`` (``method="amber"``, ``"search_mixed"``,
+The plan is a named method of ``amber_jax.calibrate.methods`` (``method="amber"``, ``"search_mixed"``,
 ``"best"``, ...) or, without one, the old fields (score, policy, o_order, granularity). By
 default it is Amber Pruner's (robust score, the paper's q/gate/down rule, q/gate kept
 dense in the most sensitive layers chosen automatically so that coverage stays >= 0.55), and
@@ -14,33 +14,37 @@ import time
 
 import numpy as np
 
-from amber_jax.calibration import collect_input_absmax, measure_quant_errors, most_sensitive_sites
-from amber_jax.coverage import plan_coverage
-from amber_jax.data.texts import DEFAULT_TEXT
-from amber_jax.eval.generation import generation_agreement
-from amber_jax.eval.perplexity import perplexity
-from amber_jax.impl import check_impl
-from amber_jax.io.atomic import check_output_directory
-from amber_jax.io.plan_checkpoint import META_NAME as PLAN_META_NAME
-from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.methods import (
+from amber_jax.calibrate.methods import (
   Method,
   build_method_plan,
   check_method_conflicts,
   identify_method,
   resolve_method,
 )
-from amber_jax.patterns import parse_pattern_or_dense
-from amber_jax.plan import make_plan
-from amber_jax.plan_io import load_sparsity_plan, save_sparsity_plan
-from amber_jax.pruner import AmberConfig
-from amber_jax.quant_plan import (
+from amber_jax.calibrate.pruner import AmberConfig
+from amber_jax.calibrate.stats import (
+  collect_input_absmax,
+  measure_quant_errors,
+  most_sensitive_sites,
+)
+from amber_jax.core.backends import check_impl
+from amber_jax.core.patterns import parse_pattern_or_dense
+from amber_jax.data.texts import DEFAULT_TEXT
+from amber_jax.eval.agreement import generation_agreement
+from amber_jax.eval.perplexity import perplexity
+from amber_jax.io.atomic import check_output_directory
+from amber_jax.io.plan_checkpoint import META_NAME as PLAN_META_NAME
+from amber_jax.io.sources import DEFAULT_MODEL
+from amber_jax.plan.coverage import plan_coverage
+from amber_jax.plan.io import load_sparsity_plan, save_sparsity_plan
+from amber_jax.plan.quant_state import (
   DEFAULT_ALPHA,
   build_quant_state,
   check_float_sites,
   check_quant_options,
   smoothed_score_factors,
 )
+from amber_jax.plan.schema import make_plan
 from amber_jax.runs.common import (
   DTYPES,
   check_model_options,
@@ -56,7 +60,7 @@ class PrefillRunConfig:
 
   model: str = DEFAULT_MODEL
   pattern: str = "8:16"
-  # A name of amber_jax.methods ("" : the plan is the fields below). It sets score, policy,
+  # A name of amber_jax.calibrate.methods ("" : the plan is the fields below). It sets score, policy,
   # o_order and granularity (a field given another value as well is a ValueError) and may add
   # a correction and learned factors; "dense" makes the pattern dense.
   method: str = ""
@@ -67,9 +71,11 @@ class PrefillRunConfig:
   skip_layers: tuple[int, ...] = ()
   coverage: float = 0.55
   robust_clip: bool = True
-  impl: str | None = None  # one of amber_jax.impl.IMPLS; None: the default (xla)
+  impl: str | None = None  # one of amber_jax.core.backends.IMPLS; None: the default (xla)
   granularity: str = "layer"  # auto policy: "layer" (q+gate together) or "site"
-  o_order: str = "heads"  # o-projection N:M groups: "heads" or "mixed" (amber_jax.channel_order)
+  o_order: str = (
+    "heads"  # o-projection N:M groups: "heads" or "mixed" (amber_jax.plan.channel_order)
+  )
   quant: str = "none"  # "none" | "w8a8"
   smooth: str = "smoothquant"  # w8a8: "none" | "smoothquant" | "outstanding"
   alpha: float | None = None  # None: 0.5 (smoothquant), 0.10 (outstanding)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from amber_jax.calibration import collect_input_absmax
+from amber_jax.calibrate.pruner import AmberConfig, build_plan
+from amber_jax.calibrate.stats import collect_input_absmax
+from amber_jax.core.patterns import NMPattern
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import make_plan
-from amber_jax.pruner import AmberConfig, build_plan
-from amber_jax.quant_plan import build_quant_state, smoothed_score_factors
-from amber_jax.report import markdown_table
+from amber_jax.plan.quant_state import build_quant_state, smoothed_score_factors
+from amber_jax.plan.schema import make_plan
 from amber_jax.runs.common import (
   DTYPES,
   check_model_options,
@@ -21,6 +20,7 @@ from amber_jax.runs.common import (
   prepare_eval,
   recorded_config,
 )
+from amber_jax.runs.markdown import markdown_table
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -25,17 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from amber_jax.io.atomic import check_output_file
-from amber_jax.plots import (
-  save_accuracy_change,
-  save_perplexity_vs_pattern,
-  save_sensitivity_heatmap,
-)
-from amber_jax.report import markdown_table, update_markdown_section
 from amber_jax.runs.amber_table import amber_table_markdown
 from amber_jax.runs.checks import check_markdown_file
 from amber_jax.runs.front import front_markdown, save_front_plots
 from amber_jax.runs.generation import RESULTS_FORMAT as GENERATION_FORMAT
 from amber_jax.runs.generation import generation_markdown
+from amber_jax.runs.markdown import markdown_table, update_markdown_section
+from amber_jax.runs.plots import (
+  save_accuracy_change,
+  save_perplexity_vs_pattern,
+  save_sensitivity_heatmap,
+)
 from amber_jax.runs.zero_shot import DENSE, entry_id, load_results, report_markdown
 
 

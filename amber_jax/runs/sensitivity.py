@@ -5,11 +5,16 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from amber_jax.calibrate.policy import (
+  check_coverage_target,
+  measure_sensitivity,
+  select_skip_layers,
+)
+from amber_jax.calibrate.pruner import AmberConfig
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import check_score, model_factors
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.io.sources import DEFAULT_MODEL
-from amber_jax.patterns import NMPattern
-from amber_jax.policy import check_coverage_target, measure_sensitivity, select_skip_layers
-from amber_jax.pruner import AmberConfig
 from amber_jax.runs.common import (
   DTYPES,
   check_model_options,
@@ -17,7 +22,6 @@ from amber_jax.runs.common import (
   prepare_eval,
   recorded_config,
 )
-from amber_jax.scores import check_score, model_factors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,7 @@ than being recomputed: silently replacing it would throw away finished work, and
 in one file would make the table compare unlike numbers. Use another ``output`` (or delete the
 file) to run with new settings.
 
-Methods, for each sparse pattern: names of ``amber_jax.methods`` (the default two below; any
+Methods, for each sparse pattern: names of ``amber_jax.calibrate.methods`` (the default two below; any
 other sparse one, e.g. ``search_mixed`` or ``best``, works the same way; entries carry the
 canonical name, so ``paper`` rows are ``amber`` rows):
 
@@ -37,16 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
+from amber_jax.calibrate.methods import build_method_plan, resolve_method
+from amber_jax.calibrate.pruner import AmberConfig
+from amber_jax.core.patterns import parse_pattern_or_dense
 from amber_jax.data.bigbench import BIGBENCH_TASKS, bigbench_task_path, load_bigbench_task
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.multiple_choice import evaluate_task
 from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.io.loading import load_tokenizer
 from amber_jax.io.sources import DEFAULT_MODEL, resolve_model
-from amber_jax.methods import build_method_plan, resolve_method
-from amber_jax.patterns import parse_pattern_or_dense
-from amber_jax.pruner import AmberConfig
-from amber_jax.report import markdown_table
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
@@ -55,8 +54,9 @@ from amber_jax.runs.common import (
   prepare_eval,
   recorded_config,
 )
+from amber_jax.runs.markdown import markdown_table
 
-METHODS = ("naive", "amber")  # the default methods (amber_jax.methods names)
+METHODS = ("naive", "amber")  # the default methods (amber_jax.calibrate.methods names)
 RESULTS_FORMAT = "amber_jax.zero_shot/1"
 DENSE = "dense"
 
@@ -82,7 +82,7 @@ class ZeroShotConfig:
   calib_windows: int = 8  # amber calibration windows, after those
   output: str = ""  # results JSON (resumed when it exists)
   cache_dir: str = ""
-  # Sparse matmul implementation (amber_jax.impl; None: the default). Speed only: the scores
+  # Sparse matmul implementation (amber_jax.core.backends; None: the default). Speed only: the scores
   # do not depend on it, so it is not part of an entry's settings.
   impl: str | None = None
 
@@ -202,10 +202,10 @@ def plan_rows(
   for it (the generation runs compare every sparse answer with the dense one, so it must
   exist before them), then the sparse rows in the order of ``patterns``.
 
-  Each method is a registry name (``amber_jax.methods``; rows carry its canonical name):
+  Each method is a registry name (``amber_jax.calibrate.methods``; rows carry its canonical name):
   ``naive``: every linear input sparsified, score |x|; ``amber``: the auto policy with the
   robust score at ``coverage``. "dense" is one row whatever the methods. ``impl``: the
-  sparse rows' matmul implementation (``amber_jax.impl``; None: the default).
+  sparse rows' matmul implementation (``amber_jax.core.backends``; None: the default).
   """
   rows = []
   for p in patterns:
@@ -221,7 +221,7 @@ def plan_rows(
 
 
 def build_row_plan(setup, method: str, amber: AmberConfig, batch_size, dtype, show_progress):
-  """The PlanInfo of one (method, pattern) row (``amber_jax.methods.build_method_plan``: the
+  """The PlanInfo of one (method, pattern) row (``amber_jax.calibrate.methods.build_method_plan``: the
   method's learned factors too), calibrated on ``setup.calib_windows`` when it calibrates."""
   m = resolve_method(method) if method != DENSE else None
   calibrates = amber.needs_calibration or (m is not None and m.needs_calibration)

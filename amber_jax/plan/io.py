@@ -13,14 +13,14 @@ import os
 
 import jax.numpy as jnp
 
+from amber_jax.core.backends import BACKENDS
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.quant import ACT_MODES
 from amber_jax.core.sites import Architecture
-from amber_jax.impl import BACKENDS
+from amber_jax.core.sparsity import MASK_METHODS
 from amber_jax.io.plan_checkpoint import PlanCheckpointError, load_plan, save_plan
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import SparsityPlan, check_plan_arrays
-from amber_jax.quant import ACT_MODES
-from amber_jax.quant_plan import ORDERS, QuantState
-from amber_jax.sparsity import MASK_METHODS
+from amber_jax.plan.quant_state import ORDERS, QuantState
+from amber_jax.plan.schema import SparsityPlan, check_plan_arrays
 
 __all__ = ["PlanCheckpointError", "load_sparsity_plan", "save_sparsity_plan"]
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import jax
 
-from amber_jax.patterns import NMPattern
+from amber_jax.core.patterns import NMPattern
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

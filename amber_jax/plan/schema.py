@@ -8,12 +8,12 @@ holds, stacked over layers:
 * ``factors[proj]``: float32 ``[L, d_in]``, the per-input-channel score factors
   (all ones for the naive |x| score).
 
-and optionally ``quant``, the W8A8 part (``amber_jax.quant_plan.QuantState``: smoothed
+and optionally ``quant``, the W8A8 part (``amber_jax.plan.quant_state.QuantState``: smoothed
 int8 weights, scales, folded norms, float sites), and ``correction``, per-site output
-corrections of the sparse sites calibrated by ``amber_jax.corrections`` (arrays stacked over
+corrections of the sparse sites calibrated by ``amber_jax.calibrate.correction_fit`` (arrays stacked over
 layers; None: no correction, the plain N:M transform), and ``channel_order``, per projection
 a permutation of its input channels per layer that forms the N:M groups
-(``amber_jax.channel_order``; None, or a projection left out: M consecutive channels).
+(``amber_jax.plan.channel_order``; None, or a projection left out: M consecutive channels).
 
 Only the N:M pattern (and the implementation choices) are static: they fix shapes and
 code inside the mask computation; changing which sites are enabled or the factors
@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from amber_jax.core.backends import check_impl, default_impl
+from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sites import Architecture, Site
-from amber_jax.impl import check_impl, default_impl
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import MASK_METHODS, check_channel_order
+from amber_jax.core.sparsity import MASK_METHODS, check_channel_order
 
 # ------------------------------------------------------------------------------------------------
 # The schema: every per-site array a plan can hold, with its axes. Plan I/O, its checks, the
@@ -112,7 +112,7 @@ def leaf_field(names: tuple[str, ...]) -> tuple[str | None, SiteField]:
       return None, NORM_FIELD
   raise ValueError(
     f"no plan field at {'/'.join(names)!r}: a plan holds "
-    f"{', '.join(sorted({f.name for f in SITE_FIELDS}))} per site (amber_jax.plan.SITE_FIELDS)"
+    f"{', '.join(sorted({f.name for f in SITE_FIELDS}))} per site (amber_jax.plan.schema.SITE_FIELDS)"
   )
 
 
@@ -190,16 +190,16 @@ class SparsityPlan:
   enabled: dict[str, jax.Array]  # proj -> bool [L]
   factors: dict[str, jax.Array]  # proj -> float32 [L, d_in]
   pattern: NMPattern | None = struct.field(pytree_node=False, default=None)
-  impl: str = struct.field(pytree_node=False, default="xla")  # see amber_jax.impl
-  # impl="xla": the mask algorithm (amber_jax.sparsity.nm_mask); all give the same mask.
+  impl: str = struct.field(pytree_node=False, default="xla")  # see amber_jax.core.backends
+  # impl="xla": the mask algorithm (amber_jax.core.sparsity.nm_mask); all give the same mask.
   mask_method: str = struct.field(pytree_node=False, default="auto")
-  # W8A8 part (amber_jax.quant_plan.QuantState) or None for float weights.
+  # W8A8 part (amber_jax.plan.quant_state.QuantState) or None for float weights.
   quant: Any = None
-  # Output corrections of sparse sites in prefill (amber_jax.corrections: proj -> center,
+  # Output corrections of sparse sites in prefill (amber_jax.calibrate.correction_fit: proj -> center,
   # in_scale, token_rescale, out_scale, out_bias stacked over layers) or None for none.
   correction: Any = None
   # proj -> int32 [L, d_in]: the groups of M are consecutive in x[..., order[l]] (see
-  # amber_jax.sparsity.nm_keep); projections not in the dict (or None) use the natural order.
+  # amber_jax.core.sparsity.nm_keep); projections not in the dict (or None) use the natural order.
   channel_order: dict[str, jax.Array] | None = None
 
   def enabled_sites(self) -> list[tuple[int, str]]:
@@ -257,11 +257,11 @@ def make_plan(
       (layer, projection) pairs to sparsify.
     factors: optional proj -> [L, d_in] score factors (default: ones, the |x| score).
     impl: "xla", "pallas" (the fused kernel) or "pallas_mask" (mask pass + dot); None picks
-      the backend's default (xla everywhere for now: see amber_jax.impl). An impl that
+      the backend's default (xla everywhere for now: see amber_jax.core.backends). An impl that
       cannot run raises ValueError.
-    mask_method: the mask algorithm of impl "xla" (amber_jax.sparsity.nm_mask).
+    mask_method: the mask algorithm of impl "xla" (amber_jax.core.sparsity.nm_mask).
     channel_order: optional proj -> [L, d_in] permutations of each layer's input channels
-      that form the N:M groups (amber_jax.channel_order.model_channel_order makes them).
+      that form the N:M groups (amber_jax.plan.channel_order.model_channel_order makes them).
 
   Raises:
     ValueError: naming the projection, if M does not divide a sparsified input

@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.coverage import site_macs
+from amber_jax.calibrate.policy import check_coverage_target, knapsack
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import forward, forward_from_layer, layer_inputs
-from amber_jax.plan import SparsityPlan
-from amber_jax.policy import check_coverage_target, knapsack
-from amber_jax.progress import progress_bar
+from amber_jax.plan.coverage import site_macs
+from amber_jax.plan.schema import SparsityPlan
+from amber_jax.util.progress import progress_bar
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))

@@ -12,7 +12,7 @@ from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import decode_step, prefill
 
 if TYPE_CHECKING:  # plan.py imports model.config; avoid the cycle at runtime.
-  from amber_jax.plan import SparsityPlan
+  from amber_jax.plan.schema import SparsityPlan
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "dtype"))

@@ -20,9 +20,9 @@ from amber_jax.calibrate.harness import (
   site_records,
   windows_in_batches,
 )
+from amber_jax.calibrate.policy import check_batch_size
+from amber_jax.core.quant import int8_dot_general, quantize_activation
 from amber_jax.model.config import LlamaConfig
-from amber_jax.policy import check_batch_size
-from amber_jax.quant import int8_dot_general, quantize_activation
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))

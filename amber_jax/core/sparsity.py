@@ -5,7 +5,7 @@ last (input-channel, i.e. contraction) axis: the N entries with the largest
 score survive, the others are zeroed. Ties are broken by position (the lower
 index wins), so exactly N entries survive in every group, always. With a ``channel_order``
 the groups are M consecutive entries of the permuted channels instead
-(``amber_jax.channel_order`` says why the o-projection wants one).
+(``amber_jax.plan.channel_order`` says why the o-projection wants one).
 
 NaN and inf: a NaN score counts as larger than every finite score, so a NaN
 activation is kept and propagates into the matmul exactly as in the dense
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.patterns import NMPattern
+from amber_jax.core.patterns import NMPattern
 
 # The default mask algorithm ("auto") is the sorting network up to this M, lax.top_k above
 # (the network's comparator count grows as M log^2 M). Measured (BENCHMARKS.md): at 8:16 the

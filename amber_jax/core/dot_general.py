@@ -6,7 +6,7 @@
 
 The activation (lhs) operand is sparsified along its contracting axis, keeping N
 of every M consecutive entries by score (or of every M consecutive entries of a given channel
-order: ``channel_order``, see ``amber_jax.channel_order``); the weight (rhs) stays dense. With
+order: ``channel_order``, see ``amber_jax.plan.channel_order``); the weight (rhs) stays dense. With
 ``pattern=None`` the callable is plain ``lax.dot_general`` (exactly the dense
 baseline), as in AQT's ``make_dot_general(None)``.
 
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.core.linear import LinearSpec, site_linear
-from amber_jax.patterns import NMPattern
-from amber_jax.quant import quantize_weight
-from amber_jax.scores import channel_factors, check_score
-from amber_jax.sparsity import check_channel_order, sparsify
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.quant import quantize_weight
+from amber_jax.core.scores import channel_factors, check_score
+from amber_jax.core.sparsity import check_channel_order, sparsify
 
 ORDERS = ("sparsify_first", "quantize_first")
 
@@ -94,7 +94,7 @@ def nm_dot_general(
     robust_clip: for "robust", clip the weight to its 0.5/99.5 percentile range.
     channel_order: optional permutation of the contracting axis: the groups of M are formed
       over the activation's channels in this order (e.g. mixing attention heads in the input
-      of an output projection, ``amber_jax.channel_order``).
+      of an output projection, ``amber_jax.plan.channel_order``).
 
   Raises:
     ValueError: a bad score, pattern or channel order (not a permutation of 0..K-1).
@@ -178,7 +178,7 @@ def w8a8_dot_general(
 
   The weight is quantized on every call (no state, the param stays float: what AQT calls
   dynamic quantization); a model served in int8 stores ``quantize_weight``'s codes instead, as
-  ``amber_jax.quant_plan`` does for our model. No smoothing: it needs calibration statistics.
+  ``amber_jax.plan.quant_state`` does for our model. No smoothing: it needs calibration statistics.
 
   Raises:
     ValueError: a bad pattern, order or score; at call time, dimension numbers with batch axes

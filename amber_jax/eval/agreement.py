@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.generate import generate_greedy
-from amber_jax.plan import SparsityPlan
+from amber_jax.model.greedy import generate_greedy
+from amber_jax.plan.schema import SparsityPlan
 
 
 @dataclasses.dataclass(frozen=True)

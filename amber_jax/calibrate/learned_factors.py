@@ -12,7 +12,7 @@ free) and starts from the plan's factors (e.g. the robust score's).
 Only sites the plan sparsifies are trained; the learned factors replace the plan's ``factors``
 (plain data: no recompilation, saved with the plan by ``plan_io``). With ``learn_scales`` a
 per-output-channel scale of every sparse site is learned too (``exp`` of a parameter starting at
-0) and stored as the ``out_scale`` of the plan's correction (``amber_jax.corrections``), which
+0) and stored as the ``out_scale`` of the plan's correction (``amber_jax.calibrate.correction_fit``), which
 the ordinary model applies. A plan that already has a correction (e.g. the median centring) is
 trained through it: the straight-through mask is taken on the centred input exactly as the
 corrected model does, and learned scales multiply the correction's output scale and bias.
@@ -30,14 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amber_jax.calibrate.correction_fit import identity_correction
 from amber_jax.core.correction import corrected_sparse_matmul
-from amber_jax.corrections import identity_correction
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.sparsity import nm_mask, nm_scores
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import forward, lm_head, model_pass
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import SparsityPlan
-from amber_jax.progress import progress_bar
-from amber_jax.sparsity import nm_mask, nm_scores
+from amber_jax.plan.schema import SparsityPlan
+from amber_jax.util.progress import progress_bar
 
 
 def ste_sparsify(

@@ -8,20 +8,14 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.channel_order import check_o_order, model_channel_order
-from amber_jax.corrections import (
+from amber_jax.calibrate.correction_fit import (
   CorrectionResult,
   CorrectionSpec,
   calibrate_corrections,
   check_correction,
   check_correction_inputs,
 )
-from amber_jax.coverage import Coverage, plan_coverage
-from amber_jax.impl import check_impl
-from amber_jax.model.config import LlamaConfig
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import SparsityPlan, make_plan
-from amber_jax.policy import (
+from amber_jax.calibrate.policy import (
   Sensitivity,
   check_coverage_target,
   check_policy,
@@ -32,8 +26,14 @@ from amber_jax.policy import (
   select_dense_sites,
   select_skip_layers,
 )
-from amber_jax.scores import check_score, model_factors
-from amber_jax.site_search import SiteCosts, measure_site_costs, select_sites
+from amber_jax.calibrate.site_search import SiteCosts, measure_site_costs, select_sites
+from amber_jax.core.backends import check_impl
+from amber_jax.core.patterns import NMPattern
+from amber_jax.core.scores import check_score, model_factors
+from amber_jax.model.config import LlamaConfig
+from amber_jax.plan.channel_order import check_o_order, model_channel_order
+from amber_jax.plan.coverage import Coverage, plan_coverage
+from amber_jax.plan.schema import SparsityPlan, make_plan
 
 GRANULARITIES = ("layer", "site")
 
@@ -51,9 +51,9 @@ class AmberConfig:
   granularity: str = "layer"
   coverage: float = 0.55  # target for policy="auto" and "search"
   robust_clip: bool = True
-  # "xla" | "pallas" | "pallas_mask"; None: the backend's default (amber_jax.impl)
+  # "xla" | "pallas" | "pallas_mask"; None: the backend's default (amber_jax.core.backends)
   impl: str | None = None
-  # Output correction of the sparse sites (amber_jax.corrections), e.g. "median+bias"; fitted
+  # Output correction of the sparse sites (amber_jax.calibrate.correction_fit), e.g. "median+bias"; fitted
   # on the calibration windows, on the dense model's inputs or the sparse one's ("sequential",
   # "global"). Off by default: none won on a held-out text yet (RESULTS.md "corrections").
   correction: str = "none"
@@ -62,7 +62,7 @@ class AmberConfig:
   # windows (one pass per site and window, resumed at the site's layer: 2 x 512 tokens take
   # under 5 min for the 210 sites of SmolLM2-135M on 2 CPU cores).
   search_windows: int = 2
-  # How the o-projection's input channels form N:M groups (amber_jax.channel_order): "heads"
+  # How the o-projection's input channels form N:M groups (amber_jax.plan.channel_order): "heads"
   # (M consecutive channels of one head) or "mixed" (a fixed random order per layer, mixing
   # heads in every group: on SmolLM2-135M the o sites' KL costs fall to a median 0.57x at 8:16).
   o_order: str = "heads"

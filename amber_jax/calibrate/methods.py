@@ -18,7 +18,7 @@ Base methods (``BASE_METHODS``):
 * ``search_mixed``: ``search`` with the o-projection's N:M groups mixing attention heads.
 
 Suffixes (searched plans only, as the front measured them): ``+<correction>`` (any
-``amber_jax.corrections`` spec, e.g. ``+median`` or ``+median+bias``), then ``+learned[N]``
+``amber_jax.calibrate.correction_fit`` spec, e.g. ``+median`` or ``+median+bias``), then ``+learned[N]``
 (N optimiser steps of learned score factors, default 4) or ``+learnedscale[N]`` (also
 per-output-channel scales). Aliases (``ALIASES``): ``paper`` (``amber``'s old name) and
 ``best``: the project's best recipe so far (``BEST``; see ``BEST_REASON``).
@@ -39,10 +39,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.corrections import CorrectionSpec
-from amber_jax.learned_factors import LearnedFactors, learn_score_factors
-from amber_jax.patterns import NMPattern, parse_pattern_or_dense
-from amber_jax.pruner import AmberConfig, PlanInfo, build_plan
+from amber_jax.calibrate.correction_fit import CorrectionSpec
+from amber_jax.calibrate.learned_factors import LearnedFactors, learn_score_factors
+from amber_jax.calibrate.pruner import AmberConfig, PlanInfo, build_plan
+from amber_jax.core.patterns import NMPattern, parse_pattern_or_dense
 
 DEFAULT_COVERAGE = 0.55  # the coverage target a method runs at unless told otherwise
 DEFAULT_LEARN_STEPS = 4  # "+learned" without a number (RESULTS.md "front": 12 overfit)
@@ -137,7 +137,7 @@ BASE_METHODS: dict[str, BaseMethod] = {
         "be sparse. A site's cost is the KL divergence of the next-token distribution from the "
         "dense model's with only that site sparse (on the first 2 calibration windows); an "
         "exact knapsack picks the cheapest sites that reach the coverage target "
-        "(score='robust', policy='search', amber_jax.site_search)."
+        "(score='robust', policy='search', amber_jax.calibrate.site_search)."
       ),
       calibration="per-site KL search",
       score="robust",
@@ -148,7 +148,7 @@ BASE_METHODS: dict[str, BaseMethod] = {
       name="search_mixed",
       definition=(
         "'search' with the o-projection's N:M groups formed across attention heads (a fixed "
-        "random channel order per layer, amber_jax.channel_order; o_order='mixed'); the site "
+        "random channel order per layer, amber_jax.plan.channel_order; o_order='mixed'); the site "
         "costs are measured with that grouping."
       ),
       calibration="per-site KL search",
@@ -264,7 +264,9 @@ class Method:
     """One paragraph: the definition, suffixes, calibration cost and reference."""
     text = self.base.definition
     if self.correction != "none":
-      text += f" Plus the output correction {self.correction!r} (amber_jax.corrections)."
+      text += (
+        f" Plus the output correction {self.correction!r} (amber_jax.calibrate.correction_fit)."
+      )
     if self.learned_steps:
       what = "score factors and output scales" if self.learn_scales else "score factors"
       text += f" Plus {self.learned_steps} optax steps of learned {what}."

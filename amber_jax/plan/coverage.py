@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sites import Architecture
-from amber_jax.patterns import NMPattern
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ Policies:
   allows (every layer's q+gate costs the same multiply-adds, so taking the
   largest errors first minimises the total error of the sparse sites);
 * ``search``: any projection of any layer, chosen by each site's measured effect on the
-  next-token distribution to reach the coverage target (``amber_jax.site_search``).
+  next-token distribution to reach the coverage target (``amber_jax.calibrate.site_search``).
 
 Sensitivity of a site = ||Y - Y'|| / ||Y|| for that projection alone, with Y the
 dense output and Y' the output with its input sparsified, accumulated over the
@@ -35,11 +35,11 @@ from amber_jax.calibrate.harness import (
   site_records,
   windows_in_batches,
 )
+from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sites import Architecture
-from amber_jax.coverage import coverage as coverage_of
-from amber_jax.coverage import site_macs
-from amber_jax.patterns import NMPattern
-from amber_jax.sparsity import sparsify
+from amber_jax.core.sparsity import sparsify
+from amber_jax.plan.coverage import coverage as coverage_of
+from amber_jax.plan.coverage import site_macs
 
 POLICIES = ("all", "paper", "auto", "search")
 

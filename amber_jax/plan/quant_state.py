@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from amber_jax.core.quant import quantize_weight, smoothing_factors, weight_input_absmax
 from amber_jax.core.sites import Architecture
-from amber_jax.quant import quantize_weight, smoothing_factors, weight_input_absmax
 
 SMOOTHING = ("none", "smoothquant", "outstanding")
 ACT_MODES = ("token", "tensor")
@@ -46,7 +46,7 @@ class QuantState:
   """The W8A8 part of a plan: int8 weights, scales and smoothing per site, folded norms, and
   the activation mode and order (static). Built by ``build_quant_state``."""
 
-  sites: dict  # site -> the arrays of amber_jax.plan.GROUP_KEYS["quant"]
+  sites: dict  # site -> the arrays of amber_jax.plan.schema.GROUP_KEYS["quant"]
   norms: dict  # "attn_norm"/"mlp_norm" -> [L, D] folded norm weights
   act_mode: str = struct.field(pytree_node=False, default="token")
   order: str = struct.field(pytree_node=False, default="sparsify_first")
@@ -160,7 +160,7 @@ def smoothed_score_factors(
   """Score factors (proj -> [L, d_in]) from the smoothed weights of ``build_quant_state``:
   with W8A8 the N:M scores see smoothed activations, so their factors must too (the
   weight-aware score is invariant to smoothing; the robust one is not)."""
-  from amber_jax.scores import model_factors
+  from amber_jax.core.scores import model_factors
 
   layers = {"layers": {p: {"w": w} for p, w in smoothed.items()}}
   return {

@@ -81,10 +81,10 @@ from amber_jax.core.correction import (
   token_gain,
 )
 from amber_jax.core.linear import LinearSpec, site_linear
+from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sites import Architecture
-from amber_jax.patterns import NMPattern
-from amber_jax.plan import GROUP_KEYS, check_group_arrays, identity_arrays
-from amber_jax.progress import progress_bar
+from amber_jax.plan.schema import GROUP_KEYS, check_group_arrays, identity_arrays
+from amber_jax.util.progress import progress_bar
 
 # Single corrections; combine them with "+" (one of each kind: centre, rescale, scale, bias).
 CORRECTIONS = (

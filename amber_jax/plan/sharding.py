@@ -56,7 +56,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from amber_jax.core.sites import Site, SiteSet
-from amber_jax.plan import leaf_field, tree_names
+from amber_jax.plan.schema import leaf_field, tree_names
 
 DATA = "data"
 MODEL = "model"
@@ -191,13 +191,13 @@ def _param_spec(names: tuple[str, ...], sites: SiteSet, *, fsdp: bool, vocab_par
     case ("layers", name, "b") if name in sites.names:
       return _vector_spec(sites[name], ("out",))
   raise ValueError(
-    f"no partition rule for params leaf {'/'.join(names)!r}: amber_jax.sharding knows the "
+    f"no partition rule for params leaf {'/'.join(names)!r}: amber_jax.plan.sharding knows the "
     f"embedding, LM head, norms and the weights of the declared sites ({', '.join(sites.names)})"
   )
 
 
 def _plan_spec(names: tuple[str, ...], sites: SiteSet, *, fsdp: bool) -> P:
-  # From the plan schema (amber_jax.plan.SITE_FIELDS): each array is split like the channel
+  # From the plan schema (amber_jax.plan.schema.SITE_FIELDS): each array is split like the channel
   # axis of the site it belongs to. A channel order (o_order="mixed") permutes a site's whole
   # input: replicated. The computation stays exact (GSPMD gathers the sharded o input where a
   # group crosses devices); the price is that all-gather of the o input on every sparse o site.

@@ -40,8 +40,8 @@ from amber_jax.eval.logits import map_logit_chunks
 from amber_jax.eval.multiple_choice import bucket_length, mean_stderr
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import decode_step, prefill_hidden
-from amber_jax.plan import SparsityPlan
-from amber_jax.progress import progress_bar
+from amber_jax.plan.schema import SparsityPlan
+from amber_jax.util.progress import progress_bar
 
 
 @dataclasses.dataclass(frozen=True)

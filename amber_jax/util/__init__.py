@@ -1,0 +1,1 @@
+"""Small infrastructure shared by every layer (progress bars)."""
