@@ -198,8 +198,8 @@ def define_options(*names: str, **overrides) -> Options:
 
 def method_or_flags(opts: Options, names=("score", "policy", "o_order", "granularity")) -> None:
   """With ``--method``, ValueError if one of the old recipe flags ``names`` was given with a
-  value other than the method's (``amber_jax.calibrate.methods.check_method_conflicts``: it names both);
-  an unknown method is a ValueError listing the valid names."""
+  value other than the method's (``amber_jax.calibrate.methods.check_method_conflicts``: it names
+  both); an unknown method is a ValueError listing the valid names."""
   if not opts.method:
     return
   from amber_jax.calibrate.methods import check_method_conflicts

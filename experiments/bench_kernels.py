@@ -74,6 +74,7 @@ from jax import lax
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sparsity import sparsify
 from amber_jax.io.atomic import check_output_file, write_json_atomic
+from pallas_kernels.common import BlockSizes, default_block_sizes
 from pallas_kernels.int8_matmul import default_block_sizes as int8_default_block_sizes
 from pallas_kernels.int8_matmul import (
   int8_matmul,
@@ -84,12 +85,7 @@ from pallas_kernels.int8_matmul import (
   quantize_per_token,
 )
 from pallas_kernels.nm_mask import nm_mask, nm_matmul_two_pass
-from pallas_kernels.nm_matmul import (
-  BlockSizes,
-  default_block_sizes,
-  nm_matmul,
-  nm_matmul_reference,
-)
+from pallas_kernels.nm_matmul import nm_matmul, nm_matmul_reference
 
 SHAPES = {
   "full": [

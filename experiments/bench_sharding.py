@@ -16,11 +16,11 @@ rendezvous, smaller per-device matmuls), not scaling.
 For every plan (``--plans``: dense, 8:16 naive on every site, W8A8 with SmoothQuant calibrated on
 the benchmark's own tokens) it jits ``amber_jax.model.prefill`` (logits and KV cache) once on one
 device with unsharded params and once per mesh (``--meshes``, DATAxMODEL) with params, plan and
-batch placed by ``amber_jax.plan.sharding``; each is compiled and warmed up, then timed ``--repeats``
-times interleaved (order rotated every round); medians. It prints one table: single-device and
-sharded ms and tokens/s, their ratio, the share of time in collectives, the largest logit
-difference from the single-device prefill, and the same for a control without sharding: the
-single-device ``forward`` (the same math compiled as another program) against the
+batch placed by ``amber_jax.plan.sharding``; each is compiled and warmed up, then timed
+``--repeats`` times interleaved (order rotated every round); medians. It prints one table:
+single-device and sharded ms and tokens/s, their ratio, the share of time in collectives, the
+largest logit difference from the single-device prefill, and the same for a control without
+sharding: the single-device ``forward`` (the same math compiled as another program) against the
 single-device prefill. Dense plans agree to float rounding; N:M masks and int8 codes turn
 rounding differences into other selections where a value sits within rounding of a tie or a
 code boundary, and the row diverges from there, as much in the control as when sharded (see

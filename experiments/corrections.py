@@ -39,7 +39,8 @@ _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _METHODS = flags.DEFINE_list(
   "methods",
   list(DEFAULT_METHODS),
-  "Base plans (amber_jax.calibrate.methods names): amber (or paper), naive, naive_rules, search, ...",
+  "Base plans (amber_jax.calibrate.methods names): amber (or paper), naive, naive_rules, "
+  "search, ...",
 )
 _CORRECTIONS = flags.DEFINE_list(
   "corrections",

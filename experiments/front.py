@@ -2,11 +2,11 @@
 
     python experiments/front.py --output=results/front.json
 
-For each pattern and coverage target, the plan of each method (amber_jax.calibrate.methods names: naive_rules
-and amber under the paper's site rules; the KL-searched sites; searched + median correction;
-searched + learned score factors at the goal coverage only), calibrated on the main text's
-calibration windows, then perplexity on its evaluation windows (and at the goal coverage also on
-the transfer text, never calibrated on). Rows are saved to --output as they finish; a rerun skips
+For each pattern and coverage target, the plan of each method (amber_jax.calibrate.methods names:
+naive_rules and amber under the paper's site rules; the KL-searched sites; searched + median
+correction; searched + learned score factors at the goal coverage only), calibrated on the main
+text's calibration windows, then perplexity on its evaluation windows (and at the goal coverage also
+on the transfer text, never calibrated on). Rows are saved to --output as they finish; a rerun skips
 them. Writes the table and the ablation into the "front" section of --results and the plot to
 --plot. The defaults took 42 minutes on 2 CPU cores (two patterns; site costs were measured before
 they resumed passes at the site's layer, which now saves about 3 minutes per pattern). Rerunning

@@ -4,10 +4,11 @@
 
 Builds the paper's plan (auto policy, robust score, coverage >= 0.55, calibrated on the 8
 windows after the 8 evaluation windows of lee_background), learns its per-channel score factors
-on those calibration windows (straight-through N:M mask, see amber_jax/calibrate/learned_factors.py),
-then reports perplexity before and after on the evaluation windows and on the Wikipedia text
-(never used for calibration), the KL before/after on the calibration windows, the loss curve
-and the time. --save_plan writes the learned plan (orbax) for experiments/prefill.py --load_plan.
+on those calibration windows (straight-through N:M mask, see
+amber_jax/calibrate/learned_factors.py), then reports perplexity before and after on the evaluation
+windows and on the Wikipedia text (never used for calibration), the KL before/after on the
+calibration windows, the loss curve and the time. --save_plan writes the learned plan (orbax) for
+experiments/prefill.py --load_plan.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ dense does not. Other plans by flag (--nonaive_baseline drops the baseline row):
     python experiments/prefill.py --pattern=2:4 --score=naive --policy=all
     python experiments/prefill.py --pattern=2:4 --policy=paper --skip_layers=1,3,4 --output=o.json
 
-A named method (amber_jax.calibrate.methods) instead of the flags: --method=amber is the default plan,
---method=naive the baseline alone, --method=best the best recipe so far (search_mixed+learnedscale:
-about 7 minutes of calibration on 2 cores). --method with a conflicting --score, --policy,
---o_order or --granularity is an error.
+A named method (amber_jax.calibrate.methods) instead of the flags: --method=amber is the default
+plan, --method=naive the baseline alone, --method=best the best recipe so far
+(search_mixed+learnedscale: about 7 minutes of calibration on 2 cores). --method with a conflicting
+--score, --policy, --o_order or --granularity is an error.
 
 Beyond the paper (RESULTS.md "front"): the sites chosen by their measured KL cost, with the
 o-projection's N:M groups mixing attention heads (about 5 minutes of calibration):

@@ -63,7 +63,8 @@ _PATTERNS = flags.DEFINE_list("patterns", ["dense", "8:16", "2:4"], "'dense' and
 _METHODS = flags.DEFINE_list(
   "methods",
   list(METHODS),
-  "For each sparse pattern, amber_jax.calibrate.methods names: naive (all linears, |x|), amber (auto "
+  "For each sparse pattern, amber_jax.calibrate.methods names: naive (all linears, |x|), "
+  "amber (auto "
   "policy, robust score), or any other sparse method (search_mixed, best, ...).",
 )
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "Solved examples before each question.")

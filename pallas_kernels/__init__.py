@@ -6,9 +6,11 @@ backends (Triton on GPU, Mosaic on TPU, Mosaic GPU for the Hopper int8 kernel).
 
 The op functions exported here shadow their modules as attributes of the package
 (``pallas_kernels.nm_matmul`` is the function); reach the rest of a module with
-``from pallas_kernels.nm_matmul import BlockSizes, TUNED_BLOCK_SIZES``.
+``from pallas_kernels.common import BlockSizes, TUNED_BLOCK_SIZES`` (the helpers all kernels
+share live in ``pallas_kernels.common``).
 """
 
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.int8_matmul import (
   int8_matmul,
   int8_matmul_reference,
@@ -18,12 +20,7 @@ from pallas_kernels.int8_matmul import (
   quantize_per_token,
 )
 from pallas_kernels.nm_mask import MaskBlockSizes, nm_mask, nm_matmul_two_pass
-from pallas_kernels.nm_matmul import (
-  BlockSizes,
-  nm_mask_in_kernel,
-  nm_matmul,
-  nm_matmul_reference,
-)
+from pallas_kernels.nm_matmul import nm_mask_in_kernel, nm_matmul, nm_matmul_reference
 
 __all__ = [
   "BlockSizes",

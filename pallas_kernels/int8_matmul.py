@@ -46,13 +46,7 @@ from jax.experimental import pallas as pl
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.quant import INT8_MAX, absmax_scale, quantize_with_scale
 from amber_jax.core.sparsity import sparsify
-from pallas_kernels.int8_matmul_mgpu import (
-  W_LAYOUTS,
-  check_mgpu_block_sizes,
-  check_mgpu_device,
-  int8_matmul_mgpu_padded,
-)
-from pallas_kernels.nm_matmul import (
+from pallas_kernels.common import (
   BACKENDS,
   MOSAIC_GPU,
   MOSAIC_TPU,
@@ -67,6 +61,12 @@ from pallas_kernels.nm_matmul import (
   round_up,
   tpu_compiler_params,
   triton_compiler_params,
+)
+from pallas_kernels.int8_matmul_mgpu import (
+  W_LAYOUTS,
+  check_mgpu_block_sizes,
+  check_mgpu_device,
+  int8_matmul_mgpu_padded,
 )
 
 # 127 * 127 * K must stay below 2**31 for the int32 accumulator to be exact, with codes in

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.nm_matmul import BlockSizes
+from pallas_kernels.common import BlockSizes
 
 # Streaming multiprocessors of an H100/H200 SXM: the persistent grid size when the kernel is
 # lowered on a host without a GPU (on a GPU, the device's own count is used).

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from amber_jax.core.patterns import NMPattern
-from pallas_kernels.nm_matmul import (
+from pallas_kernels.common import (
   MOSAIC_TPU,
   TRITON,
   check_activation,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from amber_jax.core.patterns import NMPattern
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.int8_matmul import (
   MAX_K,
   int8_matmul,
@@ -25,7 +26,7 @@ from pallas_kernels.int8_matmul import (
   sparsify_quantize_per_token,
 )
 from pallas_kernels.int8_matmul_mgpu import check_mgpu_device, int8_matmul_mgpu_padded
-from pallas_kernels.nm_matmul import BlockSizes, nm_matmul_reference
+from pallas_kernels.nm_matmul import nm_matmul_reference
 
 SHAPES = [(37, 576, 192), (64, 1536, 576), (128, 576, 1536)]
 TRITON_BLOCKS = {

@@ -1,5 +1,5 @@
-"""The method registry (amber_jax.calibrate.methods): names, aliases, errors, and every runner's use of it
-builds the same AmberConfig as the old flags did."""
+"""The method registry (amber_jax.calibrate.methods): names, aliases, errors, and every runner's use
+of it builds the same AmberConfig as the old flags did."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import pytest
 
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sparsity import selection_comparators, sparsify
+from pallas_kernels.common import keep_from_group_slices, tile_scores
 from pallas_kernels.nm_mask import (
   MaskBlockSizes,
   check_mask_block_sizes,
@@ -22,11 +23,7 @@ from pallas_kernels.nm_mask import (
   nm_mask,
   nm_matmul_two_pass,
 )
-from pallas_kernels.nm_matmul import (
-  keep_from_group_slices,
-  nm_matmul_reference,
-  tile_scores,
-)
+from pallas_kernels.nm_matmul import nm_matmul_reference
 
 cpu_interpret = pytest.mark.skipif(
   jax.default_backend() != "cpu", reason="interpret-mode check: runs on CPU hosts"

@@ -17,15 +17,13 @@ import pytest
 
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sparsity import sparsify
-from pallas_kernels.nm_matmul import (
+from pallas_kernels.common import (
   TUNED_BLOCK_SIZES,
   BlockSizes,
   check_block_sizes,
   default_block_sizes,
-  nm_mask_in_kernel,
-  nm_matmul,
-  nm_matmul_reference,
 )
+from pallas_kernels.nm_matmul import nm_mask_in_kernel, nm_matmul, nm_matmul_reference
 
 PATTERNS = ("2:4", "4:8", "8:16")
 DTYPES = (jnp.float32, jnp.bfloat16)

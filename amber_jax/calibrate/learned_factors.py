@@ -12,11 +12,11 @@ free) and starts from the plan's factors (e.g. the robust score's).
 Only sites the plan sparsifies are trained; the learned factors replace the plan's ``factors``
 (plain data: no recompilation, saved with the plan by ``plan_io``). With ``learn_scales`` a
 per-output-channel scale of every sparse site is learned too (``exp`` of a parameter starting at
-0) and stored as the ``out_scale`` of the plan's correction (``amber_jax.calibrate.correction_fit``), which
-the ordinary model applies. A plan that already has a correction (e.g. the median centring) is
-trained through it: the straight-through mask is taken on the centred input exactly as the
-corrected model does, and learned scales multiply the correction's output scale and bias.
-Float plans only (a W8A8 plan's quantization is not differentiated here).
+0) and stored as the ``out_scale`` of the plan's correction
+(``amber_jax.calibrate.correction_fit``), which the ordinary model applies. A plan that already has
+a correction (e.g. the median centring) is trained through it: the straight-through mask is taken on
+the centred input exactly as the corrected model does, and learned scales multiply the correction's
+output scale and bias. Float plans only (a W8A8 plan's quantization is not differentiated here).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ Base methods (``BASE_METHODS``):
 * ``search_mixed``: ``search`` with the o-projection's N:M groups mixing attention heads.
 
 Suffixes (searched plans only, as the front measured them): ``+<correction>`` (any
-``amber_jax.calibrate.correction_fit`` spec, e.g. ``+median`` or ``+median+bias``), then ``+learned[N]``
-(N optimiser steps of learned score factors, default 4) or ``+learnedscale[N]`` (also
-per-output-channel scales). Aliases (``ALIASES``): ``paper`` (``amber``'s old name) and
+``amber_jax.calibrate.correction_fit`` spec, e.g. ``+median`` or ``+median+bias``), then
+``+learned[N]`` (N optimiser steps of learned score factors, default 4) or ``+learnedscale[N]``
+(also per-output-channel scales). Aliases (``ALIASES``): ``paper`` (``amber``'s old name) and
 ``best``: the project's best recipe so far (``BEST``; see ``BEST_REASON``).
 
     >>> m = resolve_method("search_mixed+median+learned")

@@ -53,9 +53,10 @@ class AmberConfig:
   robust_clip: bool = True
   # "xla" | "pallas" | "pallas_mask"; None: the backend's default (amber_jax.core.backends)
   impl: str | None = None
-  # Output correction of the sparse sites (amber_jax.calibrate.correction_fit), e.g. "median+bias"; fitted
-  # on the calibration windows, on the dense model's inputs or the sparse one's ("sequential",
-  # "global"). Off by default: none won on a held-out text yet (RESULTS.md "corrections").
+  # Output correction of the sparse sites (amber_jax.calibrate.correction_fit), e.g. "median+bias";
+  # fitted on the calibration windows, on the dense model's inputs or the sparse one's
+  # ("sequential", "global"). Off by default: none won on a held-out text yet (RESULTS.md
+  # "corrections").
   correction: str = "none"
   correction_inputs: str = "dense"
   # policy="search": the per-site KL costs are measured on the first this many calibration

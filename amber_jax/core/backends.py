@@ -115,7 +115,7 @@ def kernel_options(backend: str | None = None) -> KernelOptions:
 
 def _coarse(size: int, cap: int, floor: int = 16) -> int:
   """A power-of-2 tile covering ``size`` up to ``cap`` (few interpreted grid steps on CPU)."""
-  from pallas_kernels.nm_matmul import next_power_of_2
+  from pallas_kernels.common import next_power_of_2
 
   return max(floor, next_power_of_2(min(size, cap)))
 
@@ -125,8 +125,9 @@ def pallas_sparse_matmul(
 ):
   """[tokens, K] x [K, N] through a Pallas impl (imported lazily: optional dependency):
   "pallas" the fused kernel, "pallas_mask" the mask pass then XLA's dot."""
+  from pallas_kernels.common import BlockSizes
   from pallas_kernels.nm_mask import MaskBlockSizes, nm_matmul_two_pass
-  from pallas_kernels.nm_matmul import BlockSizes, nm_matmul
+  from pallas_kernels.nm_matmul import nm_matmul
 
   if impl not in PALLAS_IMPLS:
     raise ValueError(f"impl must be one of {PALLAS_IMPLS}, got {impl!r}")
@@ -159,8 +160,8 @@ def pallas_int8_matmul(
   x_q_2d, w_q, x_scale_2d, w_scale_2d, *, out_dtype, options: KernelOptions | None = None
 ):
   """W8A8 [tokens, K] int8 x [K, N] int8 through the Pallas int8 kernel (rescale fused)."""
+  from pallas_kernels.common import BlockSizes
   from pallas_kernels.int8_matmul import int8_matmul
-  from pallas_kernels.nm_matmul import BlockSizes
 
   options = kernel_options() if options is None else options
   block_sizes = None

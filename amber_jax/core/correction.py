@@ -1,7 +1,7 @@
 """The output correction of one N:M site, as pure maths (no model, no calibration).
 
-At an enabled site with a correction (``amber_jax.calibrate.correction_fit`` fits the arrays; the plan holds
-them stacked over layers), the site's linear computes::
+At an enabled site with a correction (``amber_jax.calibrate.correction_fit`` fits the arrays; the
+plan holds them stacked over layers), the site's linear computes::
 
     x_c = x - center                          # per input channel (0: off)
     m   = N:M mask of |x_c| * factors         # the plan's score, on the centred values
@@ -60,7 +60,8 @@ def corrected_sparse_matmul(
   ``correction`` holds this site's row of the plan's arrays (see the module docstring);
   ``channel_order`` forms the N:M groups as in ``amber_jax.core.sparsity.nm_keep``.
   ``sparsify_fn`` (x_c -> its N:M-sparse version) replaces the hard mask of ``pattern`` and
-  ``factors``, e.g. with the straight-through mask that ``amber_jax.calibrate.learned_factors`` trains.
+  ``factors``, e.g. with the straight-through mask that ``amber_jax.calibrate.learned_factors``
+  trains.
   """
   if sparsify_fn is None:
     xc, xs = sparse_operand(x, pattern, factors, correction["center"], method, channel_order)

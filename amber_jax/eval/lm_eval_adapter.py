@@ -393,13 +393,13 @@ class AmberLM(LM):
     """Loads ``model`` (a known name, a GGUF file or an HF directory) and builds its plan.
 
     The plan is ``pattern`` ("dense" or "N:M") with a named ``method`` of
-    :mod:`amber_jax.calibrate.methods` (``amber``, ``naive``, ``search_mixed+learned``, ``best``, ...; its
-    canonical name is ``lm.method``) or, without one, ``score`` (default "naive"), ``policy``
-    (default "all"), ``skip_layers`` ("1;3;4") and ``granularity`` (default "layer") as in
-    ``experiments/prefill.py`` (:class:`amber_jax.calibrate.pruner.AmberConfig`); a method together with
-    a score, policy or granularity of another value is a ValueError naming both. ``coverage``
-    is the target of the methods and policies that have one. Calibrating plans (policy "auto")
-    calibrate on ``calib_windows``
+    :mod:`amber_jax.calibrate.methods` (``amber``, ``naive``, ``search_mixed+learned``, ``best``,
+    ...; its canonical name is ``lm.method``) or, without one, ``score`` (default "naive"),
+    ``policy`` (default "all"), ``skip_layers`` ("1;3;4") and ``granularity`` (default "layer") as
+    in ``experiments/prefill.py`` (:class:`amber_jax.calibrate.pruner.AmberConfig`); a method
+    together with a score, policy or granularity of another value is a ValueError naming both.
+    ``coverage`` is the target of the methods and policies that have one. Calibrating plans (policy
+    "auto") calibrate on ``calib_windows``
     windows of ``seq_len + 1`` tokens of ``text`` after its first ``calib_offset_windows``
     windows (the prefill experiment's calibration windows). Or ``plan_dir`` restores a plan
     saved by ``experiments/prefill.py --save_plan`` (the only way to a W8A8 plan here). The

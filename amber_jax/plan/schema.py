@@ -10,8 +10,8 @@ holds, stacked over layers:
 
 and optionally ``quant``, the W8A8 part (``amber_jax.plan.quant_state.QuantState``: smoothed
 int8 weights, scales, folded norms, float sites), and ``correction``, per-site output
-corrections of the sparse sites calibrated by ``amber_jax.calibrate.correction_fit`` (arrays stacked over
-layers; None: no correction, the plain N:M transform), and ``channel_order``, per projection
+corrections of the sparse sites calibrated by ``amber_jax.calibrate.correction_fit`` (arrays stacked
+over layers; None: no correction, the plain N:M transform), and ``channel_order``, per projection
 a permutation of its input channels per layer that forms the N:M groups
 (``amber_jax.plan.channel_order``; None, or a projection left out: M consecutive channels).
 
@@ -112,7 +112,8 @@ def leaf_field(names: tuple[str, ...]) -> tuple[str | None, SiteField]:
       return None, NORM_FIELD
   raise ValueError(
     f"no plan field at {'/'.join(names)!r}: a plan holds "
-    f"{', '.join(sorted({f.name for f in SITE_FIELDS}))} per site (amber_jax.plan.schema.SITE_FIELDS)"
+    f"{', '.join(sorted({f.name for f in SITE_FIELDS}))} per site "
+    "(amber_jax.plan.schema.SITE_FIELDS)"
   )
 
 
@@ -195,8 +196,8 @@ class SparsityPlan:
   mask_method: str = struct.field(pytree_node=False, default="auto")
   # W8A8 part (amber_jax.plan.quant_state.QuantState) or None for float weights.
   quant: Any = None
-  # Output corrections of sparse sites in prefill (amber_jax.calibrate.correction_fit: proj -> center,
-  # in_scale, token_rescale, out_scale, out_bias stacked over layers) or None for none.
+  # Output corrections of sparse sites in prefill (amber_jax.calibrate.correction_fit: proj ->
+  # center, in_scale, token_rescale, out_scale, out_bias stacked over layers) or None for none.
   correction: Any = None
   # proj -> int32 [L, d_in]: the groups of M are consecutive in x[..., order[l]] (see
   # amber_jax.core.sparsity.nm_keep); projections not in the dict (or None) use the natural order.

@@ -1,9 +1,10 @@
-"""Ablation of the output corrections (amber_jax.calibrate.correction_fit) on one model and two texts.
+"""Ablation of the output corrections (amber_jax.calibrate.correction_fit) on one model and two
+texts.
 
-For every pattern and method (names of ``amber_jax.calibrate.methods`` without a correction or learned
-factors of their own; by default ``amber``: robust score, auto policy at the coverage target,
-and ``naive``: |x| score, every site sparse; ``paper`` is ``amber``'s old name), one base plan is
-built, then each correction is fitted on
+For every pattern and method (names of ``amber_jax.calibrate.methods`` without a correction or
+learned factors of their own; by default ``amber``: robust score, auto policy at the coverage
+target, and ``naive``: |x| score, every site sparse; ``paper`` is ``amber``'s old name), one base
+plan is built, then each correction is fitted on
 the calibration windows of the main text and evaluated on its evaluation windows and on the
 evaluation windows of a second text (never calibrated on), to see whether the gain transfers.
 """
@@ -259,9 +260,11 @@ def corrections_markdown(result: dict, command: str) -> str:
       f"## Output corrections of the sparse sites ({cfg['model']})",
       "",
       f"Perplexity on the first {cfg['num_windows']} windows of {cfg['seq_len']} predicted "
-      f"tokens of each text; dense {dense}. Corrections (`amber_jax.calibrate.correction_fit`) are fitted on "
+      f"tokens of each text; dense {dense}. Corrections (`amber_jax.calibrate.correction_fit`) "
+      "are fitted on "
       f"the next {cfg['calib_windows']} windows of `{cfg['text']}` only; `{texts[-1]}` is never "
-      "seen in calibration. amber (paper in files written before amber_jax.calibrate.methods) = robust "
+      "seen in calibration. amber (paper in files written before amber_jax.calibrate.methods) "
+      "= robust "
       "score, auto policy at coverage >= "
       f'{cfg["coverage"]}; naive = |x| score on every site. "gap closed" = share of the '
       "log-perplexity gap between the uncorrected plan and dense that the correction removes; "

@@ -1,22 +1,23 @@
 """Coverage-quality front: the best plan of each method at each coverage target, on two texts.
 
-Methods are names of the registry (``amber_jax.calibrate.methods``; all calibrated on the main text's
-calibration windows only) that have a coverage target:
+Methods are names of the registry (``amber_jax.calibrate.methods``; all calibrated on the main
+text's calibration windows only) that have a coverage target:
 
 * ``naive_rules``: |x| scores, the paper's site rules (q, gate, down; q/gate skip layers by
   sensitivity), so coverage at most 0.594 on Llama-shaped models;
 * ``amber``: the paper's robust scores under the same rules (Amber Pruner);
-* ``search``: robust scores, sites chosen by their measured KL cost (``amber_jax.calibrate.site_search``),
-  any coverage;
+* ``search``: robust scores, sites chosen by their measured KL cost
+  (``amber_jax.calibrate.site_search``), any coverage;
 * ``search_mixed``: ``search`` with the o-projection's N:M groups mixing attention heads
   (``AmberConfig(o_order="mixed")``, ``amber_jax.plan.channel_order``); its site costs are measured
   with that grouping. Every suffix below applies to it as to ``search``;
-* ``search+<correction>``: the searched plan with an output correction (``amber_jax.calibrate.correction_fit``);
+* ``search+<correction>``: the searched plan with an output correction
+  (``amber_jax.calibrate.correction_fit``);
 * ``search+learned`` (4 optimiser steps) or ``search+learnedN`` (N steps): the searched plan
-  with score factors learned by optax (``amber_jax.calibrate.learned_factors``), evaluated at the goal
-  coverage only (about 40 s per step on 2 CPU cores for SmolLM2-135M); ``search+learnedscale[N]``
-  also learns a per-output-channel scale of every sparse site. After a correction
-  (``search+median+learned``) the factors are learned through the calibrated correction.
+  with score factors learned by optax (``amber_jax.calibrate.learned_factors``), evaluated at the
+  goal coverage only (about 40 s per step on 2 CPU cores for SmolLM2-135M);
+  ``search+learnedscale[N]`` also learns a per-output-channel scale of every sparse site. After a
+  correction (``search+median+learned``) the factors are learned through the calibrated correction.
 
 Rows carry the method's canonical name (``paper`` and ``best`` are resolved). Results files
 written before the registry (no ``"method_names"`` key) called ``naive_rules`` "naive" and

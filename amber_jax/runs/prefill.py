@@ -1,9 +1,9 @@
 """The main job: perplexity and prefill throughput, dense vs an N:M plan, side by side.
 
-The plan is a named method of ``amber_jax.calibrate.methods`` (``method="amber"``, ``"search_mixed"``,
-``"best"``, ...) or, without one, the old fields (score, policy, o_order, granularity). By
-default it is Amber Pruner's (robust score, the paper's q/gate/down rule, q/gate kept
-dense in the most sensitive layers chosen automatically so that coverage stays >= 0.55), and
+The plan is a named method of ``amber_jax.calibrate.methods`` (``method="amber"``,
+``"search_mixed"``, ``"best"``, ...) or, without one, the old fields (score, policy, o_order,
+granularity). By default it is Amber Pruner's (robust score, the paper's q/gate/down rule, q/gate
+kept dense in the most sensitive layers chosen automatically so that coverage stays >= 0.55), and
 the naive top-k baseline (|x| at every site) is evaluated next to it on the same windows.
 """
 
@@ -60,9 +60,9 @@ class PrefillRunConfig:
 
   model: str = DEFAULT_MODEL
   pattern: str = "8:16"
-  # A name of amber_jax.calibrate.methods ("" : the plan is the fields below). It sets score, policy,
-  # o_order and granularity (a field given another value as well is a ValueError) and may add
-  # a correction and learned factors; "dense" makes the pattern dense.
+  # A name of amber_jax.calibrate.methods ("" : the plan is the fields below). It sets score,
+  # policy, o_order and granularity (a field given another value as well is a ValueError) and may
+  # add a correction and learned factors; "dense" makes the pattern dense.
   method: str = ""
   # The defaults are the method the project is named after (Amber Pruner); the naive
   # baseline row below shows what it improves on.

@@ -11,8 +11,8 @@ than being recomputed: silently replacing it would throw away finished work, and
 in one file would make the table compare unlike numbers. Use another ``output`` (or delete the
 file) to run with new settings.
 
-Methods, for each sparse pattern: names of ``amber_jax.calibrate.methods`` (the default two below; any
-other sparse one, e.g. ``search_mixed`` or ``best``, works the same way; entries carry the
+Methods, for each sparse pattern: names of ``amber_jax.calibrate.methods`` (the default two below;
+any other sparse one, e.g. ``search_mixed`` or ``best``, works the same way; entries carry the
 canonical name, so ``paper`` rows are ``amber`` rows):
 
 * ``naive``: every linear input sparsified (policy "all"), score |x|;
@@ -82,8 +82,8 @@ class ZeroShotConfig:
   calib_windows: int = 8  # amber calibration windows, after those
   output: str = ""  # results JSON (resumed when it exists)
   cache_dir: str = ""
-  # Sparse matmul implementation (amber_jax.core.backends; None: the default). Speed only: the scores
-  # do not depend on it, so it is not part of an entry's settings.
+  # Sparse matmul implementation (amber_jax.core.backends; None: the default). Speed only: the
+  # scores do not depend on it, so it is not part of an entry's settings.
   impl: str | None = None
 
   def __post_init__(self):
@@ -221,8 +221,8 @@ def plan_rows(
 
 
 def build_row_plan(setup, method: str, amber: AmberConfig, batch_size, dtype, show_progress):
-  """The PlanInfo of one (method, pattern) row (``amber_jax.calibrate.methods.build_method_plan``: the
-  method's learned factors too), calibrated on ``setup.calib_windows`` when it calibrates."""
+  """The PlanInfo of one (method, pattern) row (``amber_jax.calibrate.methods.build_method_plan``:
+  the method's learned factors too), calibrated on ``setup.calib_windows`` when it calibrates."""
   m = resolve_method(method) if method != DENSE else None
   calibrates = amber.needs_calibration or (m is not None and m.needs_calibration)
   return build_method_plan(
