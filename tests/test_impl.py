@@ -102,3 +102,53 @@ def test_changing_impl_changes_only_static_part():
   assert jax.tree.structure(a) != jax.tree.structure(b)  # impl is static: a new compile
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_registered_backend_runs_behind_the_same_op():
+  """The registry is open: a backend registered by name (here a plain-jnp "reference" sparse
+  product) is what plans with that impl run, and it gives the xla path's logits; an unknown or
+  duplicate name is an error, and a backend that cannot run corrections refuses one."""
+  from amber_jax.core.backends import BACKENDS, MatmulBackend, register_backend
+  from amber_jax.core.linear import LinearSpec, site_linear
+  from amber_jax.core.sparsity import sparsify
+
+  calls = []
+
+  def reference_sparse_matmul(x_2d, w, *, pattern, factors):
+    calls.append(x_2d.shape)
+    return sparsify(x_2d, pattern, factors) @ w.astype(x_2d.dtype)
+
+  register_backend(MatmulBackend(name="reference", sparse_matmul=reference_sparse_matmul))
+  try:
+    with pytest.raises(ValueError, match="already registered"):
+      register_backend(MatmulBackend(name="reference"))
+    params = _params()
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 12)), jnp.int32)
+    f = model_factors(params, "weight")
+    sites = [(0, "q"), (0, "down"), (1, "gate"), (1, "o")]
+    want = forward(params, tokens, config=CFG, plan=make_plan(CFG, "8:16", sites=sites, factors=f))
+    got = forward(
+      params,
+      tokens,
+      config=CFG,
+      plan=make_plan(CFG, "8:16", sites=sites, factors=f, impl="reference"),
+    )
+    assert calls, "the registered backend was not called"
+    err = float(jnp.max(jnp.abs(got - want)))
+    print(f"\nmax |reference backend - xla| logits = {err:.2e}")
+    assert err < 1e-5
+    x = jnp.ones((3, 16))
+    row = {"enabled": jnp.asarray(True), "factors": jnp.ones(16), "correction": {}}
+    with pytest.raises(ValueError, match="needs a backend that runs corrections"):
+      site_linear(
+        x,
+        {"w": jnp.ones((16, 4))},
+        row,
+        LinearSpec(pattern=NMPattern.parse("2:4"), backend="reference"),
+      )
+  finally:
+    BACKENDS.pop("reference", None)
+  with pytest.raises(
+    ValueError, match="impl must be one of xla, pallas, pallas_mask, got 'reference'"
+  ):
+    make_plan(CFG, "8:16", impl="reference")

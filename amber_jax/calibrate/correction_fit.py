@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amber_jax.calibrate.harness import check_windows, record_only, site_records
+from amber_jax.core.backends import get_backend
 from amber_jax.core.correction import (
   sparse_operand,
   token_gain,
@@ -414,7 +415,7 @@ def calibrate_corrections(
   check_correction_inputs(inputs)
   if plan.pattern is None:
     raise ValueError("plan has no N:M pattern (a dense plan): there is nothing to correct")
-  if plan.impl != "xla":
+  if not get_backend(plan.impl).corrections:
     raise ValueError(f"corrections need plan.impl='xla', got {plan.impl!r}")
   if plan.quant is not None:
     raise ValueError("corrections are for float plans: this plan has a W8A8 part (quant)")

@@ -27,7 +27,7 @@ from amber_jax.calibrate.policy import (
   select_skip_layers,
 )
 from amber_jax.calibrate.site_search import SiteCosts, measure_site_costs, select_sites
-from amber_jax.core.backends import check_impl
+from amber_jax.core.backends import check_impl, get_backend
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.scores import check_score, model_factors
 from amber_jax.model.config import LlamaConfig
@@ -90,7 +90,8 @@ class AmberConfig:
     check_o_order(self.o_order)
     if self.search_windows < 1:
       raise ValueError(f"search_windows must be >= 1, got {self.search_windows}")
-    if self.impl not in (None, "xla") and not CorrectionSpec.parse(self.correction).is_none:
+    runs_corrections = self.impl is None or get_backend(self.impl).corrections
+    if not runs_corrections and not CorrectionSpec.parse(self.correction).is_none:
       raise ValueError(f"correction={self.correction!r} needs impl='xla', got impl={self.impl!r}")
 
   def validate_for(self, config: LlamaConfig) -> None:

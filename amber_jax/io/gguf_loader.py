@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from amber_jax.io.errors import ModelFileError, UnsupportedArchitectureError
-from amber_jax.model.config import PROJECTIONS, LlamaConfig
+from amber_jax.model.config import LlamaConfig
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -151,7 +151,7 @@ def load_gguf(
     return arr
 
   n_layers = config.n_layers
-  layers = {"attn_norm": [], "mlp_norm": [], **{p: {"w": []} for p in PROJECTIONS}}
+  layers = {"attn_norm": [], "mlp_norm": [], **{p: {"w": []} for p in config.site_names}}
   if config.qkv_bias:
     for p in ("q", "k", "v"):
       layers[p]["b"] = []
@@ -190,7 +190,7 @@ def _check_shapes(config: LlamaConfig, params: dict, path) -> None:
   for proj, (d_in, d_out) in config.linear_shapes().items():
     expected[f"layers/{proj}/w"] = (config.n_layers, d_in, d_out)
   actual = {"embed": params["embed"].shape}
-  for proj in PROJECTIONS:
+  for proj in config.site_names:
     actual[f"layers/{proj}/w"] = params["layers"][proj]["w"].shape
   for name, shape in expected.items():
     if tuple(actual[name]) != shape:

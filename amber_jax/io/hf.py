@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from amber_jax.io.errors import ModelFileError, UnsupportedArchitectureError
-from amber_jax.model.config import PROJECTIONS, LlamaConfig, RopeScaling
+from amber_jax.model.config import LlamaConfig, RopeScaling
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -375,7 +375,7 @@ def _read_tensors(path: pathlib.Path) -> dict[str, tuple[str, np.ndarray]]:
 def _hf_names(config: LlamaConfig) -> dict[str, Any]:
   """Our params tree with HF tensor names (per layer: a format string) at the leaves."""
   layers: dict[str, Any] = {k: f"model.layers.{{i}}.{v}.weight" for k, v in _HF_NORM.items()}
-  for p in PROJECTIONS:
+  for p in config.site_names:
     layers[p] = {"w": f"model.layers.{{i}}.{_HF_PROJ[p]}.weight"}
     if config.qkv_bias and p in _BIASED:
       layers[p]["b"] = f"model.layers.{{i}}.{_HF_PROJ[p]}.bias"

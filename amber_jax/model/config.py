@@ -69,7 +69,7 @@ class LlamaConfig:
     """Raises ``ValueError`` unless the model computes a pass over ``t`` positions exactly.
 
     ``t`` is the number of positions the attention spans: the tokens of a forward or prefill
-    pass (checked in ``run_layers``), or prompt plus fed-back generated tokens (checked by the
+    pass (checked in ``model_pass``), or prompt plus fed-back generated tokens (checked by the
     generation entry points). Valid: 0 <= t <=
     max_seq_len and, with a sliding window, t <= sliding_window: the model attends fully
     causally, which equals windowed attention (query q sees keys k with q - k < window) only
@@ -154,4 +154,6 @@ class LlamaConfig:
 
 # The Llama family's site names, in block order (what ``LlamaConfig.sites`` declares); code
 # outside the architecture's own modules iterates ``config.sites`` instead.
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+PROJECTIONS = LlamaConfig(
+  vocab_size=1, d_model=2, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2, d_ff=2
+).site_names

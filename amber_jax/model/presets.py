@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from amber_jax.model.config import PROJECTIONS, LlamaConfig, RopeScaling
+from amber_jax.model.config import LlamaConfig, RopeScaling
 
 PRESETS: dict[str, LlamaConfig] = {
   "smollm2-135m": LlamaConfig(
@@ -75,7 +75,6 @@ def init_random_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) 
     layers[proj] = {"w": normal(L, d_in, d_out)}
     if config.qkv_bias and proj in ("q", "k", "v"):
       layers[proj]["b"] = normal(L, d_out)
-  assert set(PROJECTIONS) <= set(layers)
   params = {
     "embed": normal(config.vocab_size, config.d_model),
     "layers": layers,

@@ -15,7 +15,7 @@ The order is data of the plan (``SparsityPlan.channel_order``); the weights are 
 which channels compete in a group changes. What it costs: the XLA path gathers the scores and
 the mask (a [tokens, d] permutation per layer, no matmul work); a fused attention kernel can
 write its output in that order directly, and the N:M matmul then reads the o weight with its
-rows permuted once (``amber_jax.model.llama.project`` permutes them per call on the Pallas
+rows permuted once (``amber_jax.core.linear.site_linear`` permutes them per call on the Pallas
 path).
 """
 

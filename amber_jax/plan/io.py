@@ -20,7 +20,7 @@ from amber_jax.core.sites import Architecture
 from amber_jax.core.sparsity import MASK_METHODS
 from amber_jax.io.plan_checkpoint import PlanCheckpointError, load_plan, save_plan
 from amber_jax.plan.quant_state import ORDERS, QuantState
-from amber_jax.plan.schema import SparsityPlan, check_plan_arrays
+from amber_jax.plan.schema import PLAN_GROUPS, SparsityPlan, check_plan_arrays
 
 __all__ = ["PlanCheckpointError", "load_sparsity_plan", "save_sparsity_plan"]
 
@@ -40,13 +40,11 @@ def _static(plan: SparsityPlan) -> dict:
 def save_sparsity_plan(path: str | os.PathLike, plan: SparsityPlan, *, metadata: dict) -> None:
   """Writes ``plan`` to the directory ``path`` (atomically), with the caller's ``metadata``
   (e.g. model, config, pattern, quant options: what ``load_sparsity_plan(expect=...)`` checks)."""
-  tree = {"enabled": plan.enabled, "factors": plan.factors}
+  # Every per-site group of the schema the plan holds; the W8A8 part with its folded norms.
+  tree = {g: plan.group_arrays(g) for g in PLAN_GROUPS if g != "quant"}
+  tree = {g: arrays for g, arrays in tree.items() if arrays is not None}
   if plan.quant is not None:
     tree["quant"] = {"sites": plan.quant.sites, "norms": plan.quant.norms}
-  if plan.correction is not None:
-    tree["correction"] = plan.correction
-  if plan.channel_order is not None:
-    tree["channel_order"] = plan.channel_order
   save_plan(path, tree, metadata={**metadata, "plan_static": _static(plan)})
 
 
@@ -92,15 +90,13 @@ def load_sparsity_plan(
       act_mode=static["quant"]["act_mode"],
       order=static["quant"]["order"],
     )
+  groups = {g: as_jnp(tree[g]) for g in PLAN_GROUPS if g != "quant" and g in tree}
   plan = SparsityPlan(
-    enabled=as_jnp(tree["enabled"]),
-    factors=as_jnp(tree["factors"]),
+    **groups,
     pattern=None if static["pattern"] is None else NMPattern.parse(static["pattern"]),
     impl=static["impl"],
     mask_method=static["mask_method"],
     quant=quant,
-    correction=as_jnp(tree["correction"]) if "correction" in tree else None,
-    channel_order=as_jnp(tree["channel_order"]) if "channel_order" in tree else None,
   )
   if config is not None:
     try:

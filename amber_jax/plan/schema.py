@@ -48,7 +48,8 @@ class SiteField:
   arrays), its axes after the leading layer axis (an expert site adds its expert axis after
   that), "in" (the site's input channels) or "out" (its output channels), and its dtype.
   ``whole``: the array is used whole by every device (a permutation of the entire input), so a
-  sharded plan replicates it."""
+  sharded plan replicates it. ``decode``: the site's linear reads it in decode too (the W8A8
+  part); the other fields belong to the N:M step, which only prefill runs."""
 
   group: str
   key: str | None
@@ -56,6 +57,8 @@ class SiteField:
   dtype: str
   doc: str
   whole: bool = False
+  decode: bool = False
+  every_site: bool = True  # False: only some sites have it (a channel order of o alone)
 
   @property
   def name(self) -> str:
@@ -73,21 +76,35 @@ SITE_FIELDS: tuple[SiteField, ...] = (
   SiteField("enabled", None, (), _BOOL, "the site's input is N:M-sparsified in prefill"),
   SiteField("factors", None, ("in",), _F32, "score factors: the score is |x| * factors"),
   SiteField(
-    "channel_order", None, ("in",), "int32", "the N:M groups are consecutive in x[order]", True
+    "channel_order",
+    None,
+    ("in",),
+    "int32",
+    "the N:M groups are consecutive in x[order]",
+    whole=True,
+    every_site=False,
   ),
   SiteField("correction", "center", ("in",), _F32, "input shift before selection"),
   SiteField("correction", "in_scale", ("in",), _F32, "per-input-channel rescale of kept values"),
   SiteField("correction", "token_rescale", (), _F32, "1: rescale each token's kept norm"),
   SiteField("correction", "out_scale", ("out",), _F32, "per-output-channel scale"),
   SiteField("correction", "out_bias", ("out",), _F32, "per-output-channel bias"),
-  SiteField("quant", "w_q", ("in", "out"), "int8", "smoothed int8 weight"),
-  SiteField("quant", "w_scale", ("out",), _F32, "per-output-channel weight scale"),
-  SiteField("quant", "act_div", ("in",), _F32, "what the input is divided by (smoothing)"),
-  SiteField("quant", "fold", ("in",), _F32, "smoothing folded into the preceding norm"),
-  SiteField("quant", "act_scale", (), _F32, "static per-tensor activation scale"),
-  SiteField("quant", "in_float", (), _BOOL, "the site keeps its float weight"),
-  SiteField("quant", "act_absmax", ("in",), _F32, "calibration max |input| per channel"),
+  *(
+    SiteField("quant", key, axes, dtype, doc, decode=True)
+    for key, axes, dtype, doc in (
+      ("w_q", ("in", "out"), "int8", "smoothed int8 weight"),
+      ("w_scale", ("out",), _F32, "per-output-channel weight scale"),
+      ("act_div", ("in",), _F32, "what the input is divided by (smoothing)"),
+      ("fold", ("in",), _F32, "smoothing folded into the preceding norm"),
+      ("act_scale", (), _F32, "static per-tensor activation scale"),
+      ("in_float", (), _BOOL, "the site keeps its float weight"),
+      ("act_absmax", ("in",), _F32, "calibration max |input| per channel"),
+    )
+  ),
 )
+# The plan's per-site groups in schema order, and whether the linear reads each in decode.
+PLAN_GROUPS: tuple[str, ...] = tuple(dict.fromkeys(f.group for f in SITE_FIELDS))
+GROUP_IN_DECODE = {g: any(f.decode for f in SITE_FIELDS if f.group == g) for g in PLAN_GROUPS}
 # The groups whose arrays are a dict of keys per site, and each group's keys.
 GROUP_KEYS: dict[str, tuple[str, ...]] = {
   g: tuple(f.key for f in SITE_FIELDS if f.group == g) for g in ("correction", "quant")
@@ -145,41 +162,36 @@ def identity_arrays(group: str, config: Architecture) -> dict[str, dict[str, jax
 
 
 def check_group_arrays(config: Architecture, group: str, tree) -> None:
-  """ValueError naming the entry unless ``tree`` (site -> key -> array, e.g. a plan's
-  ``correction`` or its W8A8 ``quant.sites``) has every site of ``config``, exactly the keys of
-  ``group`` and the schema's shape for each."""
+  """ValueError naming the entry unless ``tree`` (site -> array, or site -> key -> array for a
+  keyed group such as ``correction`` or the W8A8 ``quant.sites``) covers the sites the schema
+  asks for (every site of ``config``, or any of them for a group like ``channel_order``) with
+  exactly the group's keys and the schema's shape for each array."""
   sites = config.sites
-  if not isinstance(tree, dict) or set(tree) != set(sites.names):
-    raise ValueError(f"{group} must map every site {sites.names} to its arrays")
+  keys = GROUP_KEYS.get(group, (None,))
+  every_site = _FIELDS[(group, keys[0])].every_site
+  if not isinstance(tree, dict) or (set(tree) != set(sites.names) if every_site else False):
+    raise ValueError(f"{group} must map every site {sites.names} to its arrays, got {tree!r:.80}")
+  unknown = sorted(set(tree) - set(sites.names))
+  if unknown:
+    raise ValueError(f"{group} has unknown projection {unknown[0]!r}; valid: {sites.names}")
   for name, arrays in tree.items():
-    if not isinstance(arrays, dict) or set(arrays) != set(GROUP_KEYS[group]):
-      raise ValueError(f"{group}[{name!r}] must have exactly the keys {GROUP_KEYS[group]}")
-    for key in GROUP_KEYS[group]:
+    if keys != (None,) and (not isinstance(arrays, dict) or set(arrays) != set(keys)):
+      raise ValueError(f"{group}[{name!r}] must have exactly the keys {keys}")
+    for key in keys:
+      a = arrays if key is None else arrays[key]
       want = _FIELDS[(group, key)].shape(sites[name], config.n_layers)
-      if tuple(np.shape(arrays[key])) != want:
-        raise ValueError(
-          f"{group}[{name!r}][{key!r}] must have shape {want}, got {tuple(np.shape(arrays[key]))}"
-        )
+      if tuple(np.shape(a)) != want:
+        where = f"{group}[{name!r}]" + ("" if key is None else f"[{key!r}]")
+        raise ValueError(f"{where} must have shape {want}, got {tuple(np.shape(a))}")
 
 
 def check_plan_arrays(config: Architecture, plan: SparsityPlan) -> None:
-  """ValueError naming the entry unless every array of ``plan`` has the schema's shape for its
-  site of ``config``: ``enabled`` and ``factors`` for every site, every key of a correction or
-  a W8A8 part where the plan has one, channel orders that are permutations."""
-  sites = config.sites
-  for group in ("enabled", "factors"):
-    tree = getattr(plan, group)
-    if set(tree) != set(sites.names):
-      raise ValueError(f"{group} must map every site {sites.names}, got {sorted(tree)}")
-    field = _FIELDS[(group, None)]
-    for name in sites.names:
-      want = field.shape(sites[name], config.n_layers)
-      if tuple(np.shape(tree[name])) != want:
-        raise ValueError(f"{group}[{name!r}] must have shape {want}, got {np.shape(tree[name])}")
-  if plan.correction is not None:
-    check_group_arrays(config, "correction", plan.correction)
-  if plan.quant is not None:
-    check_group_arrays(config, "quant", plan.quant.sites)
+  """ValueError naming the entry unless every group of ``plan`` fits the schema for the sites
+  of ``config`` (``check_group_arrays``), and every channel order is a permutation."""
+  for group in PLAN_GROUPS:
+    arrays = plan.group_arrays(group)
+    if arrays is not None:
+      check_group_arrays(config, group, arrays)
   if plan.channel_order is not None:
     check_plan_channel_order(config, {p: np.asarray(o) for p, o in plan.channel_order.items()})
 
@@ -219,19 +231,23 @@ class SparsityPlan:
     nm = sparse and self.pattern is not None
     if not nm and self.quant is None:
       return None
+    groups = [g for g in PLAN_GROUPS if nm or GROUP_IN_DECODE[g]]
     sites = {}
     for name in self.enabled:
       row = {}
-      if nm:
-        row.update(enabled=self.enabled[name], factors=self.factors[name])
-        if self.correction is not None:
-          row["correction"] = self.correction[name]
-        if self.channel_order is not None and name in self.channel_order:
-          row["channel_order"] = self.channel_order[name]
-      if self.quant is not None:
-        row["quant"] = self.quant.sites[name]
+      for group in groups:
+        arrays = self.group_arrays(group)
+        if arrays is not None and name in arrays:
+          row[group] = arrays[name]
       sites[name] = row
     return {"sites": sites, "norms": None if self.quant is None else self.quant.norms}
+
+  def group_arrays(self, group: str) -> dict | None:
+    """site -> the arrays of ``group`` (one of ``PLAN_GROUPS``), or None where the plan has none
+    (the W8A8 group's are ``quant.sites``)."""
+    if group == "quant":
+      return None if self.quant is None else self.quant.sites
+    return getattr(self, group)
 
 
 def dense_plan(config: Architecture) -> SparsityPlan:

@@ -255,7 +255,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   instead of replicated (every data replica computing the whole batch), and (2) with
   ``fsdp=True`` XLA then all-gathers each layer's weight slices inside the scan instead of
   resharding the activations. The model does not call it yet (one line at the top of the
-  layer scan's body in ``model.llama.run_layers``, ``h = constrain_batch(h)``, would).
+  layer scan's body in ``model.llama.model_pass``, ``h = constrain_batch(h)``, would).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or DATA not in mesh.axis_names:
