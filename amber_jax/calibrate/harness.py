@@ -72,6 +72,23 @@ def record_only(record):
   return hook
 
 
+def site_error_table(
+  batch_sums, windows, *, config, batch_size: int, desc: str, show_progress: bool = True
+) -> np.ndarray:
+  """[n_layers, n_sites] (``config.sites`` order) relative errors sqrt(sum err2) /
+  sqrt(sum ref2), where ``batch_sums(rows)`` returns site -> (err2 [L], ref2 [L]) for a batch of
+  windows; summed in float64 over the batches of ``windows``."""
+  names = config.sites.names
+  err2 = np.zeros((config.n_layers, len(names)))
+  ref2 = np.zeros_like(err2)
+  for rows in windows_in_batches(windows, batch_size, desc=desc, show_progress=show_progress):
+    records = batch_sums(rows)
+    for j, name in enumerate(names):
+      err2[:, j] += np.asarray(records[name][0], np.float64)
+      ref2[:, j] += np.asarray(records[name][1], np.float64)
+  return relative_errors(err2, ref2)
+
+
 def relative_errors(err2: np.ndarray, ref2: np.ndarray) -> np.ndarray:
   """sqrt(err2) / sqrt(ref2) elementwise (the relative output error of accumulated sums)."""
   return np.sqrt(err2) / (np.sqrt(ref2) + 1e-12)

@@ -31,9 +31,8 @@ import numpy as np
 
 from amber_jax.calibrate.harness import (
   record_only,
-  relative_errors,
+  site_error_table,
   site_records,
-  windows_in_batches,
 )
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sites import Architecture
@@ -154,17 +153,18 @@ def measure_sensitivity(
   sites = {p: {"factors": jnp.asarray(factors[p])} for p in names}
   for p, order in (channel_order or {}).items():
     sites[p]["channel_order"] = jnp.asarray(order)
-  err2 = np.zeros((config.n_layers, len(names)))
-  ref2 = np.zeros_like(err2)
-  for rows in windows_in_batches(
-    windows, batch_size, desc="sensitivity", show_progress=show_progress
-  ):
-    records = _sensitivity_sums(params, rows, sites, config=config, pattern=pattern, dtype=dtype)
-    for j, proj in enumerate(names):
-      err2[:, j] += np.asarray(records[proj][0], np.float64)
-      ref2[:, j] += np.asarray(records[proj][1], np.float64)
+  errors = site_error_table(
+    lambda rows: _sensitivity_sums(
+      params, rows, sites, config=config, pattern=pattern, dtype=dtype
+    ),
+    windows,
+    config=config,
+    batch_size=batch_size,
+    desc="sensitivity",
+    show_progress=show_progress,
+  )
   return Sensitivity(
-    errors=relative_errors(err2, ref2),
+    errors=errors,
     pattern=str(pattern),
     score=score,
     tokens=int(windows.size),

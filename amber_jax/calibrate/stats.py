@@ -16,12 +16,12 @@ import numpy as np
 from amber_jax.calibrate.harness import (
   check_windows,
   record_only,
-  relative_errors,
+  site_error_table,
   site_records,
   windows_in_batches,
 )
 from amber_jax.calibrate.policy import check_batch_size
-from amber_jax.core.quant import int8_dot_general, quantize_activation
+from amber_jax.core.quant import int8_rescaled_dot, quantize_activation
 from amber_jax.model.config import LlamaConfig
 
 
@@ -63,8 +63,7 @@ def _batch_quant_errors(params, tokens_BxT, sites, *, config, act_mode, dtype):
     s = (q["fold"] * q["act_div"]).astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
     static = q["act_scale"] if act_mode == "tensor" else None
     x_q, x_scale = quantize_activation(x / s, mode=act_mode, static_scale=static)
-    acc = int8_dot_general(x_q, q["w_q"], (((x.ndim - 1,), (0,)), ((), ())))
-    y_q = acc.astype(jnp.float32) * x_scale * q["w_scale"].reshape((1,) * (y.ndim - 1) + (-1,))
+    y_q = int8_rescaled_dot(x_q, x_scale, q["w_q"], q["w_scale"], out_dtype=jnp.float32)
     err = y - y_q
     return jnp.sum(err * err), jnp.sum(y * y)
 
@@ -88,19 +87,16 @@ def measure_quant_errors(
   float-site selection ranks."""
   check_batch_size(batch_size)
   windows = np.asarray(windows, np.int32)
-  names = config.sites.names
-  err2 = np.zeros((config.n_layers, len(names)))
-  ref2 = np.zeros_like(err2)
-  for rows in windows_in_batches(
-    windows, batch_size, desc="quant error", show_progress=show_progress
-  ):
-    records = _batch_quant_errors(
+  return site_error_table(
+    lambda rows: _batch_quant_errors(
       params, rows, quant_state.sites, config=config, act_mode=quant_state.act_mode, dtype=dtype
-    )
-    for j, p in enumerate(names):
-      err2[:, j] += np.asarray(records[p][0], np.float64)
-      ref2[:, j] += np.asarray(records[p][1], np.float64)
-  return relative_errors(err2, ref2)
+    ),
+    windows,
+    config=config,
+    batch_size=batch_size,
+    desc="quant error",
+    show_progress=show_progress,
+  )
 
 
 def most_sensitive_sites(

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from amber_jax.core.backends import get_backend
 from amber_jax.core.correction import corrected_sparse_matmul
 from amber_jax.core.patterns import NMPattern
-from amber_jax.core.quant import int8_dot_general, quantize_activation
+from amber_jax.core.quant import int8_rescaled_dot, quantize_activation
 from amber_jax.core.sparsity import sparsify
 
 
@@ -130,9 +130,7 @@ def int8_product(x_q, x_scale, w_q, w_scale, *, out_dtype, backend) -> jax.Array
       x_q.reshape(-1, k), w_q, x_scale_2d, w_scale.reshape(1, -1), out_dtype=out_dtype
     )
     return y2d.reshape(*lead, y2d.shape[-1])
-  acc = int8_dot_general(x_q, w_q, (((x_q.ndim - 1,), (0,)), ((), ())))
-  w_scale = w_scale.reshape((1,) * (acc.ndim - 1) + (-1,))
-  return (acc.astype(jnp.float32) * x_scale * w_scale).astype(out_dtype)
+  return int8_rescaled_dot(x_q, x_scale, w_q, w_scale, out_dtype=out_dtype)
 
 
 def _w8a8_product(x, w, row, spec, backend):

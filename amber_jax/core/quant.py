@@ -164,10 +164,16 @@ def w8a8_matmul(
   if w_scale.shape != (w_q.shape[1],):
     raise ValueError(f"{op}: w_scale must have shape ({w_q.shape[1]},), got {w_scale.shape=}")
   x_q, x_scale = quantize_activation(x, mode=act_mode, static_scale=act_static_scale)
-  dims = (((x.ndim - 1,), (0,)), ((), ()))
-  acc = int8_dot_general(x_q, w_q, dims)  # [..., O] int32
-  w_scale_O = w_scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-  return (acc.astype(jnp.float32) * x_scale * w_scale_O).astype(x.dtype)
+  return int8_rescaled_dot(x_q, x_scale, w_q, w_scale, out_dtype=x.dtype)
+
+
+def int8_rescaled_dot(x_q, x_scale, w_q, w_scale, *, out_dtype) -> jax.Array:
+  """``x_q [..., I] int8 @ w_q [I, O] int8`` accumulated in int32, then
+  ``acc * x_scale * w_scale`` in float32 (x_scale per token [..., 1] or a scalar, w_scale [O]),
+  cast to ``out_dtype``: the W8A8 product and its rescale, written once."""
+  acc = int8_dot_general(x_q, w_q, (((x_q.ndim - 1,), (0,)), ((), ())))  # [..., O] int32
+  w_scale_O = w_scale.astype(jnp.float32).reshape((1,) * (acc.ndim - 1) + (-1,))
+  return (acc.astype(jnp.float32) * x_scale * w_scale_O).astype(out_dtype)
 
 
 def weight_input_absmax(w_IxO: jax.Array) -> jax.Array:
