@@ -205,8 +205,11 @@ def build_plan(
     policy = "paper" if amber.policy == "auto" else amber.policy
     sites = [s for s in policy_sites(config, policy, skip) if s not in dense_sites]
   plan = plan_of(sites)
-  if dense_sites:  # report whole layers where both q and gate stayed dense
-    skip = tuple(l for l in range(config.n_layers) if {(l, "q"), (l, "gate")} <= dense_sites)
+  if dense_sites:  # report whole layers where every skippable site (q, gate) stayed dense
+    skippable = config.sites.with_rule("skippable")
+    skip = tuple(
+      l for l in range(config.n_layers) if {(l, name) for name in skippable} <= dense_sites
+    )
   correction = None
   if not CorrectionSpec.parse(amber.correction).is_none:
     if calib_windows is None or len(calib_windows) == 0:

@@ -179,12 +179,15 @@ def _vector_spec(site: Site, axes: tuple[str, ...]) -> P:
 
 
 def _param_spec(names: tuple[str, ...], sites: SiteSet, *, fsdp: bool, vocab_parallel: bool) -> P:
+  norms = {s.folds_into for s in sites if s.folds_into is not None}  # the pre-norms sites read
   match names:
     case ("embed",):  # [V, D]
       return P(MODEL, None) if vocab_parallel else P()
     case ("lm_head",):  # [D, V]
       return P(None, MODEL) if vocab_parallel else P()
-    case ("final_norm",) | ("layers", "attn_norm" | "mlp_norm"):
+    case ("final_norm",):
+      return P()
+    case ("layers", name) if name in norms:  # [L, D] norm weights
       return P()
     case ("layers", name, "w") if name in sites.names:
       return _matrix_spec(sites[name], fsdp)
