@@ -29,6 +29,13 @@ flags.disclaim_key_flags()
 # The --cache_dir flags' help: where default_cache_dir looks.
 CACHE_DIR_DEFAULT = "$AMBER_JAX_CACHE, else $XDG_CACHE_HOME/amber_jax or ~/.cache/amber_jax"
 
+# ``define_options(..., text_file=TRANSFER_TEXT)``: the --text_file of the runners that also
+# evaluate a second text, never calibrated on (their config's ``transfer_text`` field).
+TRANSFER_TEXT = (
+  "enwiki",
+  "Transfer text (known name or UTF-8 file), evaluation only ('' to skip).",
+)
+
 
 def default_cache_dir() -> str:
   """$AMBER_JAX_CACHE, else $XDG_CACHE_HOME/amber_jax, else ~/.cache/amber_jax."""
@@ -134,7 +141,8 @@ class Options:
   """The shared flags one script defined (``define_options``); read after flag parsing.
 
   ``opts.NAME`` is the flag's value, except ``cache_dir`` (``default_cache_dir()`` when not
-  given); ``fields(cls)`` maps them onto a run config's fields."""
+  given); ``opts.flag(NAME)`` its absl FlagHolder; ``fields(cls)`` maps them onto a run
+  config's fields."""
 
   def __init__(self, holders: dict):
     self._holders = holders
@@ -152,16 +160,27 @@ class Options:
     """Whether the flag was given on the command line."""
     return flags.FLAGS[name].present
 
-  def fields(self, cls) -> dict:
+  def flag(self, name: str):
+    """The absl FlagHolder of the shared option ``name`` (``.value``, ``.present``, ``.name``)."""
+    if name not in self._holders:
+      raise AttributeError(f"this script defines no shared option {name!r}")
+    return self._holders[name]
+
+  def fields(self, cls, **as_field: str) -> dict:
     """The shared options as keyword arguments of the dataclass ``cls``: only its fields;
-    ``text_file`` fills the ``text`` field when the script has no ``--text`` (unset: the
-    field's default); unset ``output`` and ``method`` become ""."""
+    ``as_field``: ``option="field"`` for an option that fills a field of another name (e.g.
+    ``text_file="transfer_text"``); otherwise ``text_file`` fills the ``text`` field when the
+    script has no ``--text`` (unset: the field's default); unset ``output`` and ``method``
+    become ""."""
+    unknown = sorted(set(as_field) - set(self._holders))
+    if unknown:
+      raise ValueError(f"fields: options {unknown} are not defined by this script")
     names = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for name in self._holders:
       value = getattr(self, name)
-      field = name
-      if name == "text_file" and "text" not in self._holders:
+      field = as_field.get(name, name)
+      if name == "text_file" and "text" not in self._holders and name not in as_field:
         field = "text"
         if value is None:
           continue
@@ -209,7 +228,7 @@ def method_or_flags(opts: Options, names=("score", "policy", "o_order", "granula
 
 def define_impl_flag():
   """The ``--impl`` flag of the experiments that run sparse prefills (one definition)."""
-  return define_options("impl")._holders["impl"]
+  return define_options("impl").flag("impl")
 
 
 class _PlainFormatter(std_logging.Formatter):
@@ -246,6 +265,15 @@ def run(main) -> None:
       sys.exit(f"error: {_one_line(e)}")
 
   app.run(main_with_conventions)
+
+
+def command_line(skip: tuple[str, ...] = ("--cache_dir", "--output")) -> str:
+  """How this script was run, for a results file: ``python experiments/NAME.py`` and its
+  arguments but those starting with one of ``skip`` (paths of one machine or the output)."""
+  script = Path(sys.argv[0]).name
+  return f"python experiments/{script}" + "".join(
+    f" {a}" for a in sys.argv[1:] if not a.startswith(skip)
+  )
 
 
 def _one_line(error: BaseException) -> str:

@@ -11,9 +11,7 @@ replaces the "amber-table" section of RESULTS.md (and --output JSON). About
 
 from __future__ import annotations
 
-import sys
-
-from _common import default_cache_dir, run
+from _common import command_line, define_options, run
 from absl import flags
 
 from amber_jax.io.atomic import check_output_file, write_json_atomic
@@ -25,44 +23,34 @@ from amber_jax.runs.amber_table import (
 from amber_jax.runs.checks import check_markdown_file
 from amber_jax.runs.markdown import update_markdown_section
 
-_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
+OPTS = define_options("model", "num_windows", "output", "cache_dir")
 _PATTERNS = flags.DEFINE_list("patterns", ["2:4", "4:8", "8:16"], "N:M patterns.")
 _SCORES = flags.DEFINE_list("scores", ["naive", "weight", "robust"], "Scores.")
 _POLICIES = flags.DEFINE_list("policies", ["all", "paper", "auto"], "Policies.")
 _COVERAGE = flags.DEFINE_float("coverage", 0.55, "Coverage target of the auto policy.")
-_NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Evaluation windows.")
 _RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown file to update ('' to skip).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results path.")
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir", None, "Cache directory (default: ~/.cache/amber_jax)."
-)
 
 
 def main(argv):
   del argv
   if _RESULTS.value:
     check_markdown_file(_RESULTS.value, arg="--results")
-  if _OUTPUT.value:
-    check_output_file(_OUTPUT.value, arg="--output")
+  if OPTS.output:
+    check_output_file(OPTS.output, arg="--output")
   cfg = AmberTableConfig(
-    model=_MODEL.value,
+    **OPTS.fields(AmberTableConfig),
     patterns=tuple(_PATTERNS.value),
     scores=tuple(_SCORES.value),
     policies=tuple(_POLICIES.value),
     coverage=_COVERAGE.value,
-    num_windows=_NUM_WINDOWS.value,
-    cache_dir=_CACHE_DIR.value or default_cache_dir(),
   )
   result = run_amber_table(cfg)
-  command = "python experiments/amber_table.py" + "".join(
-    f" {a}" for a in sys.argv[1:] if not a.startswith(("--cache_dir", "--output"))
-  )
-  markdown = amber_table_markdown(result, command)
+  markdown = amber_table_markdown(result, command_line())
   print(markdown)
   if _RESULTS.value:
     update_markdown_section(_RESULTS.value, "amber-table", markdown)
-  if _OUTPUT.value:
-    write_json_atomic(_OUTPUT.value, result)
+  if OPTS.output:
+    write_json_atomic(OPTS.output, result)
 
 
 if __name__ == "__main__":

@@ -22,30 +22,21 @@ from __future__ import annotations
 
 import time
 
-from _common import (
-  CACHE_DIR_DEFAULT,
-  cpu_model_name,
-  default_cache_dir,
-  run,
-  usable_cpus,
-)
+from _common import cpu_model_name, define_options, run, usable_cpus
 from absl import flags
 
-_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
+OPTS = define_options(
+  "model", "batch_size", "cache_dir", batch_size=(8, "Rows per call for the batched modes.")
+)
+_MODEL, _BATCH = OPTS.flag("model"), OPTS.flag("batch_size")
 _TASKS = flags.DEFINE_list(
   "tasks",
   ["navigate", "date_understanding", "causal_judgment"],
   "Packaged BIG-bench tasks (one-token, multi-token and long-context choices by default).",
 )
 _LIMIT = flags.DEFINE_integer("limit", 32, "Questions per task.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per call for the batched modes.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed rounds per mode (best reported).")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print a markdown table.")
-_CACHE = flags.DEFINE_string(
-  "cache_dir",
-  None,
-  f"Model cache (default: {CACHE_DIR_DEFAULT}).",
-)
 
 MODES = {  # name -> (batch size, pack)
   "one-at-a-time": lambda b: (1, False),
@@ -68,7 +59,7 @@ def main(argv):
   for flag in (_LIMIT, _BATCH, _REPEATS):
     check_at_least(flag.value, 1, arg=f"--{flag.name}")
   check_nonempty(_TASKS.value, arg="--tasks", what="task")
-  cache = _CACHE.value or default_cache_dir()
+  cache = OPTS.cache_dir
   check_cache_dir(cache)
   tasks = []  # read before the model loads: an unknown name is an error at once
   for name in _TASKS.value:

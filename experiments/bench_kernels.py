@@ -67,7 +67,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-from _common import run
+from _common import define_options, run
 from absl import flags
 from jax import lax
 
@@ -173,9 +173,9 @@ _AUTOTUNE_REPEATS = flags.DEFINE_integer("autotune_repeats", 3, "Timed runs per 
 _INTERPRET = flags.DEFINE_bool(
   "interpret", False, "On CPU, run the Pallas methods in the interpreter (slow)."
 )
-_OUTPUT = flags.DEFINE_string(
-  "output", None, "Write the results as JSON here (atomically, after every row)."
-)
+_OUTPUT = define_options(
+  "output", output=(None, "Write the results as JSON here (atomically, after every row).")
+).flag("output")
 
 
 def _median_time(fn, arg_sets, repeats: int, warmup: int, calls: int) -> tuple[float, float]:

@@ -44,17 +44,10 @@ import os
 # Leave GPU memory for torch's HF column (set before JAX starts; an explicit setting wins).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
-from _common import (
-  CACHE_DIR_DEFAULT,
-  cpu_model_name,
-  default_cache_dir,
-  run,
-  usable_cpus,
-)
+from _common import cpu_model_name, define_options, run, usable_cpus
 from absl import flags
 
 from amber_jax.bench.prefill_bench import (
-  DTYPES,
   MATMUL_PRECISIONS,
   PrefillBenchConfig,
   bench_random_preset,
@@ -67,8 +60,16 @@ from amber_jax.bench.prefill_bench import (
 from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.runs.checks import check_text_source, parse_ints
 
-_MODEL = flags.DEFINE_string(
-  "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
+OPTS = define_options(
+  "model",
+  "dtype",
+  "text_file",
+  "output",
+  "cache_dir",
+  text_file=(None, "UTF-8 text for the token ids (default: gensim's lee_background.cor)."),
+)
+_MODEL, _DTYPE, _TEXT_FILE, _OUTPUT = (
+  OPTS.flag(n) for n in ("model", "dtype", "text_file", "output")
 )
 _PATTERN = flags.DEFINE_string(
   "pattern", "8:16", "N:M pattern of the sparse column ('dense' drops the column)."
@@ -76,7 +77,6 @@ _PATTERN = flags.DEFINE_string(
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes (comma list).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["128", "512"], "Sequence lengths (comma list).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per column after a warm-up.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute and parameter dtype.")
 _MATMUL_PRECISION = flags.DEFINE_enum(
   "matmul_precision",
   "highest",
@@ -88,9 +88,6 @@ _TORCH_THREADS = flags.DEFINE_integer(
   "torch_threads",
   None,
   "torch intra-op threads (default: the CPUs this process may run on, as many as XLA:CPU uses).",
-)
-_TEXT_FILE = flags.DEFINE_string(
-  "text_file", None, "UTF-8 text for the token ids (default: gensim's lee_background.cor)."
 )
 _RANDOM_INIT = flags.DEFINE_string(
   "random_init",
@@ -110,14 +107,8 @@ _PEAK_TFLOPS = flags.DEFINE_float(
   "With --random_init: the device's dense peak in --dtype, TFLOP/s (989 for bf16 on an "
   "H200), to print each prefill's compute floor; unset: no floor (a CPU's is not known here).",
 )
-_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (BENCHMARKS.md).")
 _DEVICE_INFO = flags.DEFINE_bool("device_info", False, "Print machine and JAX devices, then exit.")
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir",
-  None,
-  f"Cache for the model, text and converted params (default: {CACHE_DIR_DEFAULT}).",
-)
 
 
 # Flags that only one of the two benches reads: giving one to the other would be ignored.
@@ -187,7 +178,7 @@ def main(argv):
     hf=_HF.value,
     torch_threads=_TORCH_THREADS.value or usable_cpus(),
     matmul_precision=_MATMUL_PRECISION.value,
-    cache_dir=_CACHE_DIR.value or default_cache_dir(),
+    cache_dir=OPTS.cache_dir,
   )
   result = run_prefill_bench(cfg)
   result["machine"] = {**machine, "usable_cpus": usable_cpus()}

@@ -51,13 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (
-  CACHE_DIR_DEFAULT,
-  cpu_model_name,
-  default_cache_dir,
-  run,
-  usable_cpus,
-)
+from _common import cpu_model_name, define_options, run, usable_cpus
 from absl import flags
 
 _CPU_DEVICES = flags.DEFINE_integer(
@@ -66,9 +60,8 @@ _CPU_DEVICES = flags.DEFINE_integer(
   "Emulate this many CPU devices (sets XLA_FLAGS and JAX_PLATFORMS=cpu before JAX starts); "
   "0: the default backend's real devices.",
 )
-_MODEL = flags.DEFINE_string(
-  "model", "smollm2-135m", "Known model name (smollm2-135m), a .gguf file or an HF directory."
-)
+OPTS = define_options("model", "seq_len", "output", "cache_dir", seq_len=(128, "Prefill length."))
+_MODEL, _SEQ_LEN, _OUTPUT = (OPTS.flag(n) for n in ("model", "seq_len", "output"))
 _RANDOM_INIT = flags.DEFINE_string(
   "random_init",
   None,
@@ -80,18 +73,11 @@ _MESHES = flags.DEFINE_list(
 )
 _PLANS = flags.DEFINE_list("plans", ["dense", "8:16", "w8a8"], "dense, an N:M pattern, w8a8.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Prefill batch size (divisible by every mesh's data).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Prefill length.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per column after a warm-up.")
 _PROFILE_RUNS = flags.DEFINE_integer(
   "profile_runs", 2, "Sharded runs traced for the collective share (0: skip the profiler)."
 )
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (BENCHMARKS.md).")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here (atomically).")
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir",
-  None,
-  f"Model and text cache (default: {CACHE_DIR_DEFAULT}).",
-)
 
 # Trace events of collective ops: HLO instruction names on CPU ("all-reduce.3",
 # "all-gather-start"), NCCL kernel names on GPUs.
@@ -294,7 +280,7 @@ def main(argv):
     f"load average {load:.1f})"
   )
   batch, seq_len = _BATCH.value, _SEQ_LEN.value
-  cache_dir = _CACHE_DIR.value or default_cache_dir()
+  cache_dir = OPTS.cache_dir
   config, source = _model_config(_RANDOM_INIT.value, _MODEL.value, cache_dir)
   # Before any weights load or initialise: the length, every N:M plan and every mesh fit.
   check_seq_len_for(config, seq_len)

@@ -14,9 +14,7 @@ on 2 busy CPU cores (96 perplexity evaluations, 44 calibrations of 8-60 s each).
 
 from __future__ import annotations
 
-import sys
-
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
+from _common import TRANSFER_TEXT, command_line, define_options, run
 from absl import flags
 
 from amber_jax.io.atomic import check_output_file, write_json_atomic
@@ -34,7 +32,17 @@ from amber_jax.runs.corrections import (
 )
 from amber_jax.runs.markdown import update_markdown_section
 
-_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
+OPTS = define_options(
+  "model",
+  "num_windows",
+  "calib_windows",
+  "text",
+  "text_file",
+  "output",
+  "cache_dir",
+  num_windows=(8, "Evaluation windows per text."),
+  text_file=TRANSFER_TEXT,
+)
 _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _METHODS = flags.DEFINE_list(
   "methods",
@@ -48,22 +56,23 @@ _CORRECTIONS = flags.DEFINE_list(
   "Corrections ('a+b' combines; '@sequential' or '@global' fits on the sparse model's inputs).",
 )
 _COVERAGE = flags.DEFINE_float("coverage", 0.55, "Coverage target of the paper's (auto) policy.")
-_NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Evaluation windows per text.")
-_CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 8, "Calibration windows (main text).")
-_TEXT = flags.DEFINE_string("text", "lee_background", "Main text: evaluation and calibration.")
-_TEXT_FILE = flags.DEFINE_string(
-  "text_file", "enwiki", "Second text (known name or UTF-8 file), evaluation only ('' to skip)."
-)
 _RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown file to update ('' to skip).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results path.")
 _FROM_JSON = flags.DEFINE_string(
   "from_json", None, "Re-render the table of a saved --output JSON instead of running."
 )
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir",
-  None,
-  f"Cache directory (default: {CACHE_DIR_DEFAULT}).",
-)
+
+
+def _from_json() -> str:
+  """The markdown of a saved --output JSON (ValueError naming --from_json if it is not one)."""
+  result = read_json_file(_FROM_JSON.value, arg="--from_json")
+  require_keys(result, ("rows", "dense", "config"), arg="--from_json", what="corrections")
+  try:
+    return corrections_markdown(result, result.get("command", "python experiments/corrections.py"))
+  except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError) as e:
+    raise ValueError(
+      f"--from_json {_FROM_JSON.value!r} is not a complete corrections results file "
+      f"({type(e).__name__}: {e})"
+    ) from None
 
 
 def main(argv):
@@ -71,46 +80,29 @@ def main(argv):
   if _RESULTS.value:
     check_markdown_file(_RESULTS.value, arg="--results")
   if _FROM_JSON.value:
-    result = read_json_file(_FROM_JSON.value, arg="--from_json")
-    require_keys(result, ("rows", "dense", "config"), arg="--from_json", what="corrections")
-    try:
-      markdown = corrections_markdown(
-        result, result.get("command", "python experiments/corrections.py")
-      )
-    except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError) as e:
-      raise ValueError(
-        f"--from_json {_FROM_JSON.value!r} is not a complete corrections results file "
-        f"({type(e).__name__}: {e})"
-      ) from None
+    markdown = _from_json()
     print(markdown)
     if _RESULTS.value:
       update_markdown_section(_RESULTS.value, "corrections", markdown)
     return
-  if _OUTPUT.value:
-    check_output_file(_OUTPUT.value, arg="--output")
+  if OPTS.output:
+    check_output_file(OPTS.output, arg="--output")
   cfg = CorrectionsConfig(
-    model=_MODEL.value,
+    **OPTS.fields(CorrectionsConfig, text_file="transfer_text"),
     patterns=tuple(_PATTERNS.value),
     methods=tuple(_METHODS.value),
     corrections=tuple(_CORRECTIONS.value),
     coverage=_COVERAGE.value,
-    num_windows=_NUM_WINDOWS.value,
-    calib_windows=_CALIB_WINDOWS.value,
-    text=_TEXT.value,
-    transfer_text=_TEXT_FILE.value,
-    cache_dir=_CACHE_DIR.value or default_cache_dir(),
   )
   result = run_corrections(cfg)
-  command = "python experiments/corrections.py" + "".join(
-    f" {a}" for a in sys.argv[1:] if not a.startswith(("--cache_dir", "--output", "--results"))
-  )
+  command = command_line(skip=("--cache_dir", "--output", "--results"))
   result["command"] = command
   markdown = corrections_markdown(result, command)
   print(markdown)
   if _RESULTS.value:
     update_markdown_section(_RESULTS.value, "corrections", markdown)
-  if _OUTPUT.value:
-    write_json_atomic(_OUTPUT.value, result)
+  if OPTS.output:
+    write_json_atomic(OPTS.output, result)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ RESULTS.md's rows with head-mixed o groups come from
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
+from _common import TRANSFER_TEXT, command_line, define_options, run
 from absl import flags
 
 from amber_jax.io.atomic import check_output_file, write_json_atomic
@@ -43,7 +42,18 @@ from amber_jax.runs.front import (
 )
 from amber_jax.runs.markdown import update_markdown_section
 
-_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
+OPTS = define_options(
+  "model",
+  "num_windows",
+  "calib_windows",
+  "text",
+  "text_file",
+  "output",
+  "cache_dir",
+  num_windows=(8, "Evaluation windows per text."),
+  text_file=TRANSFER_TEXT,
+  output=(None, "JSON results path (rows saved as they finish)."),
+)
 _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _METHODS = flags.DEFINE_list(
   "methods",
@@ -59,14 +69,8 @@ _COVERAGES = flags.DEFINE_list(
 _GOAL = flags.DEFINE_float(
   "goal_coverage", 0.55, "Target where the transfer text and learned factors are evaluated."
 )
-_NUM_WINDOWS = flags.DEFINE_integer("num_windows", 8, "Evaluation windows per text.")
-_CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 8, "Calibration windows (main text).")
 _SEARCH_WINDOWS = flags.DEFINE_integer(
   "search_windows", 2, "Calibration windows for the per-site KL costs."
-)
-_TEXT = flags.DEFINE_string("text", "lee_background", "Main text: evaluation and calibration.")
-_TEXT_FILE = flags.DEFINE_string(
-  "text_file", "enwiki", "Transfer text (known name or UTF-8 file), evaluation only ('' to skip)."
 )
 _RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown file to update ('' to skip).")
 _PLOT = flags.DEFINE_string(
@@ -74,14 +78,8 @@ _PLOT = flags.DEFINE_string(
   "results/plots/coverage_front.png",
   "PNG ('' to skip); learning_curves.png goes next to it.",
 )
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results path (rows saved as they finish).")
 _FROM_JSON = flags.DEFINE_string(
   "from_json", None, "Re-render the table and plot of a saved --output JSON instead of running."
-)
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir",
-  None,
-  f"Cache directory (default: {CACHE_DIR_DEFAULT}).",
 )
 
 
@@ -113,29 +111,19 @@ def main(argv):
     markdown = _render(result)
   else:
     cfg = FrontConfig(
-      model=_MODEL.value,
+      **OPTS.fields(FrontConfig, text_file="transfer_text"),
       patterns=tuple(_PATTERNS.value),
       methods=tuple(_METHODS.value),
       coverages=parse_floats(_COVERAGES.value, arg="--coverages"),
       goal_coverage=_GOAL.value,
-      num_windows=_NUM_WINDOWS.value,
-      calib_windows=_CALIB_WINDOWS.value,
       search_windows=_SEARCH_WINDOWS.value,
-      text=_TEXT.value,
-      transfer_text=_TEXT_FILE.value,
-      output=_OUTPUT.value or "",
-      cache_dir=_CACHE_DIR.value or default_cache_dir(),
     )
     result = run_front(cfg)
-    command = "python experiments/front.py" + "".join(
-      f" {a}"
-      for a in sys.argv[1:]
-      if not a.startswith(("--cache_dir", "--output", "--results", "--plot"))
-    )
+    command = command_line(skip=("--cache_dir", "--output", "--results", "--plot"))
     if command not in result["commands"]:
       result["commands"].append(command)
-    if _OUTPUT.value:
-      write_json_atomic(_OUTPUT.value, result)
+    if OPTS.output:
+      write_json_atomic(OPTS.output, result)
     markdown = front_markdown(result)
   print(markdown)
   if _RESULTS.value:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import CACHE_DIR_DEFAULT, default_cache_dir, run
+from _common import define_options, run
 from absl import flags
 
 from amber_jax.io.atomic import check_output_file, write_json_atomic
@@ -40,10 +40,10 @@ VARIANTS = {
 
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern of the main job.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run: {list(VARIANTS)}.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the rows and spreads as JSON here.")
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir", None, f"Model and text cache (default: {CACHE_DIR_DEFAULT})."
+OPTS = define_options(
+  "output", "cache_dir", output=(None, "Write the rows and spreads as JSON here.")
 )
+_OUTPUT = OPTS.flag("output")
 
 _NUMBERS = ("dense", "naive", "amber")
 
@@ -96,7 +96,7 @@ def main(argv):
     raise ValueError(f"--variants must name at least one of {', '.join(VARIANTS)}")
   if _OUTPUT.value:
     check_output_file(_OUTPUT.value, arg="--output")
-  cache_dir = _CACHE_DIR.value or default_cache_dir()
+  cache_dir = OPTS.cache_dir
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for i, name in enumerate(_VARIANTS.value):

@@ -11,7 +11,7 @@ whose q/gate the auto policy keeps dense at --coverage. About 30 s on 2 CPU core
 from __future__ import annotations
 
 import numpy as np
-from _common import default_cache_dir, run
+from _common import define_options, run
 from absl import flags
 
 from amber_jax.core.scores import SCORES
@@ -19,33 +19,24 @@ from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.runs.plots import save_sensitivity_heatmap
 from amber_jax.runs.sensitivity import SensitivityRunConfig, run_sensitivity
 
-_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Known model name, .gguf file or HF dir.")
+OPTS = define_options("model", "calib_windows", "seq_len", "output", "cache_dir")
 _PATTERN = flags.DEFINE_string("pattern", "8:16", "N:M pattern.")
 _SCORE = flags.DEFINE_enum("score", "robust", list(SCORES), "Selection score.")
 _COVERAGE = flags.DEFINE_float("coverage", 0.55, "Coverage target for the auto choice.")
-_CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 8, "Calibration windows.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
 _HEATMAP = flags.DEFINE_string("heatmap", "sensitivity.png", "PNG heatmap path ('' to skip).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results path.")
-_CACHE_DIR = flags.DEFINE_string(
-  "cache_dir", None, "Cache directory (default: ~/.cache/amber_jax)."
-)
 
 
 def main(argv):
   del argv
   if _HEATMAP.value:
     check_output_file(_HEATMAP.value, arg="--heatmap")
-  if _OUTPUT.value:
-    check_output_file(_OUTPUT.value, arg="--output")
+  if OPTS.output:
+    check_output_file(OPTS.output, arg="--output")
   cfg = SensitivityRunConfig(
-    model=_MODEL.value,
+    **OPTS.fields(SensitivityRunConfig),
     pattern=_PATTERN.value,
     score=_SCORE.value,
     coverage=_COVERAGE.value,
-    calib_windows=_CALIB_WINDOWS.value,
-    seq_len=_SEQ_LEN.value,
-    cache_dir=_CACHE_DIR.value or default_cache_dir(),
   )
   result = run_sensitivity(cfg)
   print(
@@ -66,8 +57,8 @@ def main(argv):
       skip_layers=result["skip_layers"],
     )
     print(f"wrote {path}")
-  if _OUTPUT.value:
-    write_json_atomic(_OUTPUT.value, result)
+  if OPTS.output:
+    write_json_atomic(OPTS.output, result)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_CONFIG as CFG
 
 from amber_jax.calibrate.correction_fit import calibrate_corrections
 from amber_jax.calibrate.learned_factors import learn_score_factors, ste_sparsify
@@ -16,28 +17,22 @@ from amber_jax.core.linear import LinearSpec, site_linear
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.scores import model_factors
 from amber_jax.core.sparsity import check_channel_order, nm_keep, sparsify
-from amber_jax.model import LlamaConfig, forward
+from amber_jax.model import forward
 from amber_jax.model.config import PROJECTIONS
-from amber_jax.model.presets import init_random_params
 from amber_jax.plan.channel_order import mixed_order, model_channel_order
 from amber_jax.plan.io import load_sparsity_plan, save_sparsity_plan
 from amber_jax.plan.quant_state import build_quant_state
 from amber_jax.plan.schema import make_plan
 from amber_jax.runs.front import parse_method
 
-CFG = LlamaConfig(
-  vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
-)
 ALL_SITES = [(l, p) for l in range(CFG.n_layers) for p in PROJECTIONS]
 
 
 @pytest.fixture(scope="module")
-def model():
-  params = init_random_params(CFG, jax.random.key(0), dtype=jnp.float32)
-  params = jax.tree.map(lambda a: a * 8 if a.ndim == 3 else a, params)  # a less flat model
+def model(tiny_params):
   rng = np.random.default_rng(0)
   windows = rng.integers(0, CFG.vocab_size, (4, 17)).astype(np.int32)
-  return params, windows
+  return tiny_params, windows
 
 
 def np_keep_ordered(score: np.ndarray, order: np.ndarray, n: int, m: int) -> np.ndarray:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_V64_CONFIG, init_params
 
 from amber_jax.calibrate.correction_fit import (
   CORRECTION_KEYS,
@@ -23,21 +25,11 @@ from amber_jax.core.correction import corrected_sparse_matmul
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sparsity import sparsify
 from amber_jax.eval.perplexity import make_windows, window_nll
-from amber_jax.model import PROJECTIONS, LlamaConfig, decode_step, forward, prefill
+from amber_jax.model import PROJECTIONS, decode_step, forward, prefill
 from amber_jax.model.llama import lm_head, model_pass
 from amber_jax.plan.schema import make_plan
 
-CONFIG = LlamaConfig(
-  vocab_size=64,
-  d_model=32,
-  n_layers=2,
-  n_heads=4,
-  n_kv_heads=2,
-  head_dim=8,
-  d_ff=64,
-  max_seq_len=64,
-  qkv_bias=True,
-)
+CONFIG = dataclasses.replace(TINY_V64_CONFIG, max_seq_len=64, qkv_bias=True)
 P24 = NMPattern.parse("2:4")
 SPECS = [
   "scale",
@@ -52,24 +44,6 @@ SPECS = [
   "median+rescale_channel+scale_channel+bias",
   "mean+rescale+scale+bias",
 ]
-
-
-def init_params(config: LlamaConfig, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  L, D = config.n_layers, config.d_model
-  normal = lambda *shape, scale=1.0: (rng.standard_normal(shape) * scale).astype(np.float32)
-  layers = {"attn_norm": 1.0 + normal(L, D, scale=0.1), "mlp_norm": 1.0 + normal(L, D, scale=0.1)}
-  for proj, (d_in, d_out) in config.linear_shapes().items():
-    layers[proj] = {"w": normal(L, d_in, d_out, scale=1.0 / math.sqrt(d_in))}
-    if config.qkv_bias and proj in ("q", "k", "v"):
-      layers[proj]["b"] = normal(L, d_out, scale=0.5)
-  params = {
-    "embed": normal(config.vocab_size, D),
-    "layers": layers,
-    "final_norm": 1.0 + normal(D, scale=0.1),
-    "lm_head": normal(D, config.vocab_size, scale=1.0 / math.sqrt(D)),
-  }
-  return jax.tree.map(jnp.asarray, params)
 
 
 @pytest.fixture(scope="module")

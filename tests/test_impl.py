@@ -6,49 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMALL_CONFIG as CFG
+from conftest import random_params
 
 from amber_jax.calibrate.pruner import AmberConfig
 from amber_jax.core.backends import check_impl, default_impl, kernel_options, pallas_sparse_matmul
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.scores import model_factors
-from amber_jax.model import LlamaConfig, forward
+from amber_jax.model import forward
 from amber_jax.plan.schema import make_plan
-
-CFG = LlamaConfig(
-  vocab_size=97,
-  d_model=64,
-  n_layers=2,
-  n_heads=4,
-  n_kv_heads=2,
-  head_dim=16,
-  d_ff=128,
-  qkv_bias=True,
-)
 
 
 def _params(seed=0):
-  rng = np.random.default_rng(seed)
-  L, D, F = CFG.n_layers, CFG.d_model, CFG.d_ff
-
-  def w(*s):
-    return rng.normal(size=s).astype(np.float32) * 0.2
-
-  return {
-    "embed": w(97, D),
-    "final_norm": 1 + w(D),
-    "lm_head": w(D, 97),
-    "layers": {
-      "attn_norm": 1 + w(L, D),
-      "mlp_norm": 1 + w(L, D),
-      "q": {"w": w(L, D, 64), "b": w(L, 64)},
-      "k": {"w": w(L, D, 32), "b": w(L, 32)},
-      "v": {"w": w(L, D, 32), "b": w(L, 32)},
-      "o": {"w": w(L, 64, D)},
-      "gate": {"w": w(L, D, F)},
-      "up": {"w": w(L, D, F)},
-      "down": {"w": w(L, F, D)},
-    },
-  }
+  return random_params(CFG, np.random.default_rng(seed))
 
 
 @pytest.mark.parametrize("impl", ["pallas", "pallas_mask"])

@@ -20,6 +20,8 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from conftest import SMALL_TOKENIZER_CONFIG as CFG  # noqa: E402
+from conftest import random_params  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import amber_jax.eval.generative_tasks as generative  # noqa: E402
@@ -28,15 +30,12 @@ from amber_jax.eval.generative_tasks import greedy_generate  # noqa: E402
 from amber_jax.eval.lm_eval_adapter import AmberLM, rolling_windows  # noqa: E402
 from amber_jax.eval.multiple_choice import evaluate_task, score_requests  # noqa: E402
 from amber_jax.io.tokenizer import load_hf_tokenizer  # noqa: E402
-from amber_jax.model import LlamaConfig, forward, generate_greedy  # noqa: E402
+from amber_jax.model import forward, generate_greedy  # noqa: E402
 from amber_jax.plan.schema import make_plan  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
-V = 448  # >= the tiny tokenizer's 435 ids
+V = CFG.vocab_size  # >= the tiny tokenizer's 435 ids
 BOS, EOS = 1, 2  # the tiny tokenizer's <s> and </s>
-CFG = LlamaConfig(
-  vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128
-)
 TEXT = (
   "The quick brown fox jumps over the lazy dog. A small model reads this sentence twice, and "
   "then a third time, so that the rolling windows have something to cut."
@@ -52,28 +51,7 @@ def tok():
 def params():
   # Larger weights than an initialisation (0.2): peaked distributions, so greedy choices and
   # accuracies are not decided by rounding.
-  rng = np.random.default_rng(0)
-  L, D, F = CFG.n_layers, CFG.d_model, CFG.d_ff
-
-  def w(*s):
-    return rng.normal(size=s).astype(np.float32) * 0.2
-
-  return {
-    "embed": w(V, D),
-    "final_norm": 1 + w(D),
-    "lm_head": w(D, V),
-    "layers": {
-      "attn_norm": 1 + w(L, D),
-      "mlp_norm": 1 + w(L, D),
-      "q": {"w": w(L, D, 64)},
-      "k": {"w": w(L, D, 32)},
-      "v": {"w": w(L, D, 32)},
-      "o": {"w": w(L, 64, D)},
-      "gate": {"w": w(L, D, F)},
-      "up": {"w": w(L, D, F)},
-      "down": {"w": w(L, F, D)},
-    },
-  }
+  return random_params(CFG, np.random.default_rng(0))
 
 
 @pytest.fixture(scope="module")

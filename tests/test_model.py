@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_V64_CONFIG, init_params
 
 from amber_jax.eval.perplexity import make_windows, perplexity, window_nll
 from amber_jax.model import (
@@ -42,32 +44,6 @@ CONFIGS = {
 }
 
 ATOL = 1e-5
-
-
-def init_params(config: LlamaConfig, seed: int = 0) -> dict:
-  """Random float32 params in the library's layout (layers stacked on a leading axis)."""
-  rng = np.random.default_rng(seed)
-  L, D = config.n_layers, config.d_model
-
-  def normal(*shape, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-  layers = {
-    "attn_norm": 1.0 + normal(L, D, scale=0.1),
-    "mlp_norm": 1.0 + normal(L, D, scale=0.1),
-  }
-  for proj, (d_in, d_out) in config.linear_shapes().items():
-    layers[proj] = {"w": normal(L, d_in, d_out, scale=1.0 / math.sqrt(d_in))}
-    if config.qkv_bias and proj in ("q", "k", "v"):
-      layers[proj]["b"] = normal(L, d_out, scale=0.5)
-  params = {
-    "embed": normal(config.vocab_size, D),
-    "layers": layers,
-    "final_norm": 1.0 + normal(D, scale=0.1),
-  }
-  if not config.tie_embeddings:
-    params["lm_head"] = normal(D, config.vocab_size, scale=1.0 / math.sqrt(D))
-  return jax.tree.map(jnp.asarray, params)
 
 
 def tokens(config: LlamaConfig, shape, seed: int = 1) -> jax.Array:
@@ -414,10 +390,7 @@ def test_sequences_beyond_the_window_are_refused_and_padding_stays_within_it():
   from amber_jax.eval.generative_tasks import greedy_generate
   from amber_jax.model.presets import init_random_params
 
-  config = LlamaConfig(
-    vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-    sliding_window=40,
-  )  # fmt: skip
+  config = dataclasses.replace(TINY_V64_CONFIG, n_layers=1, sliding_window=40)
   params = init_random_params(config, jax.random.key(0), dtype=jnp.float32)
   with pytest.raises(ValueError, match="t=41 exceeds"):
     forward(params, tokens(config, (1, 41)), config=config)

@@ -10,6 +10,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMALL_TOKENIZER_CONFIG as CFG
+from conftest import random_params
 
 from amber_jax.core.scores import model_factors
 from amber_jax.data.bigbench import (
@@ -28,15 +30,10 @@ from amber_jax.eval.multiple_choice import (
   score_requests,
 )
 from amber_jax.io.tokenizer import load_hf_tokenizer
-from amber_jax.model import LlamaConfig
 from amber_jax.plan.schema import make_plan
 
 TOKENIZER_FILE = Path(__file__).parent / "fixtures" / "hf" / "tiny-llama" / "tokenizer.json"
-V = 448  # >= the tiny tokenizer's 435 ids
-
-CFG = LlamaConfig(
-  vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128
-)
+V = CFG.vocab_size  # >= the tiny tokenizer's 435 ids
 
 
 @pytest.fixture(scope="module")
@@ -46,28 +43,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def params():
-  rng = np.random.default_rng(0)
-  L, D, F = CFG.n_layers, CFG.d_model, CFG.d_ff
-
-  def w(*s):
-    return rng.normal(size=s).astype(np.float32) * 0.2
-
-  return {
-    "embed": w(V, D),
-    "final_norm": 1 + w(D),
-    "lm_head": w(D, V),
-    "layers": {
-      "attn_norm": 1 + w(L, D),
-      "mlp_norm": 1 + w(L, D),
-      "q": {"w": w(L, D, 64)},
-      "k": {"w": w(L, D, 32)},
-      "v": {"w": w(L, D, 32)},
-      "o": {"w": w(L, 64, D)},
-      "gate": {"w": w(L, D, F)},
-      "up": {"w": w(L, D, F)},
-      "down": {"w": w(L, F, D)},
-    },
-  }
+  return random_params(CFG, np.random.default_rng(0))
 
 
 def _write_task(path: Path, examples, **fields) -> Path:

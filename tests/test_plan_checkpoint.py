@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import TINY_V64_CONFIG
 
 from amber_jax.io.plan_checkpoint import (
   META_NAME,
@@ -20,7 +21,6 @@ from amber_jax.io.plan_checkpoint import (
   read_plan_metadata,
   save_plan,
 )
-from amber_jax.model import LlamaConfig
 from amber_jax.plan.schema import SparsityPlan, make_plan
 
 # orbax leaves an asyncio callback behind when a restore fails; it is harmless here.
@@ -96,9 +96,7 @@ def test_int8_is_int8_on_disk(tmp_path):
 
 
 def test_round_trip_into_a_sparsity_plan(tmp_path):
-  config = LlamaConfig(
-    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
-  )
+  config = TINY_V64_CONFIG
   rng = np.random.default_rng(1)
   factors = {
     p: rng.random((2, d_in), dtype=np.float32) for p, (d_in, _) in config.linear_shapes().items()
@@ -328,7 +326,7 @@ def test_plans_saved_by_the_previous_layout_restore_bit_for_bit():
 
   from amber_jax.calibrate.correction_fit import identity_correction
   from amber_jax.core.scores import model_factors
-  from amber_jax.model import LlamaConfig, forward
+  from amber_jax.model import forward
   from amber_jax.model.presets import init_random_params
   from amber_jax.plan.channel_order import model_channel_order
   from amber_jax.plan.io import load_sparsity_plan
@@ -336,9 +334,7 @@ def test_plans_saved_by_the_previous_layout_restore_bit_for_bit():
   from amber_jax.plan.schema import make_plan
 
   fixtures = Path(__file__).parent / "fixtures" / "plans"
-  cfg = LlamaConfig(
-    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
-  )
+  cfg = TINY_V64_CONFIG
   params = init_random_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(3)
   # The same recipes as the script, built by today's code.

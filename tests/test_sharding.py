@@ -99,15 +99,13 @@ def test_param_specs_are_megatron_layout():
 
 
 def test_plan_specs_follow_the_weights():
+  from conftest import TINY_V64_CONFIG
   from jax.sharding import PartitionSpec as P
 
-  from amber_jax.model import LlamaConfig
   from amber_jax.plan.schema import make_plan
   from amber_jax.plan.sharding import plan_specs
 
-  cfg = LlamaConfig(
-    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
-  )
+  cfg = TINY_V64_CONFIG
   specs = plan_specs(make_plan(cfg, "8:16"), sites=cfg.sites)
   assert specs.enabled["o"] == P()
   assert specs.factors["o"] == P(None, "model") and specs.factors["down"] == P(None, "model")

@@ -9,33 +9,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_CONFIG as CFG
 
 from amber_jax.calibrate.policy import knapsack
 from amber_jax.calibrate.pruner import AmberConfig, build_plan
 from amber_jax.calibrate.site_search import SiteCosts, measure_site_costs, plan_kl, select_sites
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.scores import model_factors
-from amber_jax.model import LlamaConfig, forward
+from amber_jax.model import forward
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.model.llama import KVCache, forward_from_layer, layer_inputs, model_pass
-from amber_jax.model.presets import init_random_params
 from amber_jax.plan.coverage import coverage, site_macs
 from amber_jax.plan.schema import make_plan
 
 NO_TIME = dict(tokens=1, seconds=0.0, site_names=PROJECTIONS)
 
-CFG = LlamaConfig(
-  vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
-)
 PATTERN = NMPattern.parse("2:4")
 
 
 @pytest.fixture(scope="module")
-def model():
-  params = init_random_params(CFG, jax.random.key(0), dtype=jnp.float32)
-  params = jax.tree.map(lambda a: a * 8 if a.ndim == 3 else a, params)  # a less flat model
+def model(tiny_params):
   windows = np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 17)).astype(np.int32)
-  return params, windows
+  return tiny_params, windows
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +147,7 @@ def test_bad_inputs(model, costs):
     measure_site_costs(params, make_plan(CFG, PATTERN), windows, config=CFG, batch_size=0)
   with pytest.raises(ValueError, match="coverage"):
     select_sites(costs, CFG, 1.5)
-  other = LlamaConfig(
-    vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
-  )
+  other = dataclasses.replace(CFG, n_layers=3)
   with pytest.raises(ValueError, match="costs are for 2 layers"):
     select_sites(costs, other, 0.5)
   nan_costs = SiteCosts(

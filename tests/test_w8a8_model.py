@@ -9,25 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMALL_CONFIG as CFG
+from conftest import random_params
 
 from amber_jax.calibrate.stats import collect_input_absmax
-from amber_jax.model import LlamaConfig, decode_step, forward, prefill
+from amber_jax.model import decode_step, forward, prefill
 from amber_jax.model.config import PROJECTIONS
 from amber_jax.plan.io import PlanCheckpointError, load_sparsity_plan, save_sparsity_plan
 from amber_jax.plan.quant_state import build_quant_state
 from amber_jax.plan.schema import make_plan
 from amber_jax.runs.prefill import PrefillRunConfig, run_prefill
 
-CFG = LlamaConfig(
-  vocab_size=97,
-  d_model=64,
-  n_layers=2,
-  n_heads=4,
-  n_kv_heads=2,
-  head_dim=16,
-  d_ff=128,
-  qkv_bias=True,
-)
 ALL_SITES = [(l, p) for l in range(CFG.n_layers) for p in PROJECTIONS]
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
 
@@ -35,27 +27,7 @@ FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"
 @pytest.fixture(scope="module")
 def model():
   rng = np.random.default_rng(0)
-  L, D, F = CFG.n_layers, CFG.d_model, CFG.d_ff
-
-  def w(*s):
-    return rng.normal(size=s).astype(np.float32) * 0.2
-
-  params = {
-    "embed": w(97, D),
-    "final_norm": 1 + w(D),
-    "lm_head": w(D, 97),
-    "layers": {
-      "attn_norm": 1 + w(L, D),
-      "mlp_norm": 1 + w(L, D),
-      "q": {"w": w(L, D, 64), "b": w(L, 64)},
-      "k": {"w": w(L, D, 32), "b": w(L, 32)},
-      "v": {"w": w(L, D, 32), "b": w(L, 32)},
-      "o": {"w": w(L, 64, D)},
-      "gate": {"w": w(L, D, F)},
-      "up": {"w": w(L, D, F)},
-      "down": {"w": w(L, F, D)},
-    },
-  }
+  params = random_params(CFG, rng)
   params["embed"][:, 5] *= 20.0  # an outlier channel, as in real LLMs
   tokens = jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32)
   absmax = collect_input_absmax(params, np.asarray(tokens), config=CFG, show_progress=False)
