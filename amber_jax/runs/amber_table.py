@@ -8,11 +8,10 @@ import time
 from amber_jax.calibrate.pruner import AmberConfig, build_plan
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.scores import SCORES
-from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
-from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.runs.common import (
   DTYPES,
+  EvalRunOptions,
   check_model_options,
   environment,
   prepare_eval,
@@ -22,20 +21,14 @@ from amber_jax.runs.markdown import markdown_table
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AmberTableConfig:
-  model: str = DEFAULT_MODEL
+class AmberTableConfig(EvalRunOptions):
+  """The Amber table's settings: patterns x scores x policies at one coverage target."""
+
   patterns: tuple[str, ...] = ("2:4", "4:8", "8:16")
   scores: tuple[str, ...] = SCORES
   # "search" measures 210 single-site KLs per pattern and score (minutes): opt in by name.
   policies: tuple[str, ...] = ("all", "paper", "auto")
   coverage: float = 0.55
-  seq_len: int = 512
-  num_windows: int = 8
-  calib_windows: int = 8
-  batch_size: int = 4
-  dtype: str = "float32"
-  text: str = DEFAULT_TEXT
-  cache_dir: str = ""
 
   def __post_init__(self):
     for name in ("patterns", "scores", "policies"):

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amber_jax.data.texts import load_text
+from amber_jax.data.texts import DEFAULT_TEXT, load_text
 from amber_jax.eval.perplexity import make_windows
 from amber_jax.io.loading import load_model, load_tokenizer
-from amber_jax.io.sources import read_config, resolve_model
+from amber_jax.io.sources import DEFAULT_MODEL, read_config, resolve_model
 from amber_jax.model.config import LlamaConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -25,6 +25,22 @@ def check_dtype(dtype: str) -> str:
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   return dtype
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalRunOptions:
+  """The fields the table and front runners share (one definition): the model, the text whose
+  first ``num_windows`` windows of ``seq_len`` predicted tokens are evaluated and whose next
+  ``calib_windows`` calibrate, windows per forward pass, compute dtype, and the cache."""
+
+  model: str = DEFAULT_MODEL
+  seq_len: int = 512
+  num_windows: int = 8
+  calib_windows: int = 8
+  batch_size: int = 4
+  dtype: str = "float32"
+  text: str = DEFAULT_TEXT
+  cache_dir: str = ""
 
 
 def recorded_config(cfg) -> dict:

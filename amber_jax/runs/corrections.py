@@ -26,12 +26,11 @@ from amber_jax.calibrate.correction_fit import (
 from amber_jax.calibrate.methods import Method, resolve_method
 from amber_jax.calibrate.pruner import AmberConfig, build_plan
 from amber_jax.core.patterns import NMPattern
-from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
-from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
+  EvalRunOptions,
   check_model_options,
   environment,
   evaluation_texts,
@@ -71,20 +70,14 @@ def parse_run(run: str) -> tuple[CorrectionSpec, str]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CorrectionsConfig:
-  model: str = DEFAULT_MODEL
+class CorrectionsConfig(EvalRunOptions):
+  """The corrections ablation's settings: base methods x corrections per pattern."""
+
   patterns: tuple[str, ...] = ("8:16", "2:4")
   methods: tuple[str, ...] = DEFAULT_METHODS  # amber_jax.calibrate.methods names ("paper": amber)
   corrections: tuple[str, ...] = DEFAULT_CORRECTIONS  # "name" or "name@inputs"
   coverage: float = 0.55
-  seq_len: int = 512
-  num_windows: int = 8
-  calib_windows: int = 8
-  batch_size: int = 4
-  dtype: str = "float32"
-  text: str = DEFAULT_TEXT  # evaluation and calibration windows
   transfer_text: str = "enwiki"  # evaluation only ("" to skip)
-  cache_dir: str = ""
 
   def __post_init__(self):
     for name in ("patterns", "methods", "corrections"):

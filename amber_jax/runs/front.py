@@ -46,15 +46,14 @@ from amber_jax.calibrate.pruner import AmberConfig
 from amber_jax.calibrate.site_search import KLMeter, SiteCosts, measure_site_costs
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.scores import model_factors
-from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.atomic import check_output_file, write_json_atomic
-from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.plan.channel_order import model_channel_order
 from amber_jax.plan.schema import make_plan
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
+  EvalRunOptions,
   check_model_options,
   environment,
   evaluation_texts,
@@ -108,23 +107,17 @@ def canonical_rows(result: dict) -> list[dict]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FrontConfig:
-  model: str = DEFAULT_MODEL
+class FrontConfig(EvalRunOptions):
+  """The front's settings: patterns x methods x coverage targets, on two texts."""
+
   patterns: tuple[str, ...] = ("8:16", "2:4")
   methods: tuple[str, ...] = DEFAULT_METHODS
   coverages: tuple[float, ...] = DEFAULT_COVERAGES
   goal_coverage: float = 0.55  # the transfer text and learned factors are evaluated here only
-  seq_len: int = 512
-  num_windows: int = 8
-  calib_windows: int = 8
   search_windows: int = 2  # of the calibration windows, for the per-site KL costs
   learning_rate: float = 0.05
-  batch_size: int = 4
-  dtype: str = "float32"
-  text: str = DEFAULT_TEXT
   transfer_text: str = "enwiki"  # evaluation only ("" to skip)
   output: str = ""  # JSON written after every row; rows already there are skipped
-  cache_dir: str = ""
 
   def __post_init__(self):
     for name in ("patterns", "methods", "coverages"):

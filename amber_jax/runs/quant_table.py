@@ -8,13 +8,12 @@ import time
 from amber_jax.calibrate.pruner import AmberConfig, build_plan
 from amber_jax.calibrate.stats import collect_input_absmax
 from amber_jax.core.patterns import NMPattern
-from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.perplexity import perplexity
-from amber_jax.io.sources import DEFAULT_MODEL
 from amber_jax.plan.quant_state import build_quant_state, smoothed_score_factors
 from amber_jax.plan.schema import make_plan
 from amber_jax.runs.common import (
   DTYPES,
+  EvalRunOptions,
   check_model_options,
   environment,
   prepare_eval,
@@ -24,8 +23,9 @@ from amber_jax.runs.markdown import markdown_table
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantTableConfig:
-  model: str = DEFAULT_MODEL
+class QuantTableConfig(EvalRunOptions):
+  """The W8A8 table's settings: smoothings and orders per pattern."""
+
   patterns: tuple[str, ...] = ("8:16", "2:4")
   score: str = "robust"
   policy: str = "auto"
@@ -33,13 +33,6 @@ class QuantTableConfig:
   smoothquant_alpha: float = 0.5
   outstanding_alpha: float = 0.10
   act_scale: str = "token"
-  seq_len: int = 512
-  num_windows: int = 8
-  calib_windows: int = 8
-  batch_size: int = 4
-  dtype: str = "float32"
-  text: str = DEFAULT_TEXT
-  cache_dir: str = ""
 
   def __post_init__(self):
     if not self.patterns:
