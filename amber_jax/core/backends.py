@@ -1,4 +1,6 @@
-"""Implementation choice of the sparse matmul at the injection point.
+"""The matmul backends of a site's linear: a registry of named implementations behind one op
+(``amber_jax.core.linear.site_linear``), as in tokamax; ``register_backend`` adds one (e.g. a
+sparse-tensor-core kernel). The built-in ones (``impl=``):
 
 * ``xla``: the mask in plain jnp (``sparsify``), then an XLA dot. Runs everywhere.
 * ``pallas``: the fused kernel of ``pallas_kernels.nm_matmul`` (mask computed on each

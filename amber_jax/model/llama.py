@@ -87,7 +87,9 @@ def linear_spec(plan: SparsityPlan | None, *, sparse: bool = True) -> LinearSpec
   )
 
 
-def plan_injection(plan: SparsityPlan | None, *, sparse: bool = True, hook: SiteHook | None = None):
+def _plan_injection(
+  plan: SparsityPlan | None, *, sparse: bool = True, hook: SiteHook | None = None
+):
   """The injection point factory ``make_lin(layer_params, layer_x, layer) -> (lin, records)``
   for the layer scan of ``model_pass``, and the per-layer data to scan over (the plan's rows,
   ``SparsityPlan.site_rows``, under "plan"). With ``sparse=False`` (decode) the N:M transform
@@ -239,7 +241,7 @@ def model_pass(
   if positions_BxT is None:
     positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   mask = causal_mask(t, None, b) if attn_mask_BxTxT is None else attn_mask_BxTxT.astype(bool)
-  make_lin, plan_xs = plan_injection(plan, sparse=sparse, hook=hook)
+  make_lin, plan_xs = _plan_injection(plan, sparse=sparse, hook=hook)
   out = _scan_layers(
     config,
     params,
