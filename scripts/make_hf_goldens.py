@@ -122,6 +122,55 @@ SPECS = {
       eos_token_id=2,
     ),
   ),
+  "tiny-qwen3": dict(
+    cls=transformers.Qwen3ForCausalLM,
+    config_cls=transformers.Qwen3Config,
+    seed=3,
+    shard_size=None,
+    config=dict(
+      COMMON,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=32,  # n_heads * head_dim = 128 != hidden_size, as in Qwen3-8B's 4096 vs 4096
+      max_position_embeddings=512,
+      rope_theta=1000000.0,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=True,
+      use_sliding_window=False,
+      sliding_window=None,
+      attention_bias=False,
+      bos_token_id=1,
+      eos_token_id=2,
+    ),
+  ),
+  "tiny-qwen3-moe": dict(
+    cls=transformers.Qwen3MoeForCausalLM,
+    config_cls=transformers.Qwen3MoeConfig,
+    seed=4,
+    shard_size="300KB",
+    config=dict(
+      COMMON,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=16,
+      num_experts=8,
+      num_experts_per_tok=2,
+      moe_intermediate_size=32,
+      norm_topk_prob=True,
+      decoder_sparse_step=1,
+      mlp_only_layers=[],
+      output_router_logits=False,
+      max_position_embeddings=512,
+      rope_theta=1000000.0,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+      use_sliding_window=False,
+      sliding_window=None,
+      attention_bias=False,
+      bos_token_id=1,
+      eos_token_id=2,
+    ),
+  ),
 }
 
 TOKENIZER_TEXT = [
@@ -166,8 +215,8 @@ def randomize_(model: torch.nn.Module, rng: np.random.Generator) -> None:
         value = 0.5 * rng.standard_normal(shape)
       elif name.endswith("embed_tokens.weight"):  # Also the lm_head when tied: keep logits O(1).
         value = rng.standard_normal(shape) / np.sqrt(shape[1])
-      else:  # Linear weight [out, in]: unit-variance outputs for unit-variance inputs.
-        value = rng.standard_normal(shape) / np.sqrt(shape[1])
+      else:  # Linear weight [(E,) out, in]: unit-variance outputs for unit-variance inputs.
+        value = rng.standard_normal(shape) / np.sqrt(shape[-1])
       p.copy_(torch.from_numpy(value.astype(np.float32)))
 
 
@@ -215,11 +264,13 @@ def make_one(name: str, spec: dict, out_root: pathlib.Path) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+  parser.add_argument("--only", nargs="*", choices=sorted(SPECS), help="fixtures to (re)make")
   args = parser.parse_args()
   print(f"torch {torch.__version__}, transformers {transformers.__version__}")
   torch.use_deterministic_algorithms(True)
   for name, spec in SPECS.items():
-    make_one(name, spec, args.out)
+    if not args.only or name in args.only:
+      make_one(name, spec, args.out)
 
 
 if __name__ == "__main__":

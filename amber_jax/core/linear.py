@@ -19,11 +19,18 @@ Each step is optional and reads its data from the site's *row* (this layer's sli
 
 A row of None (decode, a dense plan) is the plain ``x @ w (+ b)``. The model calls only
 ``site_linear``; ``amber_jax.core.dot_general`` exports the same steps for other Flax code.
+
+An *expert site* (a mixture-of-experts layer's gate/up/down) has a weight ``[E, d_in, d_out]``
+and a row whose arrays carry the expert axis first (``enabled [E]``, ``factors [E, d_in]``, the
+W8A8 arrays ``[E, ...]``; ``enabled`` is one flag per layer, shared by the experts). Its input is the routed rows, sorted by expert (``ExpertRows``): each
+row takes its expert's factors, flags and scales, and the product is one grouped matmul
+(``jax.lax.ragged_dot``) whose cost follows the rows, never all E experts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +38,7 @@ import jax.numpy as jnp
 from amber_jax.core.backends import get_backend
 from amber_jax.core.correction import corrected_sparse_matmul
 from amber_jax.core.patterns import NMPattern
-from amber_jax.core.quant import int8_rescaled_dot, quantize_activation
+from amber_jax.core.quant import int8_rescaled_dot, quantize_activation, quantize_with_scale
 from amber_jax.core.sparsity import sparsify
 
 
@@ -46,6 +53,14 @@ class LinearSpec:
   mask_method: str = "auto"
   act_mode: str = "token"
   order: str = "sparsify_first"
+
+
+class ExpertRows(NamedTuple):
+  """The routed rows of an expert site, sorted by expert: ``group_sizes`` int32 [E] (rows of
+  expert e follow those of e - 1) and ``expert_ids`` int32 [R] (each row's expert)."""
+
+  group_sizes: jax.Array
+  expert_ids: jax.Array
 
 
 def _row_vector(a: jax.Array, like: jax.Array) -> jax.Array:
@@ -158,16 +173,98 @@ def _w8a8_product(x, w, row, spec, backend):
   return jax.lax.cond(q["in_float"], float_path, int8_path, x)
 
 
+def _per_row(a: jax.Array, rows: ExpertRows) -> jax.Array:
+  """An expert-axis array [E, ...] as one entry per routed row [R, ...]."""
+  return jnp.take(a, rows.expert_ids, axis=0)
+
+
+def expert_nm_step(row: dict | None, spec: LinearSpec, rows: ExpertRows):
+  """``nm_step`` of an expert site: where the site's ``enabled`` flag (one per layer, shared by
+  its experts) is set, each routed row is sparsified with its expert's factors."""
+  if row is None or spec.pattern is None or "enabled" not in row:
+    return lambda v: v
+
+  def step(v):
+    def sparse(v_):
+      return sparsify(v_, spec.pattern, _per_row(row["factors"], rows), method=spec.mask_method)
+
+    return jax.lax.cond(row["enabled"], sparse, lambda v_: v_, v)
+
+  return step
+
+
+def grouped_matmul(x_RxI: jax.Array, w_ExIxO: jax.Array, rows: ExpertRows) -> jax.Array:
+  """Each routed row times its expert's weight: ``ragged_dot`` in x's dtype, [R, d_out]."""
+  return jax.lax.ragged_dot(x_RxI, w_ExIxO.astype(x_RxI.dtype), rows.group_sizes)
+
+
+def _expert_w8a8(x, w, row, spec, rows):
+  """W8A8 of an expert site: each row divided by its expert's smoothing, int8 codes per token
+  (or with its expert's static scale), one int8 grouped matmul with int32 accumulation, then
+  the rows rescaled by their expert's weight scales. Experts flagged ``in_float`` keep their
+  float weight (computed only when some expert is)."""
+  q = row["quant"]
+  sparse = expert_nm_step(row, spec, rows)
+  xs = x / _per_row(q["act_div"], rows).astype(x.dtype)
+  if spec.act_mode == "tensor":
+    x_scale = _per_row(q["act_scale"], rows).astype(jnp.float32)[:, None]
+    quantize = lambda v: (quantize_with_scale(v.astype(jnp.float32), x_scale), x_scale)
+  else:
+    quantize = lambda v: quantize_activation(v, mode="token")
+  if spec.order == "sparsify_first":
+    x_q, x_scale = quantize(sparse(xs))
+  else:
+    x_q, x_scale = quantize(xs)
+    x_q = sparse(x_q)
+  acc = jax.lax.ragged_dot(x_q, q["w_q"], rows.group_sizes, preferred_element_type=jnp.int32)
+  y = (acc.astype(jnp.float32) * x_scale * _per_row(q["w_scale"], rows)).astype(x.dtype)
+
+  def with_float(y_):
+    unsmooth = _per_row(q["fold"] * q["act_div"], rows).astype(x.dtype)
+    y_float = grouped_matmul(sparse(xs) * unsmooth, w, rows)
+    return jnp.where(_per_row(q["in_float"], rows)[:, None], y_float, y_)
+
+  return jax.lax.cond(jnp.any(q["in_float"]), with_float, lambda y_: y_, y)
+
+
+def _expert_linear(x, weights, row, spec, rows: ExpertRows | None):
+  """``site_linear`` of an expert site (see the module docstring)."""
+  w = weights["w"]
+  if rows is None or x.ndim != 2:
+    raise ValueError(
+      f"an expert site (weight {w.shape}) takes its routed rows [R, d_in] and their ExpertRows,"
+      f" got x {x.shape} and rows={rows!r:.40}"
+    )
+  if spec.backend != "xla":
+    raise ValueError(f"expert sites run on impl='xla' only (grouped matmul), got {spec.backend!r}")
+  if row is not None and (row.get("correction") is not None or "channel_order" in row):
+    raise ValueError("corrections and channel orders are not supported on expert sites")
+  if row is not None and row.get("quant") is not None:
+    y = _expert_w8a8(x, w, row, spec, rows)
+  else:
+    y = grouped_matmul(expert_nm_step(row, spec, rows)(x), w, rows)
+  if "b" in weights:
+    y = y + _per_row(weights["b"], rows).astype(y.dtype)
+  return y
+
+
 def site_linear(
-  x: jax.Array, weights: dict[str, jax.Array], row: dict | None, spec: LinearSpec
+  x: jax.Array,
+  weights: dict[str, jax.Array],
+  row: dict | None,
+  spec: LinearSpec,
+  experts: ExpertRows | None = None,
 ) -> jax.Array:
   """One site's output ``transform(x) @ w (+ b)``: x [..., d_in] -> [..., d_out].
 
   ``weights`` holds ``w`` [d_in, d_out] (and the bias ``b`` [d_out], if any); ``row`` this
-  layer's slice of the plan for the site, or None for the dense product. Raises ValueError for
-  a step the backend cannot run (a correction needs a backend with ``corrections``) or a
-  correction with W8A8 (corrections are fitted on float sites).
+  layer's slice of the plan for the site, or None for the dense product. An expert site
+  (``w`` [E, d_in, d_out]) takes its routed rows x [R, d_in] and their ``experts``. Raises
+  ValueError for a step the backend cannot run (a correction needs a backend with
+  ``corrections``) or a correction with W8A8 (corrections are fitted on float sites).
   """
+  if weights["w"].ndim == 3:
+    return _expert_linear(x, weights, row, spec, experts)
   backend = get_backend(spec.backend)
   quant = None if row is None else row.get("quant")
   if row is not None and row.get("correction") is not None and spec.pattern is not None:

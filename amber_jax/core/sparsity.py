@@ -30,7 +30,8 @@ _SORTNET_MAX_M = 128
 
 
 def nm_scores(x: jax.Array, factors: jax.Array | None = None) -> jax.Array:
-  """Selection score: |x|, or |x| * factors (factors broadcast over the last axis).
+  """Selection score: |x|, or |x| * factors (factors ``[d]`` broadcast over the leading axes,
+  or per row: ``x``'s shape, as an expert site's rows each take their expert's factors).
 
   Computed in float32 (bf16 inputs are upcast exactly); NaN scores map to +inf, so a NaN
   activation, and an inf one under a zero factor (inf * 0 is NaN), are kept as the module
@@ -39,7 +40,8 @@ def nm_scores(x: jax.Array, factors: jax.Array | None = None) -> jax.Array:
   """
   score = jnp.abs(x.astype(jnp.float32))
   if factors is not None:
-    score = score * factors.astype(jnp.float32).reshape((1,) * (score.ndim - 1) + (-1,))
+    f = factors.astype(jnp.float32)
+    score = score * (f.reshape((1,) * (score.ndim - 1) + (-1,)) if f.ndim == 1 else f)
   return jnp.where(jnp.isnan(score), jnp.inf, score)
 
 
@@ -188,8 +190,8 @@ def sparsify(
   Args:
     x: activations, any leading shape; the last axis is the input-channel axis.
     pattern: an NMPattern or "N:M"; None returns ``x`` unchanged (dense).
-    factors: optional per-channel score factors, shape ``[x.shape[-1]]``
-      (score = |x| * factors, e.g. the weight-aware score of Amber Pruner).
+    factors: optional per-channel score factors, shape ``[x.shape[-1]]`` or ``x.shape`` (one
+      vector per row) (score = |x| * factors, e.g. the weight-aware score of Amber Pruner).
     channel_order: optional permutation of the channels, shape ``[x.shape[-1]]``: the groups
       of M are formed over ``x[..., channel_order]`` instead of ``x`` (see ``nm_keep``). The
       result stays in ``x``'s order. Not checked to be a permutation here (it may be traced):
@@ -204,10 +206,10 @@ def sparsify(
   pattern = NMPattern.parse(pattern)
   if x.ndim < 1:
     raise ValueError(f"sparsify needs at least 1 axis, got x.shape={x.shape}")
-  if factors is not None and factors.shape != (x.shape[-1],):
+  if factors is not None and factors.shape not in ((x.shape[-1],), x.shape):
     raise ValueError(
-      f"factors must have shape ({x.shape[-1]},) to match x's last axis, "
-      f"got factors.shape={factors.shape}"
+      f"factors must have shape ({x.shape[-1]},) to match x's last axis, or x's shape "
+      f"{x.shape} (per row), got factors.shape={factors.shape}"
     )
   if channel_order is not None and channel_order.shape != (x.shape[-1],):
     raise ValueError(

@@ -28,6 +28,7 @@ model uses HF's rotate-half RoPE convention.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,16 +36,17 @@ import pathlib
 import shutil
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from amber_jax.io.errors import ModelFileError, UnsupportedArchitectureError
-from amber_jax.model.config import LlamaConfig, RopeScaling
+from amber_jax.model.config import LlamaConfig, MixtureOfExperts, RopeScaling
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+_QWEN = ("qwen2", "qwen3", "qwen3_moe")  # the families whose window follows use_sliding_window
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 CONFIG_FILE = "config.json"
@@ -62,6 +64,9 @@ _HF_PROJ = {
   "down": "mlp.down_proj",
 }
 _HF_NORM = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_HF_HEAD_NORM = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}  # Qwen3
+_HF_EXPERT = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}  # Qwen3-MoE
+_HF_ROUTER = "mlp.gate"
 _BIASED = ("q", "k", "v")  # Qwen2.
 
 _ST_DTYPES = {
@@ -138,7 +143,7 @@ def _sliding_window(config_dict: Mapping[str, Any], model_type: str, n_layers: i
   if model_type == "llama":
     return None
   window = config_dict.get("sliding_window", _HF_DEFAULT_SLIDING_WINDOW)
-  if model_type == "qwen2":
+  if model_type in _QWEN:
     if not config_dict.get("use_sliding_window"):
       return None
     layer_types = config_dict.get("layer_types")
@@ -177,8 +182,8 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> LlamaConfig:
       "use an unquantized (float32/bfloat16/float16) checkpoint"
     )
   for flag in ("attention_bias", "mlp_bias"):
-    if model_type == "llama" and config_dict.get(flag):
-      raise UnsupportedArchitectureError(f"llama: {flag}=True is not supported")
+    if model_type in ("llama", "qwen3", "qwen3_moe") and config_dict.get(flag):
+      raise UnsupportedArchitectureError(f"{model_type}: {flag}=True is not supported")
 
   d_model = int(_required(config_dict, "hidden_size"))
   n_heads = int(_required(config_dict, "num_attention_heads"))
@@ -186,6 +191,7 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> LlamaConfig:
   head_dim = config_dict.get("head_dim") or d_model // n_heads
   theta, scaling = _rope(config_dict)
   n_layers = int(_required(config_dict, "num_hidden_layers"))
+  moe = _experts(config_dict, n_layers) if model_type == "qwen3_moe" else None
   return LlamaConfig(
     vocab_size=int(_required(config_dict, "vocab_size")),
     d_model=d_model,
@@ -202,6 +208,39 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> LlamaConfig:
     max_seq_len=int(config_dict.get("max_position_embeddings", 8192)),
     architecture=model_type,
     sliding_window=_sliding_window(config_dict, model_type, n_layers),
+    qk_norm=model_type in ("qwen3", "qwen3_moe"),
+    moe=moe,
+  )
+
+
+def _experts(config_dict: Mapping[str, Any], n_layers: int) -> MixtureOfExperts:
+  """The experts of a Qwen3-MoE config: the hub's `num_experts` or transformers 5's
+  `num_local_experts`. Every layer must be a MoE layer (`decoder_sparse_step` 1 and no
+  `mlp_only_layers`, as in every released Qwen3-MoE): a mixed stack is refused."""
+  n_experts = config_dict.get("num_experts", config_dict.get("num_local_experts"))
+  if n_experts is None:
+    raise ModelFileError(
+      "HF config lacks the required field 'num_experts' (or 'num_local_experts')"
+    )
+  n_active = int(_required(config_dict, "num_experts_per_tok"))
+  if not 1 <= n_active <= int(n_experts):
+    raise ModelFileError(
+      f"HF config: num_experts_per_tok={n_active} must be in 1..num_experts={n_experts}"
+    )
+  step = int(config_dict.get("decoder_sparse_step", 1))
+  dense = sorted(set(config_dict.get("mlp_only_layers") or ()))
+  dense += [i for i in range(n_layers) if step < 1 or (i + 1) % step and i not in dense]
+  if dense:
+    raise UnsupportedArchitectureError(
+      f"qwen3_moe: layers {sorted(dense)} have a dense MLP (decoder_sparse_step={step}, "
+      f"mlp_only_layers={config_dict.get('mlp_only_layers')}); only stacks where every layer is "
+      "a MoE layer are supported (decoder_sparse_step 1, mlp_only_layers [])"
+    )
+  return MixtureOfExperts(
+    n_experts=int(n_experts),
+    n_active=n_active,
+    d_ff=int(_required(config_dict, "moe_intermediate_size")),
+    norm_topk_prob=bool(config_dict.get("norm_topk_prob", False)),  # Qwen3MoeConfig's default
   )
 
 
@@ -215,7 +254,11 @@ def config_to_hf(config: LlamaConfig, extra: Mapping[str, Any] | None = None) ->
   nothing longer (`LlamaConfig.check_seq_len`). `extra` (e.g. bos_token_id, eos_token_id) is
   merged in last.
   """
-  if config.qkv_bias:
+  if config.moe is not None:
+    model_type, arch = "qwen3_moe", "Qwen3MoeForCausalLM"
+  elif config.qk_norm:
+    model_type, arch = "qwen3", "Qwen3ForCausalLM"
+  elif config.qkv_bias:
     model_type, arch = "qwen2", "Qwen2ForCausalLM"
   elif config.sliding_window is not None:
     model_type, arch = "mistral", "MistralForCausalLM"
@@ -248,7 +291,11 @@ def config_to_hf(config: LlamaConfig, extra: Mapping[str, Any] | None = None) ->
       "high_freq_factor": s.high_freq_factor,
       "original_max_position_embeddings": s.original_max_position_embeddings,
     }
-  if config.qkv_bias:
+  if config.rope_freq_factors is not None:
+    raise ValueError(
+      "config_to_hf: rope_freq_factors (a Llama-3.1 GGUF's rope_freqs) have no HF config form"
+    )
+  if model_type in _QWEN:
     windowed = config.sliding_window is not None
     d.update(
       use_sliding_window=windowed,
@@ -259,6 +306,17 @@ def config_to_hf(config: LlamaConfig, extra: Mapping[str, Any] | None = None) ->
     d.update(sliding_window=config.sliding_window)
   else:
     d.update(attention_bias=False, mlp_bias=False)
+  if model_type in ("qwen3", "qwen3_moe"):
+    d.update(attention_bias=False)
+  if config.moe is not None:
+    d.update(
+      num_experts=config.moe.n_experts,
+      num_experts_per_tok=config.moe.n_active,
+      moe_intermediate_size=config.moe.d_ff,
+      norm_topk_prob=config.moe.norm_topk_prob,
+      decoder_sparse_step=1,
+      mlp_only_layers=[],
+    )
   d.update(extra or {})
   return d
 
@@ -267,8 +325,32 @@ def config_to_hf(config: LlamaConfig, extra: Mapping[str, Any] | None = None) ->
 # Safetensors.
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of one safetensors file, memory-mapped read-only (bf16 via ml_dtypes).
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+  """One tensor of a safetensors file, not yet read: ``read()`` copies its bytes from the file
+  (``os.pread``: no mapping left resident, so a load holds the params and one tensor)."""
+
+  file: pathlib.Path
+  name: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  offset: int  # of its first byte in the file
+
+  def read(self) -> np.ndarray:
+    out = np.empty(self.shape, self.dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(self.file, "rb", buffering=0) as f:
+      done = 0
+      while done < len(view):
+        n = os.preadv(f.fileno(), [view[done:]], self.offset + done)
+        if n <= 0:
+          raise ModelFileError(f"{os.fspath(self.file)!r}: short read of tensor {self.name!r}")
+        done += n
+    return out
+
+
+def safetensors_index(path: str | os.PathLike) -> dict[str, TensorRef]:
+  """Every tensor of one safetensors file, as a ``TensorRef`` (nothing read but the header).
 
   Raises `ModelFileError` naming the file when it is missing, truncated or corrupt (bad header,
   offsets outside the file or not matching dtype x shape, unknown dtype).
@@ -298,7 +380,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   data_start = 8 + n
   data_len = size - data_start
   end_max = 0
-  specs = {}
+  refs = {}
   for name, info in header.items():
     try:
       dtype = _ST_DTYPES[info["dtype"]]
@@ -313,17 +395,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if end > data_len:
       raise bad(f"tensor {name!r} ends at byte {data_start + end}, past the end ({size} bytes)")
     end_max = max(end_max, end)
-    specs[name] = (dtype, shape, begin)
+    refs[name] = TensorRef(path, name, dtype, shape, data_start + begin)
   if end_max != data_len:
     raise bad(f"data section is {data_len} bytes but tensors cover {end_max}")
-  if not specs:
+  return refs
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All tensors of one safetensors file, memory-mapped read-only (bf16 via ml_dtypes).
+
+  Raises `ModelFileError` as ``safetensors_index``. (``load_hf_checkpoint`` reads tensor by
+  tensor instead, so that no mapping stays resident.)
+  """
+  refs = safetensors_index(path)
+  if not refs:
     return {}
-  buf = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,))
-  out = {}
-  for name, (dtype, shape, begin) in specs.items():
-    count = math.prod(shape)
-    out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=begin).reshape(shape)
-  return out
+  buf = np.memmap(path, dtype=np.uint8, mode="r")
+  return {
+    name: np.frombuffer(buf, dtype=r.dtype, count=math.prod(r.shape), offset=r.offset).reshape(
+      r.shape
+    )
+    for name, r in refs.items()
+  }
 
 
 def _weight_files(path: pathlib.Path) -> tuple[list[str], dict[str, str] | None]:
@@ -352,16 +445,15 @@ def _weight_files(path: pathlib.Path) -> tuple[list[str], dict[str, str] | None]
   )
 
 
-def _read_tensors(path: pathlib.Path) -> dict[str, tuple[str, np.ndarray]]:
-  """name -> (file name, array) of every tensor of the checkpoint in `path`."""
+def _read_tensors(path: pathlib.Path) -> dict[str, TensorRef]:
+  """name -> ``TensorRef`` of every tensor of the checkpoint in `path` (headers only)."""
   files, weight_map = _weight_files(path)
-  tensors: dict[str, tuple[str, np.ndarray]] = {}
+  tensors: dict[str, TensorRef] = {}
   for name in files:
-    for key, arr in read_safetensors(path / name).items():
-      tensors[key] = (name, arr)
+    tensors.update(safetensors_index(path / name))
   if weight_map is not None:
     for key, name in weight_map.items():
-      if tensors.get(key, (None,))[0] != name:
+      if key not in tensors or tensors[key].file.name != name:
         raise ModelFileError(
           f"tensor {key!r} is listed in {INDEX_FILE!r} under {name!r} but that file lacks it"
         )
@@ -373,12 +465,21 @@ def _read_tensors(path: pathlib.Path) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def _hf_names(config: LlamaConfig) -> dict[str, Any]:
-  """Our params tree with HF tensor names (per layer: a format string) at the leaves."""
+  """Our params tree with HF tensor names at the leaves: per layer a format string in ``{i}``,
+  per expert in ``{i}`` and ``{e}`` (the hub's per-expert tensors)."""
   layers: dict[str, Any] = {k: f"model.layers.{{i}}.{v}.weight" for k, v in _HF_NORM.items()}
-  for p in config.site_names:
+  if config.qk_norm:
+    layers.update({k: f"model.layers.{{i}}.{v}.weight" for k, v in _HF_HEAD_NORM.items()})
+  for site in config.sites:
+    p = site.name
+    if site.experts:
+      layers[p] = {"w": f"model.layers.{{i}}.mlp.experts.{{e}}.{_HF_EXPERT[p]}.weight"}
+      continue
     layers[p] = {"w": f"model.layers.{{i}}.{_HF_PROJ[p]}.weight"}
     if config.qkv_bias and p in _BIASED:
       layers[p]["b"] = f"model.layers.{{i}}.{_HF_PROJ[p]}.bias"
+  if config.moe is not None:
+    layers["router"] = {"w": f"model.layers.{{i}}.{_HF_ROUTER}.weight"}
   names = {
     "embed": "model.embed_tokens.weight",
     "layers": layers,
@@ -390,13 +491,19 @@ def _hf_names(config: LlamaConfig) -> dict[str, Any]:
 
 
 def _expected_shapes(config: LlamaConfig) -> dict[str, Any]:
-  """Our params tree with each leaf's shape (layer leaves without the leading L)."""
+  """Our params tree with each leaf's shape (layer leaves without the leading L; an expert
+  leaf with its expert axis first)."""
   d, v = config.d_model, config.vocab_size
   layers: dict[str, Any] = {"attn_norm": (d,), "mlp_norm": (d,)}
-  for p, (d_in, d_out) in config.linear_shapes().items():
-    layers[p] = {"w": (d_in, d_out)}
+  if config.qk_norm:
+    layers.update(q_norm=(config.head_dim,), k_norm=(config.head_dim,))
+  for site in config.sites:
+    p = site.name
+    layers[p] = {"w": ((site.experts,) if site.experts else ()) + site.shape}
     if config.qkv_bias and p in _BIASED:
-      layers[p]["b"] = (d_out,)
+      layers[p]["b"] = (site.d_out,)
+  if config.moe is not None:
+    layers["router"] = {"w": (d, config.moe.n_experts)}
   shapes = {"embed": (v, d), "layers": layers, "final_norm": (d,)}
   if not config.tie_embeddings:
     shapes["lm_head"] = (d, v)
@@ -404,8 +511,9 @@ def _expected_shapes(config: LlamaConfig) -> dict[str, Any]:
 
 
 def _is_weight_matrix(key: str, shape: tuple[int, ...]) -> bool:
-  """True for leaves stored transposed relative to HF (linear weights and lm_head)."""
-  return key in ("w", "lm_head") and len(shape) == 2
+  """True for leaves stored transposed relative to HF (linear weights and lm_head; an expert
+  weight's last two axes)."""
+  return key in ("w", "lm_head") and len(shape) in (2, 3)
 
 
 def read_hf_config(path: str | os.PathLike) -> LlamaConfig:
@@ -437,45 +545,102 @@ def read_hf_config(path: str | os.PathLike) -> LlamaConfig:
 
 
 def load_hf_checkpoint(
-  path: str | os.PathLike, *, dtype: Any = np.float32
+  path: str | os.PathLike,
+  *,
+  dtype: Any = np.float32,
+  progress: Callable[[int, int], None] | None = None,
 ) -> tuple[LlamaConfig, dict[str, Any]]:
-  """(config, params) of the HF checkpoint directory `path` (llama, mistral or qwen2).
+  """(config, params) of the HF checkpoint directory `path` (llama, mistral, qwen2, qwen3,
+  qwen3_moe).
 
-  Params are numpy arrays of `dtype` (float32 by default), layers stacked along axis 0, linear
-  weights [d_in, d_out]. Raises `ModelFileError` naming the file for a missing directory, config,
-  shard or tensor, a truncated or corrupt file, or a tensor whose shape disagrees with the config;
-  `UnsupportedArchitectureError` for an unsupported model_type or variant.
+  Params are numpy arrays of `dtype` (float32 by default; ``ml_dtypes.bfloat16`` keeps a bf16
+  checkpoint bf16), layers stacked along axis 0, linear weights [d_in, d_out], expert weights
+  [E, d_in, d_out], the router [d_model, E]. Streamed: each stacked array is allocated once and
+  filled tensor by tensor, read from the file without a mapping, so the peak host memory is the
+  params plus one tensor (BENCHMARKS.md). Expert weights are read from the hub's per-expert
+  tensors (``mlp.experts.{e}.gate_proj.weight``) or transformers 5's stacked ones
+  (``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj`` [E, D, F]).
+  ``progress(done, total)`` is called after each stacked array.
+
+  Raises `ModelFileError` naming the file for a missing directory, config, shard or tensor
+  (an expert's by name), a truncated or corrupt file, or a tensor whose shape disagrees with
+  the config; `UnsupportedArchitectureError` for an unsupported model_type or variant.
   """
   path = pathlib.Path(path)
   config = read_hf_config(path)
-
+  dtype = np.dtype(dtype)
   tensors = _read_tensors(path)
   used: set[str] = set()
 
-  def fetch(name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+  def ref(name: str, hf_shape: tuple[int, ...], what: str = "") -> TensorRef:
     if name not in tensors:
-      raise ModelFileError(f"tensor {name!r} is missing from the checkpoint in {os.fspath(path)!r}")
-    file, arr = tensors[name]
-    hf_shape = shape[::-1] if transpose else shape
-    if arr.shape != hf_shape:
       raise ModelFileError(
-        f"{os.fspath(path / file)!r}: tensor {name!r} has shape {arr.shape}, "
-        f"expected {hf_shape} from {CONFIG_FILE}"
+        f"tensor {name!r}{what} is missing from the checkpoint in {os.fspath(path)!r}"
       )
-    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != ml_dtypes.bfloat16:
-      raise ModelFileError(f"{os.fspath(path / file)!r}: tensor {name!r} has dtype {arr.dtype}")
+    r = tensors[name]
+    if r.shape != hf_shape:
+      hint = (
+        " (head_dim in config.json?)" if name.endswith(("q_norm.weight", "k_norm.weight")) else ""
+      )
+      raise ModelFileError(
+        f"{os.fspath(r.file)!r}: tensor {name!r} has shape {r.shape}, "
+        f"expected {hf_shape} from {CONFIG_FILE}{hint}"
+      )
+    if not np.issubdtype(r.dtype, np.floating) and r.dtype != ml_dtypes.bfloat16:
+      raise ModelFileError(f"{os.fspath(r.file)!r}: tensor {name!r} has dtype {r.dtype}")
     used.add(name)
-    return np.asarray(arr.T if transpose else arr, dtype=dtype)
+    return r
 
-  def build(names: Any, shapes: Any, key: str, per_layer: bool) -> Any:
-    if isinstance(names, dict):
-      return {k: build(names[k], shapes[k], k, per_layer or k == "layers") for k in names}
-    transpose = _is_weight_matrix(key, shapes)
+  def fill(out: np.ndarray, name: str, shape: tuple[int, ...], transpose: bool, what=""):
+    arr = ref(name, shape[::-1] if transpose else shape, what).read()
+    out[...] = arr.T if transpose else arr
+
+  def fill_experts(out_ExIxO: np.ndarray, name: str, leaf: str, layer: int) -> None:
+    e_count, d_in, d_out = out_ExIxO.shape
+    if name.format(i=layer, e=0) in tensors:  # the hub's per-expert tensors
+      for e in range(e_count):
+        fill(out_ExIxO[e], name.format(i=layer, e=e), (d_in, d_out), True, f" (expert {e})")
+      return
+    stacked = f"model.layers.{layer}.mlp.experts."
+    if leaf == "down":
+      if stacked + "down_proj" not in tensors:
+        ref(name.format(i=layer, e=0), (d_out, d_in), " (expert 0)")  # raises: names the tensor
+      out_ExIxO[...] = ref(stacked + "down_proj", (e_count, d_out, d_in)).read().swapaxes(1, 2)
+      return
+    if stacked + "gate_up_proj" not in tensors:
+      ref(name.format(i=layer, e=0), (d_out, d_in), " (expert 0)")
+    both = ref(stacked + "gate_up_proj", (e_count, 2 * d_out, d_in)).read()
+    part = both[:, :d_out] if leaf == "gate" else both[:, d_out:]
+    out_ExIxO[...] = part.swapaxes(1, 2)
+
+  names, shapes = _hf_names(config), _expected_shapes(config)
+  leaves = []  # (tree path, hf name, shape, per layer)
+
+  def walk(n, sh, keys, per_layer):
+    if isinstance(n, dict):
+      for k in n:
+        walk(n[k], sh[k], keys + (k,), per_layer or k == "layers")
+    else:
+      leaves.append((keys, n, tuple(sh), per_layer))
+
+  walk(names, shapes, (), False)
+  params: dict[str, Any] = {}
+  for done, (keys, name, shape, per_layer) in enumerate(leaves, 1):
+    transpose = _is_weight_matrix(keys[-1], shape)
+    out = np.empty(((config.n_layers,) if per_layer else ()) + shape, dtype)
     if not per_layer:
-      return fetch(names, shapes, transpose)
-    return np.stack([fetch(names.format(i=i), shapes, transpose) for i in range(config.n_layers)])
-
-  params = build(_hf_names(config), _expected_shapes(config), "", False)
+      fill(out, name, shape, transpose)
+    for i in range(config.n_layers if per_layer else 0):
+      if "{e}" in name:
+        fill_experts(out[i], name, keys[-2], i)
+      else:
+        fill(out[i], name.format(i=i), shape, transpose)
+    node = params
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = out
+    if progress is not None:
+      progress(done, len(leaves))
   ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
   extra = sorted(
     k for k in tensors if k not in used and k not in ignorable and not k.endswith("inv_freq")
@@ -549,6 +714,10 @@ def save_hf_checkpoint(
       raise ValueError(f"params{where} has shape {arr.shape}, expected {want} from the config")
     transpose = _is_weight_matrix(key, shapes)
     for i, a in enumerate(arr if per_layer else [arr]):
+      if "{e}" in names:  # one tensor per expert, as the hub's checkpoints
+        for e, a_e in enumerate(a):
+          tensors[names.format(i=i, e=e)] = np.ascontiguousarray(a_e.T)
+        continue
       name = names.format(i=i) if per_layer else names
       tensors[name] = np.ascontiguousarray(a.T if transpose else a)
 

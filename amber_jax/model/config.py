@@ -1,4 +1,5 @@
-"""Frozen configuration of a Llama-family decoder (Llama, Llama-3, Mistral, Qwen2, SmolLM2)."""
+"""Frozen configuration of a Llama-family decoder (Llama, Llama-3, Mistral, Qwen2, Qwen3,
+Qwen3-MoE, SmolLM2)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,29 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixtureOfExperts:
+  """A sparse mixture-of-experts MLP (Qwen3-MoE): a dense router picks ``n_active`` of
+  ``n_experts`` SwiGLU experts of width ``d_ff`` per token (softmax over all experts, then top-k;
+  with ``norm_topk_prob`` the k weights are renormalised to sum to 1)."""
+
+  n_experts: int
+  n_active: int
+  d_ff: int
+  norm_topk_prob: bool = True
+
+  def __post_init__(self):
+    if self.n_experts < 1 or self.d_ff < 1:
+      raise ValueError(
+        f"MixtureOfExperts: n_experts and d_ff must be >= 1, got {self.n_experts}, {self.d_ff}"
+      )
+    if not 1 <= self.n_active <= self.n_experts:
+      raise ValueError(
+        f"MixtureOfExperts: n_active (num_experts_per_tok) must be in 1..n_experts="
+        f"{self.n_experts}, got {self.n_active}"
+      )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +69,14 @@ class LlamaConfig:
   # causal attention only, which equals the windowed one for sequences of at most
   # `sliding_window` positions; `check_seq_len` refuses longer ones.
   sliding_window: int | None = None
+  # Qwen3: RMSNorm over each query and key head (weights [head_dim]) before RoPE.
+  qk_norm: bool = False
+  # Qwen3-MoE: every layer's MLP is a mixture of experts (mixed dense/MoE stacks are refused
+  # by the loaders: the layer scan needs one layer shape).
+  moe: MixtureOfExperts | None = None
+  # Llama-3.1 GGUFs: per-frequency divisors of the RoPE inverse frequencies [head_dim / 2]
+  # (llama.cpp's ``rope_freqs`` tensor), used instead of ``rope_scaling``.
+  rope_freq_factors: tuple[float, ...] | None = None
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -54,6 +86,13 @@ class LlamaConfig:
     w = self.sliding_window
     if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
       raise ValueError(f"sliding_window must be None (full attention) or an int >= 1, got {w!r}")
+    f = self.rope_freq_factors
+    if f is not None and len(f) != self.head_dim // 2:
+      raise ValueError(
+        f"rope_freq_factors must have head_dim/2={self.head_dim // 2} entries, got {len(f)}"
+      )
+    if f is not None and self.rope_scaling is not None:
+      raise ValueError("give rope_scaling or rope_freq_factors, not both")
 
   @property
   def seq_len_limit(self) -> int:
@@ -104,15 +143,23 @@ class LlamaConfig:
   def kv_dim(self) -> int:
     return self.n_kv_heads * self.head_dim
 
+  @property
+  def mlp_width(self) -> int:
+    """The width of the MLP's gate/up output: d_ff, or each expert's d_ff with experts."""
+    return self.d_ff if self.moe is None else self.moe.d_ff
+
   @functools.cached_property
   def sites(self) -> SiteSet:
     """The decoder layer's linears, in the order the layer computes them (the declaration the
     rest of the library iterates over; see ``amber_jax.core.sites``). The paper's rules: q and
     gate sparse except in skipped layers, down always sparse, k and v (small under GQA), o and
-    up (the most sensitive) dense."""
-    d, q, kv, ff = self.d_model, self.q_dim, self.kv_dim, self.d_ff
+    up (the most sensitive) dense. With experts, gate/up/down are expert sites (an expert
+    axis, ``n_active`` of them per token); the router is not a site (never transformed, and
+    excluded from coverage as in the paper)."""
+    d, q, kv, ff = self.d_model, self.q_dim, self.kv_dim, self.mlp_width
+    experts = {} if self.moe is None else dict(experts=self.moe.n_experts, active=self.moe.n_active)
     attn = dict(reads="attn_norm", folds_into="attn_norm", parallel="column")
-    mlp = dict(reads="mlp_norm", folds_into="mlp_norm", parallel="column")
+    mlp = dict(reads="mlp_norm", folds_into="mlp_norm", parallel="column", **experts)
     return SiteSet(
       (
         Site(name="q", path="attention/q", d_in=d, d_out=q, rule="skippable", **attn),
@@ -138,6 +185,7 @@ class LlamaConfig:
           reads="mlp_hidden",
           parallel="row",
           rule="sparse",
+          **experts,
         ),
       )
     )

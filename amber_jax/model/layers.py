@@ -20,11 +20,14 @@ def rms_norm(x_BxTxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """Inverse RoPE frequencies [head_dim/2], with optional Llama-3 scaling."""
+  """Inverse RoPE frequencies [head_dim/2], with optional Llama-3 scaling (its parameters, or
+  the per-frequency divisors a Llama-3.1 GGUF stores)."""
   dim = config.head_dim
   inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
   if config.rope_scaling is not None:
     inv_freq = _llama3_scale(inv_freq, config.rope_scaling)
+  if config.rope_freq_factors is not None:
+    inv_freq = inv_freq / np.asarray(config.rope_freq_factors, np.float64)
   return inv_freq.astype(np.float32)
 
 

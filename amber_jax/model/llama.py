@@ -22,6 +22,7 @@ from flax import struct
 
 from amber_jax.core.linear import LinearSpec, site_linear
 from amber_jax.model.config import LlamaConfig
+from amber_jax.model.moe import moe_mlp
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
 from amber_jax.plan.schema import SparsityPlan
 from amber_jax.plan.sharding import constrain_batch
@@ -47,8 +48,9 @@ class KVCache:
 def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   """One pre-norm decoder layer.
 
-  ``lin(x, proj)`` is this layer's injection point; ``kv_in`` is None (attend
-  over the layer's own keys) or (k_cache, v_cache, index).
+  ``lin(x, proj)`` is this layer's injection point (``lin(rows, proj, ExpertRows)`` for an
+  expert site); ``kv_in`` is None (attend over the layer's own keys) or (k_cache, v_cache,
+  index). ``norms`` holds the layer's norm weights (and the router's, with experts).
   """
   b, t, _ = h.shape
   attn_norm, mlp_norm = norms["attn_norm"], norms["mlp_norm"]
@@ -56,6 +58,9 @@ def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   q = lin(x, "q").reshape(b, t, config.n_heads, config.head_dim)
   k = lin(x, "k").reshape(b, t, config.n_kv_heads, config.head_dim)
   v = lin(x, "v").reshape(b, t, config.n_kv_heads, config.head_dim)
+  if config.qk_norm:  # Qwen3: RMSNorm over each head, before RoPE
+    q = rms_norm(q, norms["q_norm"], config.norm_eps)
+    k = rms_norm(k, norms["k_norm"], config.norm_eps)
   q = apply_rope(q, cos, sin)
   k = apply_rope(k, cos, sin)
   if kv_in is None:
@@ -68,6 +73,8 @@ def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
   h = h + lin(attn, "o")
   x = rms_norm(h, mlp_norm, config.norm_eps)
+  if config.moe is not None:
+    return h + moe_mlp(x, norms["router"], config.moe, lin), kv_out
   gated = jax.nn.silu(lin(x, "gate")) * lin(x, "up")
   h = h + lin(gated, "down")
   return h, kv_out
@@ -105,12 +112,12 @@ def _plan_injection(
     rows = None if layer_x["plan"] is None else layer_x["plan"]["sites"]
     hook_rows = layer_x["hook"]
 
-    def lin(x, name):
+    def lin(x, name, experts=None):
       weights = layer_params[name]
       row = None if rows is None else rows[name]
 
       def linear(x_):
-        return site_linear(x_, weights, row, spec)
+        return site_linear(x_, weights, row, spec, experts)
 
       if hook is None:
         return linear(x)
@@ -171,7 +178,12 @@ def _scan_layers(
     norms = {"attn_norm": layer_params["attn_norm"], "mlp_norm": layer_params["mlp_norm"]}
     plan_x = layer_x["plan"] if isinstance(layer_x, dict) and "plan" in layer_x else None
     if plan_x is not None and plan_x.get("norms") is not None:
-      norms = plan_x["norms"]  # RMSNorm weights with smoothing folded in (W8A8 plans)
+      norms = dict(plan_x["norms"])  # RMSNorm weights with smoothing folded in (W8A8 plans)
+    for name in ("q_norm", "k_norm"):  # Qwen3's per-head norms (never folded)
+      if name in layer_params:
+        norms[name] = layer_params[name]
+    if "router" in layer_params:
+      norms["router"] = layer_params["router"]["w"]
 
     def run(h_):
       return _decoder_layer(config, h_, lin, cos, sin, kv_in, mask, norms)

@@ -59,6 +59,7 @@ class SiteField:
   whole: bool = False
   decode: bool = False
   every_site: bool = True  # False: only some sites have it (a channel order of o alone)
+  per_expert: bool = True  # False: one entry per layer even on an expert site (``enabled``)
 
   @property
   def name(self) -> str:
@@ -66,14 +67,16 @@ class SiteField:
 
   def shape(self, site: Site, n_layers: int) -> tuple[int, ...]:
     """The array's shape for ``site`` of a model of ``n_layers`` layers."""
-    experts = (site.experts,) if site.experts else ()
+    experts = (site.experts,) if site.experts and self.per_expert else ()
     dims = {"in": site.d_in, "out": site.d_out}
     return (n_layers, *experts, *(dims[a] for a in self.axes))
 
 
 _F32, _BOOL = "float32", "bool"
 SITE_FIELDS: tuple[SiteField, ...] = (
-  SiteField("enabled", None, (), _BOOL, "the site's input is N:M-sparsified in prefill"),
+  SiteField(
+    "enabled", None, (), _BOOL, "the site's input is N:M-sparsified in prefill", per_expert=False
+  ),
   SiteField("factors", None, ("in",), _F32, "score factors: the score is |x| * factors"),
   SiteField(
     "channel_order",
@@ -201,7 +204,7 @@ class SparsityPlan:
   """Which linear inputs are sparsified in prefill, and with which score factors."""
 
   enabled: dict[str, jax.Array]  # proj -> bool [L]
-  factors: dict[str, jax.Array]  # proj -> float32 [L, d_in]
+  factors: dict[str, jax.Array]  # proj -> float32 [L, d_in] ([L, E, d_in] on an expert site)
   pattern: NMPattern | None = struct.field(pytree_node=False, default=None)
   impl: str = struct.field(pytree_node=False, default="xla")  # see amber_jax.core.backends
   # impl="xla": the mask algorithm (amber_jax.core.sparsity.nm_mask); all give the same mask.
@@ -272,7 +275,8 @@ def make_plan(
     pattern: N:M pattern, "N:M", or None for dense.
     sites: "all" (every projection of every layer) or an iterable of
       (layer, projection) pairs to sparsify.
-    factors: optional proj -> [L, d_in] score factors (default: ones, the |x| score).
+    factors: optional proj -> [L, d_in] score factors (default: ones, the |x| score);
+      [L, E, d_in] for an expert site.
     impl: "xla", "pallas" (the fused kernel) or "pallas_mask" (mask pass + dot); None picks
       the backend's default (xla everywhere for now: see amber_jax.core.backends). An impl that
       cannot run raises ValueError.
@@ -311,12 +315,12 @@ def make_plan(
     raise ValueError(f"factors has unknown projections {unknown}; valid: {', '.join(names)}")
   out_factors = {}
   for proj in names:
-    d_in = shapes[proj][0]
-    f = np.ones((n_layers, d_in), np.float32)
+    want = _FIELDS[("factors", None)].shape(config.sites[proj], n_layers)
+    f = np.ones(want, np.float32)
     if factors is not None and proj in factors:
       f = np.asarray(factors[proj], np.float32)
-      if f.shape != (n_layers, d_in):
-        raise ValueError(f"factors[{proj!r}] must have shape {(n_layers, d_in)}, got {f.shape}")
+      if f.shape != want:
+        raise ValueError(f"factors[{proj!r}] must have shape {want}, got {f.shape}")
       if not (np.isfinite(f).all() and (f >= 0).all()):
         raise ValueError(
           f"factors[{proj!r}] must be finite and >= 0 (score = |x| * factor), got "
@@ -345,6 +349,8 @@ def check_plan_channel_order(
   for proj, order in channel_order.items():
     if proj not in shapes:
       raise ValueError(f"channel_order has unknown projection {proj!r}; valid: {tuple(shapes)}")
+    if config.sites[proj].experts:
+      raise ValueError(f"channel_order[{proj!r}]: channel orders of expert sites are not supported")
     order = np.asarray(order)
     d_in = shapes[proj][0]
     if order.shape != (config.n_layers, d_in):
