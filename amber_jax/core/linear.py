@@ -21,10 +21,11 @@ A row of None (decode, a dense plan) is the plain ``x @ w (+ b)``. The model cal
 ``site_linear``; ``amber_jax.core.dot_general`` exports the same steps for other Flax code.
 
 An *expert site* (a mixture-of-experts layer's gate/up/down) has a weight ``[E, d_in, d_out]``
-and a row whose arrays carry the expert axis first (``enabled [E]``, ``factors [E, d_in]``, the
-W8A8 arrays ``[E, ...]``; ``enabled`` is one flag per layer, shared by the experts). Its input is the routed rows, sorted by expert (``ExpertRows``): each
-row takes its expert's factors, flags and scales, and the product is one grouped matmul
-(``jax.lax.ragged_dot``) whose cost follows the rows, never all E experts.
+and a row whose arrays carry the expert axis first (``factors [E, d_in]``, the W8A8 arrays
+``[E, ...]``; ``enabled`` is one flag per layer, shared by the experts). Its input is the
+routed rows, sorted by expert (``ExpertRows``): each row takes its expert's factors and
+scales, and the product is one grouped matmul (``jax.lax.ragged_dot``) whose cost follows the
+rows, never all E experts.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from flax import struct
 
 from amber_jax.core.linear import LinearSpec, site_linear
 from amber_jax.model.config import LlamaConfig
-from amber_jax.model.moe import moe_mlp
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
+from amber_jax.model.moe import moe_mlp
 from amber_jax.plan.schema import SparsityPlan
 from amber_jax.plan.sharding import constrain_batch
 
