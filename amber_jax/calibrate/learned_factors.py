@@ -37,6 +37,7 @@ from amber_jax.core.sparsity import nm_mask, nm_scores
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import forward, lm_head, model_pass
 from amber_jax.plan.schema import SparsityPlan
+from amber_jax.core.linear import row_factors, site_product
 from amber_jax.util.progress import progress_bar
 
 
@@ -94,20 +95,21 @@ def _sparse_logits(params, tokens_BxT, theta, plan, *, config, temperature):
     on, log_scale, corr = row["enabled"], row.get("log_scale"), row.get("correction")
     w = weights["w"].astype(x.dtype)
 
-    def ste(v):
-      factors = jnp.exp(row["log_factors"])
+    def ste(v):  # an expert site's rows each take their expert's factors
+      factors = row_factors(jnp.exp(row["log_factors"]), weights)
       return ste_sparsify(v, pattern, factors, temperature, row.get("channel_order"))
 
     if corr is None:
-      y = jnp.einsum("...i,io->...o", jnp.where(on, ste(x), x), w)
+      y = site_product(jnp.where(on, ste(x), x), weights)
     else:  # the model's corrected path, with the straight-through mask
       y_sparse = corrected_sparse_matmul(x, w, pattern, None, corr, sparsify_fn=ste)
       y = jnp.where(on, y_sparse, jnp.einsum("...i,io->...o", x, w))
     if log_scale is not None:  # the plan's correction out_scale, on sparse sites only
-      scale = jnp.exp(log_scale).astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+      scale = row_factors(jnp.exp(log_scale), weights).astype(y.dtype)
+      scale = scale.reshape((1,) * (y.ndim - scale.ndim) + scale.shape)
       y = jnp.where(on, y * scale, y)
     if "b" in weights:
-      y = y + weights["b"].astype(y.dtype)
+      y = y + row_factors(weights["b"], weights).astype(y.dtype)
     return y, None
 
   out = model_pass(params, tokens_BxT, config=config, hook=hook, hook_xs=hook_xs)

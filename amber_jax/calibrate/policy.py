@@ -34,6 +34,7 @@ from amber_jax.calibrate.harness import (
   site_error_table,
   site_records,
 )
+from amber_jax.core.linear import row_factors, site_product
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sites import Architecture
 from amber_jax.core.sparsity import sparsify
@@ -117,11 +118,10 @@ class Sensitivity:
 @functools.partial(jax.jit, static_argnames=("config", "pattern", "dtype"))
 def _sensitivity_sums(params, tokens_BxT, sites, *, config, pattern, dtype):
   def record(x, weights, site):
-    w = weights["w"].astype(x.dtype)
-    y = jnp.einsum("...i,io->...o", x, w).astype(jnp.float32)
-    x_sparse = sparsify(x, pattern, site["factors"], channel_order=site.get("channel_order"))
-    err = jnp.einsum("...i,io->...o", x - x_sparse, w)
-    err = err.astype(jnp.float32)
+    y = site_product(x, weights).astype(jnp.float32)
+    factors = row_factors(site["factors"], weights)
+    x_sparse = sparsify(x, pattern, factors, channel_order=site.get("channel_order"))
+    err = site_product(x - x_sparse, weights).astype(jnp.float32)
     return jnp.sum(err * err), jnp.sum(y * y)
 
   return site_records(

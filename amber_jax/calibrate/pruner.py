@@ -145,6 +145,12 @@ def build_plan(
   every coverage target), so policy="search" skips measuring them again."""
   start = time.perf_counter()
   amber.validate_for(config)
+  expert_sites = [s.name for s in config.sites if s.experts]
+  if amber.correction != "none" and expert_sites:
+    raise ValueError(
+      f"correction={amber.correction!r}: output corrections are not supported on expert sites "
+      f"({', '.join(expert_sites)}); use correction='none' on a mixture-of-experts model"
+    )
   if amber.pattern is None:
     plan = make_plan(config, None, impl=amber.impl)
     return PlanInfo(plan, plan_coverage(config, plan), (), None, time.perf_counter() - start)

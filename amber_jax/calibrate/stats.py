@@ -21,6 +21,7 @@ from amber_jax.calibrate.harness import (
   windows_in_batches,
 )
 from amber_jax.calibrate.policy import check_batch_size
+from amber_jax.core.linear import LinearSpec, site_linear, site_product
 from amber_jax.core.quant import int8_rescaled_dot, quantize_activation
 from amber_jax.model.config import LlamaConfig
 
@@ -59,7 +60,13 @@ def collect_input_absmax(
 @functools.partial(jax.jit, static_argnames=("config", "act_mode", "dtype"))
 def _batch_quant_errors(params, tokens_BxT, sites, *, config, act_mode, dtype):
   def record(x, weights, q):
-    y = jnp.einsum("...i,io->...o", x, weights["w"].astype(x.dtype)).astype(jnp.float32)
+    y = site_product(x, weights).astype(jnp.float32)
+    rows = weights.get("expert_rows")
+    if rows is not None:  # an expert site: its own W8A8 product, the smoothing undone
+      q = {**q, "act_div": q["fold"] * q["act_div"], "in_float": jnp.zeros_like(q["in_float"])}
+      spec = LinearSpec(act_mode=act_mode)
+      err = y - site_linear(x, weights, {"quant": q}, spec, rows).astype(jnp.float32)
+      return jnp.sum(err * err), jnp.sum(y * y)
     s = (q["fold"] * q["act_div"]).astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
     static = q["act_scale"] if act_mode == "tensor" else None
     x_q, x_scale = quantize_activation(x / s, mode=act_mode, static_scale=static)

@@ -194,6 +194,22 @@ def expert_nm_step(row: dict | None, spec: LinearSpec, rows: ExpertRows):
   return step
 
 
+def site_product(x: jax.Array, weights: dict) -> jax.Array:
+  """The plain product ``x @ w`` of a site in x's dtype (no bias, no transform): grouped per
+  expert when ``weights`` carries ``expert_rows`` (what a site hook sees at an expert site)."""
+  rows = weights.get("expert_rows")
+  if rows is not None:
+    return grouped_matmul(x, weights["w"], rows)
+  return dense_matmul(x, weights["w"])
+
+
+def row_factors(factors: jax.Array, weights: dict) -> jax.Array:
+  """A site's score factors as ``sparsify`` takes them for x: ``[d_in]``, or one row per routed
+  row (its expert's) when ``weights`` carries ``expert_rows``."""
+  rows = weights.get("expert_rows")
+  return factors if rows is None else _per_row(factors, rows)
+
+
 def grouped_matmul(x_RxI: jax.Array, w_ExIxO: jax.Array, rows: ExpertRows) -> jax.Array:
   """Each routed row times its expert's weight: ``ragged_dot`` in x's dtype, [R, d_out]."""
   return jax.lax.ragged_dot(x_RxI, w_ExIxO.astype(x_RxI.dtype), rows.group_sizes)

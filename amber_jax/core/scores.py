@@ -67,14 +67,15 @@ def channel_factors(
 
 
 def model_factors(params, score: str, *, robust_clip: bool = True) -> dict[str, np.ndarray]:
-  """proj -> [L, d_in] factors for every projection of a stacked-layer params tree."""
+  """site -> [L, d_in] factors for every site (``layers/<name>/w``) of a stacked-layer params
+  tree; [L, E, d_in] for an expert site (``w`` [L, E, d_in, d_out]: each expert's own)."""
   check_score(score)
   out = {}
   for proj, weights in params["layers"].items():
     if not isinstance(weights, dict) or "w" not in weights:
       continue
-    w_LxIxO = np.asarray(weights["w"], np.float32)
-    out[proj] = np.stack(
-      [channel_factors(w, score, robust_clip=robust_clip) for w in w_LxIxO]
-    ).astype(np.float32)
+    w = np.asarray(weights["w"], np.float32)
+    mats = w.reshape(-1, *w.shape[-2:])  # every (layer[, expert]) matrix
+    f = np.stack([channel_factors(m, score, robust_clip=robust_clip) for m in mats])
+    out[proj] = f.reshape(*w.shape[:-2], w.shape[-2]).astype(np.float32)
   return out

@@ -479,7 +479,7 @@ def _hf_names(config: LlamaConfig) -> dict[str, Any]:
     if config.qkv_bias and p in _BIASED:
       layers[p]["b"] = f"model.layers.{{i}}.{_HF_PROJ[p]}.bias"
   if config.moe is not None:
-    layers["router"] = {"w": f"model.layers.{{i}}.{_HF_ROUTER}.weight"}
+    layers["router"] = f"model.layers.{{i}}.{_HF_ROUTER}.weight"  # not a site: a plain leaf
   names = {
     "embed": "model.embed_tokens.weight",
     "layers": layers,
@@ -503,7 +503,7 @@ def _expected_shapes(config: LlamaConfig) -> dict[str, Any]:
     if config.qkv_bias and p in _BIASED:
       layers[p]["b"] = (site.d_out,)
   if config.moe is not None:
-    layers["router"] = {"w": (d, config.moe.n_experts)}
+    layers["router"] = (d, config.moe.n_experts)
   shapes = {"embed": (v, d), "layers": layers, "final_norm": (d,)}
   if not config.tie_embeddings:
     shapes["lm_head"] = (d, v)
@@ -513,7 +513,7 @@ def _expected_shapes(config: LlamaConfig) -> dict[str, Any]:
 def _is_weight_matrix(key: str, shape: tuple[int, ...]) -> bool:
   """True for leaves stored transposed relative to HF (linear weights and lm_head; an expert
   weight's last two axes)."""
-  return key in ("w", "lm_head") and len(shape) in (2, 3)
+  return key in ("w", "lm_head", "router") and len(shape) in (2, 3)
 
 
 def read_hf_config(path: str | os.PathLike) -> LlamaConfig:
@@ -555,7 +555,7 @@ def load_hf_checkpoint(
 
   Params are numpy arrays of `dtype` (float32 by default; ``ml_dtypes.bfloat16`` keeps a bf16
   checkpoint bf16), layers stacked along axis 0, linear weights [d_in, d_out], expert weights
-  [E, d_in, d_out], the router [d_model, E]. Streamed: each stacked array is allocated once and
+  [E, d_in, d_out], the router ``layers/router`` [d_model, E] (a plain leaf: not a site). Streamed: each stacked array is allocated once and
   filled tensor by tensor, read from the file without a mapping, so the peak host memory is the
   params plus one tensor (BENCHMARKS.md). Expert weights are read from the hub's per-expert
   tensors (``mlp.experts.{e}.gate_proj.weight``) or transformers 5's stacked ones

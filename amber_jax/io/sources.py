@@ -70,3 +70,36 @@ def read_config(source: ModelSource) -> LlamaConfig:
   from amber_jax.io.hf import read_hf_config
 
   return read_hf_config(source.path)
+
+
+def read_model_config(model: str, cache_dir: str | os.PathLike, *, log=print) -> LlamaConfig:
+  """The configuration ``model`` names, without its weights: a preset of
+  ``amber_jax.model.presets`` (published shapes), a bare HF ``config.json`` file, or anything
+  ``resolve_model`` takes (a known model name, a GGUF file, an HF directory).
+
+  Raises ModelFileError / UnsupportedArchitectureError as the readers do; the message of an
+  unknown name lists the presets and known models.
+  """
+  from amber_jax.model.presets import PRESETS
+
+  if model in PRESETS:
+    return PRESETS[model]
+  path = Path(model).expanduser()
+  if path.is_file() and path.suffix.lower() == ".json":
+    import json
+
+    from amber_jax.io.hf import config_from_hf
+
+    try:
+      config_dict = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ModelFileError(f"corrupt config file {os.fspath(path)!r}: {e}") from e
+    if not isinstance(config_dict, dict):
+      raise ModelFileError(f"corrupt config file {os.fspath(path)!r}: not a JSON object")
+    return config_from_hf(config_dict)
+  if not path.exists() and model not in KNOWN_MODELS:
+    raise ModelFileError(
+      f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a known model "
+      f"({', '.join(KNOWN_MODELS)}), a config.json file, a GGUF file nor an HF directory"
+    )
+  return read_config(resolve_model(model, cache_dir, log=log))

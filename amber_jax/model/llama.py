@@ -30,7 +30,9 @@ from amber_jax.plan.sharding import constrain_batch
 Params = dict[str, Any]
 # hook(site name, x, weights, the hook's row for this layer, linear) -> (y, record or None):
 # ``linear(x)`` is the site's own output under the plan; the hook may return it, or any other
-# output (a calibration pass that overrides the site), and a record collected over layers.
+# output (a calibration pass that overrides the site), and a record collected over layers. At
+# an expert site x is the routed rows and ``weights["expert_rows"]`` their ExpertRows (use
+# ``amber_jax.core.linear.site_product`` / ``row_factors`` for the hook's own products).
 SiteHook = Callable[[str, jax.Array, dict, Any, Callable[[jax.Array], jax.Array]], tuple]
 
 
@@ -121,6 +123,8 @@ def _plan_injection(
 
       if hook is None:
         return linear(x)
+      if experts is not None:  # the hook's products need the rows' experts (site_product)
+        weights = {**weights, "expert_rows": experts}
       y, record = hook(name, x, weights, None if hook_rows is None else hook_rows[name], linear)
       if record is not None:
         records[name] = record
@@ -183,7 +187,7 @@ def _scan_layers(
       if name in layer_params:
         norms[name] = layer_params[name]
     if "router" in layer_params:
-      norms["router"] = layer_params["router"]["w"]
+      norms["router"] = layer_params["router"]
 
     def run(h_):
       return _decoder_layer(config, h_, lin, cos, sin, kv_in, mask, norms)

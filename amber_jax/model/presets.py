@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from amber_jax.model.config import LlamaConfig, RopeScaling
+from amber_jax.model.config import LlamaConfig, MixtureOfExperts, RopeScaling
 
 PRESETS: dict[str, LlamaConfig] = {
   "smollm2-135m": LlamaConfig(
@@ -36,6 +36,7 @@ PRESETS: dict[str, LlamaConfig] = {
     rope_theta=500000.0,
     rope_scaling=RopeScaling(),
     norm_eps=1e-5,
+    max_seq_len=131072,
   ),
   "qwen2-7b": LlamaConfig(
     vocab_size=152064,
@@ -49,6 +50,36 @@ PRESETS: dict[str, LlamaConfig] = {
     norm_eps=1e-6,
     qkv_bias=True,
     architecture="qwen2",
+    max_seq_len=32768,
+  ),
+  "qwen3-8b": LlamaConfig(
+    vocab_size=151936,
+    d_model=4096,
+    n_layers=36,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    d_ff=12288,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+    architecture="qwen3",
+    max_seq_len=40960,
+  ),
+  "qwen3-30b-a3b": LlamaConfig(
+    vocab_size=151936,
+    d_model=2048,
+    n_layers=48,
+    n_heads=32,
+    n_kv_heads=4,
+    head_dim=128,
+    d_ff=6144,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+    moe=MixtureOfExperts(n_experts=128, n_active=8, d_ff=768, norm_topk_prob=True),
+    architecture="qwen3_moe",
+    max_seq_len=40960,
   ),
 }
 
@@ -61,7 +92,7 @@ def preset(name: str) -> LlamaConfig:
 
 def init_random_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict:
   """Random params in our layout (normal, std 0.02; norms 1), created on the default device."""
-  keys = iter(jax.random.split(key, 16))
+  keys = iter(jax.random.split(key, 4 * len(config.sites) + 8))
   L = config.n_layers
 
   def normal(*shape):
@@ -71,10 +102,16 @@ def init_random_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) 
     "attn_norm": jnp.ones((L, config.d_model), dtype),
     "mlp_norm": jnp.ones((L, config.d_model), dtype),
   }
-  for proj, (d_in, d_out) in config.linear_shapes().items():
-    layers[proj] = {"w": normal(L, d_in, d_out)}
-    if config.qkv_bias and proj in ("q", "k", "v"):
-      layers[proj]["b"] = normal(L, d_out)
+  if config.qk_norm:
+    layers["q_norm"] = jnp.ones((L, config.head_dim), dtype)
+    layers["k_norm"] = jnp.ones((L, config.head_dim), dtype)
+  for site in config.sites:
+    experts = (site.experts,) if site.experts else ()
+    layers[site.name] = {"w": normal(L, *experts, *site.shape)}
+    if config.qkv_bias and site.name in ("q", "k", "v"):
+      layers[site.name]["b"] = normal(L, site.d_out)
+  if config.moe is not None:
+    layers["router"] = normal(L, config.d_model, config.moe.n_experts)
   params = {
     "embed": normal(config.vocab_size, config.d_model),
     "layers": layers,

@@ -93,6 +93,12 @@ def check_float_sites(
   return sites
 
 
+def _matrices_input_absmax(w: np.ndarray) -> np.ndarray:
+  """max |w| per input channel [d_in] of a weight [d_in, d_out], or over every expert of an
+  expert weight [E, d_in, d_out]."""
+  return np.max([np.asarray(weight_input_absmax(m)) for m in w.reshape(-1, *w.shape[-2:])], axis=0)
+
+
 def build_quant_state(
   params,
   config: Architecture,
@@ -112,10 +118,13 @@ def build_quant_state(
   float_set = set(check_float_sites(float_sites, config))
   names = config.sites.names
   w = {p: np.asarray(params["layers"][p]["w"], np.float32) for p in names}
+  # An expert site's weight is [L, E, d_in, d_out]: its experts read the same activation (gate,
+  # up) or share one smoothing per layer (down), so the smoothing is per layer, [L, d_in], from
+  # the largest |w| over every expert; its int8 codes and scales are per expert.
   s = {}
   for group in config.sites.groups_by_input().values():
     w_absmax = np.stack(
-      [np.max([weight_input_absmax(w[p][l]) for p in group], axis=0) for l in range(n_layers)]
+      [np.max([_matrices_input_absmax(w[p][l]) for p in group], axis=0) for l in range(n_layers)]
     )
     x_absmax = np.max([input_absmax[p] for p in group], axis=0)
     group_s = np.stack(
@@ -128,21 +137,39 @@ def build_quant_state(
       s[p] = group_s
   folded = {site.name for site in config.sites if site.folds_into is not None}
   sites, smoothed = {}, {}
-  for p in names:
-    smoothed[p] = w[p] * s[p][:, :, None]
-    q_and_scale = [quantize_weight(smoothed[p][l]) for l in range(n_layers)]
+  for site in config.sites:
+    p = site.name
+    lead = (n_layers, site.experts) if site.experts else (n_layers,)
+    s_in = s[p][:, None, :] if site.experts else s[p]  # [L, (1,) d_in]
+    smoothed[p] = w[p] * s_in[..., None]
+    mats = smoothed[p].reshape(-1, *site.shape)
+    q_and_scale = [quantize_weight(m) for m in mats]
+
+    def per_site(a):  # a per-layer [L, d_in] vector as the site's [L, (E,) d_in]
+      return np.broadcast_to(a[:, None], (*lead, a.shape[-1])) if site.experts else a
+
     ones = np.ones_like(s[p])
     act_div = ones if p in folded else s[p]
     # Static per-tensor scale: the largest smoothed input value / 127.
     act_scale = np.max(input_absmax[p] / s[p], axis=1) / 127.0
+    if site.experts:
+      act_scale = np.repeat(act_scale[:, None], site.experts, axis=1)
+    in_float = np.asarray([(l, p) in float_set for l in range(n_layers)])
     sites[p] = {
-      "w_q": jnp.asarray(np.stack([np.asarray(q) for q, _ in q_and_scale]), jnp.int8),
-      "w_scale": jnp.asarray(np.stack([np.asarray(sc) for _, sc in q_and_scale]), jnp.float32),
-      "act_div": jnp.asarray(act_div),
-      "fold": jnp.asarray(s[p] if p in folded else ones),
+      "w_q": jnp.asarray(
+        np.stack([np.asarray(q) for q, _ in q_and_scale]).reshape(*lead, *site.shape), jnp.int8
+      ),
+      "w_scale": jnp.asarray(
+        np.stack([np.asarray(sc) for _, sc in q_and_scale]).reshape(*lead, site.d_out),
+        jnp.float32,
+      ),
+      "act_div": jnp.asarray(per_site(act_div)),
+      "fold": jnp.asarray(per_site(s[p] if p in folded else ones)),
       "act_scale": jnp.asarray(np.maximum(act_scale, 1e-8), jnp.float32),
-      "in_float": jnp.asarray([(l, p) in float_set for l in range(n_layers)]),
-      "act_absmax": jnp.asarray(input_absmax[p], jnp.float32),
+      "in_float": jnp.asarray(
+        np.repeat(in_float[:, None], site.experts, axis=1) if site.experts else in_float
+      ),
+      "act_absmax": jnp.asarray(per_site(input_absmax[p]), jnp.float32),
     }
   norms = {
     site.folds_into: jnp.asarray(
