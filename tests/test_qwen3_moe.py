@@ -287,7 +287,7 @@ def test_stacked_expert_tensors_load_like_per_expert_ones(moe, tmp_path):
   def stack(t):
     out = {k: v for k, v in t.items() if ".mlp.experts." not in k}
     for i in range(2):
-      per = lambda n: np.stack(
+      per = lambda n, i=i: np.stack(
         [t[f"model.layers.{i}.mlp.experts.{e}.{n}.weight"] for e in range(8)]
       )
       out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.concatenate(

@@ -32,12 +32,12 @@ import optax
 
 from amber_jax.calibrate.correction_fit import identity_correction
 from amber_jax.core.correction import corrected_sparse_matmul
+from amber_jax.core.linear import row_factors, site_product
 from amber_jax.core.patterns import NMPattern
 from amber_jax.core.sparsity import nm_mask, nm_scores
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.llama import forward, lm_head, model_pass
 from amber_jax.plan.schema import SparsityPlan
-from amber_jax.core.linear import row_factors, site_product
 from amber_jax.util.progress import progress_bar
 
 

@@ -555,10 +555,11 @@ def load_hf_checkpoint(
 
   Params are numpy arrays of `dtype` (float32 by default; ``ml_dtypes.bfloat16`` keeps a bf16
   checkpoint bf16), layers stacked along axis 0, linear weights [d_in, d_out], expert weights
-  [E, d_in, d_out], the router ``layers/router`` [d_model, E] (a plain leaf: not a site). Streamed: each stacked array is allocated once and
-  filled tensor by tensor, read from the file without a mapping, so the peak host memory is the
-  params plus one tensor (BENCHMARKS.md). Expert weights are read from the hub's per-expert
-  tensors (``mlp.experts.{e}.gate_proj.weight``) or transformers 5's stacked ones
+  [E, d_in, d_out], the router ``layers/router`` [d_model, E] (a plain leaf: not a site).
+  Streamed: each stacked array is allocated once and filled tensor by tensor, read from the
+  file without a mapping, so the peak host memory is the params plus one tensor
+  (BENCHMARKS.md). Expert weights are read from the hub's per-expert tensors
+  (``mlp.experts.{e}.gate_proj.weight``) or transformers 5's stacked ones
   (``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj`` [E, D, F]).
   ``progress(done, total)`` is called after each stacked array.
 

@@ -145,8 +145,8 @@ def build_quant_state(
     mats = smoothed[p].reshape(-1, *site.shape)
     q_and_scale = [quantize_weight(m) for m in mats]
 
-    def per_site(a):  # a per-layer [L, d_in] vector as the site's [L, (E,) d_in]
-      return np.broadcast_to(a[:, None], (*lead, a.shape[-1])) if site.experts else a
+    def per_site(a, lead=lead, experts=site.experts):  # [L, d_in] as the site's [L, (E,) d_in]
+      return np.broadcast_to(a[:, None], (*lead, a.shape[-1])) if experts else a
 
     ones = np.ones_like(s[p])
     act_div = ones if p in folded else s[p]
