@@ -124,11 +124,12 @@ def check_mesh(
     raise ValueError(f"mesh must have axes {AXES}, got mesh.axis_names={tuple(mesh.axis_names)}")
   model, data = mesh.shape[MODEL], mesh.shape[DATA]
   if config is not None:
-    dims = {
-      "n_heads": config.n_heads,
-      "n_kv_heads": config.n_kv_heads,
-      "d_ff": config.d_ff,
-    }
+    dims = {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads}
+    moe = getattr(config, "moe", None)
+    if moe is None:
+      dims["d_ff"] = config.d_ff
+    else:  # expert parallel: whole experts per device
+      dims["n_experts"] = moe.n_experts
     if vocab_parallel:
       dims["vocab_size"] = config.vocab_size
     for name, size in dims.items():
@@ -157,8 +158,13 @@ def _divisors_of_all(sizes) -> list[int]:
 
 
 def _matrix_spec(site: Site, fsdp: bool) -> P:
-  """[L, d_in, d_out]: Megatron split over "model", the other dim over "data" with FSDP."""
+  """[L, d_in, d_out]: Megatron split over "model", the other dim over "data" with FSDP. An
+  expert site [L, E, d_in, d_out] is expert parallel: its experts split over "model", each
+  device holding whole experts (d_model over "data" with FSDP)."""
   other = DATA if fsdp else None
+  if site.experts:
+    d_model_axis = 0 if site.parallel == "column" else 1  # gate/up read d_model, down writes it
+    return P(None, MODEL, *((other, None) if d_model_axis == 0 else (None, other)))
   if site.parallel == "column":
     return P(None, other, MODEL)
   return P(None, MODEL, other)
@@ -171,11 +177,13 @@ def _axis_spec(site: Site, axis: str) -> str | None:
   return MODEL if site.parallel == "column" else None
 
 
-def _vector_spec(site: Site, axes: tuple[str, ...]) -> P:
-  """[L, (E,) channels] per-channel vectors: split like the site's weight on that axis."""
-  lead = (None,) * (1 + (1 if site.experts else 0))
+def _vector_spec(site: Site, axes: tuple[str, ...], per_expert: bool = True) -> P:
+  """[L, (E,) channels] per-channel vectors: split like the site's weight on that axis (an
+  expert site's over its experts, its channels whole)."""
+  if site.experts:
+    return P(None, MODEL, *(None for _ in axes)) if per_expert else P()
   split = tuple(_axis_spec(site, a) for a in axes)
-  return P(*lead, *split) if any(split) else P()
+  return P(None, *split) if any(split) else P()
 
 
 def _param_spec(names: tuple[str, ...], sites: SiteSet, *, fsdp: bool, vocab_parallel: bool) -> P:
@@ -188,6 +196,8 @@ def _param_spec(names: tuple[str, ...], sites: SiteSet, *, fsdp: bool, vocab_par
     case ("final_norm",):
       return P()
     case ("layers", name) if name in norms:  # [L, D] norm weights
+      return P()
+    case ("layers", "q_norm" | "k_norm" | "router"):  # [L, head_dim], the router [L, D, E]
       return P()
     case ("layers", name, "w") if name in sites.names:
       return _matrix_spec(sites[name], fsdp)
@@ -214,7 +224,7 @@ def _plan_spec(names: tuple[str, ...], sites: SiteSet, *, fsdp: bool) -> P:
     raise ValueError(f"plan leaf {'/'.join(names)!r} names no declared site ({sites.names})")
   if field.axes == ("in", "out"):  # the int8 weight: split as the float one
     return _matrix_spec(sites[site], fsdp)
-  return _vector_spec(sites[site], field.axes)
+  return _vector_spec(sites[site], field.axes, field.per_expert)
 
 
 def param_specs(params, *, sites: SiteSet, fsdp: bool = False, vocab_parallel: bool = True):
