@@ -47,6 +47,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 from _common import cpu_model_name, define_options, run, usable_cpus
 from absl import flags
 
+from amber_jax.bench.moe_bench import bench_moe, format_moe_table, scaled_moe_config
 from amber_jax.bench.prefill_bench import (
   MATMUL_PRECISIONS,
   PrefillBenchConfig,
@@ -58,6 +59,7 @@ from amber_jax.bench.prefill_bench import (
   run_prefill_bench,
 )
 from amber_jax.io.atomic import check_output_file, write_json_atomic
+from amber_jax.model.presets import preset
 from amber_jax.runs.checks import check_text_source, parse_ints
 
 OPTS = define_options(
@@ -92,7 +94,8 @@ _TORCH_THREADS = flags.DEFINE_integer(
 _RANDOM_INIT = flags.DEFINE_string(
   "random_init",
   None,
-  "Benchmark random weights of a preset (smollm2-135m, llama-3.1-8b, qwen2-7b) instead of "
+  "Benchmark random weights of a preset (smollm2-135m, llama-3.1-8b, qwen2-7b, qwen3-8b; "
+  "qwen3-30b-a3b: the MoE table, see --moe_divisor) instead of "
   "loading --model: for machines that cannot fetch the checkpoint (no HF column).",
 )
 _IMPLS = flags.DEFINE_list(
@@ -106,6 +109,15 @@ _PEAK_TFLOPS = flags.DEFINE_float(
   None,
   "With --random_init: the device's dense peak in --dtype, TFLOP/s (989 for bf16 on an "
   "H200), to print each prefill's compute floor; unset: no floor (a CPU's is not known here).",
+)
+_MOE_DIVISOR = flags.DEFINE_integer(
+  "moe_divisor",
+  4,
+  "With an MoE --random_init (qwen3-30b-a3b): divide d_model, heads and FFN widths by this "
+  "(experts and active experts kept) to run on a CPU; 1: the published shape.",
+)
+_MOE_LAYERS = flags.DEFINE_integer(
+  "moe_layers", 4, "With an MoE --random_init: the number of layers timed."
 )
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown (BENCHMARKS.md).")
 _DEVICE_INFO = flags.DEFINE_bool("device_info", False, "Print machine and JAX devices, then exit.")
@@ -149,6 +161,25 @@ def main(argv):
     f"{usable_cpus()} usable: {machine['cpu_model'] or machine['machine']})"
   )
   if _DEVICE_INFO.value:
+    return
+  if _RANDOM_INIT.value and preset(_RANDOM_INIT.value).moe is not None:
+    config = scaled_moe_config(
+      preset(_RANDOM_INIT.value), divisor=_MOE_DIVISOR.value, n_layers=_MOE_LAYERS.value
+    )
+    result = bench_moe(
+      config,
+      name=_RANDOM_INIT.value,
+      batch_sizes=batch_sizes,
+      seq_lens=seq_lens,
+      pattern=_PATTERN.value if _PATTERN.value != "dense" else None,
+      repeats=_REPEATS.value,
+      dtype=_DTYPE.value,
+    )
+    result["machine"] = machine
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(format_moe_table(result))
+    if _OUTPUT.value:
+      write_json_atomic(_OUTPUT.value, result)
     return
   if _RANDOM_INIT.value:
     result = bench_random_preset(

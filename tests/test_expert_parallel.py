@@ -86,7 +86,7 @@ def _script() -> None:
   params = jax.tree.map(np.asarray, init_random_params(config, key, dtype=jnp.float32))
   rng = np.random.default_rng(0)
   # O(1) activations: weights of unit-variance outputs (the presets' 0.02 gives tiny logits).
-  for name, leaf in params["layers"].items():
+  for leaf in params["layers"].values():
     if isinstance(leaf, dict):
       w = leaf["w"]
       leaf["w"] = (rng.standard_normal(w.shape) / np.sqrt(w.shape[-2])).astype(np.float32)

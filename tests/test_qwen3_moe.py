@@ -433,3 +433,15 @@ def test_random_presets_have_the_loaders_layout(name):
   params = init_random_params(small, jax.random.key(0), dtype=jnp.float32)
   logits = forward(params, jnp.zeros((1, 5), jnp.int32), config=small)
   assert logits.shape == (1, 5, 64) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_every_expert_dispatch_equals_the_grouped_one(moe):
+  import dataclasses
+
+  config, params, tokens = moe
+  every = dataclasses.replace(config, moe=dataclasses.replace(config.moe, dispatch="every"))
+  np.testing.assert_allclose(
+    np.asarray(forward(params, tokens, config=every)),
+    np.asarray(forward(params, tokens, config=config)),
+    atol=2e-5,
+  )

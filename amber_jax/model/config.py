@@ -30,8 +30,16 @@ class MixtureOfExperts:
   n_active: int
   d_ff: int
   norm_topk_prob: bool = True
+  # "grouped": each token's rows go to its n_active experts only (the model). "every": every
+  # token through every expert, the unselected ones weighted 0 (the same result at E / n_active
+  # times the work: the baseline the benchmarks compare the grouped dispatch against).
+  dispatch: str = "grouped"
 
   def __post_init__(self):
+    if self.dispatch not in ("grouped", "every"):
+      raise ValueError(
+        f"MixtureOfExperts: dispatch must be 'grouped' or 'every', got {self.dispatch!r}"
+      )
     if self.n_experts < 1 or self.d_ff < 1:
       raise ValueError(
         f"MixtureOfExperts: n_experts and d_ff must be >= 1, got {self.n_experts}, {self.d_ff}"

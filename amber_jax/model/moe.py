@@ -36,16 +36,31 @@ def dispatch(top_e_NxK: jax.Array, n_experts: int) -> tuple[jax.Array, ExpertRow
   return order, ExpertRows(group_sizes=sizes, expert_ids=flat[order])
 
 
+def _every_expert(top_p_NxK, top_e_NxK, n_experts: int):
+  """``moe.dispatch == "every"``: (per-row weights [E*N], rows, token of each row), every
+  token once per expert, weighted 0 where the router did not pick that expert."""
+  n = top_e_NxK.shape[0]
+  picked = top_e_NxK[None, :, :] == jnp.arange(n_experts)[:, None, None]  # [E, N, k]
+  gain = jnp.sum(jnp.where(picked, top_p_NxK[None], 0), axis=-1).reshape(-1)
+  sizes = jnp.full((n_experts,), n, jnp.int32)
+  rows = ExpertRows(group_sizes=sizes, expert_ids=jnp.repeat(jnp.arange(n_experts), n))
+  return gain, rows, jnp.tile(jnp.arange(n), n_experts)
+
+
 def moe_mlp(x_BxTxD: jax.Array, router_DxE: jax.Array, moe: MixtureOfExperts, expert_lin):
   """The MoE MLP's output [B, T, D]. ``expert_lin(rows_RxI, name, ExpertRows)`` is the
   layer's injection point for the expert sites ("gate", "up", "down")."""
   b, t, d = x_BxTxD.shape
   x = x_BxTxD.reshape(b * t, d)
   top_p, top_e = route(x, router_DxE, moe)
-  order, rows = dispatch(top_e, moe.n_experts)
-  token = order // moe.n_active  # the token of each sorted assignment
+  if moe.dispatch == "every":
+    gain, rows, token = _every_expert(top_p, top_e, moe.n_experts)
+  else:
+    order, rows = dispatch(top_e, moe.n_experts)
+    token = order // moe.n_active  # the token of each sorted assignment
+    gain = jnp.take(top_p.reshape(-1), order)
   xs = jnp.take(x, token, axis=0)
   hidden = jax.nn.silu(expert_lin(xs, "gate", rows)) * expert_lin(xs, "up", rows)
-  y = expert_lin(hidden, "down", rows) * jnp.take(top_p.reshape(-1), order)[:, None]
+  y = expert_lin(hidden, "down", rows) * gain[:, None].astype(x.dtype)
   out = jnp.zeros_like(x).at[token].add(y.astype(x.dtype))
   return out.reshape(b, t, d)
