@@ -445,3 +445,22 @@ def test_every_expert_dispatch_equals_the_grouped_one(moe):
     np.asarray(forward(params, tokens, config=config)),
     atol=2e-5,
   )
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 17, 3], [0, 0, 25, 0], [1, 1, 1, 22]])
+def test_grouped_dot_equals_ragged_dot(sizes):
+  from amber_jax.core.linear import grouped_dot
+
+  rng = np.random.default_rng(3)
+  r, e = sum(sizes), len(sizes)
+  x = jnp.asarray(rng.standard_normal((r, 24)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((e, 24, 10)), jnp.float32)
+  g = jnp.asarray(sizes, jnp.int32)
+  got, want = grouped_dot(x, w, g), jax.lax.ragged_dot(x, w, g)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  xi = jnp.asarray(rng.integers(-127, 128, (r, 24)), jnp.int8)
+  wi = jnp.asarray(rng.integers(-127, 128, (e, 24, 10)), jnp.int8)
+  np.testing.assert_array_equal(
+    np.asarray(grouped_dot(xi, wi, g, preferred_element_type=jnp.int32)),
+    np.asarray(jax.lax.ragged_dot(xi, wi, g, preferred_element_type=jnp.int32)),
+  )

@@ -24,8 +24,8 @@ An *expert site* (a mixture-of-experts layer's gate/up/down) has a weight ``[E, 
 and a row whose arrays carry the expert axis first (``factors [E, d_in]``, the W8A8 arrays
 ``[E, ...]``; ``enabled`` is one flag per layer, shared by the experts). Its input is the
 routed rows, sorted by expert (``ExpertRows``): each row takes its expert's factors and
-scales, and the product is one grouped matmul (``jax.lax.ragged_dot``) whose cost follows the
-rows, never all E experts.
+scales, and the product is one grouped matmul (``grouped_dot``: ``ragged_dot``'s semantics)
+whose cost follows the rows, never all E experts.
 """
 
 from __future__ import annotations
@@ -210,9 +210,56 @@ def row_factors(factors: jax.Array, weights: dict) -> jax.Array:
   return factors if rows is None else _per_row(factors, rows)
 
 
+def _tile_rows(n_rows: int, n_experts: int) -> int:
+  """Rows per tile of ``grouped_dot``: about the mean group size (a power of two in 8..128),
+  so the padding of the last tile of each group costs at most about one tile per expert."""
+  mean = max(n_rows // max(n_experts, 1), 1)
+  return int(min(128, max(8, 1 << (mean - 1).bit_length())))
+
+
+def grouped_dot(
+  x_RxI: jax.Array, w_ExIxO: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None
+) -> jax.Array:
+  """``ragged_dot`` semantics (rows sorted by group, ``group_sizes`` [E]) at a cost that follows
+  the rows: each group is cut into tiles of a few rows, and one ``[tile, I] @ [I, O]`` product
+  runs per tile with that group's weight (``lax.map``; the unused tail tiles are skipped at run
+  time). ``jax.lax.ragged_dot`` itself lowers on CPU to a product of every row with every
+  group's weight (E times the work: 1.02 s against 0.07 s for E=128 vs 8, 4096 x 512 x 192,
+  measured on 2 cores), which is what a mixture of experts must avoid."""
+  r, d_in = x_RxI.shape
+  e, _, d_out = w_ExIxO.shape
+  tile = _tile_rows(r, e)
+  n_tiles = -(-r // tile) + e  # every group's rows, each group's last tile partly filled
+  sizes = group_sizes.astype(jnp.int32)
+  tiles_of = (sizes + tile - 1) // tile
+  tiles_end = jnp.cumsum(tiles_of)
+  tile_ids = jnp.arange(n_tiles, dtype=jnp.int32)
+  expert = jnp.searchsorted(tiles_end, tile_ids, side="right").astype(jnp.int32)  # E: unused
+  used = expert < e
+  expert_c = jnp.minimum(expert, e - 1)
+  first = (tile_ids - (tiles_end - tiles_of)[expert_c]) * tile  # row offset inside the group
+  offset = first[:, None] + jnp.arange(tile, dtype=jnp.int32)[None, :]  # [n_tiles, tile]
+  valid = used[:, None] & (offset < sizes[expert_c][:, None])
+  row = (jnp.cumsum(sizes) - sizes)[expert_c][:, None] + offset
+  x_tiles = jnp.take(x_RxI, jnp.where(valid, row, 0), axis=0)
+  x_tiles = jnp.where(valid[..., None], x_tiles, jnp.zeros((), x_RxI.dtype))
+  out_dtype = preferred_element_type or x_RxI.dtype
+
+  def one_tile(args):
+    x_t, e_t, used_t = args
+    zeros = jnp.zeros((tile, d_out), out_dtype)
+    dot = lambda: jax.lax.dot(x_t, w_ExIxO[e_t], preferred_element_type=out_dtype)
+    return jax.lax.cond(used_t, dot, lambda: zeros)
+
+  y_tiles = jax.lax.map(one_tile, (x_tiles, expert_c, used))
+  target = jnp.where(valid, row, r).reshape(-1)  # invalid slots land past the end: dropped
+  out = jnp.zeros((r, d_out), out_dtype)
+  return out.at[target].set(y_tiles.reshape(-1, d_out), mode="drop")
+
+
 def grouped_matmul(x_RxI: jax.Array, w_ExIxO: jax.Array, rows: ExpertRows) -> jax.Array:
-  """Each routed row times its expert's weight: ``ragged_dot`` in x's dtype, [R, d_out]."""
-  return jax.lax.ragged_dot(x_RxI, w_ExIxO.astype(x_RxI.dtype), rows.group_sizes)
+  """Each routed row times its expert's weight (``grouped_dot``) in x's dtype, [R, d_out]."""
+  return grouped_dot(x_RxI, w_ExIxO.astype(x_RxI.dtype), rows.group_sizes)
 
 
 def _expert_w8a8(x, w, row, spec, rows):
@@ -233,7 +280,7 @@ def _expert_w8a8(x, w, row, spec, rows):
   else:
     x_q, x_scale = quantize(xs)
     x_q = sparse(x_q)
-  acc = jax.lax.ragged_dot(x_q, q["w_q"], rows.group_sizes, preferred_element_type=jnp.int32)
+  acc = grouped_dot(x_q, q["w_q"], rows.group_sizes, preferred_element_type=jnp.int32)
   y = (acc.astype(jnp.float32) * x_scale * _per_row(q["w_scale"], rows)).astype(x.dtype)
 
   def with_float(y_):

@@ -4,7 +4,7 @@ Each token's router logits (a plain float linear, never transformed: the router 
 go through a float32 softmax over all experts; the top ``n_active`` are kept (renormalised to
 sum to 1 with ``norm_topk_prob``), as transformers' ``Qwen3MoeTopKRouter``. The token-expert
 assignments are then sorted by expert, so that each expert site (gate, up, down) is one grouped
-matmul over the routed rows (``amber_jax.core.linear.grouped_matmul``, ``jax.lax.ragged_dot``):
+matmul over the routed rows (``amber_jax.core.linear.grouped_dot``, ragged_dot semantics):
 the work follows the ``T * n_active`` assignments, never all E experts. The outputs are
 weighted and summed back per token.
 """
