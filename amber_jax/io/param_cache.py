@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from amber_jax.io.atomic import replace_directory
-from amber_jax.model.config import LlamaConfig, RopeScaling
+from amber_jax.model.config import LlamaConfig, MixtureOfExperts, RopeScaling
 
 # Bump when the conversion changes (layout, permutation, dtype, config fields): old entries
 # become stale. 2: LlamaConfig.sliding_window (a version-1 entry of a Mistral v0.1 checkpoint
@@ -68,6 +68,10 @@ def config_from_dict(d: dict) -> LlamaConfig:
   d = dict(d)
   if d.get("rope_scaling") is not None:
     d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+  if d.get("moe") is not None:
+    d["moe"] = MixtureOfExperts(**d["moe"])
+  if d.get("rope_freq_factors") is not None:  # JSON gives a list; the config must stay hashable.
+    d["rope_freq_factors"] = tuple(float(f) for f in d["rope_freq_factors"])
   return LlamaConfig(**d)
 
 
