@@ -441,7 +441,7 @@ def _leaves(config: LlamaConfig, fam: _Family, arch: str) -> list[_Leaf]:
       leaves.append(_Leaf(("layers", p, "b"), per(kind, "bias"), (site.d_out,), b_conv))
   if config.moe is not None:
     leaves.append(
-      _Leaf(("layers", "router", "w"), per("FFN_GATE_INP"), (config.moe.n_experts, d), _transpose)
+      _Leaf(("layers", "router"), per("FFN_GATE_INP"), (config.moe.n_experts, d), _transpose)
     )
   return leaves
 
