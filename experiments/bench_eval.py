@@ -47,11 +47,10 @@ MODES = {  # name -> (batch size, pack)
 
 def main(argv):
   del argv
-  import jax
 
   from amber_jax.data.bigbench import MCTask, bigbench_task_path, load_bigbench_task
   from amber_jax.eval.multiple_choice import evaluate_task
-  from amber_jax.io.loading import load_model, load_tokenizer
+  from amber_jax.io.loading import load_model, load_tokenizer, to_device
   from amber_jax.io.sources import resolve_model
   from amber_jax.runs.checks import check_at_least, check_nonempty
   from amber_jax.runs.common import check_cache_dir
@@ -72,7 +71,7 @@ def main(argv):
   loaded = load_model(source, cache, show_progress=False)
   # On the device once: numpy params would be copied to it again on every call (538 MB here),
   # which would time the copy, and most in the mode making the most calls.
-  params = jax.device_put(loaded.params)
+  params = to_device(loaded.params, "float32")
   tokenizer = load_tokenizer(source)
   n_questions = sum(len(t.examples) for t in tasks)
   n_tokens = sum(

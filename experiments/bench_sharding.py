@@ -199,11 +199,11 @@ def _load(random_init: str | None, config, source, cache_dir: str, batch: int, s
     tokens = rng.integers(0, config.vocab_size, (batch, seq_len)).astype(np.int32)
     return config, params, tokens, f"random {random_init}"
   from amber_jax.data.texts import load_text
-  from amber_jax.io.loading import load_model, load_tokenizer
+  from amber_jax.io.loading import load_model, load_tokenizer, to_device
 
   ids = load_tokenizer(source).encode(load_text("lee_background", cache_dir)).ids
   loaded = load_model(source, cache_dir, show_progress=False)
-  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), loaded.params)
+  params = to_device(loaded.params, jnp.float32)
   return loaded.config, params, token_batch(np.asarray(ids), batch, seq_len), _MODEL.value
 
 

@@ -418,7 +418,7 @@ class AmberLM(LM):
     )
     from amber_jax.calibrate.pruner import AmberConfig
     from amber_jax.core.patterns import parse_pattern_or_dense
-    from amber_jax.io.loading import load_model, load_tokenizer
+    from amber_jax.io.loading import load_model, load_tokenizer, to_device
     from amber_jax.io.sources import read_config, resolve_model
 
     if dtype not in _DTYPES:
@@ -506,8 +506,8 @@ class AmberLM(LM):
       plan, _ = load_sparsity_plan(
         plan_dir, expect={"model_config": dataclasses.asdict(config)}, config=config
       )
-    loaded = load_model(source, cache_dir, show_progress=show_progress, log=log)
-    params = jax.tree.map(lambda a: jnp.asarray(a, _DTYPES[dtype]), loaded.params)
+    loaded = load_model(source, cache_dir, dtype=dtype, show_progress=show_progress, log=log)
+    params = to_device(loaded.params, _DTYPES[dtype])
     if amber.pattern is not None:
       plan = build_method_plan(
         params,

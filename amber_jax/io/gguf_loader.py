@@ -453,8 +453,12 @@ def _leaf_name(keys: tuple[str, ...]) -> str:
 def load_gguf(
   path: str | os.PathLike,
   progress: Callable[[int, int], None] | None = None,
+  *,
+  dtype: Any = np.float32,
 ) -> tuple[LlamaConfig, dict]:
-  """(config, float32 numpy params in our layout) of a GGUF file (see ``SUPPORTED_ARCHITECTURES``).
+  """(config, numpy params of ``dtype`` in our layout) of a GGUF file (see
+  ``SUPPORTED_ARCHITECTURES``). float32 by default; ``ml_dtypes.bfloat16`` rounds each
+  dequantized tensor to bf16 as it is stored.
 
   The params tree, shapes and dtype are those of ``amber_jax.io.hf.load_hf_checkpoint``: layers
   stacked on axis 0, linear weights [d_in, d_out], expert weights [E, d_in, d_out], the router
@@ -466,6 +470,7 @@ def load_gguf(
   not use; `UnsupportedArchitectureError` for another architecture (the message lists the
   supported ones) or an unsupported variant (RoPE scaling type, experts outside qwen3moe, ...).
   """
+  dtype = np.dtype(dtype)
   reader = _reader(path)
   tensors = {t.name: t for t in reader.tensors}
   total = len(tensors)
@@ -511,7 +516,7 @@ def load_gguf(
   for leaf in leaves:
     ours = leaf.convert(np.empty(leaf.file_shape, np.float32)).shape
     lead = (n_layers,) if leaf.per_layer else ()
-    out = np.empty(lead + ours, np.float32)
+    out = np.empty(lead + ours, dtype)
     for i in range(n_layers) if leaf.per_layer else [None]:
       name = leaf.tensor.format(i=i)
       t = tensors[name]

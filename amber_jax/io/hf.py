@@ -510,6 +510,29 @@ def _expected_shapes(config: LlamaConfig) -> dict[str, Any]:
   return shapes
 
 
+def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor an HF checkpoint of ``config`` holds, name -> shape in HF's layout ([d_out,
+  d_in] linear weights; the hub's per-expert tensors), in the order ``save_hf_checkpoint``
+  writes them. For writers that stream tensor by tensor (benchmarks of loading)."""
+  out: dict[str, tuple[int, ...]] = {}
+
+  def walk(names: Any, shapes: Any, key: str, per_layer: bool) -> None:
+    if isinstance(names, dict):
+      for k in names:
+        walk(names[k], shapes[k], k, per_layer or k == "layers")
+      return
+    shape = tuple(shapes)
+    if "{e}" in names:
+      shape = shape[1:]  # one tensor per expert
+    hf_shape = shape[::-1] if _is_weight_matrix(key, shape) else shape
+    for i in range(config.n_layers) if per_layer else [None]:
+      for e in range(config.moe.n_experts) if "{e}" in names else [None]:
+        out[names.format(i=i, e=e)] = hf_shape
+
+  walk(_hf_names(config), _expected_shapes(config), "", False)
+  return out
+
+
 def _is_weight_matrix(key: str, shape: tuple[int, ...]) -> bool:
   """True for leaves stored transposed relative to HF (linear weights and lm_head; an expert
   weight's last two axes)."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from amber_jax.data.texts import DEFAULT_TEXT, load_text
 from amber_jax.eval.perplexity import make_windows
-from amber_jax.io.loading import load_model, load_tokenizer
+from amber_jax.io.loading import load_model, load_tokenizer, to_device
 from amber_jax.io.sources import DEFAULT_MODEL, read_config, resolve_model
 from amber_jax.model.config import LlamaConfig
 
@@ -114,8 +114,9 @@ def prepare_eval(
   ids = np.asarray(tokenizer.encode(load_text(text, cache_dir, log=log)).ids, np.int32)
   windows = make_windows(ids, seq_len, num_windows + calib_windows)
   rest = ids[len(windows) * (seq_len + 1) :]
-  loaded = load_model(source, cache_dir, show_progress=show_progress, log=log)
-  params = jax.tree.map(lambda a: jnp.asarray(a, DTYPES[dtype]), loaded.params)
+  # Loaded in the compute dtype (a bf16 run never holds fp32 weights) and placed leaf by leaf.
+  loaded = load_model(source, cache_dir, dtype=dtype, show_progress=show_progress, log=log)
+  params = to_device(loaded.params, DTYPES[dtype])
   return EvalSetup(
     config=loaded.config,
     params=params,
