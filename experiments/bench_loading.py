@@ -89,6 +89,7 @@ def main(argv):
             "seconds": m.seconds,
             "from_cache": m.from_cache,
             "params_dtype": m.dtype,
+            "code": m.code,
           }
           rows.append(row)
           print(

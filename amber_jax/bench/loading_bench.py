@@ -26,6 +26,7 @@ import numpy as np
 from amber_jax.io.hf import CONFIG_FILE, INDEX_FILE, config_to_hf, hf_tensor_shapes
 from amber_jax.model.config import LlamaConfig
 
+_PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
 FILE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -137,8 +138,10 @@ else:
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(dtype)), loaded.params)
 jax.block_until_ready(params)
 leaf = jax.tree.leaves(params)[0]
+import amber_jax
 print(json.dumps({"seconds": time.perf_counter() - t0, "from_cache": loaded.from_cache,
-                  "dtype": str(leaf.dtype), "peak_rss_bytes": peak()}))
+                  "dtype": str(leaf.dtype), "peak_rss_bytes": peak(),
+                  "code": amber_jax.__file__}))
 """
 
 
@@ -149,6 +152,7 @@ class LoadMeasurement:
   seconds: float
   from_cache: bool | None
   dtype: str | None
+  code: str | None  # the amber_jax the child imported
 
 
 def measure_load(
@@ -166,11 +170,12 @@ def measure_load(
     raise ValueError(f"phase must be baseline, first or cached, got {phase!r}")
   if phase == "first":
     shutil.rmtree(cache_dir, ignore_errors=True)
-  env = dict(os.environ)
-  if code_root is not None:
-    env["PYTHONPATH"] = os.fspath(code_root)
+  # The child imports amber_jax from ``root`` alone: first on PYTHONPATH, and its working
+  # directory (which ``python -c`` puts before PYTHONPATH on sys.path).
+  root = pathlib.Path(code_root) if code_root is not None else _PROJECT_ROOT
+  env = {**os.environ, "PYTHONPATH": os.fspath(root)}
   argv = [sys.executable, "-c", _DRIVER, os.fspath(model_dir), os.fspath(cache_dir), dtype, phase]
-  proc = subprocess.run(argv, env=env, capture_output=True, check=False)
+  proc = subprocess.run(argv, env=env, cwd=root, capture_output=True, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f"load child failed (rc {proc.returncode}): {proc.stderr.decode()[-2000:]}")
   result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -180,4 +185,5 @@ def measure_load(
     seconds=result["seconds"],
     from_cache=result.get("from_cache"),
     dtype=result.get("dtype"),
+    code=result.get("code"),
   )

@@ -2,10 +2,11 @@
 multiply-adds and against computing every expert, measured side by side on random weights.
 
 The three models share everything but the MLP: ``grouped`` is the MoE as the model runs it
-(each token's rows go to its ``n_active`` experts, one ``ragged_dot`` per site), ``dense_equal``
-replaces the MoE with one dense SwiGLU of width ``n_active * d_ff`` (the same linear
-multiply-adds per token, no routing), ``every_expert`` sends every token through every expert
-(``MixtureOfExperts.dispatch == "every"``, E / n_active times the expert work). With a
+(each token's rows go to its ``n_active`` experts, one ``grouped_dot`` per site: tiles of
+rows sorted by expert), ``dense_equal`` replaces the MoE with one dense SwiGLU of width
+``n_active * d_ff`` (the same linear multiply-adds per token, no routing), ``every_expert``
+sends every token through every expert (``MixtureOfExperts.dispatch == "every"``, E / n_active
+times the expert work). With a
 pattern, ``grouped_sparse`` is the MoE under the paper's rules (q, gate, down sparse).
 """
 
