@@ -153,3 +153,14 @@ def test_param_cache_saves_large_leaves_in_pieces(tmp_path, monkeypatch):
   assert not first.from_cache and again.from_cache
   np.testing.assert_array_equal(again.params["embed"], params["embed"])
   assert again.params["norm"] == 2.0
+
+
+def test_to_device_places_each_leaf_on_its_sharding():
+  import jax
+
+  device = jax.devices()[0]
+  sharding = {"a": jax.sharding.SingleDeviceSharding(device), "b": {"c": None}}
+  host = {"a": np.ones((2, 3), np.float32), "b": {"c": np.zeros(4, np.float32)}}
+  dev = to_device(host, "float32", sharding)
+  assert dev["a"].sharding == sharding["a"] and dev["a"].dtype == jnp.float32
+  assert dev["b"]["c"].shape == (4,)

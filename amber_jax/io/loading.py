@@ -96,7 +96,8 @@ def to_device(params: dict, dtype, sharding=None) -> dict:
   that host memory holds the params plus one leaf (not two copies of the model, as a
   ``jax.tree.map(jnp.asarray, params)`` does while the caller still holds the numpy tree; on a
   CPU backend the device copy is host memory too). ``sharding``, when given, is a pytree of
-  shardings matching ``params`` (e.g. ``amber_jax.sharding``'s param shardings).
+  ``jax.sharding.Sharding`` matching ``params`` (e.g. ``NamedSharding(mesh, spec)`` over
+  ``amber_jax.plan.sharding.param_specs``): each leaf goes straight to its shards.
   """
   dtype = jnp.dtype(dtype)
 
