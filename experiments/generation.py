@@ -46,11 +46,17 @@ OPTS = define_options(
   output=(None, "Results JSON (resumed when it exists)."),
 )
 _TASKS = flags.DEFINE_list("tasks", list(DEFAULT_TASKS), "Packaged task names or JSON files.")
-_PATTERNS = flags.DEFINE_list("patterns", ["dense", "8:16", "2:4"], "'dense' and/or N:M.")
+_PATTERNS = flags.DEFINE_list(
+  "patterns",
+  ["dense", "8:16", "2:4"],
+  "'dense', N:M patterns and/or unstructured targets ('50%': the baselines wanda, sparsegpt, "
+  "teal, teal_uniform, cats; each method gets the targets it takes).",
+)
 _METHODS = flags.DEFINE_list(
   "methods",
   list(METHODS),
-  "amber_jax.calibrate.methods names (naive, amber, ...), per sparse pattern.",
+  "amber_jax.calibrate.methods names (naive, amber, ..., and the baselines wanda, sparsegpt, "
+  "teal, teal_uniform, cats), per sparse pattern.",
 )
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 3, "Solved examples before each question.")
 _LIMIT = flags.DEFINE_integer("limit", 100, "Questions per task (the first ones).")

@@ -33,6 +33,14 @@ plan, --method=naive the baseline alone, --method=best the best recipe so far
 (search_mixed+learnedscale: about 7 minutes of calibration on 2 cores). --method with a conflicting
 --score, --policy, --o_order or --granularity is an error.
 
+Baselines of other papers in the same harness (amber_jax.baselines): weight N:M or unstructured
+pruning (--method=wanda or sparsegpt, with --pattern or --sparsity) and activation thresholds
+(--method=teal, teal_uniform or cats, with --sparsity); --save_plan saves the pruned weights or
+the thresholds:
+
+    python experiments/prefill.py --method=sparsegpt --pattern=2:4
+    python experiments/prefill.py --method=teal --sparsity=0.5
+
 Beyond the paper (RESULTS.md "front"): the sites chosen by their measured KL cost, with the
 o-projection's N:M groups mixing attention heads (about 5 minutes of calibration):
 
@@ -73,6 +81,12 @@ OPTS = define_options(
 )
 _PATTERN = flags.DEFINE_string(
   "pattern", "8:16", "'dense' or N:M with 1 <= N < M (e.g. 2:4, 8:16)."
+)
+_SPARSITY = flags.DEFINE_float(
+  "sparsity",
+  None,
+  "Unstructured target in (0, 1) of --method=wanda, sparsegpt (instead of --pattern), teal, "
+  "teal_uniform, cats (the share of entries set to zero).",
 )
 _SCORE = flags.DEFINE_enum(
   "score", _DEFAULT["score"], list(SCORES), "Selection score: |x|, |x|*f, robust f."
@@ -153,6 +167,7 @@ def main(argv):
   cfg = PrefillRunConfig(
     **OPTS.fields(PrefillRunConfig),
     pattern=_PATTERN.value,
+    sparsity=_SPARSITY.value,
     score=_SCORE.value,
     policy=_POLICY.value,
     skip_layers=parse_layer_list(_SKIP_LAYERS.value),

@@ -59,13 +59,19 @@ OPTS = define_options(
 _TASKS = flags.DEFINE_list(
   "tasks", list(BIGBENCH_TASKS), "Packaged BIG-bench task names or paths to BIG-bench JSON files."
 )
-_PATTERNS = flags.DEFINE_list("patterns", ["dense", "8:16", "2:4"], "'dense' and/or N:M patterns.")
+_PATTERNS = flags.DEFINE_list(
+  "patterns",
+  ["dense", "8:16", "2:4"],
+  "'dense', N:M patterns and/or unstructured targets ('50%': the baselines wanda, sparsegpt, "
+  "teal, teal_uniform, cats; each method gets the targets it takes).",
+)
 _METHODS = flags.DEFINE_list(
   "methods",
   list(METHODS),
   "For each sparse pattern, amber_jax.calibrate.methods names: naive (all linears, |x|), "
   "amber (auto "
-  "policy, robust score), or any other sparse method (search_mixed, best, ...).",
+  "policy, robust score), or any other sparse method (search_mixed, best, ...), and the "
+  "baselines wanda, sparsegpt (N:M or a % target), teal, teal_uniform, cats (a % target).",
 )
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "Solved examples before each question.")
 _LIMIT = flags.DEFINE_integer("limit", None, "The first questions of each task (default: all).")

@@ -17,6 +17,18 @@ Base methods (``BASE_METHODS``):
 * ``search``: robust score, any site, chosen by its measured KL cost (beyond the paper).
 * ``search_mixed``: ``search`` with the o-projection's N:M groups mixing attention heads.
 
+Baselines of other papers, in the same harness (``amber_jax.baselines``; ``kind`` says what
+they produce):
+
+* ``wanda``, ``sparsegpt`` (kind "weight"): weight pruning, N:M along the input axis per output
+  channel (``pattern``) or unstructured (``sparsity``); a params tree with zeros, evaluated
+  densely;
+* ``teal`` (TEAL's block-wise greedy allocation), ``teal_uniform`` (every site at the target)
+  and ``cats`` (the gated MLP activation), kind "threshold": magnitude thresholds of the
+  activations for an unstructured ``sparsity``, a plan with ``threshold`` / ``gate_threshold``.
+
+``build_method`` builds any of them into (params, plan) with its record.
+
 Suffixes (searched plans only, as the front measured them): ``+<correction>`` (any
 ``amber_jax.calibrate.correction_fit`` spec, e.g. ``+median`` or ``+median+bias``), then
 ``+learned[N]`` (N optimiser steps of learned score factors, default 4) or ``+learnedscale[N]``
@@ -60,7 +72,17 @@ CALIBRATION_COSTS = {
     "the search, then optax steps on the calibration windows (about 40 s per step for "
     "SmolLM2-135M on 2 CPU cores)"
   ),
+  "layer by layer": (
+    "one pass per layer over the calibration windows (each layer on the already-pruned "
+    "model's inputs), plus the per-site pruning (SparseGPT: an OBS solve per site)"
+  ),
+  "histograms": "one pass of histograms over the calibration windows",
+  "histograms + greedy": (
+    "one pass of histograms, then per layer one one-layer pass per site and greedy step"
+  ),
 }
+# What a method produces: no plan, an N:M plan, pruned weights, or activation thresholds.
+KINDS = ("dense", "nm", "weight", "threshold")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +100,8 @@ class BaseMethod:
   granularity: str = "layer"
   reference: str = ""  # paper / arXiv id, where there is one
   suffixes: bool = False  # takes +correction / +learned suffixes
+  kind: str = "nm"  # one of KINDS
+  takes: tuple[str, ...] = ("pattern",)  # "pattern" (N:M) and/or "sparsity" (unstructured)
 
 
 BASE_METHODS: dict[str, BaseMethod] = {
@@ -89,6 +113,8 @@ BASE_METHODS: dict[str, BaseMethod] = {
       calibration="none",
       score=None,
       policy=None,
+      kind="dense",
+      takes=(),
     ),
     BaseMethod(
       name="naive",
@@ -157,6 +183,76 @@ BASE_METHODS: dict[str, BaseMethod] = {
       o_order="mixed",
       suffixes=True,
     ),
+    BaseMethod(
+      name="wanda",
+      definition=(
+        "Wanda: weights scored |W_jo| * ||X_j||_2 (the input channel's norm over the "
+        "calibration tokens); N:M keeps the N best of every M consecutive inputs of each output "
+        "channel, unstructured the best (1 - s) of each output channel; no weight update; every "
+        "linear of every layer, calibrated layer by layer on the pruned model's inputs."
+      ),
+      calibration="layer by layer",
+      score=None,
+      policy=None,
+      reference="arXiv 2306.11695 (Wanda)",
+      kind="weight",
+      takes=("pattern", "sparsity"),
+    ),
+    BaseMethod(
+      name="sparsegpt",
+      definition=(
+        "SparseGPT: per site the Hessian X^T X of its calibration inputs (float32, dampened by "
+        "1% of its mean diagonal), column blocks of 128 with OBS updates of the remaining "
+        "weights, N:M masks chosen per group of M columns (unstructured: per block); every "
+        "linear of every layer, layers pruned in order on the pruned model's inputs."
+      ),
+      calibration="layer by layer",
+      score=None,
+      policy=None,
+      reference="arXiv 2301.00774 (SparseGPT)",
+      kind="weight",
+      takes=("pattern", "sparsity"),
+    ),
+    BaseMethod(
+      name="teal",
+      definition=(
+        "TEAL: every linear's input keeps the entries with |x| > t_site (unstructured, per "
+        "token), t_site the magnitude quantile of the site's calibration inputs at its "
+        "sparsity; the sparsities allocated per layer by TEAL's block-wise greedy search (the "
+        "step that raises the layer's output error least, until the layer's MAC-weighted "
+        "sparsity reaches the target)."
+      ),
+      calibration="histograms + greedy",
+      score=None,
+      policy=None,
+      reference="arXiv 2408.14690 (TEAL)",
+      kind="threshold",
+      takes=("sparsity",),
+    ),
+    BaseMethod(
+      name="teal_uniform",
+      definition="TEAL with every site at the target sparsity (TEAL's uniform setting).",
+      calibration="histograms",
+      score=None,
+      policy=None,
+      reference="arXiv 2408.14690 (TEAL, uniform)",
+      kind="threshold",
+      takes=("sparsity",),
+    ),
+    BaseMethod(
+      name="cats",
+      definition=(
+        "CATS: in every MLP the gated activation silu(gate(x)) keeps the entries with "
+        "|a| > t_layer, the quantile of its calibration values at the target sparsity; down "
+        "reads a sparse input and the same rows of up are unused (both count as removed)."
+      ),
+      calibration="histograms",
+      score=None,
+      policy=None,
+      reference="arXiv 2404.08763 (CATS)",
+      kind="threshold",
+      takes=("sparsity",),
+    ),
   )
 }
 
@@ -191,7 +287,17 @@ class Method:
 
   @property
   def is_dense(self) -> bool:
-    return self.base.score is None
+    return self.base.kind == "dense"
+
+  @property
+  def kind(self) -> str:
+    """What the method produces (``KINDS``): "dense", "nm", "weight" or "threshold"."""
+    return self.base.kind
+
+  @property
+  def is_baseline(self) -> bool:
+    """A method of another paper built by ``amber_jax.baselines`` (weight or threshold)."""
+    return self.base.kind in ("weight", "threshold")
 
   @property
   def score(self) -> str | None:
@@ -217,7 +323,12 @@ class Method:
   @property
   def needs_calibration(self) -> bool:
     """Whether building the plan reads calibration windows."""
-    return self.has_coverage_target or self.correction != "none" or self.learned_steps > 0
+    return (
+      self.is_baseline
+      or self.has_coverage_target
+      or self.correction != "none"
+      or self.learned_steps > 0
+    )
 
   @property
   def calibration(self) -> str:
@@ -228,7 +339,7 @@ class Method:
 
   def fields(self) -> dict:
     """The AmberConfig fields this method fixes (what a conflicting old flag would change)."""
-    if self.is_dense:
+    if self.is_dense or self.is_baseline:
       return {}
     return {
       "score": self.score,
@@ -252,6 +363,11 @@ class Method:
     fixed = sorted(set(options) & set(self.fields()))
     if fixed:
       raise ValueError(f"method {self.name!r} fixes {', '.join(fixed)}; do not pass them")
+    if self.is_baseline:
+      raise ValueError(
+        f"method {self.name!r} is a {self.kind} baseline, not an N:M plan: build it with "
+        "build_method (amber_jax.calibrate.methods)"
+      )
     if isinstance(pattern, str):
       pattern = parse_pattern_or_dense(pattern)
     if self.is_dense or pattern is None:
@@ -345,11 +461,17 @@ def check_method_conflicts(method: str | Method, given: dict) -> Method:
   another value: it names both."""
   m = resolve_method(method)
   fixed = m.fields()
-  if m.is_dense:
+  if m.is_dense or m.is_baseline:
     fixed = {k: None for k in ("score", "policy", "o_order", "granularity", "correction")}
   for key, value in given.items():
     if key in fixed and value != fixed[key]:
-      sets = "makes no plan" if m.is_dense else f"sets {key}={fixed[key]!r}"
+      sets = (
+        "makes no plan"
+        if m.is_dense
+        else f"is a {m.kind} baseline"
+        if m.is_baseline
+        else f"sets {key}={fixed[key]!r}"
+      )
       raise ValueError(
         f"method={m.given or m.name!r} conflicts with {key}={value!r} (the method {sets}); "
         "give the method or the option, not both"
@@ -450,3 +572,230 @@ def build_method_plan(
   )
   info = dataclasses.replace(info, plan=learned.plan, seconds=info.seconds + learned.seconds)
   return MethodPlan(info, m, learned)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltMethod:
+  """What ``build_method`` returns: the ``params`` to evaluate (a weight method's pruned ones,
+  else the given ones), the ``plan`` (None: dense), the calibration ``seconds``, the share of the
+  linear multiply-adds touched (``coverage``: sparsified inputs or pruned weights) and removed
+  (``removed``), a JSON ``record`` of what was built, and the method's own result (``info`` for
+  an N:M plan, ``pruned`` for weight pruning, ``thresholds`` for TEAL/CATS)."""
+
+  method: Method
+  params: dict
+  plan: object
+  pattern: str | None
+  sparsity: float | None
+  seconds: float
+  coverage: float
+  removed: float
+  record: dict
+  info: PlanInfo | None = None
+  pruned: object = None
+  thresholds: object = None
+  learned: LearnedFactors | None = None
+
+
+def check_method_target(method: str | Method, pattern, sparsity) -> tuple[Method, object, object]:
+  """(method, NMPattern or None, sparsity or None) after checking that the method takes what was
+  given: an N:M method a pattern, a threshold method a sparsity, a weight method exactly one of
+  them (ValueError naming the method and what it takes)."""
+  from amber_jax.baselines.weight_masks import check_sparsity
+
+  m = resolve_method(method)
+  if isinstance(pattern, str):
+    pattern = parse_pattern_or_dense(pattern)
+  takes = m.base.takes
+  if m.is_dense:
+    return m, None, None
+  if pattern is not None and "pattern" not in takes:
+    raise ValueError(f"method {m.name!r} takes a sparsity (unstructured), not pattern={pattern}")
+  if sparsity is not None and "sparsity" not in takes:
+    raise ValueError(f"method {m.name!r} takes an N:M pattern, not sparsity={sparsity}")
+  if (pattern is None) == (sparsity is None):
+    what = " or ".join(takes)
+    raise ValueError(
+      f"method {m.name!r} needs exactly one {what}, got pattern={pattern}, sparsity={sparsity}"
+    )
+  if sparsity is not None:
+    sparsity = check_sparsity(sparsity)
+  return m, pattern, sparsity
+
+
+def build_method(
+  params,
+  config,
+  method: str | Method,
+  *,
+  pattern=None,
+  sparsity: float | None = None,
+  coverage: float = DEFAULT_COVERAGE,
+  calib_windows: np.ndarray | None = None,
+  sites="all",
+  batch_size: int = 4,
+  dtype=jnp.float32,
+  show_progress: bool = True,
+  options: dict | None = None,
+) -> BuiltMethod:
+  """Any registry method built on ``params``: an N:M method at ``pattern`` and ``coverage``
+  (``build_method_plan``; ``options``: the free AmberConfig fields such as impl), a weight
+  method (``amber_jax.baselines.weight_pruning.prune_weights``; ``options``: damp, block_size)
+  at ``pattern`` or ``sparsity`` on ``sites``, a threshold method
+  (``amber_jax.baselines.thresholds``; ``options``: decode, greedy_step, greedy_windows) at
+  ``sparsity`` on ``sites`` (CATS: the layers of the "gate" entries of ``sites``, or all).
+  Everything is checked before calibration starts."""
+  from amber_jax.plan.coverage import plan_coverage, site_macs
+
+  m, pattern, sparsity = check_method_target(method, pattern, sparsity)
+  options = dict(options or {})
+  if m.is_dense:
+    return BuiltMethod(m, params, None, None, None, 0.0, 0.0, 0.0, {"method": "dense"})
+  if m.needs_calibration and (calib_windows is None or len(calib_windows) == 0):
+    raise ValueError(f"method {m.name!r} calibrates: it needs calib_windows")
+  if m.kind == "nm":
+    amber = m.amber_config(pattern, coverage=coverage, **options)
+    built = build_method_plan(
+      params,
+      config,
+      m,
+      amber,
+      calib_windows=calib_windows,
+      batch_size=batch_size,
+      dtype=dtype,
+      show_progress=show_progress,
+    )
+    cov = plan_coverage(config, built.plan)
+    record = {"method": m.name, "pattern": str(pattern), "coverage": cov.covered}
+    if built.learned is not None:
+      record["learned"] = built.learned_record()
+    return BuiltMethod(
+      m,
+      params,
+      built.plan,
+      str(pattern),
+      None,
+      built.info.seconds,
+      cov.covered,
+      cov.removed,
+      record,
+      info=built.info,
+      learned=built.learned,
+    )
+  macs = site_macs(config)
+  total = config.n_layers * sum(macs.values())
+  if m.kind == "weight":
+    from amber_jax.baselines.weight_pruning import prune_weights
+
+    unknown = sorted(set(options) - {"damp", "block_size"})
+    if unknown or (m.name == "wanda" and options):
+      raise ValueError(f"method {m.name!r} takes no option {sorted(options)}")
+    pruned = prune_weights(
+      params,
+      config,
+      m.name,
+      calib_windows=calib_windows,
+      pattern=pattern,
+      sparsity=sparsity,
+      sites=sites,
+      batch_size=batch_size,
+      dtype=dtype,
+      show_progress=show_progress,
+      **options,
+    )
+    share = pruned.zero_share()
+    covered = sum(macs[s] for _, s in pruned.sites) / total
+    removed = sum(macs[s] * share[s][l] for l, s in pruned.sites) / total
+    return BuiltMethod(
+      m,
+      pruned.params,
+      None,
+      None if pattern is None else str(pattern),
+      sparsity,
+      pruned.seconds,
+      covered,
+      float(removed),
+      pruned.record(),
+      pruned=pruned,
+    )
+  from amber_jax.baselines.thresholds import cats_plan, teal_plan
+
+  if m.name == "cats":
+    unknown = sorted(set(options) - {"decode"})
+    if unknown:
+      raise ValueError(f"method 'cats' takes only the option decode, got {unknown}")
+    layers = "all" if sites == "all" else sorted({l for l, s in sites if s == "gate"})
+    built = cats_plan(
+      params,
+      config,
+      calib_windows,
+      sparsity=sparsity,
+      layers=layers,
+      batch_size=batch_size,
+      dtype=dtype,
+      show_progress=show_progress,
+      **options,
+    )
+    covered = 2 * np.count_nonzero(built.site_sparsity["down"]) * macs["down"] / total
+  else:
+    unknown = sorted(set(options) - {"decode", "greedy_step", "greedy_windows"})
+    if unknown:
+      raise ValueError(f"method {m.name!r} takes the options decode, greedy_step, greedy_windows")
+    built = teal_plan(
+      params,
+      config,
+      calib_windows,
+      sparsity=sparsity,
+      sites=sites,
+      allocation="greedy" if m.name == "teal" else "uniform",
+      batch_size=batch_size,
+      dtype=dtype,
+      show_progress=show_progress,
+      **options,
+    )
+    covered = sum(macs[s] * np.count_nonzero(v) for s, v in built.site_sparsity.items()) / total
+  return BuiltMethod(
+    m,
+    params,
+    built.plan,
+    None,
+    sparsity,
+    built.seconds,
+    float(covered),
+    built.removed,
+    built.record(),
+    thresholds=built,
+  )
+
+
+def parse_target(spec) -> NMPattern | float | None:
+  """A row's target as the runners' ``patterns`` lists write it: "dense" -> None, "N:M" -> an
+  NMPattern, "50%" (or "0.5") -> the unstructured sparsity 0.5 of the baselines that take one.
+  ValueError naming the spec otherwise."""
+  from amber_jax.baselines.weight_masks import check_sparsity
+
+  if isinstance(spec, NMPattern):
+    return spec
+  if isinstance(spec, float):
+    return check_sparsity(spec)
+  text = str(spec).strip()
+  if ":" in text or text == "dense":
+    return parse_pattern_or_dense(text)
+  try:
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+  except ValueError:
+    raise ValueError(
+      f"target must be 'dense', an N:M pattern or an unstructured sparsity ('50%' or 0.5), "
+      f"got {spec!r}"
+    ) from None
+  return check_sparsity(value, name=f"target {spec!r}")
+
+
+def target_name(target) -> str:
+  """The canonical name of a target: "dense", "2:4", "50%"."""
+  target = parse_target(target)
+  if target is None:
+    return "dense"
+  if isinstance(target, NMPattern):
+    return str(target)
+  return f"{100 * target:g}%"

@@ -1,10 +1,13 @@
 """A site's linear as a chain of small pure steps: the one injection point of the library.
 
-    x --channel order--> --score, N:M mask--> --quantize--> --matmul backend--> --correction--> y
+    x --threshold--> --channel order--> --score, N:M mask--> --quantize--> --matmul backend-->
+      --correction--> y
 
 Each step is optional and reads its data from the site's *row* (this layer's slice of the plan,
 ``amber_jax.plan.schema.SparsityPlan.site_rows``):
 
+* ``threshold``: the magnitude threshold of the input (TEAL): entries with ``|x| <= t`` become
+  0 (unstructured, per token; t = 0 changes nothing), before every other step;
 * ``enabled``, ``factors`` (and ``channel_order``): the N:M transform of the input, kept only
   where ``enabled`` (a traced bool: one compiled function serves every site choice). The
   channel order forms the groups of M over ``x[..., order]`` (``amber_jax.core.sparsity.nm_keep``);
@@ -67,6 +70,14 @@ class ExpertRows(NamedTuple):
 def _row_vector(a: jax.Array, like: jax.Array) -> jax.Array:
   """A per-input-channel vector [d_in] broadcastable against ``like`` [..., d_in]."""
   return a.astype(like.dtype).reshape((1,) * (like.ndim - 1) + (-1,))
+
+
+def threshold_step(x: jax.Array, threshold: jax.Array | None) -> jax.Array:
+  """``x`` with the entries of ``|x| <= threshold`` set to 0 (TEAL's magnitude sparsity; a
+  threshold of 0 keeps everything, zeros stay zeros). None: x unchanged."""
+  if threshold is None:
+    return x
+  return jnp.where(jnp.abs(x) > threshold.astype(x.dtype), x, jnp.zeros((), x.dtype))
 
 
 def nm_step(row: dict | None, spec: LinearSpec):
@@ -327,6 +338,8 @@ def site_linear(
   ValueError for a step the backend cannot run (a correction needs a backend with
   ``corrections``) or a correction with W8A8 (corrections are fitted on float sites).
   """
+  if row is not None:
+    x = threshold_step(x, row.get("threshold"))
   if weights["w"].ndim == 3:
     return _expert_linear(x, weights, row, spec, experts)
   backend = get_backend(spec.backend)

@@ -30,8 +30,12 @@ def generation_agreement(
   plan: SparsityPlan,
   new_tokens: int = 32,
   dtype=jnp.float32,
+  sparse_params=None,
 ) -> GenerationAgreement:
-  """Greedy continuations, dense vs sparse prefill (decode is dense in both)."""
+  """Greedy continuations, dense vs sparse prefill (decode is dense in both, unless the plan
+  sparsifies decode too: TEAL's and CATS's thresholds with ``threshold_decode``).
+  ``sparse_params``: the sparse model's own params (weight pruning: zeros in its weights, in
+  prefill and decode), else ``params``."""
   prompts = jnp.asarray(prompts_PxT, jnp.int32)
   dense = np.asarray(
     generate_greedy(
@@ -40,7 +44,12 @@ def generation_agreement(
   )
   sparse = np.asarray(
     generate_greedy(
-      params, prompts, config=config, max_new_tokens=new_tokens, plan=plan, dtype=dtype
+      params if sparse_params is None else sparse_params,
+      prompts,
+      config=config,
+      max_new_tokens=new_tokens,
+      plan=plan,
+      dtype=dtype,
     )
   )
   equal = dense == sparse

@@ -373,6 +373,7 @@ class AmberLM(LM):
     *,
     pattern: str = "dense",
     method: str | None = None,
+    sparsity: float | None = None,
     score: str | None = None,
     policy: str | None = None,
     skip_layers=(),
@@ -398,6 +399,10 @@ class AmberLM(LM):
     ``policy`` (default "all"), ``skip_layers`` ("1;3;4") and ``granularity`` (default "layer") as
     in ``experiments/prefill.py`` (:class:`amber_jax.calibrate.pruner.AmberConfig`); a method
     together with a score, policy or granularity of another value is a ValueError naming both.
+    A baseline method of another paper (``wanda``, ``sparsegpt``: ``pattern`` or ``sparsity``;
+    ``teal``, ``teal_uniform``, ``cats``: ``sparsity``) is built by
+    ``amber_jax.calibrate.methods.build_method`` on the same calibration windows (weight
+    pruning gives the evaluated model its pruned weights).
     ``coverage`` is the target of the methods and policies that have one. Calibrating plans (policy
     "auto") calibrate on ``calib_windows``
     windows of ``seq_len + 1`` tokens of ``text`` after its first ``calib_offset_windows``
@@ -433,10 +438,24 @@ class AmberLM(LM):
       kwargs["batch_size"] = _check_batch_size(kwargs["batch_size"])
     old = {"score": score, "policy": policy, "granularity": granularity}
     resolved = None
+    baseline = None  # (pattern, sparsity) of a baseline method
+    if sparsity is not None and not method:
+      raise ValueError("sparsity applies to a baseline method (method=wanda, teal, ...)")
     if method:
       resolved = check_method_conflicts(
         str(method), {k: v for k, v in old.items() if v is not None}
       )
+    if resolved is not None and resolved.is_baseline:
+      from amber_jax.calibrate.methods import check_method_target
+
+      given = None if str(pattern) == "dense" else str(pattern)
+      target = _number("sparsity", sparsity) if sparsity is not None else None
+      _, b_pattern, b_sparsity = check_method_target(resolved, given, target)
+      baseline = (b_pattern, b_sparsity)
+      if plan_dir:
+        raise ValueError(f"method={method!r} builds its own model; plan_dir does not apply")
+      amber = AmberConfig(pattern=None, impl=impl)
+    elif resolved is not None:
       amber = resolved.amber_config(
         parse_pattern_or_dense(str(pattern)),
         coverage=_number("coverage", coverage),
@@ -454,9 +473,10 @@ class AmberLM(LM):
         impl=impl,
       )
     calibrates = amber.needs_calibration or (resolved is not None and resolved.needs_calibration)
+    builds = amber.pattern is not None or baseline is not None
     if plan_dir and amber.pattern is not None:
       raise ValueError(f"give pattern={pattern!r} or plan_dir={plan_dir!r}, not both")
-    if calibrates and amber.pattern is not None:
+    if calibrates and builds:
       from amber_jax.runs.checks import check_text_source
 
       seq_len = _number("seq_len", seq_len, int)
@@ -464,7 +484,8 @@ class AmberLM(LM):
       calib_offset_windows = _number("calib_offset_windows", calib_offset_windows, int)
       if calib_windows < 1 or calib_offset_windows < 0:
         raise ValueError(
-          f"policy={amber.policy!r} calibrates: calib_windows must be >= 1 and "
+          f"{f'method={resolved.name!r}' if resolved else f'policy={amber.policy!r}'} "
+          "calibrates: calib_windows must be >= 1 and "
           f"calib_offset_windows >= 0, got {calib_windows} and {calib_offset_windows}"
         )
       check_text_source(str(text), arg="text")
@@ -490,7 +511,7 @@ class AmberLM(LM):
       eot_token_id=kwargs["eot_token_id"],
     )
     calib = None
-    if amber.pattern is not None and calibrates:
+    if builds and calibrates:
       from amber_jax.data.texts import load_text
       from amber_jax.eval.perplexity import make_windows
       from amber_jax.runs.common import check_seq_len_for
@@ -508,7 +529,21 @@ class AmberLM(LM):
       )
     loaded = load_model(source, cache_dir, dtype=dtype, show_progress=show_progress, log=log)
     params = to_device(loaded.params, _DTYPES[dtype])
-    if amber.pattern is not None:
+    if baseline is not None:
+      from amber_jax.calibrate.methods import build_method
+
+      built = build_method(
+        params,
+        loaded.config,
+        resolved,
+        pattern=baseline[0],
+        sparsity=baseline[1],
+        calib_windows=calib,
+        dtype=_DTYPES[dtype],
+        show_progress=show_progress,
+      )
+      params, plan = built.params, built.plan
+    elif amber.pattern is not None:
       plan = build_method_plan(
         params,
         loaded.config,

@@ -75,11 +75,22 @@ def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
   h = h + lin(attn, "o")
   x = rms_norm(h, mlp_norm, config.norm_eps)
+  gate_act = functools.partial(gated_activation, threshold=norms.get("gate_threshold"))
   if config.moe is not None:
-    return h + moe_mlp(x, norms["router"], config.moe, lin), kv_out
-  gated = jax.nn.silu(lin(x, "gate")) * lin(x, "up")
+    return h + moe_mlp(x, norms["router"], config.moe, lin, gate_act), kv_out
+  gated = gate_act(lin(x, "gate")) * lin(x, "up")
   h = h + lin(gated, "down")
   return h, kv_out
+
+
+def gated_activation(g: jax.Array, *, threshold: jax.Array | None = None) -> jax.Array:
+  """``silu(g)``, the gated MLP's activation; with a CATS ``threshold`` its entries with
+  ``|silu(g)| <= threshold`` are 0 (so ``down`` reads a sparse input and those entries of ``up``
+  are not needed)."""
+  a = jax.nn.silu(g)
+  if threshold is None:
+    return a
+  return jnp.where(jnp.abs(a) > threshold.astype(a.dtype), a, jnp.zeros((), a.dtype))
 
 
 def linear_spec(plan: SparsityPlan | None, *, sparse: bool = True) -> LinearSpec:
@@ -183,6 +194,8 @@ def _scan_layers(
     plan_x = layer_x["plan"] if isinstance(layer_x, dict) and "plan" in layer_x else None
     if plan_x is not None and plan_x.get("norms") is not None:
       norms = dict(plan_x["norms"])  # RMSNorm weights with smoothing folded in (W8A8 plans)
+    if plan_x is not None and plan_x.get("gate_threshold") is not None:
+      norms["gate_threshold"] = plan_x["gate_threshold"]  # this layer's CATS threshold
     for name in ("q_norm", "k_norm"):  # Qwen3's per-head norms (never folded)
       if name in layer_params:
         norms[name] = layer_params[name]

@@ -47,9 +47,13 @@ def _every_expert(top_p_NxK, top_e_NxK, n_experts: int):
   return gain, rows, jnp.tile(jnp.arange(n), n_experts)
 
 
-def moe_mlp(x_BxTxD: jax.Array, router_DxE: jax.Array, moe: MixtureOfExperts, expert_lin):
+def moe_mlp(
+  x_BxTxD: jax.Array, router_DxE: jax.Array, moe: MixtureOfExperts, expert_lin, gate_act=None
+):
   """The MoE MLP's output [B, T, D]. ``expert_lin(rows_RxI, name, ExpertRows)`` is the
-  layer's injection point for the expert sites ("gate", "up", "down")."""
+  layer's injection point for the expert sites ("gate", "up", "down"); ``gate_act`` the gated
+  activation (default silu; the model passes its CATS-thresholded one)."""
+  gate_act = jax.nn.silu if gate_act is None else gate_act
   b, t, d = x_BxTxD.shape
   x = x_BxTxD.reshape(b * t, d)
   top_p, top_e = route(x, router_DxE, moe)
@@ -60,7 +64,7 @@ def moe_mlp(x_BxTxD: jax.Array, router_DxE: jax.Array, moe: MixtureOfExperts, ex
     token = order // moe.n_active  # the token of each sorted assignment
     gain = jnp.take(top_p.reshape(-1), order)
   xs = jnp.take(x, token, axis=0)
-  hidden = jax.nn.silu(expert_lin(xs, "gate", rows)) * expert_lin(xs, "up", rows)
+  hidden = gate_act(expert_lin(xs, "gate", rows)) * expert_lin(xs, "up", rows)
   y = expert_lin(hidden, "down", rows) * gain[:, None].astype(x.dtype)
   out = jnp.zeros_like(x).at[token].add(y.astype(x.dtype))
   return out.reshape(b, t, d)

@@ -2,9 +2,9 @@
 
 The arrays go through ``amber_jax.io.plan_checkpoint`` (atomic, per-leaf SHA-256, clear
 errors for truncated, corrupt or mismatched checkpoints); the plan's static fields
-(pattern, impl, mask algorithm, W8A8 activation mode and order) travel in the metadata (output
-corrections and channel orders, if any, are arrays like the rest), so a restored plan is the
-saved one, bit for bit.
+(pattern, impl, mask algorithm, W8A8 activation mode and order, whether thresholds apply in
+decode) travel in the metadata (output corrections, channel orders and activation thresholds,
+if any, are arrays like the rest), so a restored plan is the saved one, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def _static(plan: SparsityPlan) -> dict:
     "impl": plan.impl,
     "mask_method": plan.mask_method,
     "quant": None,
+    "threshold_decode": plan.threshold_decode,
   }
   if plan.quant is not None:
     static["quant"] = {"act_mode": plan.quant.act_mode, "order": plan.quant.order}
@@ -45,6 +46,8 @@ def save_sparsity_plan(path: str | os.PathLike, plan: SparsityPlan, *, metadata:
   tree = {g: arrays for g, arrays in tree.items() if arrays is not None}
   if plan.quant is not None:
     tree["quant"] = {"sites": plan.quant.sites, "norms": plan.quant.norms}
+  if plan.gate_threshold is not None:
+    tree["gate_threshold"] = plan.gate_threshold
   save_plan(path, tree, metadata={**metadata, "plan_static": _static(plan)})
 
 
@@ -97,6 +100,8 @@ def load_sparsity_plan(
     impl=static["impl"],
     mask_method=static["mask_method"],
     quant=quant,
+    gate_threshold=None if "gate_threshold" not in tree else jnp.asarray(tree["gate_threshold"]),
+    threshold_decode=bool(static.get("threshold_decode", False)),
   )
   if config is not None:
     try:

@@ -8,6 +8,14 @@ holds, stacked over layers:
 * ``factors[proj]``: float32 ``[L, d_in]``, the per-input-channel score factors
   (all ones for the naive |x| score).
 
+and optionally ``threshold``, per site a float32 ``[L]`` magnitude threshold (TEAL: the input
+keeps the entries with ``|x| > threshold``, unstructured, per token; 0 changes nothing), and
+``gate_threshold``, a float32 ``[L]`` threshold on a gated MLP's activation (CATS: the entries of
+``silu(gate(x))`` with ``|a| <= t`` are zeroed before the product with ``up(x)``, so ``down``
+reads a sparse input and those rows of ``up`` need not be computed); both apply in prefill and,
+with ``threshold_decode``, in decode too. They are ``amber_jax.baselines.thresholds``' plans;
+a plan may hold them with or without an N:M pattern,
+
 and optionally ``quant``, the W8A8 part (``amber_jax.plan.quant_state.QuantState``: smoothed
 int8 weights, scales, folded norms, float sites), and ``correction``, per-site output
 corrections of the sparse sites calibrated by ``amber_jax.calibrate.correction_fit`` (arrays stacked
@@ -87,6 +95,15 @@ SITE_FIELDS: tuple[SiteField, ...] = (
     whole=True,
     every_site=False,
   ),
+  SiteField(
+    "threshold",
+    None,
+    (),
+    _F32,
+    "keep the input entries with |x| > threshold (0: all)",
+    every_site=False,
+    per_expert=False,
+  ),
   SiteField("correction", "center", ("in",), _F32, "input shift before selection"),
   SiteField("correction", "in_scale", ("in",), _F32, "per-input-channel rescale of kept values"),
   SiteField("correction", "token_rescale", (), _F32, "1: rescale each token's kept norm"),
@@ -114,6 +131,10 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
 }
 # A W8A8 plan's folded norm weights ([L, D] per norm that sites fold into): not per site.
 NORM_FIELD = SiteField("quant", "norms", ("model",), _F32, "RMSNorm weight with smoothing folded")
+# A CATS plan's threshold on the gated MLP activation ([L]): one per layer, not per site.
+GATE_THRESHOLD_FIELD = SiteField(
+  "gate_threshold", None, (), _F32, "zero silu(gate(x)) entries with |a| <= t (CATS)"
+)
 _FIELDS = {(f.group, f.key): f for f in SITE_FIELDS}
 
 
@@ -130,6 +151,8 @@ def leaf_field(names: tuple[str, ...]) -> tuple[str | None, SiteField]:
       return site, _FIELDS[("quant", key)]
     case ("quant", "norms", _):
       return None, NORM_FIELD
+    case ("gate_threshold",):
+      return None, GATE_THRESHOLD_FIELD
   raise ValueError(
     f"no plan field at {'/'.join(names)!r}: a plan holds "
     f"{', '.join(sorted({f.name for f in SITE_FIELDS}))} per site "
@@ -197,6 +220,27 @@ def check_plan_arrays(config: Architecture, plan: SparsityPlan) -> None:
       check_group_arrays(config, group, arrays)
   if plan.channel_order is not None:
     check_plan_channel_order(config, {p: np.asarray(o) for p, o in plan.channel_order.items()})
+  check_thresholds(config, plan.threshold, plan.gate_threshold)
+
+
+def check_thresholds(config: Architecture, threshold, gate_threshold) -> None:
+  """ValueError naming the entry unless every activation threshold is finite, >= 0 and of
+  shape [L] (``threshold``: site -> [L]; ``gate_threshold``: [L], only for a gated MLP)."""
+  entries = dict(threshold or {})
+  if threshold is not None:
+    check_group_arrays(config, "threshold", dict(threshold))
+  if gate_threshold is not None:
+    if "gate" not in config.sites.names:
+      raise ValueError(
+        f"gate_threshold needs a gated MLP (a 'gate' site); sites: {config.sites.names}"
+      )
+    entries["gate_threshold"] = gate_threshold
+  for name, t in entries.items():
+    t = np.asarray(t)
+    if t.shape != (config.n_layers,):
+      raise ValueError(f"threshold {name!r} must have shape ({config.n_layers},), got {t.shape}")
+    if not (np.isfinite(t).all() and (t >= 0).all()):
+      raise ValueError(f"threshold {name!r} must be finite and >= 0, got {t.tolist()}")
 
 
 @struct.dataclass
@@ -217,6 +261,18 @@ class SparsityPlan:
   # proj -> int32 [L, d_in]: the groups of M are consecutive in x[..., order[l]] (see
   # amber_jax.core.sparsity.nm_keep); projections not in the dict (or None) use the natural order.
   channel_order: dict[str, jax.Array] | None = None
+  # proj -> float32 [L]: magnitude thresholds of the sites' inputs (TEAL); None: none.
+  threshold: dict[str, jax.Array] | None = None
+  # float32 [L]: threshold on the gated MLP activation silu(gate(x)) (CATS); None: none.
+  gate_threshold: jax.Array | None = None
+  # Whether the thresholds (threshold, gate_threshold) also apply in decode (TEAL and CATS
+  # target decode; the N:M transform never does).
+  threshold_decode: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def has_thresholds(self) -> bool:
+    """Whether the plan holds activation thresholds (TEAL or CATS)."""
+    return self.threshold is not None or self.gate_threshold is not None
 
   def enabled_sites(self) -> list[tuple[int, str]]:
     """(layer, site) pairs that are sparsified, in layer-major, block order."""
@@ -232,9 +288,12 @@ class SparsityPlan:
     ``quant`` (the W8A8 part, in prefill and decode). None when nothing applies (a dense plan,
     or decode of a float plan). The one place a plan is sliced per site."""
     nm = sparse and self.pattern is not None
-    if not nm and self.quant is None:
+    thresholds = self.has_thresholds and (sparse or self.threshold_decode)
+    if not nm and self.quant is None and not thresholds:
       return None
-    groups = [g for g in PLAN_GROUPS if nm or GROUP_IN_DECODE[g]]
+    groups = [
+      g for g in PLAN_GROUPS if nm or GROUP_IN_DECODE[g] or (g == "threshold" and thresholds)
+    ]
     sites = {}
     for name in self.enabled:
       row = {}
@@ -243,7 +302,11 @@ class SparsityPlan:
         if arrays is not None and name in arrays:
           row[group] = arrays[name]
       sites[name] = row
-    return {"sites": sites, "norms": None if self.quant is None else self.quant.norms}
+    return {
+      "sites": sites,
+      "norms": None if self.quant is None else self.quant.norms,
+      "gate_threshold": self.gate_threshold if thresholds else None,
+    }
 
   def group_arrays(self, group: str) -> dict | None:
     """site -> the arrays of ``group`` (one of ``PLAN_GROUPS``), or None where the plan has none

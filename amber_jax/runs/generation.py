@@ -28,7 +28,7 @@ from amber_jax.runs.markdown import markdown_table
 from amber_jax.runs.zero_shot import (
   DENSE,
   METHODS,
-  build_row_plan,
+  build_row,
   calibration_settings,
   check_entry,
   check_eval_grid,
@@ -165,19 +165,19 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
   plans = {}
   for (method, pattern), amber, task in pending:
     if (method, pattern) not in plans:
-      plans[(method, pattern)] = build_row_plan(
-        setup, method, amber, cfg.batch_size, dtype, show_progress
+      plans[(method, pattern)] = build_row(
+        setup, method, pattern, amber, cfg.batch_size, dtype, show_progress
       )
-    info = plans[(method, pattern)]
+    built = plans[(method, pattern)]
     dense_entry = entries.get(entry_id(DENSE, DENSE, task.name))
     max_new = max_new_tokens[task.name]
     start = time.perf_counter()
     metrics = evaluate_generation(
-      setup.params,
+      built.params,
       task,
       config=setup.config,
       tokenizer=tokenizer,
-      plan=info.plan if amber.pattern is not None else None,
+      plan=built.plan,
       limit=cfg.limit,
       max_new_tokens=max_new,
       batch_size=cfg.batch_size,
@@ -195,8 +195,9 @@ def run_generation(cfg: GenerationConfig, *, log=print, show_progress: bool = Tr
       "pattern": pattern,
       "task": task.name,
       "task_digest": task_digest(task),
-      "coverage": info.coverage.covered,
-      "skip_layers": list(info.skip_layers),
+      "coverage": built.coverage,
+      "removed": built.removed,
+      "skip_layers": [] if built.info is None else list(built.info.skip_layers),
       "seconds": time.perf_counter() - start,
       "settings": cfg.settings(method),
     }

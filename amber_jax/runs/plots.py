@@ -139,6 +139,37 @@ def save_accuracy_change(
   return _save(fig, path)
 
 
+def save_method_comparison(
+  values: dict[str, dict[str, float]],
+  columns: Sequence[str],
+  dense: float,
+  path: str | os.PathLike,
+  *,
+  ylabel: str,
+  title: str = "",
+) -> Path:
+  """Grouped bars on a log scale: per column (target), one bar per method; the dense value as
+  a dashed line. ``values``: method -> column -> value (a missing cell is no bar)."""
+  if not values:
+    raise ValueError("values is empty: nothing to plot")
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7.2, 4.2))
+  width = 0.8 / len(values)
+  for k, (name, by_column) in enumerate(values.items()):
+    cells = [(i, by_column[c]) for i, c in enumerate(columns) if c in by_column]
+    xs = [i + (k - (len(values) - 1) / 2) * width for i, _ in cells]
+    ax.bar(xs, [v for _, v in cells], width, label=name)
+  ax.axhline(dense, color="black", lw=1, ls="--", label=f"dense {dense:.2f}")
+  ax.set_xticks(range(len(columns)), columns)
+  ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(_plain_ticks())
+  ax.yaxis.set_minor_formatter(_plain_ticks())
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7, ncol=3)
+  return _save(fig, path)
+
+
 def save_coverage_front(
   rows: Sequence[dict],
   dense_perplexity: float,

@@ -14,10 +14,13 @@ import time
 
 import numpy as np
 
+from amber_jax.baselines.weight_pruning import save_pruned_weights
 from amber_jax.calibrate.methods import (
   Method,
+  build_method,
   build_method_plan,
   check_method_conflicts,
+  check_method_target,
   identify_method,
   resolve_method,
 )
@@ -64,6 +67,9 @@ class PrefillRunConfig:
   # policy, o_order and granularity (a field given another value as well is a ValueError) and may
   # add a correction and learned factors; "dense" makes the pattern dense.
   method: str = ""
+  # An unstructured target of a baseline method that takes one (wanda, sparsegpt: instead of
+  # pattern; teal, teal_uniform, cats: required), the share of entries set to zero.
+  sparsity: float | None = None
   # The defaults are the method the project is named after (Amber Pruner); the naive
   # baseline row below shows what it improves on.
   score: str = "robust"
@@ -102,6 +108,11 @@ class PrefillRunConfig:
   def __post_init__(self):
     if self.method:
       self._apply_method()
+    elif self.sparsity is not None:
+      raise ValueError(
+        "sparsity applies to the unstructured baselines (--method=wanda, sparsegpt, teal, "
+        "teal_uniform, cats), not to an N:M plan"
+      )
     self.amber()  # validates pattern, score, policy, coverage, skip_layers
     for name in ("seq_len", "num_windows", "batch_size", "gen_prompt_len", "gen_tokens"):
       if getattr(self, name) < 1:
@@ -141,6 +152,12 @@ class PrefillRunConfig:
     """Checks the old fields against the method and sets them to its values."""
     m = resolve_method(self.method)
     check_method_conflicts(m, {k: getattr(self, k) for k in self._given(self._METHOD_FIELDS)})
+    if m.is_baseline:
+      self.baseline_target()  # checks the pattern / sparsity against what the method takes
+      for name in ("quant", "load_plan"):
+        if self._given((name,)):
+          raise ValueError(f"method={self.method!r} (a {m.kind} baseline) does not take {name}")
+      return
     if m.is_dense:
       if self.pattern not in ("dense", self._defaults()["pattern"]):
         raise ValueError(
@@ -155,6 +172,17 @@ class PrefillRunConfig:
         f"method={self.method!r} (a correction or learned factors) cannot be combined with "
         f"quant={self.quant!r}"
       )
+
+  def baseline_target(self) -> tuple:
+    """(pattern or None, sparsity or None) of a baseline method: its sparsity when given, else
+    the pattern (the default one too, for the weight methods); ValueError naming what the
+    method takes otherwise."""
+    m = self.resolved_method()
+    pattern = self.pattern if self._given(("pattern",)) else None
+    if pattern is None and self.sparsity is None and "pattern" in m.base.takes:
+      pattern = self.pattern
+    _, pattern, sparsity = check_method_target(m, pattern, self.sparsity)
+    return pattern, sparsity
 
   def resolved_method(self) -> Method | None:
     """The registry method of ``method`` (None when the plan comes from the old fields)."""
@@ -194,6 +222,8 @@ class PrefillRunConfig:
   def amber(self) -> AmberConfig:
     """The plan's AmberConfig (the method's, with this run's coverage and free options)."""
     m = self.resolved_method()
+    if m is not None and m.is_baseline:  # not an N:M plan: built by build_method
+      return AmberConfig(pattern=None, impl=self.impl)
     if m is not None:
       return m.amber_config(
         parse_pattern_or_dense(self.pattern),
@@ -340,6 +370,70 @@ def _run_loaded_plan(cfg, setup, plan, result, common, prompts) -> dict:
   return result
 
 
+def _run_baseline(cfg, setup, result, common, prompts, show_progress) -> dict:
+  """A baseline of another paper (``amber_jax.baselines``: weight pruning or activation
+  thresholds), built by ``build_method``, evaluated on the same windows as dense."""
+  pattern, sparsity = cfg.baseline_target()
+  built = build_method(
+    setup.params,
+    setup.config,
+    cfg.resolved_method(),
+    pattern=pattern,
+    sparsity=sparsity,
+    calib_windows=setup.calib_windows,
+    batch_size=cfg.batch_size,
+    dtype=common["dtype"],
+    show_progress=show_progress,
+  )
+  if cfg.save_plan:
+    if built.pruned is not None:
+      save_pruned_weights(cfg.save_plan, built.pruned, metadata=_plan_identity(cfg, setup.config))
+    else:
+      save_sparsity_plan(cfg.save_plan, built.plan, metadata=_plan_identity(cfg, setup.config))
+  target = str(pattern) if pattern is not None else f"{100 * sparsity:.0f}%"
+  row = perplexity(
+    built.params,
+    setup.eval_windows,
+    plan=built.plan,
+    desc=f"{built.method.name} {target}",
+    **common,
+  )
+  result["sparse"] = _result_row(
+    row,
+    method=built.method.name,
+    pattern=None if pattern is None else str(pattern),
+    sparsity=sparsity,
+    policy=built.method.kind,
+    score=built.method.name,
+    impl="xla",
+    quant="none",
+  )
+  result.update(coverage=built.coverage, removed=built.removed, plan_seconds=built.seconds)
+  result["baseline"] = built.record
+  result["time_ratio"] = row.seconds / result["dense"]["seconds"]
+  if prompts is not None:
+    gen = generation_agreement(
+      setup.params,
+      prompts,
+      config=setup.config,
+      plan=built.plan,
+      new_tokens=cfg.gen_tokens,
+      dtype=common["dtype"],
+      sparse_params=built.params,
+    )
+    result["generation"] = {
+      "agreement": gen.agreement,
+      "prefix_agreement": gen.prefix_agreement,
+      "prompts": gen.prompts,
+      "new_tokens": gen.new_tokens,
+    }
+  result["config"] = recorded_config(cfg)
+  result["model_config"] = dataclasses.asdict(setup.config)
+  result["params_from_cache"] = setup.params_from_cache
+  result.update(environment())
+  return result
+
+
 def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True) -> dict:
   """Evaluates the dense baseline and the configured plan on the same windows.
 
@@ -349,12 +443,15 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
   "skip_layers", "generation", "config", "versions", "device".
   """
   amber = cfg.amber()
+  method = cfg.resolved_method()
+  baseline = method is not None and method.is_baseline
+  wants_generation = cfg.gen_prompts and (amber.pattern is not None or baseline)
   loaded = {}
 
   def validate(model_config):
     amber.validate_for(model_config)
     check_float_sites(cfg.float_sites, model_config)
-    if cfg.gen_prompts and amber.pattern is not None:
+    if wants_generation:
       try:
         model_config.check_seq_len(cfg.gen_prompt_len + cfg.gen_tokens)
       except ValueError as e:
@@ -379,7 +476,7 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
     log=log,
   )
   prompts = None
-  if cfg.gen_prompts and amber.pattern is not None:
+  if wants_generation:
     need = cfg.gen_prompts * cfg.gen_prompt_len
     if len(setup.rest_tokens) < need:
       raise ValueError(
@@ -402,6 +499,8 @@ def run_prefill(cfg: PrefillRunConfig, *, log=print, show_progress: bool = True)
   if _wants_naive_baseline(cfg, amber):
     result["naive"] = _naive_baseline_row(setup, amber, common)
   quant_state = smoothed = None
+  if baseline:
+    return _run_baseline(cfg, setup, result, common, prompts, show_progress)
   if loaded:
     return _run_loaded_plan(cfg, setup, loaded["plan"], result, common, prompts)
   if cfg.quant == "w8a8":
@@ -522,6 +621,9 @@ _METHOD_NAMES = {
 
 def _run_name(row: dict) -> str:
   """'8:16 auto/robust (Amber Pruner)': pattern, policy/score, and the method's name if any."""
+  if row.get("policy") in ("weight", "threshold"):  # a baseline of another paper
+    target = row["pattern"] or f"{100 * row['sparsity']:.0f}%"
+    return f"{target} {row['method']} ({row['policy']} sparsity)"
   name = f"{row['pattern']} {row['policy']}/{row['score']}"
   method = _METHOD_NAMES.get((row["policy"], row["score"]))
   if method is None and row.get("method") not in (None, "naive", "amber", "naive_rules"):
@@ -566,7 +668,7 @@ def format_table(result: dict) -> str:
     if result["sparse"]["policy"] == "search":
       counts = ", ".join(f"{p} {n}" for p, n in result["sparse_sites"].items())
       lines.append(f"layers sparse per projection: {counts}")
-    elif result["sparse"]["policy"] not in ("all", "loaded"):
+    elif result["sparse"]["policy"] not in ("all", "loaded", "weight", "threshold"):
       lines.append(f"q/gate dense in layers: {result['skip_layers'] or 'none'}")
       if result.get("dense_sites"):
         lines.append(f"q/gate sites kept dense: {', '.join(result['dense_sites'])}")

@@ -37,9 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from amber_jax.calibrate.methods import build_method_plan, resolve_method
+from amber_jax.calibrate.methods import (
+  BuiltMethod,
+  build_method,
+  parse_target,
+  resolve_method,
+  target_name,
+)
 from amber_jax.calibrate.pruner import AmberConfig
-from amber_jax.core.patterns import parse_pattern_or_dense
+from amber_jax.core.patterns import NMPattern
 from amber_jax.data.bigbench import BIGBENCH_TASKS, bigbench_task_path, load_bigbench_task
 from amber_jax.data.texts import DEFAULT_TEXT
 from amber_jax.eval.multiple_choice import evaluate_task
@@ -95,8 +101,8 @@ class ZeroShotConfig:
 
   @staticmethod
   def pattern_name(pattern: str) -> str:
-    p = parse_pattern_or_dense(pattern)
-    return DENSE if p is None else str(p)
+    """A pattern's canonical name: "dense", "N:M", or an unstructured target "50%"."""
+    return target_name(pattern)
 
   def needs_calibration(self) -> bool:
     return needs_calibration(self.patterns, self.methods)
@@ -142,7 +148,7 @@ def calibration_settings(cfg) -> dict:
 
 def needs_calibration(patterns: Sequence[str], methods: Sequence[str]) -> bool:
   """Whether a grid of ``patterns`` x ``methods`` has a calibrated row (e.g. amber)."""
-  sparse = any(parse_pattern_or_dense(p) is not None for p in patterns)
+  sparse = any(parse_target(p) is not None for p in patterns)
   return sparse and any(resolve_method(m).needs_calibration for m in methods)
 
 
@@ -209,32 +215,45 @@ def plan_rows(
   """
   rows = []
   for p in patterns:
-    pattern = parse_pattern_or_dense(p)
-    if pattern is None:
+    target = parse_target(p)
+    if target is None:
       rows.insert(0, ((DENSE, DENSE), AmberConfig(pattern=None)))
       continue
+    takes = "pattern" if isinstance(target, NMPattern) else "sparsity"
     for m in methods:
       method = resolve_method(m)
-      amber = method.amber_config(pattern, coverage=coverage, impl=impl)
-      rows.append(((method.name, str(pattern)), amber))
+      if takes not in method.base.takes:
+        continue  # e.g. teal at 2:4, amber at 50%: not a row of this grid
+      if method.is_baseline:  # built by build_method (amber_jax.baselines), not an AmberConfig
+        amber = AmberConfig(pattern=None, impl=impl)
+      else:
+        amber = method.amber_config(target, coverage=coverage, impl=impl)
+      rows.append(((method.name, target_name(target)), amber))
   return rows
 
 
-def build_row_plan(setup, method: str, amber: AmberConfig, batch_size, dtype, show_progress):
-  """The PlanInfo of one (method, pattern) row (``amber_jax.calibrate.methods.build_method_plan``:
-  the method's learned factors too), calibrated on ``setup.calib_windows`` when it calibrates."""
-  m = resolve_method(method) if method != DENSE else None
-  calibrates = amber.needs_calibration or (m is not None and m.needs_calibration)
-  return build_method_plan(
+def build_row(
+  setup, method: str, pattern: str, amber: AmberConfig, batch_size, dtype, show_progress
+) -> BuiltMethod:
+  """The params and plan of one (method, pattern) row (``amber_jax.calibrate.methods.
+  build_method``: an N:M plan with the method's learned factors, pruned weights, or activation
+  thresholds), calibrated on ``setup.calib_windows`` when it calibrates."""
+  target = parse_target(pattern)
+  m = resolve_method(DENSE if method == DENSE else method)
+  calibrates = amber.needs_calibration or m.needs_calibration
+  return build_method(
     setup.params,
     setup.config,
     m,
-    amber,
+    pattern=target if isinstance(target, NMPattern) else None,
+    sparsity=target if isinstance(target, float) else None,
+    coverage=amber.coverage,
     calib_windows=setup.calib_windows if calibrates else None,
     batch_size=min(batch_size, 4),
     dtype=dtype,
     show_progress=show_progress,
-  ).info
+    options={"impl": amber.impl} if m.kind == "nm" and amber.impl else None,
+  )
 
 
 def subsample_indices(task_name: str, n_examples: int, size: int | None, seed: int):
@@ -391,21 +410,23 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
   plans = {}
   for (method, pattern), amber, task in pending:
     if (method, pattern) not in plans:
-      info = build_row_plan(setup, method, amber, cfg.batch_size, dtype, show_progress)
-      plans[(method, pattern)] = info
-      if amber.pattern is not None:
+      built = build_row(setup, method, pattern, amber, cfg.batch_size, dtype, show_progress)
+      plans[(method, pattern)] = built
+      if built.info is not None:
         log(
-          f"plan {method}/{pattern}: {100 * info.coverage.covered:.1f}% of linear MACs "
-          f"sparsified, q/gate dense in layers {list(info.skip_layers) or 'none'}"
+          f"plan {method}/{pattern}: {100 * built.coverage:.1f}% of linear MACs "
+          f"sparsified, q/gate dense in layers {list(built.info.skip_layers) or 'none'}"
         )
-    info = plans[(method, pattern)]
+      elif method != DENSE:
+        log(f"{method}/{pattern}: {100 * built.removed:.1f}% of linear MACs removed")
+    built = plans[(method, pattern)]
     start = time.perf_counter()
     metrics = evaluate_task(
-      setup.params,
+      built.params,
       task,
       config=setup.config,
       tokenizer=tokenizer,
-      plan=info.plan if amber.pattern is not None else None,
+      plan=built.plan,
       num_fewshot=cfg.num_fewshot,
       limit=cfg.limit,
       indices=subsample_indices(task.name, len(task.examples), cfg.subsample, cfg.seed),
@@ -424,8 +445,9 @@ def run_zero_shot(cfg: ZeroShotConfig, *, log=print, show_progress: bool = True)
       "pattern": pattern,
       "task": task.name,
       "task_digest": task_digest(task),
-      "coverage": info.coverage.covered,
-      "skip_layers": list(info.skip_layers),
+      "coverage": built.coverage,
+      "removed": built.removed,
+      "skip_layers": [] if built.info is None else list(built.info.skip_layers),
       "seconds": time.perf_counter() - start,
       "settings": cfg.settings(method),
     }

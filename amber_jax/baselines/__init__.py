@@ -1,0 +1,1 @@
+"""Baselines: weight pruning (Wanda, SparseGPT) and activation thresholds (TEAL, CATS)."""
