@@ -537,3 +537,26 @@ def test_real_model_through_lm_eval(cache_dir, tmp_path, offline):
   assert mc["acc_bytes,none"] == pytest.approx(ours["acc_bytes"])
   gen = sorted(out["samples"]["amber_toy_gen"], key=lambda s: s["doc_id"])
   assert all(isinstance(s["filtered_resps"][0], str) for s in gen)
+
+
+def test_from_model_builds_a_baseline_method(tmp_path):
+  """method=wanda / teal: the adapter evaluates the baseline's own model (pruned weights or
+  thresholds), calibrated on the text's windows; a target it does not take is an error."""
+  text = tmp_path / "text.txt"
+  text.write_text(" ".join(f"word{i} and more text" for i in range(400)), encoding="utf-8")
+  common = dict(text=str(text), seq_len=32, calib_windows=2, calib_offset_windows=1)
+  quiet = dict(cache_dir=tmp_path / "cache", log=lambda *a: None, show_progress=False)
+  dense = AmberLM.from_model(str(FIXTURE), **quiet)
+  wanda = AmberLM.from_model(str(FIXTURE), method="wanda", pattern="2:4", **common, **quiet)
+  teal = AmberLM.from_model(str(FIXTURE), method="teal_uniform", sparsity="0.5", **common, **quiet)
+  assert wanda.method == "wanda" and teal.method == "teal_uniform"
+  assert teal.plan is not None and teal.plan.threshold is not None
+  w = np.asarray(wanda.params["layers"]["q"]["w"])
+  assert (w == 0).mean() == pytest.approx(0.5)
+  req = [("The sky is", " blue")]
+  scores = {lm.method: lm.loglikelihood(req)[0][0] for lm in (dense, wanda, teal)}
+  assert len(set(scores.values())) == 3, scores
+  with pytest.raises(ValueError, match="takes a sparsity"):
+    AmberLM.from_model(str(FIXTURE), method="teal", pattern="2:4", **common, **quiet)
+  with pytest.raises(ValueError, match="sparsity applies to a baseline"):
+    AmberLM.from_model(str(FIXTURE), sparsity=0.5, **quiet)

@@ -245,3 +245,44 @@ def test_results_record_no_machine_paths(tmp_path):
   for path in sorted((root / "results").glob("*.json")):
     text = path.read_text(encoding="utf-8")
     assert '"cache_dir"' not in text and str(root) not in text, path.name
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "kind"),
+  [
+    (dict(method="wanda", pattern="2:4"), "weight"),
+    (dict(method="sparsegpt", sparsity=0.4, calib_windows=5), "weight"),
+    (dict(method="teal_uniform", sparsity=0.5), "threshold"),
+    (dict(method="cats", sparsity=0.5, gen_prompts=2, gen_prompt_len=8, gen_tokens=4), "threshold"),
+  ],
+)
+def test_baseline_methods_run_in_the_prefill_job(tmp_path, kwargs, kind):
+  result = run_prefill(_tiny_job(tmp_path, **kwargs), show_progress=False, log=lambda *a: None)
+  sparse = result["sparse"]
+  assert (sparse["method"], sparse["policy"]) == (kwargs["method"], kind)
+  assert sparse["tokens"] == result["dense"]["tokens"]
+  assert sparse["perplexity"] != result["dense"]["perplexity"]
+  assert 0 < result["removed"] <= result["coverage"] <= 1
+  assert result["baseline"]["seconds"] > 0 and "naive" not in result
+  if "sparsity" in kwargs and kind == "weight":
+    assert result["baseline"]["zero_share"] == pytest.approx(kwargs["sparsity"], abs=0.01)
+  if "gen_prompts" in kwargs:
+    assert 0 <= result["generation"]["agreement"] <= 1
+  table = format_table(result)
+  assert f"{kwargs['method']} ({kind} sparsity)" in table
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    (dict(sparsity=0.5), "sparsity applies to the unstructured baselines"),
+    (dict(method="teal"), "needs exactly one sparsity"),
+    (dict(method="teal", pattern="2:4", sparsity=0.5), "takes a sparsity"),
+    (dict(method="wanda", sparsity=1.5), r"in \(0, 1\)"),
+    (dict(method="amber", sparsity=0.5), "takes an N:M pattern"),
+    (dict(method="wanda", quant="w8a8"), "does not take quant"),
+  ],
+)
+def test_bad_baseline_options_fail_at_config(tmp_path, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    PrefillRunConfig(cache_dir=str(tmp_path), **kwargs)

@@ -281,3 +281,22 @@ def test_impl_reaches_every_sparse_row_and_is_validated(make_cfg):
   assert {a.impl for _, a in runs if a.pattern is not None} == {"pallas"}
   with pytest.raises(ValueError, match="impl must be one of"):
     gen.GenerationConfig(**kw, impl="triton", output="x.json")
+
+
+def test_baselines_are_rows_of_their_targets(make_cfg):
+  """N:M and unstructured targets in one grid: each method gets the targets it takes."""
+  rows = [key for key, _ in zs.plan_rows(("dense", "2:4", "50%"), ("amber", "wanda", "teal"), 0.55)]
+  assert rows == [
+    ("dense", "dense"),
+    ("amber", "2:4"),
+    ("wanda", "2:4"),
+    ("wanda", "50%"),
+    ("teal", "50%"),
+  ]
+  cfg = make_cfg(patterns=("dense", "40%"), methods=("wanda", "cats"), calib_windows=5)
+  result = zs.run_zero_shot(cfg, log=_quiet, show_progress=False)
+  for method in ("wanda", "cats"):
+    e = result["results"][f"{method}/40%/tiny_task"]
+    assert e["n"] == 3 and 0 < e["removed"] < 1 and e["settings"]["calibration"]
+  with pytest.raises(ValueError, match="target"):
+    make_cfg(patterns=("half",))

@@ -152,6 +152,8 @@ class PrefillRunConfig:
     """Checks the old fields against the method and sets them to its values."""
     m = resolve_method(self.method)
     check_method_conflicts(m, {k: getattr(self, k) for k in self._given(self._METHOD_FIELDS)})
+    if not m.is_baseline and self.sparsity is not None:
+      raise ValueError(f"method {m.name!r} takes an N:M pattern, not sparsity={self.sparsity}")
     if m.is_baseline:
       self.baseline_target()  # checks the pattern / sparsity against what the method takes
       for name in ("quant", "load_plan"):
