@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import SMALL_CONFIG, random_params
+from jax.sharding import PartitionSpec as P
 
 from amber_jax.baselines import thresholds as th
 from amber_jax.baselines.sparsegpt_solver import sparsegpt_prune_reference
@@ -20,6 +21,7 @@ from amber_jax.calibrate.methods import build_method, check_method_target, resol
 from amber_jax.model import decode_step, forward, prefill
 from amber_jax.model.llama import model_pass
 from amber_jax.plan.io import load_sparsity_plan, save_sparsity_plan
+from amber_jax.plan.sharding import plan_specs
 
 CONFIG = SMALL_CONFIG  # 2 layers, d 64, q 64, k/v 32, ffn 128, q/k/v biases
 
@@ -323,6 +325,11 @@ def test_threshold_plan_save_and_restore(model, tmp_path):
     save_sparsity_plan(path, built.plan, metadata={"model": "tiny"})
     back, _ = load_sparsity_plan(path, config=CONFIG)
     assert back.threshold_decode
+    specs = plan_specs(back, sites=CONFIG.sites)  # a sharded run places them: replicated
+    if method == "cats":
+      assert specs.gate_threshold == P()
+    else:
+      assert all(all(a is None for a in spec) for spec in specs.threshold.values())
     a = forward(params, jnp.asarray(held[:2]), config=CONFIG, plan=built.plan)
     b = forward(params, jnp.asarray(held[:2]), config=CONFIG, plan=back)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
