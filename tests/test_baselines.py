@@ -402,3 +402,41 @@ def test_bad_input_is_refused_before_calibration(model):
     th.teal_plan(params, CONFIG, calib, sparsity=0.5, allocation="best")
   with pytest.raises(ValueError, match="calib_windows"):
     build_method(params, CONFIG, "teal", sparsity=0.5, calib_windows=None)
+
+
+def test_wanda_on_expert_sites_and_cats_on_a_mixture_of_experts():
+  """A tiny Qwen3-MoE: Wanda scores each expert with the norms of its own routed rows (the N:M
+  invariant holds per expert); CATS thresholds the experts' gated activation; SparseGPT refuses
+  expert sites by name before calibrating."""
+  import dataclasses
+
+  from amber_jax.model.config import MixtureOfExperts
+  from amber_jax.model.presets import init_random_params
+
+  config = dataclasses.replace(
+    CONFIG,
+    qkv_bias=False,
+    qk_norm=True,
+    moe=MixtureOfExperts(n_experts=4, n_active=2, d_ff=32),
+    architecture="qwen3_moe",
+  )
+  params = init_random_params(config, jax.random.key(0), dtype=jnp.float32)
+  windows = np.random.default_rng(2).integers(0, config.vocab_size, (4, 32)).astype(np.int32)
+  pruned = prune_weights(
+    params, config, "wanda", calib_windows=windows, pattern="2:4", show_progress=False
+  )
+  mask = np.asarray(pruned.masks["gate"])  # [L, E, d_in, d_out]
+  assert mask.shape == (config.n_layers, 4, CONFIG.d_model, 32)
+  assert (mask.reshape(config.n_layers, 4, -1, 4, 32).sum(axis=3) == 2).all()
+  assert pruned.record()["zero_share"] == pytest.approx(0.5)
+  # each expert's mask follows its own rows: experts see different norms, so masks differ
+  assert (mask[0, 0] != mask[0, 1]).any()
+  y = forward(pruned.params, jnp.asarray(windows[:1]), config=config)
+  assert np.isfinite(np.asarray(y)).all()
+  cats = th.cats_plan(params, config, windows, sparsity=0.5, show_progress=False)
+  got = th.measure_activation_sparsity(params, config, cats.plan, windows)
+  assert abs(got["down"][0] - 0.5) < 0.02  # layer 0 sees the calibrated distribution
+  with pytest.raises(ValueError, match="expert sites"):
+    prune_weights(
+      params, config, "sparsegpt", calib_windows=np.tile(windows, (2, 1)), pattern="2:4"
+    )

@@ -386,7 +386,8 @@ def measure_activation_sparsity(
   ``upstream="plan"`` runs the model under the plan (every site sees its sparsified upstream:
   the sparsity the plan really has); ``"dense"`` runs it dense and counts each site's input
   against its threshold (the distribution the thresholds were calibrated on: TEAL calibrates on
-  the dense model). CATS's gated activation shows as the zeros of the "down" input."""
+  the dense model). CATS's gated activation shows as the zeros of the "down" input (under
+``"plan"`` only: a dense pass applies no threshold of its own)."""
   if upstream not in ("plan", "dense"):
     raise ValueError(f"upstream must be 'plan' or 'dense', got {upstream!r}")
   windows = check_windows(windows)
