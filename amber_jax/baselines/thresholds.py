@@ -382,12 +382,12 @@ def measure_activation_sparsity(
   upstream: str = "plan",
 ) -> dict[str, np.ndarray]:
   """site -> [L]: the share of each site's input entries that are zero after ``plan``'s
-  thresholds on ``windows`` [W, T]: what a TEAL/CATS plan achieves on held-out tokens.
-  ``upstream="plan"`` runs the model under the plan (every site sees its sparsified upstream:
-  the sparsity the plan really has); ``"dense"`` runs it dense and counts each site's input
-  against its threshold (the distribution the thresholds were calibrated on: TEAL calibrates on
-  the dense model). CATS's gated activation shows as the zeros of the "down" input (under
-``"plan"`` only: a dense pass applies no threshold of its own)."""
+    thresholds on ``windows`` [W, T]: what a TEAL/CATS plan achieves on held-out tokens.
+    ``upstream="plan"`` runs the model under the plan (every site sees its sparsified upstream:
+    the sparsity the plan really has); ``"dense"`` runs it dense and counts each site's input
+    against its threshold (the distribution the thresholds were calibrated on: TEAL calibrates on
+    the dense model). CATS's gated activation shows as the zeros of the "down" input (under
+  ``"plan"`` only: a dense pass applies no threshold of its own)."""
   if upstream not in ("plan", "dense"):
     raise ValueError(f"upstream must be 'plan' or 'dense', got {upstream!r}")
   windows = check_windows(windows)
