@@ -12,8 +12,10 @@ acc_norm change vs dense with a paired standard error (--subsample examples per 
 share of greedy tokens equal to dense, and the calibration time. Calibration: --calib_windows
 windows of the main text after the evaluation windows. Entries are saved to --output as they
 finish; a rerun skips them. Writes the "compare" section of --results and the plot --plot.
-The run in RESULTS.md: the command there (about 70 minutes on 2 CPU cores, most of it the best
-recipe's site search and the evaluations).
+The run in RESULTS.md: the commands there; its 23 entries took 82 minutes on 2 CPU cores (half
+of the first dozen beside the test suite): about 2 minutes per entry (BIG-bench at 20 examples
+per task is most of it), plus the calibration: 1-2 minutes for wanda/sparsegpt/teal, 3 for TEAL's
+greedy search, 11 per pattern for best (site search and learned factors).
 """
 
 from __future__ import annotations

@@ -356,7 +356,10 @@ def compare_markdown(results: dict) -> str:
   header = ["method", "target", "removed"]
   header += [f"ppl {t}" for t in texts] + ["BIG-bench Δ (points)", "gen = dense", "calib s"]
   rows = []
-  method_order = [resolve_method(m).name for m in cfg["methods"]]
+  # The default row order, then any other method in the order of the entries (a resumed file
+  # may have been filled by runs of other --methods).
+  method_order = [resolve_method(m).name for m in (*DEFAULT_METHODS, *cfg["methods"])]
+  method_order += [e["method"] for e in entries.values() if e["method"] not in method_order]
   column_order = [DENSE_COLUMN, *NM_COLUMNS, *MATCHED_COLUMNS]
 
   def order(e):
