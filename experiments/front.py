@@ -63,6 +63,13 @@ _METHODS = flags.DEFINE_list(
   "+<correction>, +learned[N] (N optimiser steps, default 4), +learnedscale[N] (also output "
   "scales); best.",
 )
+_ROTATIONS = flags.DEFINE_list(
+  "rotations",
+  ["none"],
+  "amber_jax.rotate names, every method runs on each: none, or <place>_<basis> parts joined by "
+  "'+': res_{fold,pca,balance,hadamard,random}, head_{pca,hadamard,random}, "
+  "down_{balance,hadamard} (e.g. res_pca+head_pca+down_balance).",
+)
 _COVERAGES = flags.DEFINE_list(
   "coverages", [str(c) for c in DEFAULT_COVERAGES], "Coverage targets."
 )
@@ -117,6 +124,7 @@ def main(argv):
       coverages=parse_floats(_COVERAGES.value, arg="--coverages"),
       goal_coverage=_GOAL.value,
       search_windows=_SEARCH_WINDOWS.value,
+      rotations=tuple(_ROTATIONS.value),
     )
     result = run_front(cfg)
     command = command_line(skip=("--cache_dir", "--output", "--results", "--plot"))

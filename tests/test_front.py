@@ -135,6 +135,9 @@ def test_other_setup_is_an_error_and_keeps_the_file(make_cfg):
     (dict(methods=("search+learnedscale0",)), "learned steps must be a positive integer"),
     (dict(patterns=("3:2",)), "N"),
     (dict(cache_dir=""), "cache_dir"),
+    (dict(rotations=("res_svd",)), "res_ takes"),
+    (dict(rotations=("res_pca", "res_pca")), "name one rotation twice"),
+    (dict(rotations=()), "rotations must name"),
   ],
 )
 def test_bad_config(make_cfg, kwargs, match):
@@ -163,3 +166,29 @@ def test_results_written_before_the_registry_resume_under_new_names(make_cfg, tm
   again = run_front(cfg, log=_quiet, show_progress=False)  # nothing recomputed
   assert [r["method"] for r in again["rows"]] == ["naive_rules", "amber"]
   assert "| amber |" in front_markdown(old) and "| 2:4 | amber |" in front_markdown(old)
+
+
+def test_rotated_rows_next_to_the_plain_ones(make_cfg, tmp_path, monkeypatch):
+  rotation = "res_pca+head_pca+down_balance"
+  cfg = make_cfg(methods=("search",), coverages=(0.55,), rotations=("none", rotation))
+  result = run_front(cfg, log=_quiet, show_progress=False)
+  by = {r.get("rotation", "none"): r for r in result["rows"]}
+  assert set(by) == {"none", rotation}
+  rotated = by[rotation]
+  assert rotated["dense_logit_gap"] <= 1e-4  # the dense model is unchanged (float32)
+  assert rotated["inference_cost"] == "none" and rotated["rotation_seconds"] >= 0
+  assert rotated["coverage"] >= 0.55 - 1e-9
+  # Its own site costs, measured on the rotated model (not the plain model's).
+  assert set(result["site_costs"]) == {"2:4", f"2:4 rotation={rotation}"}
+  assert result["site_costs"]["2:4"]["kl"] != result["site_costs"][f"2:4 rotation={rotation}"]["kl"]
+  markdown = front_markdown(result)
+  assert f"| search [{rotation}] |" in markdown and "Rotations: calibration seconds" in markdown
+  assert "single-site KL cost" in markdown
+  monkeypatch.setattr(runs.front, "rotate_model", lambda *a, **k: 1 / 0)
+  assert run_front(cfg, log=_quiet, show_progress=False)["rows"] == result["rows"]  # resumed
+  with pytest.raises(ValueError, match="heads width 16 is not a multiple of the group size M=32"):
+    run_front(  # refused before any weights load
+      make_cfg(patterns=("1:32",), methods=("search",), coverages=(0.55,), rotations=("head_pca",)),
+      log=_quiet,
+      show_progress=False,
+    )

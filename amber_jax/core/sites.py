@@ -21,6 +21,8 @@ block computes:
   (over d_in, Megatron's pairing);
 * ``rule``: the paper's default for the site: "sparse" (always), "skippable" (sparse except
   in the layers the policy keeps dense), "dense" (never, under the paper's rules);
+* ``writes``: "residual" for a site whose output is added to the residual stream (the stream's
+  rotation folds into its output columns, ``amber_jax.rotate``); None otherwise;
 * ``heads``: >0 when the input is that many concatenated attention heads (its channels can be
   regrouped across heads, ``amber_jax.plan.channel_order``);
 * ``experts``/``active``: the number of experts with their own weight (0: a dense site) and how
@@ -49,6 +51,7 @@ class Site:
   parallel: str
   rule: str
   folds_into: str | None = None  # the norm weight whose output this site reads, if any
+  writes: str | None = None  # "residual": the output is added to the residual stream
   heads: int = 0
   experts: int = 0
   active: int = 1
@@ -59,6 +62,10 @@ class Site:
     if self.parallel not in PARALLEL:
       raise ValueError(
         f"Site {self.name!r}: parallel must be one of {PARALLEL}, got {self.parallel!r}"
+      )
+    if self.writes not in (None, "residual"):
+      raise ValueError(
+        f"Site {self.name!r}: writes must be None or 'residual', got {self.writes!r}"
       )
     if self.d_in < 1 or self.d_out < 1:
       raise ValueError(f"Site {self.name!r}: d_in and d_out must be >= 1, got {self.shape}")

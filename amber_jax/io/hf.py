@@ -295,6 +295,11 @@ def config_to_hf(config: LlamaConfig, extra: Mapping[str, Any] | None = None) ->
     raise ValueError(
       "config_to_hf: rope_freq_factors (a Llama-3.1 GGUF's rope_freqs) have no HF config form"
     )
+  if config.mlp_hidden_hadamard:
+    raise ValueError(
+      "config_to_hf: mlp_hidden_hadamard (an online Hadamard of down's input, amber_jax.rotate) "
+      "has no HF config form; transformers would run the rotated weights without it"
+    )
   if model_type in _QWEN:
     windowed = config.sliding_window is not None
     d.update(

@@ -85,8 +85,17 @@ class LlamaConfig:
   # Llama-3.1 GGUFs: per-frequency divisors of the RoPE inverse frequencies [head_dim / 2]
   # (llama.cpp's ``rope_freqs`` tensor), used instead of ``rope_scaling``.
   rope_freq_factors: tuple[float, ...] | None = None
+  # The MLP's hidden activation (down's input) goes through the orthonormal Hadamard transform
+  # (``amber_jax.core.hadamard.hadamard_transform``) before down: an online rotation, set by
+  # ``amber_jax.rotate`` together with down's weight rotated to match (dense MLPs only).
+  mlp_hidden_hadamard: bool = False
 
   def __post_init__(self):
+    if self.mlp_hidden_hadamard and self.moe is not None:
+      raise ValueError(
+        "mlp_hidden_hadamard rotates a dense MLP's hidden activation; this model's MLP is a "
+        "mixture of experts (not supported)"
+      )
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
@@ -179,6 +188,7 @@ class LlamaConfig:
           d_in=q,
           d_out=d,
           reads="attn_out",
+          writes="residual",
           parallel="row",
           rule="dense",
           heads=self.n_heads,
@@ -191,6 +201,7 @@ class LlamaConfig:
           d_in=ff,
           d_out=d,
           reads="mlp_hidden",
+          writes="residual",
           parallel="row",
           rule="sparse",
           **experts,

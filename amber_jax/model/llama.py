@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from amber_jax.core.hadamard import hadamard_transform
 from amber_jax.core.linear import LinearSpec, site_linear
 from amber_jax.model.config import LlamaConfig
 from amber_jax.model.layers import apply_rope, attention, rms_norm, rope_inv_freq, rope_tables
@@ -79,6 +80,8 @@ def _decoder_layer(config, h, lin, cos, sin, kv_in, mask, norms):
   if config.moe is not None:
     return h + moe_mlp(x, norms["router"], config.moe, lin, gate_act), kv_out
   gated = gate_act(lin(x, "gate")) * lin(x, "up")
+  if config.mlp_hidden_hadamard:  # an online rotation: down's weight is rotated to match
+    gated = hadamard_transform(gated)
   h = h + lin(gated, "down")
   return h, kv_out
 

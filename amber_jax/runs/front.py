@@ -25,7 +25,15 @@ written before the registry (no ``"method_names"`` key) called ``naive_rules`` "
 still resumes and renders. ``naive`` itself (every site sparse, coverage 1.0) has no coverage
 target and is refused here.
 
-The per-site costs are measured once per pattern and reused for every target. Rows are written
+Every method also runs on rotated models (``FrontConfig.rotations``, ``amber_jax.rotate`` names
+such as "res_pca+head_pca+down_balance"; "none" is the model as loaded): the rotation is
+calibrated on the calibration windows for each pattern's group size, the dense model's logits
+before and after are compared (``dense_logit_gap``, float32) and each rotated model gets its own
+site costs. Rows carry their rotation, its calibration seconds and its inference cost; tables
+label them "method [rotation]".
+
+The per-site costs are measured once per (pattern, grouping, rotation) and reused for every
+target. Rows are written
 to the JSON output (atomically) as they finish, and a rerun with the same setup skips them.
 """
 
@@ -50,6 +58,8 @@ from amber_jax.eval.perplexity import perplexity
 from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.plan.channel_order import model_channel_order
 from amber_jax.plan.schema import make_plan
+from amber_jax.rotate import RotatedModel, Rotation, rotate_model
+from amber_jax.rotate.recipe import check_rotation_for
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
   DTYPES,
@@ -118,9 +128,10 @@ class FrontConfig(EvalRunOptions):
   learning_rate: float = 0.05
   transfer_text: str = "enwiki"  # evaluation only ("" to skip)
   output: str = ""  # JSON written after every row; rows already there are skipped
+  rotations: tuple[str, ...] = ("none",)  # amber_jax.rotate names; each method runs on each
 
   def __post_init__(self):
-    for name in ("patterns", "methods", "coverages"):
+    for name in ("patterns", "methods", "coverages", "rotations"):
       if not getattr(self, name):
         raise ValueError(f"{name} must name at least one entry")
     for p in self.patterns:
@@ -128,6 +139,9 @@ class FrontConfig(EvalRunOptions):
     names = [front_method(m).name for m in self.methods]
     if len(set(names)) != len(names):
       raise ValueError(f"methods name one method twice: {list(self.methods)} -> {names}")
+    rotations = [Rotation.parse(r).name for r in self.rotations]
+    if len(set(rotations)) != len(rotations):
+      raise ValueError(f"rotations name one rotation twice: {list(self.rotations)}")
     for c in (*self.coverages, self.goal_coverage):
       AmberConfig(pattern=None, coverage=c)
     learned = [m for m in self.methods if front_method(m).learned_steps]
@@ -160,7 +174,13 @@ class FrontConfig(EvalRunOptions):
 
 
 def _row_key(row: dict) -> tuple:
-  return row["pattern"], row["method"], round(row["target"], 6)
+  return row["pattern"], row["method"], round(row["target"], 6), row.get("rotation", "none")
+
+
+def row_label(row: dict) -> str:
+  """A row's method, with its rotation in brackets when it has one: "search_mixed [res_pca]"."""
+  rotation = row.get("rotation", "none")
+  return row["method"] if rotation == "none" else f"{row['method']} [{rotation}]"
 
 
 def _reachable(method: Method, config, target: float) -> bool:
@@ -212,7 +232,11 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
     calib_windows=cfg.calib_windows,
     dtype=cfg.dtype,
     validate=lambda c: [
-      AmberConfig(pattern=NMPattern.parse(p), policy="search").validate_for(c) for p in cfg.patterns
+      (
+        AmberConfig(pattern=NMPattern.parse(p), policy="search").validate_for(c),
+        [check_rotation_for(c, Rotation.parse(r), NMPattern.parse(p).m) for r in cfg.rotations],
+      )
+      for p in cfg.patterns
     ],
     show_progress=show_progress,
     log=log,
@@ -220,25 +244,63 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
   texts = evaluation_texts(setup, cfg, log)
   dtype = DTYPES[cfg.dtype]
   search_windows = setup.calib_windows[: cfg.search_windows]
-  common = dict(config=setup.config, batch_size=cfg.batch_size, dtype=dtype)
-  kl_to_dense = KLMeter(setup.params, search_windows, **common)  # dense side computed once
+  batch = dict(batch_size=cfg.batch_size, dtype=dtype)
+  plain = RotatedModel(setup.params, setup.config, Rotation(), 0.0, 0.0)
+  models: dict[tuple[str, str], RotatedModel] = {}
+  meters: dict[tuple[str, str], KLMeter] = {}
 
-  def evaluate(plan, desc, names):
+  def model_for(pattern: str, rotation: str) -> RotatedModel:
+    """The (pattern, rotation) model, built on first use; calibrated on calib windows only."""
+    if rotation == "none":
+      return plain
+    key = (pattern, rotation)
+    if key not in models:
+      models.clear()  # one rotated copy of the weights at a time
+      models[key] = rotate_model(
+        setup.params,
+        setup.config,
+        rotation,
+        m=NMPattern.parse(pattern).m,
+        calib_windows=setup.calib_windows[:, :-1],
+        check_tokens=search_windows[:1, :-1],
+        show_progress=show_progress,
+        **batch,
+      )
+      rm = models[key]
+      log(
+        f"{pattern} rotation {rotation}: built in {rm.seconds:.0f}s, dense logits move by "
+        f"{rm.dense_logit_gap:.1e} (float32 passes; {rm.dense_logit_gap_f64:.1e} in float64, "
+        f"{search_windows.shape[1] - 1} tokens)"
+      )
+    return models[key]
+
+  def meter_for(pattern: str, rotation: str) -> KLMeter:
+    """KL to the (pattern, rotation) model's own dense side, computed once per model."""
+    key = ("", "none") if rotation == "none" else (pattern, rotation)
+    if key not in meters:
+      for k in [k for k in meters if k[1] != "none"]:  # one rotated model's at a time
+        del meters[k]
+      rm = model_for(pattern, rotation)
+      meters[key] = KLMeter(rm.params, search_windows, config=rm.config, **batch)
+    return meters[key]
+
+  def evaluate(rm: RotatedModel, plan, desc, names):
     return {
       n: perplexity(
-        setup.params,
+        rm.params,
         texts[n],
         plan=plan,
+        config=rm.config,
         desc=f"{desc} [{n}]",
         show_progress=show_progress,
-        **common,
+        **batch,
       ).perplexity
       for n in names
     }
 
   result = {
     "setup": cfg.setup_key(),
-    "dense": previous.get("dense") or evaluate(None, "dense", list(texts)),
+    "dense": previous.get("dense") or evaluate(plain, None, "dense", list(texts)),
     "site_costs": dict(previous.get("site_costs", {})),
     "rows": list(previous["rows"]),
     "method_names": METHOD_NAMES,
@@ -258,81 +320,120 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
     )
     for key, c in result["site_costs"].items()
   }
+  ctx = dict(
+    model_for=model_for,
+    meter_for=meter_for,
+    evaluate=evaluate,
+    texts=texts,
+    search_windows=search_windows,
+    dtype=dtype,
+    log=log,
+    show_progress=show_progress,
+  )
   for pattern in cfg.patterns:
-    for target in cfg.coverages:
-      for name in cfg.methods:
-        m = front_method(name)
-        method, learned = m.name, m.learned_steps
-        if (pattern, method, round(target, 6)) in done:
-          continue
-        if learned and abs(target - cfg.goal_coverage) > 1e-9:
-          continue
-        if not _reachable(m, setup.config, target):
-          log(f"{pattern} {method} @ {target}: unreachable under the paper's rules, skipped")
-          continue
-        amber = m.amber_config(NMPattern.parse(pattern), coverage=target)
-        score, policy, o_order = m.score, m.policy, m.o_order
-        # Site costs per (pattern, grouping): "8:16", or "8:16 o_order=mixed".
-        cost_key = pattern if o_order == "heads" else f"{pattern} o_order={o_order}"
-        if policy == "search" and cost_key not in costs:
-          base_plan = make_plan(
-            setup.config,
-            amber.pattern,
-            factors=model_factors(setup.params, score),
-            channel_order=model_channel_order(setup.config, o_order),
+    for rotation in (Rotation.parse(r).name for r in cfg.rotations):
+      for target in cfg.coverages:
+        for name in cfg.methods:
+          row = _front_row(cfg, setup, pattern, rotation, target, name, done, costs, result, ctx)
+          if row is None:
+            continue
+          result["rows"].append(row)
+          log(
+            f"{pattern:>5} {row_label(row):>32} target {target:.2f} (coverage "
+            f"{row['coverage']:.3f}): "
+            + " ".join(f"{k} {v:7.2f}" for k, v in row["perplexity"].items())
+            + f"  calib {row['calib_seconds']:.0f}s"
           )
-          costs[cost_key] = found = measure_site_costs(
-            setup.params,
-            base_plan,
-            search_windows,
-            config=setup.config,
-            dtype=dtype,
-            show_progress=show_progress,
-          )
-          log(f"{cost_key} site costs in {found.seconds:.0f}s:\n{found.table()}")
-          result["site_costs"][cost_key] = {
-            "kl": found.kl.tolist(),
-            "tokens": found.tokens,
-            "seconds": found.seconds,
-            "ordered": list(found.ordered),
-            "site_names": list(found.site_names),
-          }
-        start = time.perf_counter()
-        built = build_method_plan(
-          setup.params,
-          setup.config,
-          m,
-          amber,
-          calib_windows=setup.calib_windows,
-          batch_size=cfg.batch_size,
-          dtype=dtype,
-          show_progress=show_progress,
-          site_costs=costs.get(cost_key) if policy == "search" else None,
-          learning_rate=cfg.learning_rate,
-        )
-        info, plan, learn_log = built.info, built.plan, built.learned_record()
-        calib_seconds = time.perf_counter() - start
-        names = list(texts) if abs(target - cfg.goal_coverage) < 1e-9 else [cfg.text]
-        row = {
-          "pattern": pattern,
-          "method": method,
-          "target": target,
-          "coverage": info.coverage.covered,
-          "sparse_sites": {p: int(np.asarray(plan.enabled[p]).sum()) for p in plan.enabled},
-          "calib_kl": kl_to_dense(plan),
-          "perplexity": evaluate(plan, f"{pattern} {method} @ {target}", names),
-          "calib_seconds": calib_seconds,
-          "learned": learn_log,
-        }
-        result["rows"].append(row)
-        log(
-          f"{pattern:>5} {method:>16} target {target:.2f} (coverage {row['coverage']:.3f}): "
-          + " ".join(f"{k} {v:7.2f}" for k, v in row["perplexity"].items())
-          + f"  calib {calib_seconds:.0f}s"
-        )
-        if cfg.output:
-          write_json_atomic(cfg.output, result)
+          if cfg.output:
+            write_json_atomic(cfg.output, result)
   return result
+
+
+def _cost_key(pattern: str, o_order: str, rotation: str) -> str:
+  """Site costs per (pattern, grouping, rotation): "8:16", "8:16 o_order=mixed",
+  "8:16 o_order=mixed rotation=res_pca"."""
+  key = pattern if o_order == "heads" else f"{pattern} o_order={o_order}"
+  return key if rotation == "none" else f"{key} rotation={rotation}"
+
+
+def _front_row(cfg, setup, pattern, rotation, target, name, done, costs, result, ctx):
+  """One measured row of the front, or None when it is done, not for this target or not
+  reachable (see ``run_front``)."""
+  log, show_progress, dtype = ctx["log"], ctx["show_progress"], ctx["dtype"]
+  m = front_method(name)
+  method, learned = m.name, m.learned_steps
+  if (pattern, method, round(target, 6), rotation) in done:
+    return None
+  if learned and abs(target - cfg.goal_coverage) > 1e-9:
+    return None
+  if not _reachable(m, setup.config, target):
+    log(f"{pattern} {method} @ {target}: unreachable under the paper's rules, skipped")
+    return None
+  rm = ctx["model_for"](pattern, rotation)
+  params, config = rm.params, rm.config
+  amber = m.amber_config(NMPattern.parse(pattern), coverage=target)
+  score, policy, o_order = m.score, m.policy, m.o_order
+  cost_key = _cost_key(pattern, o_order, rotation)
+  if policy == "search" and cost_key not in costs:
+    base_plan = make_plan(
+      config,
+      amber.pattern,
+      factors=model_factors(params, score),
+      channel_order=model_channel_order(config, o_order),
+    )
+    costs[cost_key] = found = measure_site_costs(
+      params,
+      base_plan,
+      ctx["search_windows"],
+      config=config,
+      dtype=dtype,
+      show_progress=show_progress,
+    )
+    log(f"{cost_key} site costs in {found.seconds:.0f}s:\n{found.table()}")
+    result["site_costs"][cost_key] = {
+      "kl": found.kl.tolist(),
+      "tokens": found.tokens,
+      "seconds": found.seconds,
+      "ordered": list(found.ordered),
+      "site_names": list(found.site_names),
+    }
+  start = time.perf_counter()
+  built = build_method_plan(
+    params,
+    config,
+    m,
+    amber,
+    calib_windows=setup.calib_windows,
+    batch_size=cfg.batch_size,
+    dtype=dtype,
+    show_progress=show_progress,
+    site_costs=costs.get(cost_key) if policy == "search" else None,
+    learning_rate=cfg.learning_rate,
+  )
+  info, plan, learn_log = built.info, built.plan, built.learned_record()
+  calib_seconds = time.perf_counter() - start
+  texts = ctx["texts"]
+  names = list(texts) if abs(target - cfg.goal_coverage) < 1e-9 else [cfg.text]
+  row = {
+    "pattern": pattern,
+    "method": method,
+    "target": target,
+    "coverage": info.coverage.covered,
+    "sparse_sites": {p: int(np.asarray(plan.enabled[p]).sum()) for p in plan.enabled},
+    "calib_kl": ctx["meter_for"](pattern, rotation)(plan),
+    "perplexity": ctx["evaluate"](rm, plan, f"{pattern} {method} @ {target}", names),
+    "calib_seconds": calib_seconds,
+    "learned": learn_log,
+  }
+  if rotation != "none":
+    row.update(
+      rotation=rotation,
+      rotation_seconds=rm.seconds,
+      dense_logit_gap=rm.dense_logit_gap,
+      dense_logit_gap_f64=rm.dense_logit_gap_f64,
+      inference_cost=rm.rotation.inference_cost,
+    )
+  return row
 
 
 def _gap_closed(ppl: float, base: float, dense: float) -> float:
@@ -348,7 +449,7 @@ def front_markdown(result: dict, commands: list[str] | None = None) -> str:
   commands = commands or result.get("commands") or ["python experiments/front.py"]
   cfg = result["config"]
   main, dense = cfg["text"], result["dense"]
-  rows = canonical_rows(result)
+  rows = [{**r, "method": row_label(r)} for r in canonical_rows(result)]
   # Rows may come from several runs into one file (other methods or targets): list them all.
   methods = list(dict.fromkeys(r["method"] for r in rows))
   patterns = list(dict.fromkeys(r["pattern"] for r in rows))
@@ -418,16 +519,69 @@ def front_markdown(result: dict, commands: list[str] | None = None) -> str:
       "",
       markdown_table(["pattern", "method", "coverage", *dense, "KL x1e3", "calib s"], ablation),
     ]
+  out += rotation_markdown(result)
   return "\n".join(out)
+
+
+def rotation_markdown(result: dict) -> list[str]:
+  """Lines of the rotations' tables (empty without rotated rows): each rotation's build time,
+  the dense model's largest logit change and its inference cost; then, per pattern, the median
+  single-site KL cost of each projection with and without each rotation."""
+  rotated = [r for r in result.get("rows", []) if r.get("rotation", "none") != "none"]
+  if not rotated:
+    return []
+  seen = {}
+  for r in rotated:
+    seen.setdefault((r["pattern"], r["rotation"]), r)
+  table = [
+    [
+      p,
+      rot,
+      f"{r['rotation_seconds']:.0f}",
+      f"{r['dense_logit_gap']:.1e}",
+      f"{r.get('dense_logit_gap_f64', float('nan')):.1e}",
+      r["inference_cost"],
+    ]
+    for (p, rot), r in seen.items()
+  ]
+  out = [
+    "",
+    "Rotations: calibration seconds (statistics and bases, on the calibration windows); the dense"
+    " model's largest |logit| change on one calibration window, with both passes in float32 (the"
+    " pass's own rounding: a pure permutation of the MLP channels moves it by about 1e-4) and in"
+    " float64 (the rotation's error); inference cost.",
+    "",
+    markdown_table(
+      ["pattern", "rotation", "s", "max dlogit f32", "max dlogit f64", "inference cost"], table
+    ),
+  ]
+  costs = result.get("site_costs", {})
+  for pattern in dict.fromkeys(p for p, _ in seen):
+    keys = [k for k in costs if k.split()[0] == pattern]
+    if len(keys) < 2:
+      continue
+    names = costs[keys[0]].get("site_names", [])
+    lines = []
+    for k in keys:
+      kl = np.asarray(costs[k]["kl"])
+      med = np.median(kl, axis=0)
+      lines.append([k, *[f"{1e3 * v:.2f}" for v in med], f"{1e3 * kl.sum():.0f}"])
+    out += [
+      "",
+      f"{pattern} single-site KL cost (x 1e3, median over layers; last column: sum over all"
+      " sites) per grouping and rotation:",
+      "",
+      markdown_table(["costs", *names, "sum"], lines),
+    ]
+  return out
 
 
 def save_front_plots(result: dict, coverage_png: str | os.PathLike) -> list[Path]:
   """The front's PNGs: ``coverage_png`` (perplexity against coverage per method) and, if any
   row learned factors, ``learning_curves.png`` next to it (KL per step). Returns the paths."""
   text = result["config"]["text"]
-  written = [
-    save_coverage_front(canonical_rows(result), result["dense"][text], coverage_png, text=text)
-  ]
+  rows = [{**r, "method": row_label(r)} for r in canonical_rows(result)]
+  written = [save_coverage_front(rows, result["dense"][text], coverage_png, text=text)]
   curves = learning_curves(result)
   if curves:
     path = Path(coverage_png).with_name("learning_curves.png")
@@ -440,7 +594,7 @@ def learning_curves(result: dict) -> dict[str, list[float]]:
   """ "pattern method" -> KL per step of every learned row: the training-batch KL before each
   update, then the mean KL over all calibration windows after the last one."""
   return {
-    f"{r['pattern']} {r['method']}": [*r["learned"]["losses"], r["learned"]["final_kl"]]
+    f"{r['pattern']} {row_label(r)}": [*r["learned"]["losses"], r["learned"]["final_kl"]]
     for r in canonical_rows(result)
     if r.get("learned")
   }
