@@ -25,6 +25,12 @@ from amber_jax.runs.quant_table import (
 OPTS = define_options("model", "num_windows", "output", "cache_dir")
 _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _ACT_SCALE = flags.DEFINE_enum("act_scale", "token", ["token", "tensor"], "Activation scales.")
+_ROTATIONS = flags.DEFINE_list(
+  "rotations",
+  ["none"],
+  "amber_jax.rotate names (none, res_pca, res_hadamard, head_pca+..., see experiments/front.py); "
+  "each rotated model gets every row again, per pattern.",
+)
 _RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown file to update ('' to skip).")
 
 
@@ -38,6 +44,7 @@ def main(argv):
     **OPTS.fields(QuantTableConfig),
     patterns=tuple(_PATTERNS.value),
     act_scale=_ACT_SCALE.value,
+    rotations=tuple(_ROTATIONS.value),
   )
   result = run_quant_table(cfg)
   markdown = quant_table_markdown(result, command_line())

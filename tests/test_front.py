@@ -170,16 +170,22 @@ def test_results_written_before_the_registry_resume_under_new_names(make_cfg, tm
 
 def test_rotated_rows_next_to_the_plain_ones(make_cfg, tmp_path, monkeypatch):
   rotation = "res_pca+head_pca+down_balance"
-  cfg = make_cfg(methods=("search",), coverages=(0.55,), rotations=("none", rotation))
+  learned = "res_fold+learn1"
+  cfg = make_cfg(methods=("search",), coverages=(0.3, 0.55), rotations=("none", rotation, learned))
   result = run_front(cfg, log=_quiet, show_progress=False)
-  by = {r.get("rotation", "none"): r for r in result["rows"]}
-  assert set(by) == {"none", rotation}
+  by = {r.get("rotation", "none"): r for r in result["rows"] if r["target"] == 0.55}
+  assert set(by) == {"none", rotation, learned}
+  # The learned rotation runs at the goal coverage only, learning through the searched plan.
+  assert [r["target"] for r in result["rows"] if r.get("rotation") == learned] == [0.55]
+  assert len(by[learned]["learned_rotation"]["losses"]) == 1
+  assert by[learned]["dense_logit_gap_f64"] <= 1e-4
   rotated = by[rotation]
   assert rotated["dense_logit_gap"] <= 1e-4  # the dense model is unchanged (float32)
   assert rotated["inference_cost"] == "none" and rotated["rotation_seconds"] >= 0
   assert rotated["coverage"] >= 0.55 - 1e-9
   # Its own site costs, measured on the rotated model (not the plain model's).
-  assert set(result["site_costs"]) == {"2:4", f"2:4 rotation={rotation}"}
+  # (the learned rotation's sites come from its base's costs, res_fold)
+  assert set(result["site_costs"]) == {"2:4", f"2:4 rotation={rotation}", "2:4 rotation=res_fold"}
   assert result["site_costs"]["2:4"]["kl"] != result["site_costs"][f"2:4 rotation={rotation}"]["kl"]
   markdown = front_markdown(result)
   assert f"| search [{rotation}] |" in markdown and "Rotations: calibration seconds" in markdown

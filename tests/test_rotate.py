@@ -5,6 +5,7 @@ folded rotation (float32 logits within 1e-4) on every architecture variant."""
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -265,3 +266,93 @@ def test_bad_rotation_inputs_are_refused_before_work():
     config_to_hf(hconfig)
   with pytest.raises(ValueError, match="already rotated"):
     hadamard_mlp_hidden(params, hconfig, np.ones((2, config.d_ff)))
+
+
+def test_quant_table_runs_every_row_on_each_rotated_model(tmp_path):
+  from amber_jax.runs.quant_table import QuantTableConfig, quant_table_markdown, run_quant_table
+
+  text = tmp_path / "main.txt"
+  text.write_text(" ".join(f"word{i} and more text" for i in range(300)), encoding="utf-8")
+  cfg = QuantTableConfig(
+    model=str(pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"),
+    text=str(text),
+    patterns=("2:4",),
+    rotations=("none", "res_pca+head_pca"),
+    seq_len=32,
+    num_windows=2,
+    calib_windows=2,
+    batch_size=2,
+    cache_dir=str(tmp_path / "cache"),
+  )
+  result = run_quant_table(cfg, log=lambda *a: None, show_progress=False)
+  rows = result["rows"]
+  plain = [r for r in rows if "rotation" not in r]
+  rotated = [r for r in rows if r.get("rotation") == "res_pca+head_pca"]
+  assert len(plain) == 6 and len(rotated) == 5  # the dense row only once
+  assert all(r["method"].endswith("[res_pca+head_pca M=4]") for r in rotated)
+  assert all(np.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in rows)
+  markdown = quant_table_markdown(result, "python experiments/quant_table.py")
+  assert "Outstanding-sparse 2:4 (sparsify first) [res_pca+head_pca M=4]" in markdown
+  with pytest.raises(ValueError, match="name one rotation twice"):
+    QuantTableConfig(rotations=("res_pca", "res_pca"), cache_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="res_ takes"):
+    QuantTableConfig(rotations=("res_x",), cache_dir=str(tmp_path))
+
+
+def test_hadamard_bench_times_every_variant():
+  from amber_jax.bench.hadamard_bench import run_hadamard_bench
+
+  b = run_hadamard_bench(tokens=8, d_ff=24, d_model=16, repeats=2)
+  assert set(b.ms) == {"down", "hadamard", "hadamard_dense", "hadamard_down"}
+  assert all(v > 0 for v in b.ms.values()) and b.ratios()["down"] == 1.0
+  assert b.transform_ops_per_row == 24 * (12 + 1) and b.down_macs_per_row == 24 * 16
+  with pytest.raises(ValueError, match="Hadamard"):
+    run_hadamard_bench(tokens=8, d_ff=6, d_model=16)
+
+
+def test_learned_rotation_is_orthogonal_and_lowers_the_kl():
+  from amber_jax.calibrate.learned_factors import dense_teacher, ste_kl
+  from amber_jax.rotate.learned import cayley, learn_residual_rotation, with_learned_rotation
+
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8)) * 0.3, jnp.float32)
+  check_orthogonal(np.asarray(cayley(a)), 8, arg="cayley", atol=1e-5)
+  np.testing.assert_allclose(np.asarray(cayley(jnp.zeros((8, 8)))), np.eye(8), atol=1e-7)
+
+  config = SMALL_CONFIG
+  params = _params(config)
+  windows = np.random.default_rng(6).integers(0, config.vocab_size, size=(4, 17))
+  base = rotate_model(params, config, "res_fold", m=4)
+  plan = make_plan(base.config, "2:4", factors=model_factors(base.params, "robust"))
+  learned = learn_residual_rotation(
+    base.params, base.config, plan, windows, steps=6, learning_rate=0.02, show_progress=False
+  )
+  check_orthogonal(learned.q, config.d_model, arg="learned q", atol=1e-10)
+  print(f"learned rotation: KL {learned.initial_kl:.4f} -> {learned.final_kl:.4f}")
+  assert len(learned.losses) == 6 and learned.final_kl < 0.97 * learned.initial_kl
+  rotation = Rotation.parse("res_fold+learn6")
+  rm, record = with_learned_rotation(
+    base,
+    rotation,
+    plan,
+    windows,
+    original=(params, config),
+    check_tokens=windows[:, :16],
+    learning_rate=0.02,
+    show_progress=False,
+  )
+  assert rm.rotation == rotation and rm.dense_logit_gap_f64 <= 1e-4
+  np.testing.assert_allclose(record.q, learned.q, atol=1e-6)  # the same seed, the same steps
+  # The learned Q, folded into the weights, gives the KL the training measured in the graph.
+  tokens = jnp.asarray(windows[:, :16])
+  teacher = dense_teacher(params, tokens, config=config)
+  folded_kl = float(ste_kl(rm.params, tokens, teacher, plan, config=rm.config))
+  assert abs(folded_kl - learned.final_kl) <= 1e-3 * learned.final_kl + 1e-6
+  with pytest.raises(ValueError, match="needs a plan"):
+    rotate_model(params, config, rotation, m=4)
+  with pytest.raises(ValueError, match="base is rotated by res_fold, not res_pca"):
+    with_learned_rotation(base, Rotation.parse("res_pca+learn2"), plan, windows)
+  with pytest.raises(ValueError, match="residual basis to start from"):
+    Rotation.parse("head_pca+learn2")
+  with pytest.raises(ValueError, match="learn<N> with N >= 1"):
+    Rotation.parse("res_pca+learn0")
+  assert Rotation.parse("res_pca+learn8").name == "res_pca+learn8"

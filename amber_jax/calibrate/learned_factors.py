@@ -109,7 +109,8 @@ def _sparse_logits(params, tokens_BxT, theta, plan, *, config, temperature):
       scale = scale.reshape((1,) * (y.ndim - scale.ndim) + scale.shape)
       y = jnp.where(on, y * scale, y)
     if "b" in weights:
-      y = y + row_factors(weights["b"], weights).astype(y.dtype)
+      b = row_factors(weights["b"], weights).astype(y.dtype)
+      y = y + b.reshape((1,) * (y.ndim - b.ndim) + b.shape)
     return y, None
 
   out = model_pass(params, tokens_BxT, config=config, hook=hook, hook_xs=hook_xs)
@@ -128,6 +129,22 @@ def _kl(params, tokens, teacher, theta, plan, *, config, temperature):
   logp = jax.nn.log_softmax(logits, axis=-1)
   teacher = teacher.astype(jnp.float32)
   return jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), axis=-1))
+
+
+def dense_teacher(params, tokens_BxT, *, config: LlamaConfig) -> jax.Array:
+  """The dense model's next-token log-probabilities [B, T, V] (bf16), the target of ``ste_kl``."""
+  return _teacher_logprobs(params, tokens_BxT, config=config)
+
+
+def ste_kl(params, tokens_BxT, teacher, plan: SparsityPlan, *, config, temperature: float = 0.5):
+  """KL(dense || plan) per token (nats) with the straight-through mask at the plan's enabled
+  sites and the plan's own factors: differentiable in ``params`` (what a learned rotation of
+  the weights trains through; ``teacher`` from ``dense_teacher``)."""
+  theta = {
+    "factors": {p: jnp.log(jnp.maximum(plan.factors[p], 1e-6)) for p in plan.enabled},
+    "scales": None,
+  }
+  return _kl(params, tokens_BxT, teacher, theta, plan, config=config, temperature=temperature)
 
 
 @dataclasses.dataclass(frozen=True)

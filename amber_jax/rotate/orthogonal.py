@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,31 +60,52 @@ def rotate_residual(params, config: LlamaConfig, q_DxD: np.ndarray) -> dict:
   """``params`` with the residual stream rotated by the orthogonal ``q_DxD`` (module docstring).
   ValueError unless the norms are folded (``fold_norms``) and ``q_DxD`` is orthogonal."""
   q = check_orthogonal(q_DxD, config.d_model, arg="q_DxD")
+  check_residual_rotatable(params, config)
+  return _residual_rotated(params, config, q, np, _f64, _cast)
+
+
+def rotate_residual_traced(params, config: LlamaConfig, q_DxD: jax.Array) -> dict:
+  """``rotate_residual`` in float32 jnp, differentiable in ``q_DxD`` and usable under ``jit``
+  (no checks: the caller checks the params once, ``check_residual_rotatable``, and keeps Q
+  orthogonal by construction, e.g. a Cayley transform)."""
+  to32 = lambda a: jnp.asarray(a).astype(jnp.float32)  # noqa: E731
+  return _residual_rotated(
+    params, config, q_DxD, jnp, to32, lambda new, like: new.astype(like.dtype)
+  )
+
+
+def check_residual_rotatable(params, config: LlamaConfig) -> None:
+  """ValueError unless the norm weights are folded and the LM head is untied (``fold_norms``)."""
   if config.tie_embeddings or "lm_head" not in params or not norms_folded(params, config):
     raise ValueError(
       "rotate_residual needs the norm weights folded into their readers and an untied LM head: "
       "call amber_jax.rotate.fold.fold_norms first"
     )
+
+
+def _residual_rotated(params, config, q, xp, up, cast) -> dict:
+  """The residual rotation with array module ``xp``: ``up`` converts a leaf to the compute
+  dtype, ``cast(new, like)`` back to the leaf's."""
   layers = dict(params["layers"])
   for site in config.sites:
     weights = dict(layers[site.name])
     w = weights["w"]
     if site.folds_into is not None:  # reads the normed stream: Q^T W
-      weights["w"] = w = _cast(np.einsum("ji,...jo->...io", q, _f64(w)), w)
+      weights["w"] = cast(xp.einsum("ji,...jo->...io", q, up(w)), w)
     if site.writes == "residual":  # adds to the stream: W Q (and its bias)
-      weights["w"] = _cast(_f64(w) @ q, w)
+      weights["w"] = cast(up(weights["w"]) @ q, w)
       if "b" in weights:
-        weights["b"] = _cast(_f64(weights["b"]) @ q, weights["b"])
+        weights["b"] = cast(up(weights["b"]) @ q, weights["b"])
     layers[site.name] = weights
   if "router" in layers:
     r = layers["router"]
-    layers["router"] = _cast(np.einsum("ji,ljo->lio", q, _f64(r)), r)
+    layers["router"] = cast(xp.einsum("ji,ljo->lio", q, up(r)), r)
   embed, head = params["embed"], params["lm_head"]
   return {
     **params,
     "layers": layers,
-    "embed": _cast(_f64(embed) @ q, embed),
-    "lm_head": _cast(q.T @ _f64(head), head),
+    "embed": cast(up(embed) @ q, embed),
+    "lm_head": cast(q.T @ up(head), head),
   }
 
 

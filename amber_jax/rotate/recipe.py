@@ -14,7 +14,10 @@ A ``Rotation`` names a basis for each place a model's N:M groups read:
   ``LlamaConfig.mlp_hidden_hadamard``).
 
 Names: "none", or parts joined by "+", each ``res_<basis>``, ``head_<basis>`` or
-``down_<basis>`` (e.g. "res_pca+head_pca+down_balance"). The calibrated bases ("pca",
+``down_<basis>`` (e.g. "res_pca+head_pca+down_balance"), and ``learn<N>``: N optimiser steps of
+a residual rotation learned on top of the residual basis through a plan's straight-through mask
+(``amber_jax.rotate.learned``; it needs the plan, so ``rotate_model`` builds the rest and
+``with_learned_rotation`` adds it). The calibrated bases ("pca",
 "balance") are laid out for a group size M (``amber_jax.rotate.bases.strided_order``), so a
 rotation is built per N:M pattern. Calibration statistics come from calibration windows only.
 """
@@ -66,9 +69,17 @@ class Rotation:
   residual: str = "none"
   heads: str = "none"
   hidden: str = "none"
+  learn_steps: int = 0
   seed: int = 0
 
   def __post_init__(self):
+    if not isinstance(self.learn_steps, int) or self.learn_steps < 0:
+      raise ValueError(f"Rotation: learn_steps must be an int >= 0, got {self.learn_steps!r}")
+    if self.learn_steps and self.residual == "none":
+      raise ValueError(
+        "Rotation: a learned rotation (learn<N>) turns the residual stream, which needs a "
+        "residual basis to start from (res_fold, res_pca, ...)"
+      )
     for prefix, (field, valid) in PARTS.items():
       value = getattr(self, field)
       if value not in valid:
@@ -86,6 +97,14 @@ class Rotation:
       return cls(seed=seed)
     fields = {}
     for part in spec.strip().split("+"):
+      if part.startswith("learn"):
+        steps = part[len("learn") :]
+        if not steps.isdigit() or int(steps) < 1 or "learn_steps" in fields:
+          raise ValueError(
+            f"rotation {spec!r}: {part!r} must be learn<N> with N >= 1 steps, given once"
+          )
+        fields["learn_steps"] = int(steps)
+        continue
       prefix, _, basis = part.partition("_")
       if prefix not in PARTS or not basis:
         raise ValueError(
@@ -110,11 +129,17 @@ class Rotation:
       for prefix, (field, _) in PARTS.items()
       if getattr(self, field) != "none"
     ]
+    if self.learn_steps:
+      parts.append(f"learn{self.learn_steps}")
     return "+".join(parts) or "none"
 
   @property
   def is_identity(self) -> bool:
     return self.name == "none"
+
+  def without_learning(self) -> Rotation:
+    """The same bases with no learned part (what ``rotate_model`` builds)."""
+    return dataclasses.replace(self, learn_steps=0)
 
   @property
   def calibrated(self) -> bool:
@@ -208,6 +233,12 @@ def rotate_model(
   before and after are compared (``RotatedModel.dense_logit_gap``, passes in float32 and in
   float64)."""
   rotation = Rotation.parse(rotation) if isinstance(rotation, str) else rotation
+  if rotation.learn_steps:
+    raise ValueError(
+      f"rotation {rotation.name}: its learned part needs a plan; build "
+      f"{rotation.without_learning().name!r} here, then amber_jax.rotate.learned."
+      "with_learned_rotation"
+    )
   check_rotation_for(config, rotation, m)
   if rotation.calibrated and calib_windows is None:
     raise ValueError(f"rotation {rotation.name} is calibrated: give calib_windows")

@@ -59,6 +59,7 @@ from amber_jax.io.atomic import check_output_file, write_json_atomic
 from amber_jax.plan.channel_order import model_channel_order
 from amber_jax.plan.schema import make_plan
 from amber_jax.rotate import RotatedModel, Rotation, rotate_model
+from amber_jax.rotate.learned import with_learned_rotation
 from amber_jax.rotate.recipe import check_rotation_for
 from amber_jax.runs.checks import check_text_source
 from amber_jax.runs.common import (
@@ -250,7 +251,9 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
   meters: dict[tuple[str, str], KLMeter] = {}
 
   def model_for(pattern: str, rotation: str) -> RotatedModel:
-    """The (pattern, rotation) model, built on first use; calibrated on calib windows only."""
+    """The (pattern, rotation) model, built on first use; calibrated on calib windows only. A
+    learned rotation's base (its bases without the learned part) is built here; the row
+    learns the rest (``_front_row``)."""
     if rotation == "none":
       return plain
     key = (pattern, rotation)
@@ -327,6 +330,7 @@ def run_front(cfg: FrontConfig, *, log=print, show_progress=True) -> dict:
     texts=texts,
     search_windows=search_windows,
     dtype=dtype,
+    batch=batch,
     log=log,
     show_progress=show_progress,
   )
@@ -369,11 +373,16 @@ def _front_row(cfg, setup, pattern, rotation, target, name, done, costs, result,
   if not _reachable(m, setup.config, target):
     log(f"{pattern} {method} @ {target}: unreachable under the paper's rules, skipped")
     return None
-  rm = ctx["model_for"](pattern, rotation)
+  rot = Rotation.parse(rotation)
+  if rot.learn_steps and abs(target - cfg.goal_coverage) > 1e-9:
+    return None  # a learned rotation is trained for the goal coverage's plan only
+  base_rotation = rot.without_learning().name
+  rm = ctx["model_for"](pattern, base_rotation)
   params, config = rm.params, rm.config
   amber = m.amber_config(NMPattern.parse(pattern), coverage=target)
   score, policy, o_order = m.score, m.policy, m.o_order
-  cost_key = _cost_key(pattern, o_order, rotation)
+  # A learned rotation's sites are chosen from its base model's costs.
+  cost_key = _cost_key(pattern, o_order, base_rotation)
   if policy == "search" and cost_key not in costs:
     base_plan = make_plan(
       config,
@@ -397,12 +406,7 @@ def _front_row(cfg, setup, pattern, rotation, target, name, done, costs, result,
       "ordered": list(found.ordered),
       "site_names": list(found.site_names),
     }
-  start = time.perf_counter()
-  built = build_method_plan(
-    params,
-    config,
-    m,
-    amber,
+  plan_kw = dict(
     calib_windows=setup.calib_windows,
     batch_size=cfg.batch_size,
     dtype=dtype,
@@ -410,6 +414,26 @@ def _front_row(cfg, setup, pattern, rotation, target, name, done, costs, result,
     site_costs=costs.get(cost_key) if policy == "search" else None,
     learning_rate=cfg.learning_rate,
   )
+  learned_rotation = None
+  if rot.learn_steps:  # through the plan of the method's base (no correction, no learning)
+    base_plan = build_method_plan(params, config, resolve_method(m.base.name), amber, **plan_kw)
+    rm, learned_rotation = with_learned_rotation(
+      rm,
+      rot,
+      base_plan.plan,
+      setup.calib_windows,
+      original=(setup.params, setup.config),
+      check_tokens=ctx["search_windows"][:1, :-1],
+      batch_size=cfg.batch_size,
+      show_progress=show_progress,
+    )
+    params = rm.params
+    log(
+      f"{pattern} {rotation}: learned rotation KL {learned_rotation.initial_kl:.4f} -> "
+      f"{learned_rotation.final_kl:.4f} in {learned_rotation.seconds:.0f}s"
+    )
+  start = time.perf_counter()
+  built = build_method_plan(params, config, m, amber, **plan_kw)
   info, plan, learn_log = built.info, built.plan, built.learned_record()
   calib_seconds = time.perf_counter() - start
   texts = ctx["texts"]
@@ -420,11 +444,22 @@ def _front_row(cfg, setup, pattern, rotation, target, name, done, costs, result,
     "target": target,
     "coverage": info.coverage.covered,
     "sparse_sites": {p: int(np.asarray(plan.enabled[p]).sum()) for p in plan.enabled},
-    "calib_kl": ctx["meter_for"](pattern, rotation)(plan),
+    "calib_kl": (
+      ctx["meter_for"](pattern, rotation)
+      if learned_rotation is None
+      else KLMeter(params, ctx["search_windows"], config=config, **ctx["batch"])
+    )(plan),
     "perplexity": ctx["evaluate"](rm, plan, f"{pattern} {method} @ {target}", names),
     "calib_seconds": calib_seconds,
     "learned": learn_log,
   }
+  if learned_rotation is not None:
+    row["learned_rotation"] = {
+      "losses": learned_rotation.losses,
+      "initial_kl": learned_rotation.initial_kl,
+      "final_kl": learned_rotation.final_kl,
+      "seconds": learned_rotation.seconds,
+    }
   if rotation != "none":
     row.update(
       rotation=rotation,

@@ -1,4 +1,9 @@
-"""Outstanding-sparse table: W8A8 (SmoothQuant, inverted smoothing) with and without N:M."""
+"""Outstanding-sparse table: W8A8 (SmoothQuant, inverted smoothing) with and without N:M.
+
+With ``rotations`` (``amber_jax.rotate`` names) every row is measured again on each rotated
+model: per pattern, since a calibrated rotation is laid out for the pattern's group size (its
+W8A8-only rows then repeat for each pattern's rotated model). Rotated rows carry "rotation" and
+their method names end in "[rotation M=m]"."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from amber_jax.core.patterns import NMPattern
 from amber_jax.eval.perplexity import perplexity
 from amber_jax.plan.quant_state import build_quant_state, smoothed_score_factors
 from amber_jax.plan.schema import make_plan
+from amber_jax.rotate import Rotation, rotate_model
+from amber_jax.rotate.recipe import check_rotation_for
 from amber_jax.runs.common import (
   DTYPES,
   EvalRunOptions,
@@ -33,6 +40,7 @@ class QuantTableConfig(EvalRunOptions):
   smoothquant_alpha: float = 0.5
   outstanding_alpha: float = 0.10
   act_scale: str = "token"
+  rotations: tuple[str, ...] = ("none",)  # amber_jax.rotate names
 
   def __post_init__(self):
     if not self.patterns:
@@ -48,6 +56,11 @@ class QuantTableConfig(EvalRunOptions):
     check_model_options(self.dtype, self.cache_dir)
     if self.calib_windows < 1:
       raise ValueError("calib_windows must be >= 1")
+    if not self.rotations:
+      raise ValueError("rotations must name at least one rotation ('none': the model as loaded)")
+    names = [Rotation.parse(r).name for r in self.rotations]
+    if len(set(names)) != len(names):
+      raise ValueError(f"rotations name one rotation twice: {list(self.rotations)}")
 
 
 def _amber(cfg: QuantTableConfig, pattern: str) -> AmberConfig:
@@ -57,6 +70,14 @@ def _amber(cfg: QuantTableConfig, pattern: str) -> AmberConfig:
 
 
 def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> dict:
+  rotations = [Rotation.parse(r) for r in cfg.rotations]
+
+  def validate(c):  # M divides every sparsified width, the target is reachable, rotations fit
+    for p in cfg.patterns:
+      _amber(cfg, p).validate_for(c)
+      for r in rotations:
+        check_rotation_for(c, r, NMPattern.parse(p).m)
+
   setup = prepare_eval(
     model=cfg.model,
     text=cfg.text,
@@ -65,25 +86,61 @@ def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> 
     num_windows=cfg.num_windows,
     calib_windows=cfg.calib_windows,
     dtype=cfg.dtype,
-    # M divides every sparsified width, the coverage target is reachable: before loading.
-    validate=lambda c: [_amber(cfg, p).validate_for(c) for p in cfg.patterns],
+    validate=validate,  # before loading
     show_progress=show_progress,
     log=log,
   )
-  params, config = setup.params, setup.config
+  dtype = DTYPES[cfg.dtype]
+  rows: list[dict] = []
+  for rotation in rotations:
+    if rotation.is_identity:
+      _quant_rows(cfg, setup, setup.params, setup.config, cfg.patterns, rows, log, show_progress)
+      continue
+    for pattern in cfg.patterns:
+      rm = rotate_model(
+        setup.params,
+        setup.config,
+        rotation,
+        m=NMPattern.parse(pattern).m,
+        calib_windows=setup.calib_windows[:, :-1],
+        batch_size=cfg.batch_size,
+        dtype=dtype,
+        show_progress=show_progress,
+      )
+      tag = {
+        "rotation": rotation.name,
+        "suffix": f" [{rotation.name} M={NMPattern.parse(pattern).m}]",
+      }
+      _quant_rows(cfg, setup, rm.params, rm.config, (pattern,), rows, log, show_progress, **tag)
+  return {"rows": rows, "config": recorded_config(cfg), **environment()}
+
+
+def _quant_rows(
+  cfg, setup, params, config, patterns, rows, log, show_progress, rotation=None, suffix=""
+):
+  """Appends the table's rows for one model (``params``, ``config``) and ``patterns``: dense
+  (unrotated only), W8A8 with both smoothings, and per pattern Amber and Outstanding-sparse."""
   dtype = DTYPES[cfg.dtype]
   common = dict(config=config, batch_size=cfg.batch_size, dtype=dtype, show_progress=show_progress)
-  rows = []
+  tag = {} if rotation is None else {"rotation": rotation}
 
   def evaluate(name, plan, **extra):
     start = time.perf_counter()
-    r = perplexity(params, setup.eval_windows, plan=plan, desc=name, **common)
+    r = perplexity(params, setup.eval_windows, plan=plan, desc=name + suffix, **common)
     rows.append(
-      {"method": name, "perplexity": r.perplexity, "seconds": time.perf_counter() - start, **extra}
+      {
+        "method": name + suffix,
+        "perplexity": r.perplexity,
+        "seconds": time.perf_counter() - start,
+        **extra,
+        **tag,
+      }
     )
-    log(f"{name:<44} ppl {r.perplexity:8.3f}")
+    log(f"{name + suffix:<60} ppl {r.perplexity:8.3f}")
 
-  evaluate("dense", None)
+  if rotation is None:
+    evaluate("dense", None)
+  extra = {} if rotation is None else {"pattern": patterns[0]}
   absmax = collect_input_absmax(
     params,
     setup.calib_windows,
@@ -106,8 +163,9 @@ def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> 
       make_plan(config, None, impl="xla").replace(quant=state),
       smooth=smooth,
       alpha=alpha,
+      **extra,
     )
-  for pattern in cfg.patterns:
+  for pattern in patterns:
     amber = _amber(cfg, pattern)
     info = build_plan(
       params,
@@ -131,18 +189,22 @@ def run_quant_table(cfg: QuantTableConfig, *, log=print, show_progress=True) -> 
       evaluate(
         f"Outstanding-sparse {pattern} ({order.replace('_', ' ')})", plan, order=order, **extra
       )
-  return {"rows": rows, "config": recorded_config(cfg), **environment()}
 
 
 def quant_table_markdown(result: dict, command: str) -> str:
   cfg = result["config"]
   dense = next(r["perplexity"] for r in result["rows"] if r["method"] == "dense")
-  amber = {r["pattern"]: r["perplexity"] for r in result["rows"] if r["method"].startswith("Amber")}
+  amber = {
+    (r["pattern"], r.get("rotation")): r["perplexity"]
+    for r in result["rows"]
+    if r["method"].startswith("Amber")
+  }
   table = []
   for r in result["rows"]:
     vs_amber = ""
     if r["method"].startswith("Outstanding-sparse"):
-      vs_amber = f"{100 * (r['perplexity'] / amber[r['pattern']] - 1):+.1f}%"
+      base = amber[(r["pattern"], r.get("rotation"))]
+      vs_amber = f"{100 * (r['perplexity'] / base - 1):+.1f}%"
     cov = f"{100 * r['coverage']:.1f}%" if "coverage" in r else "-"
     table.append(
       [
@@ -164,7 +226,15 @@ def quant_table_markdown(result: dict, command: str) -> str:
       f"smoothing folded into the RMSNorms for q/k/v and gate/up, applied to the o/down inputs. "
       f"Activation statistics and the auto policy use the {cfg['calib_windows']} windows after the "
       f"evaluation ones. Sparse rows: {cfg['policy']} policy, {cfg['score']} score (factors from "
-      "the smoothed weights), coverage >= " + f"{cfg['coverage']}.",
+      "the smoothed weights), coverage >= "
+      + f"{cfg['coverage']}."
+      + (
+        " Rows marked [rotation M=m] run on the model rotated by amber_jax.rotate, calibrated for"
+        " groups of m (the dense model is unchanged; 'vs Amber alone' compares with Amber on"
+        " the same rotated model)."
+        if any(r.get("rotation") for r in result["rows"])
+        else ""
+      ),
       "",
       f"Command: `{command}` (backend {env['backend']}, jax {result['versions']['jax']}).",
       "",
