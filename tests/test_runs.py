@@ -210,6 +210,7 @@ def _run_configs():
   from amber_jax.runs.front import FrontConfig
   from amber_jax.runs.generation import GenerationConfig
   from amber_jax.runs.quant_table import QuantTableConfig
+  from amber_jax.runs.rotation_costs import RotationCostsConfig
   from amber_jax.runs.sensitivity import SensitivityRunConfig
   from amber_jax.runs.zero_shot import ZeroShotConfig
 
@@ -221,6 +222,7 @@ def _run_configs():
     (FrontConfig, {}),
     (GenerationConfig, needs_output),
     (QuantTableConfig, {}),
+    (RotationCostsConfig, {}),
     (SensitivityRunConfig, {}),
     (ZeroShotConfig, needs_output),
   ]
