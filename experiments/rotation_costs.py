@@ -10,7 +10,7 @@ defaults on 2 CPU cores (12 rotations x 2 patterns).
 
 from __future__ import annotations
 
-from _common import command_line, define_options, run
+from _common import TRANSFER_TEXT, command_line, define_options, run
 from absl import flags
 
 from amber_jax.io.atomic import write_json_atomic
@@ -23,7 +23,16 @@ from amber_jax.runs.rotation_costs import (
   run_rotation_costs,
 )
 
-OPTS = define_options("model", "num_windows", "calib_windows", "text", "output", "cache_dir")
+OPTS = define_options(
+  "model",
+  "num_windows",
+  "calib_windows",
+  "text",
+  "text_file",
+  "output",
+  "cache_dir",
+  text_file=TRANSFER_TEXT,
+)
 _PATTERNS = flags.DEFINE_list("patterns", ["8:16", "2:4"], "N:M patterns.")
 _ROTATIONS = flags.DEFINE_list(
   "rotations", list(DEFAULT_ROTATIONS), "amber_jax.rotate names (see experiments/front.py)."
@@ -37,7 +46,7 @@ def main(argv):
   if _RESULTS.value:
     check_markdown_file(_RESULTS.value, arg="--results")
   cfg = RotationCostsConfig(
-    **OPTS.fields(RotationCostsConfig),
+    **OPTS.fields(RotationCostsConfig, text_file="transfer_text"),
     patterns=tuple(_PATTERNS.value),
     rotations=tuple(_ROTATIONS.value),
     search_windows=_SEARCH_WINDOWS.value,

@@ -367,11 +367,14 @@ def test_rotation_costs_runner_measures_every_projection(tmp_path):
 
   text = tmp_path / "main.txt"
   text.write_text(" ".join(f"word{i} and more text" for i in range(300)), encoding="utf-8")
+  other = tmp_path / "other.txt"
+  other.write_text(" ".join(f"other {i} words here" for i in range(300)), encoding="utf-8")
   cfg = RotationCostsConfig(
     model=str(pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny-llama"),
     text=str(text),
     patterns=("2:4",),
     rotations=("none", "res_pca", "down_hadamard"),
+    transfer_text=str(other),
     seq_len=32,
     num_windows=2,
     calib_windows=2,
@@ -381,17 +384,20 @@ def test_rotation_costs_runner_measures_every_projection(tmp_path):
   )
   result = run_rotation_costs(cfg, log=lambda *a: None, show_progress=False)
   rows = {r["rotation"]: r for r in result["rows"]}
+  assert all(list(r["kl"]) == [str(text), str(other)] for r in rows.values())
   assert set(rows) == {"none", "res_pca", "down_hadamard"}
   for r in rows.values():
-    assert list(r["kl"]) == ["q", "k", "v", "o", "o mixed", "gate", "up", "down"]
-    assert all(v > 0 for v in r["kl"].values())
+    kl = r["kl"][str(text)]
+    assert list(kl) == ["q", "k", "v", "o", "o mixed", "gate", "up", "down"]
+    assert all(v > 0 for v in kl.values())
     assert r["dense_logit_gap_f64"] <= 1e-4
+  kl = {name: r["kl"][str(text)] for name, r in rows.items()}
   # A residual rotation leaves o and down's inputs alone; down_hadamard changes only down's.
-  assert rows["res_pca"]["kl"]["q"] != rows["none"]["kl"]["q"]
-  assert rows["down_hadamard"]["kl"]["down"] != rows["none"]["kl"]["down"]
-  np.testing.assert_allclose(rows["down_hadamard"]["kl"]["q"], rows["none"]["kl"]["q"], rtol=1e-3)
+  assert kl["res_pca"]["q"] != kl["none"]["q"]
+  assert kl["down_hadamard"]["down"] != kl["none"]["down"]
+  np.testing.assert_allclose(kl["down_hadamard"]["q"], kl["none"]["q"], rtol=1e-3)
   assert rows["down_hadamard"]["inference_cost"] != "none"
   markdown = rotation_costs_markdown(result, "python experiments/rotation_costs.py")
-  assert "| res_pca |" in markdown and "x)" in markdown
+  assert "| res_pca |" in markdown and f"**2:4, {other}**" in markdown and "x |" in markdown
   with pytest.raises(ValueError, match="need a plan"):
     RotationCostsConfig(rotations=("res_pca+learn2",), cache_dir=str(tmp_path))
