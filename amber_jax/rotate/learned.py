@@ -86,8 +86,8 @@ def learn_residual_rotation(
   batches = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
   teachers = [dense_teacher(params, b, config=config) for b in batches]
 
-  def kl(a, tok, teacher):
-    rotated = rotate_residual_traced(params, config, cayley(a))
+  def kl(a, weights, tok, teacher):  # the weights are an argument: never baked into the jit
+    rotated = rotate_residual_traced(weights, config, cayley(a))
     return ste_kl(rotated, tok, teacher, plan, config=config, temperature=temperature)
 
   loss_and_grad = jax.jit(jax.value_and_grad(kl))
@@ -98,7 +98,7 @@ def learn_residual_rotation(
 
   def mean_kl(a_):
     return float(
-      np.mean([float(kl_only(a_, b, t)) for b, t in zip(batches, teachers, strict=True)])
+      np.mean([float(kl_only(a_, params, b, t)) for b, t in zip(batches, teachers, strict=True)])
     )
 
   initial = mean_kl(a)
@@ -109,7 +109,7 @@ def learn_residual_rotation(
   ) as bar:
     for _ in range(steps):
       i = int(rng.integers(len(batches)))
-      loss, grad = loss_and_grad(a, batches[i], teachers[i])
+      loss, grad = loss_and_grad(a, params, batches[i], teachers[i])
       updates, state = opt.update(grad, state, a)
       a = optax.apply_updates(a, updates)
       losses.append(float(loss))
