@@ -595,7 +595,11 @@ def rotation_markdown(result: dict) -> list[str]:
     keys = [k for k in costs if k.split()[0] == pattern]
     if len(keys) < 2:
       continue
-    names = costs[keys[0]].get("site_names", [])
+    # Files from before site names were stored: the rows' sites are the same ones, in order.
+    names = next(
+      (costs[k]["site_names"] for k in keys if costs[k].get("site_names")),
+      list(seen[next(iter(seen))].get("sparse_sites", {})),
+    )
     lines = []
     for k in keys:
       kl = np.asarray(costs[k]["kl"])
