@@ -61,15 +61,18 @@ def learn_residual_rotation(
   calib_windows: np.ndarray,
   *,
   steps: int = 8,
-  learning_rate: float = 2e-3,
+  learning_rate: float = 5e-4,
   temperature: float = 0.5,
   batch_size: int = 2,
   seed: int = 0,
   show_progress: bool = True,
 ) -> LearnedRotation:
   """Trains Q (module docstring) for ``plan`` on ``calib_windows`` ([W, T+1] token ids; the
-  first T are the inputs). ``params`` must have folded norms (``fold_norms``). ValueError for a
-  dense or W8A8 plan, bad steps, rate or batch size, or no windows."""
+  first T are the inputs). Adam's first steps move every entry of A by about the learning
+  rate, so the rotation turns by up to rate x d_model radians per step when the gradient's
+  signs line up: the default keeps that under 0.3 for d_model 576. ``params`` must have folded
+  norms (``fold_norms``). ValueError for a dense or W8A8 plan, bad steps, rate or batch size, or
+  no windows."""
   if plan.pattern is None or plan.quant is not None:
     raise ValueError("learn_residual_rotation takes a float N:M plan (a pattern, no W8A8 part)")
   if steps < 1 or batch_size < 1 or not learning_rate > 0 or not temperature > 0:

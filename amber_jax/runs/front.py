@@ -28,13 +28,15 @@ target and is refused here.
 Every method also runs on rotated models (``FrontConfig.rotations``, ``amber_jax.rotate`` names
 such as "res_pca+head_pca+down_balance"; "none" is the model as loaded): the rotation is
 calibrated on the calibration windows for each pattern's group size, the dense model's logits
-before and after are compared (``dense_logit_gap``, float32) and each rotated model gets its own
-site costs. Rows carry their rotation, its calibration seconds and its inference cost; tables
-label them "method [rotation]".
+before and after are compared (``dense_logit_gap``, float32 and float64 passes) and each rotated
+model gets its own site costs. A learned rotation (``...+learn<N>``) is trained at the goal
+coverage through the plan of the method's base on its base rotation, whose site costs it reuses.
+Rows carry their rotation, its calibration seconds and its inference cost; tables label them
+"method [rotation]".
 
 The per-site costs are measured once per (pattern, grouping, rotation) and reused for every
-target. Rows are written
-to the JSON output (atomically) as they finish, and a rerun with the same setup skips them.
+target. Rows are written to the JSON output (atomically) as they finish, and a rerun with the
+same setup skips them.
 """
 
 from __future__ import annotations
