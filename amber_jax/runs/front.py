@@ -426,8 +426,7 @@ def _front_row(cfg, setup, pattern, rotation, target, name, done, costs, result,
       setup.calib_windows,
       original=(setup.params, setup.config),
       check_tokens=ctx["search_windows"][:1, :-1],
-      batch_size=cfg.batch_size,
-      show_progress=show_progress,
+      show_progress=show_progress,  # 2 windows per step, as the learned factors (memory)
     )
     params = rm.params
     log(
