@@ -47,7 +47,9 @@ def main(argv):
     rotations=tuple(_ROTATIONS.value),
   )
   result = run_quant_table(cfg)
-  markdown = quant_table_markdown(result, command_line())
+  markdown = quant_table_markdown(
+    result, command_line(skip=("--cache_dir", "--output", "--results"))
+  )
   print(markdown)
   if _RESULTS.value:
     update_markdown_section(_RESULTS.value, "quant-table", markdown)

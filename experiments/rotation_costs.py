@@ -52,7 +52,9 @@ def main(argv):
     search_windows=_SEARCH_WINDOWS.value,
   )
   result = run_rotation_costs(cfg)
-  markdown = rotation_costs_markdown(result, command_line(skip=("--cache_dir", "--output")))
+  markdown = rotation_costs_markdown(
+    result, command_line(skip=("--cache_dir", "--output", "--results"))
+  )
   print(markdown)
   if _RESULTS.value:
     update_markdown_section(_RESULTS.value, "rotation-costs", markdown)
