@@ -17,9 +17,13 @@ Names: "none", or parts joined by "+", each ``res_<basis>``, ``head_<basis>`` or
 ``down_<basis>`` (e.g. "res_pca+head_pca+down_balance"), and ``learn<N>``: N optimiser steps of
 a residual rotation learned on top of the residual basis through a plan's straight-through mask
 (``amber_jax.rotate.learned``; it needs the plan, so ``rotate_model`` builds the rest and
-``with_learned_rotation`` adds it). The calibrated bases ("pca",
-"balance") are laid out for a group size M (``amber_jax.rotate.bases.strided_order``), so a
-rotation is built per N:M pattern. Calibration statistics come from calibration windows only.
+``with_learned_rotation`` adds it). The calibrated bases ("pca", "balance") are laid out for a
+group size M (``amber_jax.rotate.bases.strided_order``), so a rotation is built per N:M
+pattern. Calibration statistics come from calibration windows only.
+
+Measured on SmolLM2-135M (RESULTS.md "rotation-notes"): Hadamard and random bases make
+magnitude N:M selection far worse; head PCA helps o; the residual PCA helps the calibration
+text and hurts a held-out one.
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ RESIDUAL_BASES = ("none", "fold", "pca", "balance", "hadamard", "random")
 HEAD_BASES = ("none", "pca", "hadamard", "random")
 HIDDEN_BASES = ("none", "balance", "hadamard")
 # name prefix -> (field, valid bases)
-PARTS = {"res": ("residual", RESIDUAL_BASES), "head": ("heads", HEAD_BASES)}
-PARTS["down"] = ("hidden", HIDDEN_BASES)
+PARTS = {
+  "res": ("residual", RESIDUAL_BASES),
+  "head": ("heads", HEAD_BASES),
+  "down": ("hidden", HIDDEN_BASES),
+}
 CALIBRATED = ("pca", "balance")
 
 
