@@ -208,7 +208,9 @@ def learn_score_factors(
   if learn_scales:
     theta["scales"] = {p: jnp.zeros((config.n_layers, config.sites[p].d_out)) for p in enabled}
   kw = dict(config=config, temperature=temperature)
-  kl = lambda th, tok, tea: _kl(params, tok, tea, th, plan, **kw)
+  # The weights are an argument, not a closure: a closed-over array becomes a constant of the
+  # compiled function (a second copy of the model, and slow constant folding).
+  kl = lambda th, weights, tok, tea: _kl(weights, tok, tea, th, plan, **kw)
   loss_and_grad = jax.jit(jax.value_and_grad(kl, argnums=0))
   kl_only = jax.jit(kl)
   # Adam moves every parameter by about its learning rate per step. For the output scales that
@@ -222,7 +224,7 @@ def learn_score_factors(
 
   def mean_kl(th):
     return float(
-      np.mean([float(kl_only(th, b, t)) for b, t in zip(batches, teachers, strict=True)])
+      np.mean([float(kl_only(th, params, b, t)) for b, t in zip(batches, teachers, strict=True)])
     )
 
   initial = mean_kl(theta)
@@ -233,7 +235,7 @@ def learn_score_factors(
   ) as bar:
     for _ in range(steps):
       i = int(rng.integers(len(batches)))
-      loss, grads = loss_and_grad(theta, batches[i], teachers[i])
+      loss, grads = loss_and_grad(theta, params, batches[i], teachers[i])
       updates, state = opt.update(grads, state, theta)
       theta = optax.apply_updates(theta, updates)
       losses.append(float(loss))
