@@ -147,6 +147,41 @@ def ste_kl(params, tokens_BxT, teacher, plan: SparsityPlan, *, config, temperatu
   return _kl(params, tokens_BxT, teacher, theta, plan, config=config, temperature=temperature)
 
 
+def train_on_batches(
+  theta, kl, opt, params, batches, teachers, *, steps: int, seed: int, desc: str, show_progress
+):
+  """``steps`` optimiser (``opt``, optax) steps of ``theta`` on ``kl(theta, params, tokens,
+  teacher)``, each on a batch drawn at random (``seed``) from ``batches`` / ``teachers`` (the
+  learned factors' and the learned rotation's loop). Returns (theta, the training batch's KL
+  before each step, the mean KL over all batches before and after).
+
+  The weights are an argument of the jitted loss, never a closure: a closed-over array becomes
+  a constant of the compiled function (a second copy of the model, and slow constant folding).
+  """
+  loss_and_grad = jax.jit(jax.value_and_grad(kl, argnums=0))
+  kl_only = jax.jit(kl)
+
+  def mean_kl(th):
+    return float(
+      np.mean([float(kl_only(th, params, b, t)) for b, t in zip(batches, teachers, strict=True)])
+    )
+
+  state = opt.init(theta)
+  initial = mean_kl(theta)
+  rng = np.random.default_rng(seed)
+  losses = []
+  with progress_bar(total=steps, desc=desc, unit="step", disable=not show_progress) as bar:
+    for _ in range(steps):
+      i = int(rng.integers(len(batches)))
+      loss, grads = loss_and_grad(theta, params, batches[i], teachers[i])
+      updates, state = opt.update(grads, state, theta)
+      theta = optax.apply_updates(theta, updates)
+      losses.append(float(loss))
+      bar.set_postfix(kl=f"{float(loss):.4f}")
+      bar.update(1)
+  return theta, losses, initial, mean_kl(theta)
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnedFactors:
   """What ``learn_score_factors`` returns: the plan with the learned factors, and its losses."""
@@ -208,11 +243,7 @@ def learn_score_factors(
   if learn_scales:
     theta["scales"] = {p: jnp.zeros((config.n_layers, config.sites[p].d_out)) for p in enabled}
   kw = dict(config=config, temperature=temperature)
-  # The weights are an argument, not a closure: a closed-over array becomes a constant of the
-  # compiled function (a second copy of the model, and slow constant folding).
   kl = lambda th, weights, tok, tea: _kl(weights, tok, tea, th, plan, **kw)
-  loss_and_grad = jax.jit(jax.value_and_grad(kl, argnums=0))
-  kl_only = jax.jit(kl)
   # Adam moves every parameter by about its learning rate per step. For the output scales that
   # must be small: at 0.05 (the factors' rate) all of a site's channels move by ~5% at once, and
   # on SmolLM2-135M the KL tripled after one step (0.20 -> 0.60) and perplexity rose 40.3 -> 45.6.
@@ -220,28 +251,18 @@ def learn_score_factors(
     {"factors": optax.adam(learning_rate), "scales": optax.adam(scale_learning_rate)},
     lambda th: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in th.items()},
   )
-  state = opt.init(theta)
-
-  def mean_kl(th):
-    return float(
-      np.mean([float(kl_only(th, params, b, t)) for b, t in zip(batches, teachers, strict=True)])
-    )
-
-  initial = mean_kl(theta)
-  rng = np.random.default_rng(seed)
-  losses = []
-  with progress_bar(
-    total=steps, desc="learn factors", unit="step", disable=not show_progress
-  ) as bar:
-    for _ in range(steps):
-      i = int(rng.integers(len(batches)))
-      loss, grads = loss_and_grad(theta, params, batches[i], teachers[i])
-      updates, state = opt.update(grads, state, theta)
-      theta = optax.apply_updates(theta, updates)
-      losses.append(float(loss))
-      bar.set_postfix(kl=f"{float(loss):.4f}")
-      bar.update(1)
-  final = mean_kl(theta)
+  theta, losses, initial, final = train_on_batches(
+    theta,
+    kl,
+    opt,
+    params,
+    batches,
+    teachers,
+    steps=steps,
+    seed=seed,
+    desc="learn factors",
+    show_progress=show_progress,
+  )
   factors = {p: jnp.exp(theta["factors"][p]).astype(jnp.float32) for p in enabled}
   learned = plan.replace(factors=factors)
   if learn_scales:

@@ -39,7 +39,7 @@ def _as(new, like):
   return jnp.asarray(np.asarray(new).astype(like.dtype))
 
 
-def norms_folded(params, config: LlamaConfig) -> bool:
+def norms_folded(params) -> bool:
   """True if every residual-stream RMSNorm weight of ``params`` is 1 (folded, or never set)."""
   leaves = [params["layers"][n] for n in NORMS] + [params["final_norm"]]
   return all(bool(jnp.all(jnp.asarray(g) == 1)) for g in leaves)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amber_jax.calibrate.learned_factors import dense_teacher, ste_kl
+from amber_jax.calibrate.learned_factors import dense_teacher, ste_kl, train_on_batches
 from amber_jax.model.config import LlamaConfig
 from amber_jax.plan.schema import SparsityPlan
 from amber_jax.rotate.orthogonal import (
@@ -30,7 +30,6 @@ from amber_jax.rotate.orthogonal import (
   rotate_residual_traced,
 )
 from amber_jax.rotate.recipe import RotatedModel, Rotation, dense_logit_gap
-from amber_jax.util.progress import progress_bar
 
 
 def cayley(a_DxD: jax.Array) -> jax.Array:
@@ -89,36 +88,22 @@ def learn_residual_rotation(
   batches = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
   teachers = [dense_teacher(params, b, config=config) for b in batches]
 
-  def kl(a, weights, tok, teacher):  # the weights are an argument: never baked into the jit
+  def kl(a, weights, tok, teacher):
     rotated = rotate_residual_traced(weights, config, cayley(a))
     return ste_kl(rotated, tok, teacher, plan, config=config, temperature=temperature)
 
-  loss_and_grad = jax.jit(jax.value_and_grad(kl))
-  kl_only = jax.jit(kl)
-  a = jnp.zeros((config.d_model, config.d_model), jnp.float32)
-  opt = optax.adam(learning_rate)
-  state = opt.init(a)
-
-  def mean_kl(a_):
-    return float(
-      np.mean([float(kl_only(a_, params, b, t)) for b, t in zip(batches, teachers, strict=True)])
-    )
-
-  initial = mean_kl(a)
-  rng = np.random.default_rng(seed)
-  losses = []
-  with progress_bar(
-    total=steps, desc="learn rotation", unit="step", disable=not show_progress
-  ) as bar:
-    for _ in range(steps):
-      i = int(rng.integers(len(batches)))
-      loss, grad = loss_and_grad(a, params, batches[i], teachers[i])
-      updates, state = opt.update(grad, state, a)
-      a = optax.apply_updates(a, updates)
-      losses.append(float(loss))
-      bar.set_postfix(kl=f"{float(loss):.4f}")
-      bar.update(1)
-  final = mean_kl(a)
+  a, losses, initial, final = train_on_batches(
+    jnp.zeros((config.d_model, config.d_model), jnp.float32),
+    kl,
+    optax.adam(learning_rate),
+    params,
+    batches,
+    teachers,
+    steps=steps,
+    seed=seed,
+    desc="learn rotation",
+    show_progress=show_progress,
+  )
   q = np.asarray(cayley(a), np.float64)
   # Re-orthogonalise in float64 (the float32 solve is orthogonal to ~1e-6): the nearest
   # orthogonal matrix, U V^T of the SVD.

@@ -76,7 +76,7 @@ def rotate_residual_traced(params, config: LlamaConfig, q_DxD: jax.Array) -> dic
 
 def check_residual_rotatable(params, config: LlamaConfig) -> None:
   """ValueError unless the norm weights are folded and the LM head is untied (``fold_norms``)."""
-  if config.tie_embeddings or "lm_head" not in params or not norms_folded(params, config):
+  if config.tie_embeddings or "lm_head" not in params or not norms_folded(params):
     raise ValueError(
       "rotate_residual needs the norm weights folded into their readers and an untied LM head: "
       "call amber_jax.rotate.fold.fold_norms first"
